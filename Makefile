@@ -1,0 +1,76 @@
+# codex-forge — `make all` runs the D&D pipeline end to end; `make test` runs the tests.
+# Every stage is a notebook run headless by papermill; a stage reruns only when its notebook, lib/,
+# its parameter files or an upstream stage changed.
+
+DOMAIN  ?= dnd
+PROFILE ?= default
+RUN     := $(DOMAIN)-$(PROFILE)
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+RUNDIR  := data/runs/$(RUN)
+REPORT  := reports/$(RUN)
+LIB     := $(shell find lib -name '*.py' 2>/dev/null)
+PARAMS  := params/default.yaml params/domains/$(DOMAIN).yaml $(filter-out params/default.yaml,$(wildcard params/$(PROFILE).yaml))
+STAGES  := 00_corpus 01_teacher 02_pairs 03_domain_adapt 04_finetune 05_evaluate 06_embedding_maps 07_export
+DONE     = $(RUNDIR)/$(1)/metrics.json
+
+.DEFAULT_GOAL := help
+.PHONY: help setup all smoke report test lab bench clean clean-cache
+
+help: ## list the targets
+	@echo "codex-forge (DOMAIN=$(DOMAIN) PROFILE=$(PROFILE) → run $(RUN))"
+	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## create .venv and install the project (a second call is a no-op)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+all: setup $(REPORT)/index.html ## setup + every stage for DOMAIN/PROFILE (default dnd/default) + reports
+
+smoke: ## the whole pipeline on a slice with a few steps (PROFILE=smoke, ~4 min)
+	$(MAKE) all PROFILE=smoke
+
+report: $(REPORT)/index.html ## (re)build reports/<run>/index.html from the finished stages
+
+$(REPORT)/index.html: $(foreach s,$(STAGES),$(call DONE,$(s))) $(LIB) $(PARAMS)
+	$(PY) -m lib.pipeline report --domain $(DOMAIN) --profile $(PROFILE)
+
+# One rule runs any stage; the lines below it add each stage's upstream artefacts.
+$(RUNDIR)/%/metrics.json: notebooks/%.py $(LIB) $(PARAMS) | $(STAMP)
+	$(PY) -m lib.pipeline stage $* --domain $(DOMAIN) --profile $(PROFILE)
+
+$(call DONE,01_teacher):        $(call DONE,00_corpus)
+$(call DONE,02_pairs):          $(call DONE,01_teacher)
+$(call DONE,03_domain_adapt):   $(call DONE,00_corpus)
+$(call DONE,04_finetune):       $(call DONE,02_pairs) $(call DONE,03_domain_adapt)
+$(call DONE,05_evaluate):       $(call DONE,01_teacher) $(call DONE,04_finetune)
+$(call DONE,06_embedding_maps): $(call DONE,04_finetune)
+$(call DONE,07_export):         $(call DONE,04_finetune)
+
+stage-%: ## run stage NN and what it needs, e.g. `make stage-04` (only if out of date)
+	@target=$$(ls -d notebooks/$*_*.py 2>/dev/null | head -1 | xargs -r basename | sed 's/\.py$$//'); \
+	  test -n "$$target" || { echo "no notebook notebooks/$*_*.py"; exit 2; }; \
+	  $(MAKE) --no-print-directory $(RUNDIR)/$$target/metrics.json
+
+test: setup ## run the tests (unit + smoke pipeline)
+	$(PY) -m pytest -q
+
+lab: setup ## JupyterLab on notebooks/ with the Jupytext .py files paired to .ipynb
+	$(VENV)/bin/jupytext --set-formats ipynb,py:percent notebooks/[0-9]*.py
+	$(VENV)/bin/jupytext --set-kernel python3 notebooks/[0-9]*.ipynb
+	$(VENV)/bin/jupyter lab notebooks/
+
+bench: setup ## benchmarks → bench/results/*.json (needs a finished run: make all)
+	$(PY) bench/encode_throughput.py --run $(RUN)
+
+clean: ## remove runs, reports and generated notebooks (keeps the teacher cache)
+	rm -rf data/runs reports/*/ notebooks/*.ipynb
+
+clean-cache: ## remove the teacher embedding cache (texts will be embedded, or paid for, again)
+	rm -rf data/cache
