@@ -81,6 +81,7 @@ def kernel_environment() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # load reports and deprecation chatter
     os.environ["JUPYTER_PATH"] = str(Path(sys.prefix) / "share" / "jupyter")
 
 
@@ -89,8 +90,13 @@ def render_html(executed: Path, html_path: Path, with_code: bool = False) -> Non
     import nbformat
     from nbconvert import HTMLExporter
 
+    nb = nbformat.read(executed, as_version=4)
+    if not with_code:  # the shared version: no code, no stderr noise (progress bars, library warnings)
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and o.name == "stderr")]
     exporter = HTMLExporter(exclude_input=not with_code, exclude_input_prompt=True, exclude_output_prompt=True)
-    body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
+    body, _ = exporter.from_notebook_node(nb)
     write_text(html_path, body)
 
 

@@ -1,9 +1,6 @@
 """Stage 06 and report charts: UMAP embedding maps and simple metric plots."""
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -30,9 +27,12 @@ def knn_label_agreement(vectors: np.ndarray, labels: list[str], k: int = 10) -> 
 def scatter_by_label(ax, points: np.ndarray, labels: list[str], title: str, names: list[str] | None = None,
                      landmarks: int = 0) -> None:
     """Scatter 2-D points coloured by label; optionally annotate the first `landmarks` names."""
-    for label in sorted(set(labels)):
+    palette = plt.get_cmap("tab20").colors
+    markers = "o^sDvP*X"
+    for n, label in enumerate(sorted(set(labels))):
         idx = [i for i, lab in enumerate(labels) if lab == label]
-        ax.scatter(points[idx, 0], points[idx, 1], s=8, alpha=0.7, label=label)
+        ax.scatter(points[idx, 0], points[idx, 1], s=10, alpha=0.75, label=label,
+                   color=palette[n % len(palette)], marker=markers[(n // len(palette)) % len(markers)])
     for i in range(min(landmarks, len(names or []))):
         ax.annotate(names[i], points[i], fontsize=7)
     ax.set_title(title)

@@ -59,6 +59,17 @@ def table(rows: dict[str, dict], columns: list[str], highlight_vs: str = "") -> 
     return f"<table><thead><tr><th></th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def verdict(headline: dict[str, dict[str, float]], metric: str = "ndcg@10") -> str:
+    """One sentence: fine-tuned vs base on `metric`, with the change."""
+    if "fine-tuned" not in headline or "base" not in headline:
+        return "No fine-tuned vs base comparison in this run."
+    after, before = headline["fine-tuned"][metric], headline["base"][metric]
+    change = after - before
+    word = "better" if change > 0 else "worse" if change < 0 else "no different"
+    return (f"<b>Fine-tuned vs base student: {metric.upper()} {after:.3f} vs {before:.3f} "
+            f"({change:+.3f}, {word}).</b>")
+
+
 def embedded_png(path: Path) -> str:
     """An <img> with the PNG inlined, so the page opens offline as one file."""
     if not path.exists():
@@ -77,10 +88,10 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>codex-forge · {html.escape(run)}</title>"
              f"<style>{STYLE}</style></head><body><h1>codex-forge · {html.escape(run)}</h1>"]
     if evaluation:
-        columns = list(next(iter(evaluation["headline"].values())))
-        parts.append(f"<h2>Did it work?</h2><p>Held-out <b>{evaluation['split']}</b> queries "
-                     f"(n={evaluation['queries']}; ground truth from the SRD, not from the teacher). "
-                     "Green: better than the base student; red: worse.</p>")
+        columns = evaluation["metrics"]
+        parts.append(f"<h2>Did it work?</h2><p>{verdict(evaluation['headline'])}</p>"
+                     f"<p>Held-out <b>{evaluation['split']}</b> queries (n={evaluation['queries']}; ground truth "
+                     "from the SRD, not from the teacher). Green: better than the base student; red: worse.</p>")
         parts.append(table(evaluation["headline"], columns, highlight_vs="base"))
         for category, rows in evaluation["by_category"].items():
             n = evaluation["queries_by_category"].get(category, "?")

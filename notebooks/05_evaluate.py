@@ -99,6 +99,7 @@ metrics = {
     "queries": len(queries),
     "queries_by_category": per_query[per_query.system == "base"]["category"].value_counts().to_dict(),
     "systems": systems,
+    "metrics": headline_metrics,
     "headline": headline,
     "by_category": by_category,
     "fine_tuned_wins": int((wide["delta"] > 0).sum()),

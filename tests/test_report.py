@@ -1,0 +1,31 @@
+"""The index page: verdict, metric order, stage links, partial runs."""
+from lib import report
+from lib.io import write_json
+from lib.paths import PARAMS_DIR, stage_dir
+
+
+def _evaluation(base: float, tuned: float) -> dict:
+    row = lambda v: {"precision@1": v, "ndcg@10": v}
+    return {"split": "test", "queries": 3, "queries_by_category": {"c": 3}, "metrics": ["precision@1", "ndcg@10"],
+            "headline": {"base": row(base), "fine-tuned": row(tuned)}, "by_category": {"c": {"base": row(base)}}}
+
+
+def test_index_leads_with_the_verdict_and_keeps_metric_order(tmp_path):
+    runs, reports = tmp_path / "runs", tmp_path / "reports"
+    write_json(stage_dir("r", "05_evaluate", runs, create=True) / "metrics.json", _evaluation(0.25, 0.31))
+    (reports / "r").mkdir(parents=True)
+    (reports / "r" / "05_evaluate.html").write_text("<html></html>")
+    page = report.write_index("r", {"seed": 1}, [PARAMS_DIR / "default.yaml"], runs, reports).read_text()
+    assert "NDCG@10 0.310 vs 0.250 (+0.060, better)" in page
+    assert page.index("<th>precision@1</th>") < page.index("<th>ndcg@10</th>")
+    assert "href='05_evaluate.html'" in page and "href='04_finetune.html'" not in page
+
+
+def test_index_of_a_run_without_evaluation_says_so(tmp_path):
+    page = report.write_index("r", {}, [PARAMS_DIR / "default.yaml"], tmp_path / "runs", tmp_path / "reports").read_text()
+    assert "No evaluation yet" in page
+
+
+def test_verdict_words():
+    assert "worse" in report.verdict({"base": {"ndcg@10": 0.3}, "fine-tuned": {"ndcg@10": 0.2}})
+    assert "No fine-tuned" in report.verdict({"base": {"ndcg@10": 0.3}})
