@@ -62,9 +62,8 @@ test: setup ## run the tests (unit + smoke pipeline)
 	$(PY) -m pytest -q
 
 lab: setup ## JupyterLab on notebooks/ with the Jupytext .py files paired to .ipynb
-	$(VENV)/bin/jupytext --set-formats ipynb,py:percent notebooks/[0-9]*.py
-	$(VENV)/bin/jupytext --set-kernel python3 notebooks/[0-9]*.ipynb
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupytext --sync notebooks/[0-9]*.py
+	JUPYTER_PATH=$(VENV)/share/jupyter $(VENV)/bin/jupyter lab notebooks/
 
 bench: setup ## benchmarks → bench/results/*.json (needs a finished run: make all)
 	$(PY) bench/encode_throughput.py --run $(RUN)

@@ -1,10 +1,16 @@
 # ---
 # jupyter:
 #   jupytext:
-#     formats: py:percent
+#     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
 # ---
 
 # %% [markdown]
@@ -23,7 +29,7 @@ run_name: str = "dnd-default"  # run folder under data/runs: <domain>-<profile>
 runs_root: str = ""  # where runs live; empty means <repo>/data/runs
 positive_threshold: float = 0.8  # teacher cosine at or above which a neighbour is a positive
 negative_threshold: float = 0.4  # teacher cosine at or below which an item may be a negative
-positives_per_anchor: int = 2  # most positives per anchor and type pair (the nearest first)
+positives_per_anchor: int = 1  # most positives per anchor and type pair (the nearest first)
 pairs_dev_fraction: float = 0.1  # anchors whose pairs go to dev (eval loss during training)
 seed: int = 42  # seeds negative sampling and the split
 # %%

@@ -1,10 +1,16 @@
 # ---
 # jupyter:
 #   jupytext:
-#     formats: py:percent
+#     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
 # ---
 
 # %% [markdown]
@@ -27,10 +33,10 @@ adapt_domain: bool = True  # False skips MLM and pass the base student on unchan
 background_dir: str = ""  # extra folder of .md files, e.g. ../shared/data/dnd-srd51-wiki-markdown
 mlm_max_seq_length: int = 128  # tokens per packed background chunk
 mlm_probability: float = 0.15  # share of tokens masked
-head_warmup_steps: int = 50  # steps training only the MLM head (encoder frozen)
-mlm_max_steps: int = 200  # steps training the whole model
+head_warmup_steps: int = 30  # steps training only the MLM head (encoder frozen)
+mlm_max_steps: int = 90  # steps training the whole model
 mlm_batch_size: int = 16  # chunks per step
-mlm_learning_rate: float = 5e-5  # AdamW peak learning rate (full model)
+mlm_learning_rate: float = 2e-5  # AdamW peak learning rate (full model)
 mlm_warmup_steps: float = 0.1  # a float < 1 is a ratio of the total steps
 mlm_eval_fraction: float = 0.1  # share of chunks held out for perplexity
 max_chunks: int = 0  # cap on background chunks (0 for all)
