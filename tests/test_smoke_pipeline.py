@@ -6,13 +6,14 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 
 import pytest
 
 from lib import teacher
 from lib.paths import REPO_ROOT, STAGES, stage_dir
 
-FAKE_KEY = "sk-codexforge-FAKE-0123456789abcdef"
+FAKE_KEY = "codexforge-fake-key-" + uuid.uuid4().hex  # made at run time; never a real key
 RUN = "dnd-smoke"
 
 

@@ -76,8 +76,8 @@ def test_openai_without_a_key_says_where_the_key_comes_from(monkeypatch):
     with pytest.raises(RuntimeError, match="OPENAI_API_KEY in the environment"):
         teacher.require_api_key("")
     assert teacher.require_api_key("http://127.0.0.1:9/v1") == "not-needed"
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
-    assert teacher.require_api_key("") == "sk-from-env"
+    monkeypatch.setenv("OPENAI_API_KEY", "key-from-env")
+    assert teacher.require_api_key("") == "key-from-env"
 
 
 def test_unknown_backend_is_refused(tmp_path):
