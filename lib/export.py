@@ -76,7 +76,6 @@ class OnnxEncoder:
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """Normalised embeddings, batches sorted by length to waste less padding."""
         order = np.argsort([len(t) for t in texts])
-        out = np.zeros((len(texts), 0), dtype=np.float32)
         chunks = []
         for start in range(0, len(texts), batch_size):
             idx = order[start:start + batch_size]
@@ -84,9 +83,9 @@ class OnnxEncoder:
                                  max_length=self.max_seq_length, return_tensors="np")
             chunks.append(self.session.run(["embedding"], {"input_ids": enc["input_ids"].astype(np.int64),
                                                            "attention_mask": enc["attention_mask"].astype(np.int64)})[0])
-        if chunks:
-            out = np.concatenate(chunks)[np.argsort(order)]
-        return out
+        if not chunks:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.concatenate(chunks)[np.argsort(order)]
 
 
 def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:

@@ -4,6 +4,7 @@ This is the only module that reads parameter files; stage modules get plain argu
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import tempfile
@@ -55,6 +56,7 @@ def read_notebook(stage: str):
     return nb
 
 
+@functools.lru_cache(maxsize=None)
 def declared_parameters(stage: str) -> dict:
     """The names (and defaults) in a stage notebook's `parameters` cell."""
     import nbformat

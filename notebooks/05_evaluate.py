@@ -61,8 +61,8 @@ students = {
 query_texts, item_texts = [q["text"] for q in queries], [i["text"] for i in items]
 frames = []
 for system, path in students.items():
-    q_vecs = evaluate.encode(path, query_texts, max_seq_length=eval_max_seq_length)
-    i_vecs = evaluate.encode(path, item_texts, max_seq_length=eval_max_seq_length)
+    vecs = evaluate.encode(path, query_texts + item_texts, max_seq_length=eval_max_seq_length)  # one model load
+    q_vecs, i_vecs = vecs[:len(query_texts)], vecs[len(query_texts):]
     frames.append(evaluate.evaluate_system(system, q_vecs, i_vecs, queries, item_ids, item_types))
 row_of = {qid: n for n, qid in enumerate(all_qids)}
 teacher_q = np.load(teacher_dir / "queries.npy")[[row_of[q["qid"]] for q in queries]]
