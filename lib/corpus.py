@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -97,3 +98,12 @@ def load_background(corpus_dir: str | Path, extra_dir: str | Path | None = None)
 def held_out_items(queries: list[dict]) -> set[str]:
     """Items an evaluation query was built from (meta.source_item): they must stay out of training."""
     return {q["meta"]["source_item"] for q in queries if q.get("meta", {}).get("source_item")}
+
+
+def remove_names(text: str, names: list[str]) -> str:
+    """Delete whole-word, case-insensitive occurrences of `names` and tidy the leftover punctuation."""
+    for name in sorted(names, key=len, reverse=True):
+        text = re.sub(rf"(?i)\b{re.escape(name)}\b\*?", "", text)
+    text = re.sub(r"(,\s*)+(?=[,\n]|$)", "", text, flags=re.M)  # dangling commas
+    text = re.sub(r":\s*,\s*", ": ", text)
+    return re.sub(r"[ \t]{2,}", " ", text)

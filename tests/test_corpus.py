@@ -34,7 +34,7 @@ def test_monster_spell_queries_do_not_name_their_spells(srd_slice):
 
 def test_remove_names_is_whole_word():
     text = "Cantrips (at will): light, sacred flame\nIt glows in sunlight."
-    out = dnd.remove_names(text, ["Light", "Sacred Flame"])
+    out = corpus.remove_names(text, ["Light", "Sacred Flame"])
     assert "sacred" not in out.lower() and "sunlight" in out
     assert "light," not in out
 

