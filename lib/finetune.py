@@ -3,20 +3,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lib.io import read_jsonl
-
 
 def pairs_dataset(path: str | Path):
-    """A datasets.Dataset of (anchor, positive[, negative]) from a stage-02 JSONL file.
+    """The stage-02 training rows (anchor, positive, negative_1..k) saved as a Hugging Face dataset folder."""
+    from datasets import load_from_disk
 
-    The negative column is kept only when every row has one (MNRL needs rectangular columns)."""
-    from datasets import Dataset
-
-    rows = read_jsonl(path, {"anchor": str, "positive": str})
-    if not rows:
-        raise ValueError(f"{path}: no training pairs; lower positive_threshold in stage 02 or check the teacher vectors")
-    columns = ["anchor", "positive"] + (["negative"] if all(r.get("negative") for r in rows) else [])
-    return Dataset.from_dict({c: [r[c] for r in rows] for c in columns})
+    path = Path(path)
+    if not (path / "dataset_info.json").is_file():
+        raise FileNotFoundError(f"{path}: no stage-02 dataset here; run stage 02 (make stage-02) first")
+    dataset = load_from_disk(str(path))
+    if len(dataset) == 0:
+        raise ValueError(f"{path}: no training rows; lower the positive threshold or raise synthetic_expansion_factor in stage 02")
+    return dataset
 
 
 def ir_evaluator(queries: list[dict], items: list[dict], name: str):
@@ -70,7 +68,7 @@ def finetune(
     card = SentenceTransformerModelCardData(language="en", model_name=model_name or None)
     model = SentenceTransformer(str(model_path), device="cpu", model_card_data=card)
     model.max_seq_length = max_seq_length
-    # 2. Loss: in-batch negatives (+ the hard negative column when present)
+    # 2. Loss: in-batch negatives plus the hard-negative columns negative_1..k
     loss = MultipleNegativesRankingLoss(model)
     # 3. Arguments: the method's defaults come from the notebook parameters
     args = SentenceTransformerTrainingArguments(

@@ -1,10 +1,25 @@
-"""Stage 02: training pairs mined by teacher cosine similarity across every combination of item types."""
+"""Stage 02: training data — item pairs mined from teacher cosines across entity types, synthetic queries,
+hard negatives with a false-negative guard, entity-group splits and a leakage check."""
 from __future__ import annotations
 
 import itertools
 import random
+import re
+import shutil
+from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
+
+from lib.corpus import remove_names
+
+TIERS = ("hard", "medium", "easy")
+QUERY_KINDS = ("name", "keywords", "sentence", "tags")
+
+
+class LeakageError(ValueError):
+    """Training data that contains evaluation queries, their source items or near-duplicates of them."""
 
 
 def type_pairs(types: list[str]) -> list[tuple[str, str]]:
@@ -12,89 +27,410 @@ def type_pairs(types: list[str]) -> list[tuple[str, str]]:
     return list(itertools.combinations_with_replacement(sorted(set(types)), 2))
 
 
-def mine_pairs(
-    ids: list[str],
-    types: list[str],
+def relation_name(type_a: str, type_b: str) -> str:
+    """The relation of two item types, order-free ('monster-power')."""
+    return "-".join(sorted((type_a, type_b)))
+
+
+# --- memory-bounded similarity -------------------------------------------------------------------------------
+
+def topk_by_block(rows: np.ndarray, cols: np.ndarray, k: int, block_elements: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
+    """The k highest cosines of every row among `cols` (scores, column positions; best first), computed a block of
+    rows at a time so no similarity matrix larger than `block_elements` is ever held."""
+    k = min(k, len(cols))
+    scores = np.empty((len(rows), k), np.float32)
+    index = np.empty((len(rows), k), np.int32)
+    step = max(1, block_elements // max(1, len(cols)))
+    for start in range(0, len(rows), step):
+        sims = rows[start:start + step] @ cols.T
+        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        part_scores = np.take_along_axis(sims, part, 1)
+        order = np.argsort(-part_scores, axis=1, kind="stable")
+        index[start:start + step] = np.take_along_axis(part, order, 1)
+        scores[start:start + step] = np.take_along_axis(part_scores, order, 1)
+    return scores, index
+
+
+def neighbours_by_type(vectors: np.ndarray, types: list[str], k: int, block_elements: int = 1 << 24) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """For every item, its k nearest other items of each type: type → (cosines [n, k], item indices [n, k])."""
+    types_arr = np.asarray(types)
+    out = {}
+    for t in tqdm(sorted(set(types)), desc="nearest neighbours per type", leave=False):
+        cols = np.flatnonzero(types_arr == t)
+        scores, pos = topk_by_block(vectors, vectors[cols], min(k + 1, len(cols)), block_elements)
+        index = cols[pos]
+        is_self = index == np.arange(len(vectors))[:, None]
+        is_self[~is_self.any(axis=1), -1] = True  # drop self where present, else the last (k+1-th) neighbour
+        width = index.shape[1] - 1
+        out[t] = (scores[~is_self].reshape(-1, width), index[~is_self].reshape(-1, width).astype(np.int32))
+    return out
+
+
+def sampled_similarities(vectors: np.ndarray, types: list[str], type_a: str, type_b: str, n: int, seed: int) -> np.ndarray:
+    """Cosines of `n` random distinct item pairs of two types: the relation's similarity distribution in O(n) memory."""
+    rng = np.random.default_rng(seed)
+    types_arr = np.asarray(types)
+    a = rng.choice(np.flatnonzero(types_arr == type_a), n)
+    b = rng.choice(np.flatnonzero(types_arr == type_b), n)
+    keep = a != b
+    return np.einsum("ij,ij->i", vectors[a[keep]], vectors[b[keep]])
+
+
+def similarity_summary(vectors: np.ndarray, types: list[str], seed: int, n: int = 200_000) -> dict[str, dict]:
+    """Percentiles of each relation's (sampled) cosine distribution, to see where thresholds fall."""
+    points = [1, 5, 25, 50, 75, 95, 99]
+    out = {}
+    for type_a, type_b in type_pairs(types):
+        q = np.percentile(sampled_similarities(vectors, types, type_a, type_b, n, seed), points)
+        out[relation_name(type_a, type_b)] = {f"p{p}": round(float(v), 4) for p, v in zip(points, q)}
+    return out
+
+
+def relation_thresholds(
     vectors: np.ndarray,
+    types: list[str],
+    mode: str,
     positive_threshold: float,
     negative_threshold: float,
+    positive_percentile: float,
+    negative_percentile: float,
+    seed: int,
+    n: int = 200_000,
+) -> dict[str, dict[str, float]]:
+    """Per relation, the cosine at or above which a neighbour is a positive and at or below which an item is an easy
+    negative: fixed values ('absolute') or percentiles of the relation's own distribution ('calibrated')."""
+    if mode not in ("absolute", "calibrated"):
+        raise ValueError(f"threshold_mode must be 'absolute' or 'calibrated', got {mode!r}")
+    out = {}
+    for type_a, type_b in type_pairs(types):
+        if mode == "absolute":
+            positive, negative = positive_threshold, negative_threshold
+        else:
+            sims = sampled_similarities(vectors, types, type_a, type_b, n, seed)
+            positive, negative = (float(v) for v in np.percentile(sims, [positive_percentile, negative_percentile]))
+        out[relation_name(type_a, type_b)] = {"positive": round(positive, 4), "negative": round(negative, 4)}
+    return out
+
+
+# --- item pairs ------------------------------------------------------------------------------------------------
+
+def mine_item_pairs(
+    ids: list[str],
+    types: list[str],
+    neighbours: dict[str, tuple[np.ndarray, np.ndarray]],
+    thresholds: dict[str, dict[str, float]],
     positives_per_anchor: int,
     exclude: set[str],
-    seed: int,
 ) -> list[dict]:
-    """For each anchor and type pair: its top neighbours with cosine ≥ positive_threshold as positives,
-    and one random item with cosine ≤ negative_threshold as the negative (None if there is none).
-    Items in `exclude` (evaluation sources) never appear."""
-    rng = random.Random(seed)
-    keep = [i for i, item_id in enumerate(ids) if item_id not in exclude]
-    by_type = {t: [i for i in keep if types[i] == t] for t in set(types)}
+    """For each anchor and type pair: its nearest items of the other type with cosine ≥ the relation's positive
+    threshold (at most `positives_per_anchor`; each unordered pair once). Items in `exclude` never appear."""
     seen: set[frozenset] = set()
-    pairs = []
+    out = []
+    types_arr = np.asarray(types)
     for type_a, type_b in type_pairs(types):
-        rows, cols = by_type[type_a], by_type[type_b]
-        if not rows or not cols:
-            continue
-        sims = vectors[rows] @ vectors[cols].T
-        for r, anchor in enumerate(rows):
-            order = np.argsort(-sims[r])
+        relation = relation_name(type_a, type_b)
+        scores, index = neighbours[type_b]
+        for anchor in np.flatnonzero(types_arr == type_a):
+            if ids[anchor] in exclude:
+                continue
             taken = 0
-            for c in order:
-                if sims[r, c] < positive_threshold or taken >= positives_per_anchor:
+            for score, other in zip(scores[anchor], index[anchor]):
+                if score < thresholds[relation]["positive"] or taken >= positives_per_anchor:
                     break
-                positive = cols[c]
-                key = frozenset((anchor, positive))
-                if positive == anchor or key in seen:
+                key = frozenset((int(anchor), int(other)))
+                if ids[other] in exclude or key in seen:
                     continue
                 seen.add(key)
                 taken += 1
-                negatives = np.flatnonzero(sims[r] <= negative_threshold)
-                negative = cols[rng.choice(list(negatives))] if len(negatives) else None
-                pairs.append({
-                    "anchor_id": ids[anchor], "positive_id": ids[positive],
-                    "negative_id": ids[negative] if negative is not None else None,
-                    "relation": f"{type_a}-{type_b}", "score": round(float(sims[r, c]), 4),
-                })
-    return pairs
-
-
-def similarity_summary(types: list[str], vectors: np.ndarray, exclude_self: bool = True) -> dict[str, dict]:
-    """Percentiles of the cosine distribution for each type pair (to see where thresholds fall)."""
-    out = {}
-    for type_a, type_b in type_pairs(types):
-        a = np.flatnonzero(np.array(types) == type_a)
-        b = np.flatnonzero(np.array(types) == type_b)
-        sims = vectors[a] @ vectors[b].T
-        if type_a == type_b and exclude_self:
-            sims = sims[~np.eye(len(a), dtype=bool)]
-        q = np.percentile(sims, [1, 5, 25, 50, 75, 95, 99])
-        out[f"{type_a}-{type_b}"] = {f"p{p}": round(float(v), 4) for p, v in zip([1, 5, 25, 50, 75, 95, 99], q)}
+                out.append({"kind": "item", "relation": relation, "anchor": None, "anchor_id": ids[anchor],
+                            "positive_id": ids[other], "score": round(float(score), 4)})
     return out
 
 
-def split_by_anchor(pairs: list[dict], dev_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Seeded train/dev split by anchor entity (dev pairs give the eval loss during training)."""
-    anchors = sorted({p["anchor_id"] for p in pairs})
-    random.Random(seed).shuffle(anchors)
-    dev_anchors = set(anchors[: round(len(anchors) * dev_fraction)])
-    train = [p for p in pairs if p["anchor_id"] not in dev_anchors]
-    dev = [p for p in pairs if p["anchor_id"] in dev_anchors]
-    return train, dev
+# --- synthetic queries -----------------------------------------------------------------------------------------
 
+def keywords(texts: list[str], names: list[str], top_n: int = 8) -> list[list[str]]:
+    """The `top_n` most distinctive words (TF-IDF) of each text, leaving out the words of its own name."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
 
-def with_texts(pairs: list[dict], texts: dict[str, str]) -> list[dict]:
-    """Add anchor/positive(/negative) text columns, the names the sentence-transformers losses expect."""
+    tfidf = TfidfVectorizer(stop_words="english", token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z'-]{3,}\b",
+                            sublinear_tf=True, max_df=max(0.2, 1 / len(texts)))  # a word in a fifth of the texts is not distinctive
+    weights = tfidf.fit_transform(texts).tocsr()
+    vocab = tfidf.get_feature_names_out()
     out = []
-    for p in pairs:
-        row = {"anchor": texts[p["anchor_id"]], "positive": texts[p["positive_id"]]}
-        if p["negative_id"]:
-            row["negative"] = texts[p["negative_id"]]
-        out.append(row | p)
+    for row, name in enumerate(names):
+        name_words = set(re.findall(r"[a-z']+", name.lower()))
+        start, end = weights.indptr[row], weights.indptr[row + 1]
+        cols, vals = weights.indices[start:end], weights.data[start:end]
+        ranked = [vocab[c] for c in cols[np.argsort(-vals, kind="stable")]]
+        out.append([w for w in ranked if w not in name_words and not any(w.startswith(n) for n in name_words if len(n) > 3)][:top_n])
     return out
 
 
-def pair_counts(pairs: list[dict]) -> dict[str, int]:
-    """How many pairs each relation has."""
-    counts: dict[str, int] = {}
-    for p in pairs:
-        counts[p["relation"]] = counts.get(p["relation"], 0) + 1
+def sentences(text: str, min_words: int = 6, max_words: int = 30) -> list[str]:
+    """Descriptive sentences of an item text: after its first (header) line, no 'Label: value' lines."""
+    body = text.split("\n", 1)[1] if "\n" in text else ""
+    parts = re.split(r"(?<=[.!?])\s+|\n", body)
+    return [p.strip() for p in parts if min_words <= len(p.split()) <= max_words and ":" not in p]
+
+
+def items_by_name(items: list[dict]) -> dict[str, set[str]]:
+    """Lower-cased name or alias → ids of the items known by it."""
+    by_name: dict[str, set[str]] = defaultdict(set)
+    for item in items:
+        for name in [item["name"], *item["aliases"]]:
+            by_name[name.lower()].add(item["id"])
+    return by_name
+
+
+def _noun(item_type: str, type_nouns: dict[str, str]) -> str:
+    """'a monster' / 'an item' for a type, through the domain's nouns."""
+    noun = type_nouns.get(item_type, item_type)
+    return f"an {noun}" if noun[:1].lower() in "aeiou" else f"a {noun}"
+
+
+def synthetic_queries(
+    items: list[dict],
+    vectors: np.ndarray,
+    expansion_factor: int,
+    positives_per_query: int,
+    type_nouns: dict[str, str],
+    exclude: set[str],
+    seed: int,
+) -> list[dict]:
+    """Up to `expansion_factor` short queries per item, cycling through its name (and aliases, labelled as name
+    queries), TF-IDF keywords, a descriptive sentence with the name removed, and a pair of its tags. Each query's
+    positives: the source item, and for tag queries up to `positives_per_query` - 1 more items of the same type
+    carrying the same tags (nearest to the source by teacher cosine); `matches` lists every item that fits."""
+    rng = random.Random(seed)
+    index = {item["id"]: n for n, item in enumerate(items)}
+    words = keywords([i["text"] for i in items], [i["name"] for i in items])
+    by_name = items_by_name(items)
+    by_tag: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for item in items:
+        for tag in item["tags"]:
+            by_tag[(item["type"], tag)].add(item["id"])
+    queries = []
+    for n, item in enumerate(tqdm(items, desc="synthetic queries", leave=False)):
+        if item["id"] in exclude:
+            continue
+        noun = _noun(item["type"], type_nouns)
+        names = [item["name"], *item["aliases"]]
+        candidates: dict[str, list[tuple[str, list[str]]]] = {
+            "name": [(name, sorted(by_name[name.lower()])) for name in names],
+            "keywords": [], "sentence": [], "tags": [],
+        }
+        for _ in range(expansion_factor):
+            if len(words[n]) >= 3:
+                picked = rng.sample(words[n], 3)
+                candidates["keywords"].append((f"{noun} about {picked[0]}, {picked[1]} and {picked[2]}", [item["id"]]))
+        for sentence in rng.sample(sentences(item["text"]), min(expansion_factor, len(sentences(item["text"])))):
+            text = remove_names(re.sub(rf"(?i)\bthe ({'|'.join(map(re.escape, names))})\b", "it", sentence), names).strip(" ,.")
+            if len(text.split()) >= 5:
+                candidates["sentence"].append((f"{noun}: {text[0].lower()}{text[1:]}", [item["id"]]))
+        for _ in range(expansion_factor):
+            if item["tags"]:
+                tags = sorted(rng.sample(item["tags"], min(2, len(item["tags"]))))
+                fits = set.intersection(*(by_tag[(item["type"], t)] for t in tags)) - exclude
+                candidates["tags"].append((f"{noun}: {', '.join(tags)}", sorted(fits)))
+        made: set[str] = set()
+        for kind in itertools.islice(itertools.cycle(QUERY_KINDS), expansion_factor * len(QUERY_KINDS)):
+            if len(made) >= expansion_factor or not any(candidates.values()):
+                break
+            if not candidates[kind]:
+                continue
+            text, matches = candidates[kind].pop(0)
+            if text.lower() in made:
+                continue
+            made.add(text.lower())
+            others = sorted((m for m in matches if m != item["id"]),
+                            key=lambda m: -float(vectors[n] @ vectors[index[m]]))
+            queries.append({"qid": f"syn:{item['id']}:{len(made)}", "text": text, "kind": kind,
+                            "source_id": item["id"], "relevant": [item["id"]] + others[: positives_per_query - 1],
+                            "matches": matches})
+    return queries
+
+
+def query_rows(queries: list[dict], ids: list[str], types: list[str], vectors: np.ndarray) -> list[dict]:
+    """One training row per (synthetic query, positive), scored by the teacher cosine of source and positive."""
+    index = {item_id: n for n, item_id in enumerate(ids)}
+    rows = []
+    for q in queries:
+        source = index[q["source_id"]]
+        for positive in q["relevant"]:
+            rows.append({"kind": f"query:{q['kind']}", "relation": f"query-{types[source]}", "anchor": q["text"],
+                         "anchor_id": q["source_id"], "positive_id": positive, "qid": q["qid"],
+                         "score": round(float(vectors[source] @ vectors[index[positive]]), 4)})
+    return rows
+
+
+# --- hard negatives --------------------------------------------------------------------------------------------
+
+def related_items(ids: list[str], items: list[dict], relations: list[dict]) -> dict[str, set[str]]:
+    """Per item, the items that must never be its negative: those sharing a name or alias, or a known relation."""
+    by_name = items_by_name(items)
+    out: dict[str, set[str]] = {i: set() for i in ids}
+    for item in items:
+        for name in [item["name"], *item["aliases"]]:
+            out[item["id"]] |= by_name[name.lower()]
+    for r in relations:
+        out.setdefault(r["head"], set()).add(r["tail"])
+        out.setdefault(r["tail"], set()).add(r["head"])
+    return out
+
+
+def row_guards(rows: list[dict], related: dict[str, set[str]], queries: list[dict]) -> list[set[str]]:
+    """Per row, the items that must never be its negatives: those related to the anchor's source item, the
+    source's other positives, and every item the row's synthetic query fits."""
+    positives: dict[tuple, set[str]] = defaultdict(set)
+    for r in rows:
+        positives[(r["anchor_id"], r.get("qid"))].add(r["positive_id"])
+    matches = {q["qid"]: set(q["matches"]) for q in queries}
+    return [related.get(r["anchor_id"], set()) | positives[(r["anchor_id"], r.get("qid"))] | matches.get(r.get("qid"), set())
+            for r in rows]
+
+
+def add_negatives(
+    rows: list[dict],
+    guards: list[set[str]],
+    ids: list[str],
+    types: list[str],
+    vectors: np.ndarray,
+    neighbours: dict[str, tuple[np.ndarray, np.ndarray]],
+    thresholds: dict[str, dict[str, float]],
+    num_hard_negatives: int,
+    hard_negative_min_rank: int,
+    hard_negative_margin: float,
+    exclude: set[str],
+    seed: int,
+    sample_size: int = 64,
+) -> tuple[list[dict], int]:
+    """Give each row `num_hard_negatives` negatives of its positive's type, cycling hard → medium → easy:
+    hard = the source's nearest items from rank `hard_negative_min_rank` on whose cosine is at least
+    `hard_negative_margin` below the positive's; medium = a random item between the easy threshold and the nearest
+    list; easy = a random item at or below the relation's negative threshold. A tier without a candidate lends its
+    turn to the next. Never the anchor, the positive, an item in the row's guard (shared name/alias/relation, other
+    positives, every item a query fits) or in `exclude`. Rows that cannot get enough negatives are dropped;
+    returns the kept rows and how many were dropped."""
+    rng = np.random.default_rng(seed)
+    index = {item_id: n for n, item_id in enumerate(ids)}
+    types_arr = np.asarray(types)
+    pool = {t: np.flatnonzero(types_arr == t) for t in set(types)}
+    plan = [TIERS[n % len(TIERS)] for n in range(num_hard_negatives)]
+    excluded = {index[i] for i in exclude if i in index}
+    kept, dropped = [], 0
+    for row, guard in zip(tqdm(rows, desc="hard negatives", leave=False), guards):
+        source, positive = index[row["anchor_id"]], index[row["positive_id"]]
+        target_type = types[positive]
+        forbidden = {source, positive} | {index[i] for i in guard if i in index} | excluded
+        scores, near = neighbours[target_type]
+        positive_score = float(vectors[source] @ vectors[positive])
+        easy_max = thresholds[relation_name(types[source], target_type)]["negative"]
+        floor = float(scores[source, -1]) if scores.shape[1] else 1.0
+        hard = [int(c) for r, (s, c) in enumerate(zip(scores[source], near[source]))
+                if r >= hard_negative_min_rank and s <= positive_score - hard_negative_margin and int(c) not in forbidden]
+        sample = rng.choice(pool[target_type], min(sample_size, len(pool[target_type])), replace=False)
+        sample_scores = vectors[sample] @ vectors[source]
+        medium = [int(c) for c, s in zip(sample, sample_scores) if easy_max < s < floor and int(c) not in forbidden]
+        easy = [int(c) for c, s in zip(sample, sample_scores) if s <= easy_max and int(c) not in forbidden]
+        candidates = {"hard": hard, "medium": medium, "easy": easy}
+        chosen: list[tuple[int, str]] = []
+        for tier in plan:
+            for option in TIERS[TIERS.index(tier):] + TIERS[:TIERS.index(tier)]:
+                options = [c for c in candidates[option] if c not in {x for x, _ in chosen}]
+                if options:
+                    chosen.append((options[0], option))
+                    break
+        if len(chosen) < num_hard_negatives:
+            dropped += 1
+            continue
+        kept.append({**row,
+                     "negative_ids": [ids[c] for c, _ in chosen], "negative_tiers": [t for _, t in chosen],
+                     "negative_scores": [round(float(vectors[source] @ vectors[c]), 4) for c, _ in chosen]})
+    return kept, dropped
+
+
+# --- splits, texts, leakage, output ----------------------------------------------------------------------------
+
+def split_by_group(rows: list[dict], dev_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Seeded train/dev split by entity group (the item an anchor comes from): a group never straddles the split."""
+    groups = sorted({r["anchor_id"] for r in rows})
+    random.Random(seed).shuffle(groups)
+    dev_groups = set(groups[: round(len(groups) * dev_fraction)])
+    return [r for r in rows if r["anchor_id"] not in dev_groups], [r for r in rows if r["anchor_id"] in dev_groups]
+
+
+def with_texts(rows: list[dict], texts: dict[str, str]) -> list[dict]:
+    """Fill the loss columns: anchor (the item text for item pairs), positive, negative_1..k."""
+    out = []
+    for r in rows:
+        row = {"anchor": r["anchor"] or texts[r["anchor_id"]], "positive": texts[r["positive_id"]]}
+        row |= {f"negative_{n}": texts[i] for n, i in enumerate(r.get("negative_ids", []), start=1)}
+        out.append(row | {k: v for k, v in r.items() if k not in row})
+    return out
+
+
+def loss_columns(num_negatives: int) -> list[str]:
+    """The dataset columns the sentence-transformers losses read, in order."""
+    return ["anchor", "positive"] + [f"negative_{n}" for n in range(1, num_negatives + 1)]
+
+
+def save_dataset(path: str | Path, rows: list[dict], num_negatives: int) -> None:
+    """Save the loss columns as a Hugging Face dataset folder, atomically (written beside, then renamed)."""
+    from datasets import Dataset
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    columns = loss_columns(num_negatives)
+    Dataset.from_dict({c: [r[c] for r in rows] for c in columns}).save_to_disk(str(tmp))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def _normal(text: str) -> str:
+    """Lower-case text with runs of whitespace and punctuation collapsed (for exact-match checks)."""
+    return re.sub(r"[\W_]+", " ", text.lower()).strip()
+
+
+def near_duplicates(texts: list[str], others: list[str], threshold: float) -> list[tuple[int, int, float]]:
+    """(i, j, cosine) for every texts[i] whose word-TF-IDF cosine to others[j] is at or above `threshold`."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    if not texts or not others:
+        return []
+    tfidf = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(list(texts) + list(others))
+    sims = (tfidf.transform(texts) @ tfidf.transform(others).T).tocoo()
+    return [(int(i), int(j), float(s)) for i, j, s in zip(sims.row, sims.col, sims.data) if s >= threshold]
+
+
+def check_leakage(rows: list[dict], eval_queries: list[dict], held_out: set[str], threshold: float, where: str) -> dict:
+    """Raise LeakageError if a training row uses an item an evaluation query was built from, repeats an evaluation
+    query's text, or holds a near-duplicate (word TF-IDF cosine ≥ threshold) of one; else return what was checked."""
+    for n, r in enumerate(rows, start=1):
+        used = [r["anchor_id"], r["positive_id"], *r.get("negative_ids", [])]
+        bad = [i for i in used if i in held_out]
+        if bad:
+            raise LeakageError(f"{where} row {n} ({r['relation']}): item {bad[0]!r} is the source of an evaluation "
+                               "query; it must stay out of training (check corpus.held_out_items and the exclude set)")
+    eval_text = {_normal(q["text"]): q["qid"] for q in eval_queries}
+    for n, r in enumerate(rows, start=1):
+        if _normal(r["anchor"]) in eval_text:
+            raise LeakageError(f"{where} row {n} ({r['relation']}): field 'anchor' repeats evaluation query "
+                               f"{eval_text[_normal(r['anchor'])]!r}; change the synthetic query templates")
+    texts = sorted({t for r in rows for t in [r["anchor"], r["positive"]] + [r[k] for k in r if k.startswith("negative_") and k[9:].isdigit()]})
+    hits = near_duplicates(texts, [q["text"] for q in eval_queries], threshold)
+    if hits:
+        i, j, score = max(hits, key=lambda h: h[2])
+        raise LeakageError(f"{where}: a training text is a near-duplicate (cosine {score:.2f} ≥ {threshold}) of evaluation "
+                           f"query {eval_queries[j]['qid']!r}: {texts[i][:80]!r}; exclude its item or raise "
+                           "near_duplicate_threshold")
+    return {"rows": len(rows), "texts": len(texts), "eval_queries": len(eval_queries), "near_duplicate_threshold": threshold}
+
+
+def pair_counts(rows: list[dict], key: str = "relation") -> dict[str, int]:
+    """How many rows each relation (or kind) has."""
+    counts: dict[str, int] = defaultdict(int)
+    for r in rows:
+        counts[r[key]] += 1
     return dict(sorted(counts.items()))

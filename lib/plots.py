@@ -73,3 +73,17 @@ def line_plot(xs: list, ys: list, title: str, xlabel: str, ylabel: str):
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     fig.tight_layout()
     return fig
+
+
+def histograms(groups: dict[str, dict[str, list[float]]], title: str, xlabel: str):
+    """One panel per group, overlaid histograms of its named value lists (e.g. positive vs negative cosines)."""
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.3), squeeze=False)
+    for ax, (group, series) in zip(axes[0], groups.items()):
+        for name, values in series.items():
+            if values:
+                ax.hist(values, bins=30, alpha=0.55, label=f"{name} (n={len(values)})")
+        ax.set(title=group, xlabel=xlabel)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

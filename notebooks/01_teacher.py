@@ -73,7 +73,7 @@ import pandas as pd
 
 from lib.pairs import similarity_summary
 
-pd.DataFrame(similarity_summary([i["type"] for i in items], item_vecs)).T
+pd.DataFrame(similarity_summary(item_vecs, [i["type"] for i in items], seed=0)).T
 
 # %%
 metrics = {

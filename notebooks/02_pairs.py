@@ -14,76 +14,159 @@
 # ---
 
 # %% [markdown]
-# # 02 · Training pairs
-# **Purpose:** mine (anchor, positive[, negative]) pairs from the teacher's cosine similarities for every
-# combination of item types (monster↔monster, power↔power, monster↔power). Positives: an anchor's top
-# neighbours with cosine ≥ `positive_threshold` (at most `positives_per_anchor` per type pair); negatives:
-# a random item with cosine ≤ `negative_threshold`, when there is one. The source items of evaluation
-# queries never enter a pair.
+# # 02 · Training data
+# **Purpose:** build the (anchor, positive, negative_1..k) rows the student learns from.
+# 1. **Item pairs** for every combination of item types (monster↔monster, power↔power, monster↔power): an anchor's
+#    nearest items by teacher cosine at or above the relation's positive threshold — fixed (`absolute`, the
+#    method's 0.8) or a percentile of that relation's own similarity distribution (`calibrated`).
+# 2. **Synthetic queries** per item: its name (labelled as a name query), TF-IDF keywords, a descriptive sentence
+#    with the name removed, and a pair of its tags; tag queries get up to `positives_per_query` items that fit.
+# 3. **Hard negatives** per row, mixing hard (a rank window below the positive, with a margin), medium and easy;
+#    never an item sharing a name, alias or relation with the anchor, nor one its query fits.
+# 4. **Split** by entity group (seeded) and a **leakage check**: no item an evaluation query was built from, no
+#    evaluation query text and no near-duplicate of one in any training row — otherwise the stage fails.
 #
-# **Reads:** `00_corpus/items.jsonl`, `queries.jsonl`, `01_teacher/items.npy`. **Writes:** `02_pairs/train.jsonl`,
-# `dev.jsonl`, `stats.json`, `metrics.json`.
+# Nearest neighbours are computed a block at a time (memory-bounded); distributions are estimated from samples.
+#
+# **Reads:** `00_corpus/items.jsonl`, `queries.jsonl`, `relations.jsonl`, `01_teacher/items.npy`.
+# **Writes:** `02_pairs/train/`, `dev/` (Hugging Face datasets with the loss columns), `train.jsonl`, `dev.jsonl`
+# (the same rows with ids, tiers and scores), `stats.json`, `metrics.json`.
 
 # %% tags=["parameters"]
 run_name: str = "dnd-default"  # run folder under data/runs: <domain>-<profile>
 runs_root: str = ""  # where runs live; empty means <repo>/data/runs
-positive_threshold: float = 0.8  # teacher cosine at or above which a neighbour is a positive
-negative_threshold: float = 0.4  # teacher cosine at or below which an item may be a negative
-positives_per_anchor: int = 1  # most positives per anchor and type pair (the nearest first)
-pairs_dev_fraction: float = 0.1  # anchors whose pairs go to dev (eval loss during training)
-seed: int = 42  # seeds negative sampling and the split
+threshold_mode: str = "calibrated"  # absolute (fixed cosines) or calibrated (percentiles per relation)
+positive_threshold: float = 0.8  # absolute mode: cosine at or above which a neighbour is a positive
+negative_threshold: float = 0.4  # absolute mode: cosine at or below which an item is an easy negative
+positive_percentile: float = 99.0  # calibrated mode: percentile of a relation's cosines that makes a positive
+negative_percentile: float = 50.0  # calibrated mode: percentile at or below which an item is an easy negative
+positives_per_anchor: int = 1  # most item positives per anchor and type pair (the nearest first)
+synthetic_expansion_factor: int = 5  # synthetic queries per item (0 turns them off)
+positives_per_query: int = 3  # most positives per synthetic query (tag queries fit several items)
+type_nouns: dict = {}  # how queries name an item type, e.g. power as spell
+num_hard_negatives: int = 3  # negatives per row, cycling hard, medium, easy
+hard_negative_min_rank: int = 3  # hard negatives start at this rank of the anchor's nearest list
+hard_negative_margin: float = 0.02  # a hard negative's cosine is at least this far below the positive's
+neighbours_k: int = 50  # length of each item's nearest list per type (positives and hard negatives)
+near_duplicate_threshold: float = 0.9  # word TF-IDF cosine at which a text counts as a copy of an evaluation query
+pairs_dev_fraction: float = 0.1  # entity groups whose rows go to dev (eval loss during training)
+seed: int = 42  # seeds sampling, templates and the split
 # %%
+import random
+
 import numpy as np
 import pandas as pd
 
 from lib import corpus, pairs
 from lib.io import read_json, write_json, write_jsonl
 from lib.paths import stage_dir
+from lib.plots import histograms
 
 corpus_dir = stage_dir(run_name, "00_corpus", runs_root or None)
 teacher_dir = stage_dir(run_name, "01_teacher", runs_root or None)
 out_dir = stage_dir(run_name, "02_pairs", runs_root or None, create=True)
 items = corpus.load_items(corpus_dir)
+eval_queries = corpus.load_queries(corpus_dir)
+relations = corpus.load_relations(corpus_dir)
 vectors = np.load(teacher_dir / "items.npy")
 if read_json(teacher_dir / "item_ids.json") != [i["id"] for i in items]:
     raise ValueError("01_teacher/item_ids.json does not match 00_corpus/items.jsonl: rerun stage 01")
-held_out = corpus.held_out_items(corpus.load_queries(corpus_dir))
-print(f"{len(held_out)} items kept out of training (sources of evaluation queries)")
-
-# %%
-ids, types = [i["id"] for i in items], [i["type"] for i in items]
-mined = pairs.mine_pairs(ids, types, vectors, positive_threshold, negative_threshold,
-                         positives_per_anchor, exclude=held_out, seed=seed)
-train, dev = pairs.split_by_anchor(mined, pairs_dev_fraction, seed)
-texts = {i["id"]: i["text"] for i in items}
-write_jsonl(out_dir / "train.jsonl", pairs.with_texts(train, texts))
-write_jsonl(out_dir / "dev.jsonl", pairs.with_texts(dev, texts))
-with_negative = sum(1 for p in mined if p["negative_id"])
-print(f"{len(mined)} pairs ({with_negative} with a negative): {len(train)} train, {len(dev)} dev")
-pd.DataFrame({"train": pairs.pair_counts(train), "dev": pairs.pair_counts(dev)}).fillna(0).astype(int)
-
-# %% [markdown]
-# Where the thresholds fall in the teacher's similarity distribution (percentiles per type pair):
-
-# %%
-summary = pairs.similarity_summary(types, vectors)
-pd.DataFrame(summary).T
-
-# %% [markdown]
-# Examples of mined pairs, one relation at a time:
-
-# %%
+ids, types, texts = [i["id"] for i in items], [i["type"] for i in items], {i["id"]: i["text"] for i in items}
 names = {i["id"]: i["name"] for i in items}
-pd.DataFrame([{"relation": p["relation"], "anchor": names[p["anchor_id"]], "positive": names[p["positive_id"]],
-               "negative": names.get(p["negative_id"], "—"), "cosine": p["score"]}
-              for rel in sorted({p["relation"] for p in train}) for p in [q for q in train if q["relation"] == rel][:4]])
+held_out = corpus.held_out_items(eval_queries)
+copies = {ids[i] for i, _, _ in pairs.near_duplicates([i["text"] for i in items], [q["text"] for q in eval_queries],
+                                                       near_duplicate_threshold)}
+exclude = held_out | copies
+print(f"{len(exclude)} items kept out of training: {len(held_out)} sources of evaluation queries, "
+      f"{len(copies - held_out)} more near-duplicates of one")
+
+# %% [markdown]
+# ## Where thresholds fall
+# Percentiles of each relation's teacher-cosine distribution (estimated from random pairs), and the thresholds
+# of both modes. A fixed 0.8 / 0.4 only makes sense for a teacher whose cosines spread over that range.
 
 # %%
-stats = {"pairs": len(mined), "train": len(train), "dev": len(dev), "with_negative": with_negative,
+summary = pairs.similarity_summary(vectors, types, seed)
+thresholds = {mode: pairs.relation_thresholds(vectors, types, mode, positive_threshold, negative_threshold,
+                                              positive_percentile, negative_percentile, seed)
+              for mode in ("absolute", "calibrated")}
+if threshold_mode not in thresholds:
+    raise ValueError(f"threshold_mode must be 'absolute' or 'calibrated', got {threshold_mode!r}")
+pd.DataFrame(summary).T.join(pd.DataFrame({f"{mode} {side}": {rel: t[side] for rel, t in th.items()}
+                                           for mode, th in thresholds.items() for side in ("positive", "negative")}))
+
+# %% [markdown]
+# ## Item pairs per relation, both modes
+
+# %%
+neighbours = pairs.neighbours_by_type(vectors, types, neighbours_k)
+item_pairs = {mode: pairs.mine_item_pairs(ids, types, neighbours, th, positives_per_anchor, exclude)
+              for mode, th in thresholds.items()}
+mode_counts = {mode: pairs.pair_counts(rows) for mode, rows in item_pairs.items()}
+print(f"training uses threshold_mode={threshold_mode!r}")
+pd.DataFrame(mode_counts).fillna(0).astype(int)
+
+# %% [markdown]
+# ## Synthetic queries
+
+# %%
+queries = pairs.synthetic_queries(items, vectors, synthetic_expansion_factor, positives_per_query, type_nouns,
+                                  exclude, seed) if synthetic_expansion_factor > 0 else []
+rows = item_pairs[threshold_mode] + pairs.query_rows(queries, ids, types, vectors)
+pd.DataFrame([{"kind": q["kind"], "query": q["text"], "positives": ", ".join(names[i] for i in q["relevant"]),
+               "items it fits": len(q["matches"])} for q in random.Random(seed).sample(queries, min(12, len(queries)))])
+
+# %% [markdown]
+# ## Hard negatives, split and leakage check
+
+# %%
+guards = pairs.row_guards(rows, pairs.related_items(ids, items, relations), queries)
+rows, dropped = pairs.add_negatives(rows, guards, ids, types, vectors, neighbours, thresholds[threshold_mode],
+                                    num_hard_negatives, hard_negative_min_rank, hard_negative_margin, exclude, seed)
+train, dev = pairs.split_by_group(pairs.with_texts(rows, texts), pairs_dev_fraction, seed)
+checked = {name: pairs.check_leakage(part, eval_queries, exclude, near_duplicate_threshold, f"02_pairs/{name}")
+           for name, part in (("train", train), ("dev", dev))}
+for name, part in (("train", train), ("dev", dev)):
+    pairs.save_dataset(out_dir / name, part, num_hard_negatives)
+    write_jsonl(out_dir / f"{name}.jsonl", part)
+tiers = pd.Series([t for r in rows for t in r["negative_tiers"]]).value_counts().to_dict()
+print(f"{len(rows)} rows ({dropped} dropped for lack of negatives): {len(train)} train, {len(dev)} dev; "
+      f"negatives by tier {tiers}; leakage check passed over {sum(c['texts'] for c in checked.values())} texts")
+pd.DataFrame({"train": pairs.pair_counts(train, "kind"), "dev": pairs.pair_counts(dev, "kind")}).fillna(0).astype(int)
+
+# %% [markdown]
+# ## Teacher cosines of the chosen pairs
+# Anchor (or the item a query came from) to its positive and to each negative tier.
+
+# %%
+groups = {rel: {"positive": [r["score"] for r in rows if r["relation"] == rel]}
+          | {tier: [s for r in rows if r["relation"] == rel for s, t in zip(r["negative_scores"], r["negative_tiers"]) if t == tier]
+             for tier in pairs.TIERS}
+          for rel in sorted({r["relation"] for r in rows})}
+histograms(groups, "teacher cosine to the anchor", "cosine");
+
+# %% [markdown]
+# ## Ten random examples per relation
+
+# %%
+label = lambda text, item_id: names[item_id] if text is None else f"“{text}”"
+examples = []
+for rel in sorted({r["relation"] for r in train}):
+    group = [r for r in rows if r["relation"] == rel]
+    for r in random.Random(seed).sample(group, min(10, len(group))):
+        examples.append({"relation": rel, "anchor": label(r["anchor"], r["anchor_id"]), "positive": names[r["positive_id"]],
+                         "cosine": r["score"], "negatives": "; ".join(f"{names[i]} ({t})" for i, t in zip(r["negative_ids"], r["negative_tiers"]))})
+pd.DataFrame(examples)
+
+# %%
+stats = {"rows": len(rows), "train": len(train), "dev": len(dev), "dropped_without_negatives": dropped,
+         "threshold_mode": threshold_mode, "thresholds": thresholds, "item_pairs_by_mode": mode_counts,
          "train_by_relation": pairs.pair_counts(train), "dev_by_relation": pairs.pair_counts(dev),
-         "held_out_items": len(held_out), "similarity_percentiles": summary,
-         "positive_threshold": positive_threshold, "negative_threshold": negative_threshold}
+         "train_by_kind": pairs.pair_counts(train, "kind"), "synthetic_queries": len(queries),
+         "negatives_by_tier": tiers, "num_hard_negatives": num_hard_negatives, "excluded_items": len(exclude),
+         "held_out_items": len(held_out), "similarity_percentiles": summary, "leakage_check": checked}
 write_json(out_dir / "stats.json", stats)
-metrics = {k: stats[k] for k in ("pairs", "train", "dev", "with_negative", "train_by_relation", "held_out_items")}
+metrics = {k: stats[k] for k in ("rows", "train", "dev", "threshold_mode", "item_pairs_by_mode", "train_by_kind",
+                                 "negatives_by_tier", "excluded_items")}
 write_json(out_dir / "metrics.json", metrics)
 metrics

@@ -15,12 +15,12 @@
 
 # %% [markdown]
 # # 04 · Contrastive fine-tuning
-# **Purpose:** train the student on the mined pairs with `MultipleNegativesRankingLoss` (in-batch negatives,
-# plus the hard-negative column when every pair has one) through `SentenceTransformerTrainer`, starting from
+# **Purpose:** train the student on the stage-02 rows with `MultipleNegativesRankingLoss` (in-batch negatives
+# plus each row's hard negatives) through `SentenceTransformerTrainer`, starting from
 # the domain-adapted encoder of stage 03 (or the base student). The dev queries (independent ground truth,
 # never the test split) are evaluated before, during and after training.
 #
-# **Reads:** `02_pairs/train.jsonl`, `dev.jsonl`, `03_domain_adapt/model/`, `00_corpus/` dev queries.
+# **Reads:** `02_pairs/train/`, `dev/`, `03_domain_adapt/model/`, `00_corpus/` dev queries.
 # **Writes:** `04_finetune/model/` (with its model card), `checkpoints/`, `log_history.json`, `metrics.json`.
 
 # %% tags=["parameters"]
@@ -35,6 +35,7 @@ learning_rate: float = 2e-5  # AdamW peak learning rate
 warmup_steps: float = 0.1  # a float < 1 is a ratio of the total steps
 max_seq_length: int = 128  # tokens per text while training
 eval_steps: int = 50  # dev evaluation, checkpoint and loss logging interval
+dev_loss_rows: int = 128  # stage-02 dev rows scored for the eval loss at each evaluation (a seeded sample)
 seed: int = 42  # seeds data order and initialisation
 # %%
 import pandas as pd
@@ -51,11 +52,12 @@ pairs_dir = stage_dir(run_name, "02_pairs", runs_root or None)
 out_dir = stage_dir(run_name, "04_finetune", runs_root or None, create=True)
 start_model = stage_dir(run_name, "03_domain_adapt", runs_root or None) / "model" if use_domain_adapted \
     else resolve_model_path(base_model)
-train_ds = finetune.pairs_dataset(pairs_dir / "train.jsonl")
-dev_ds = finetune.pairs_dataset(pairs_dir / "dev.jsonl")
+train_ds = finetune.pairs_dataset(pairs_dir / "train")
+dev_ds = finetune.pairs_dataset(pairs_dir / "dev")
+dev_ds = dev_ds.shuffle(seed=seed).select(range(min(dev_loss_rows, len(dev_ds))))
 dev_queries = corpus.load_queries(corpus_dir, split="dev")
 evaluator = finetune.ir_evaluator(dev_queries, corpus.load_items(corpus_dir), name="dev")
-print(f"start from {start_model}; {len(train_ds)} train pairs {train_ds.column_names}, {len(dev_ds)} dev pairs, "
+print(f"start from {start_model}; {len(train_ds)} train rows {train_ds.column_names}, {len(dev_ds)} dev rows, "
       f"{len(dev_queries)} dev queries")
 
 # %% [markdown]

@@ -1,16 +1,15 @@
-"""A few real MNRL steps on SRD pairs lower the training loss; the saved model has a card."""
-from lib import finetune
-from lib.io import write_jsonl
+"""A few real MNRL steps (with a hard-negative column) on SRD rows lower the training loss; the model has a card."""
+from lib import finetune, pairs
 
 
 def test_mnrl_steps_lower_the_loss(tmp_path, student_path, srd_slice):
     items, queries, _, _ = srd_slice
     spells = [i for i in items if i["type"] == "power"][:32]
     # name → own text: a task the base model only half knows, so the loss must fall
-    rows = [{"anchor": s["name"], "positive": s["text"]} for s in spells]
-    write_jsonl(tmp_path / "train.jsonl", rows)
-    ds = finetune.pairs_dataset(tmp_path / "train.jsonl")
-    assert ds.column_names == ["anchor", "positive"]
+    rows = [{"anchor": s["name"], "positive": s["text"], "negative_1": spells[n - 1]["text"]} for n, s in enumerate(spells)]
+    pairs.save_dataset(tmp_path / "train", rows, num_negatives=1)
+    ds = finetune.pairs_dataset(tmp_path / "train")
+    assert ds.column_names == ["anchor", "positive", "negative_1"]
     dev_queries = [q for q in queries if q["category"] == "monster_spells"][:4]
     evaluator = finetune.ir_evaluator(dev_queries, items, "dev")
     model, history = finetune.finetune(student_path, ds, ds, evaluator, tmp_path, num_train_epochs=1,
@@ -20,10 +19,3 @@ def test_mnrl_steps_lower_the_loss(tmp_path, student_path, srd_slice):
     assert len(losses) >= 3 and losses[-1] < losses[0]
     assert (tmp_path / "model" / "README.md").exists()
     assert any(k.startswith("eval_dev-power") for h in history for k in h)
-
-
-def test_negative_column_only_when_every_row_has_one(tmp_path):
-    write_jsonl(tmp_path / "p.jsonl", [{"anchor": "a", "positive": "b", "negative": "c"}, {"anchor": "d", "positive": "e"}])
-    assert finetune.pairs_dataset(tmp_path / "p.jsonl").column_names == ["anchor", "positive"]
-    write_jsonl(tmp_path / "p.jsonl", [{"anchor": "a", "positive": "b", "negative": "c"}])
-    assert finetune.pairs_dataset(tmp_path / "p.jsonl").column_names == ["anchor", "positive", "negative"]

@@ -10,7 +10,8 @@ import uuid
 
 import pytest
 
-from lib import teacher
+from lib import corpus, finetune, pairs, teacher
+from lib.io import read_jsonl
 from lib.paths import REPO_ROOT, STAGES, stage_dir
 
 FAKE_KEY = "codexforge-fake-key-" + uuid.uuid4().hex  # made at run time; never a real key
@@ -74,6 +75,18 @@ def test_before_and_after_are_both_reported(smoke):
     assert exported["onnx_min_cosine"] >= 0.999 and exported["self_retrieval_at_1"] >= 0.9
     maps = m("06_embedding_maps")
     assert set(maps["knn10_label_agreement"]["type"]) == {"before", "after"}
+
+
+@pytest.mark.slow
+def test_training_data_has_every_kind_and_keeps_evaluation_sources_out(smoke):
+    out = stage_dir(RUN, "02_pairs", smoke["runs"])
+    stats = json.loads((out / "stats.json").read_text())
+    assert set(stats["train_by_kind"]) == {"item", "query:name", "query:keywords", "query:sentence", "query:tags"}
+    assert stats["leakage_check"]["train"]["rows"] == stats["train"] > 0
+    assert finetune.pairs_dataset(out / "train").column_names == pairs.loss_columns(stats["num_hard_negatives"])
+    held_out = corpus.held_out_items(corpus.load_queries(stage_dir(RUN, "00_corpus", smoke["runs"])))
+    used = {i for r in read_jsonl(out / "train.jsonl") for i in [r["anchor_id"], r["positive_id"], *r["negative_ids"]]}
+    assert held_out and not held_out & used
 
 
 @pytest.mark.slow
