@@ -67,6 +67,7 @@ lab: setup ## JupyterLab on notebooks/ with the Jupytext .py files paired to .ip
 
 bench: setup ## benchmarks → bench/results/*.json (needs a finished run: make all)
 	$(PY) bench/encode_throughput.py --run $(RUN)
+	$(PY) bench/pair_mining.py
 
 clean: ## remove runs, reports and generated notebooks (keeps the teacher cache)
 	rm -rf data/runs reports/*/ notebooks/*.ipynb
