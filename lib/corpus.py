@@ -107,3 +107,8 @@ def remove_names(text: str, names: list[str]) -> str:
     text = re.sub(r"(,\s*)+(?=[,\n]|$)", "", text, flags=re.M)  # dangling commas
     text = re.sub(r":\s*,\s*", ": ", text)
     return re.sub(r"[ \t]{2,}", " ", text)
+
+
+def with_article(word: str) -> str:
+    """'a word' or 'an word' by its first letter."""
+    return f"an {word}" if word[:1].lower() in "aeiou" else f"a {word}"

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from lib.corpus import remove_names
+from lib.corpus import remove_names, with_article
 
 TIERS = ("hard", "medium", "easy")
 QUERY_KINDS = ("name", "keywords", "sentence", "tags")
@@ -183,12 +183,6 @@ def items_by_name(items: list[dict]) -> dict[str, set[str]]:
     return by_name
 
 
-def _noun(item_type: str, type_nouns: dict[str, str]) -> str:
-    """'a monster' / 'an item' for a type, through the domain's nouns."""
-    noun = type_nouns.get(item_type, item_type)
-    return f"an {noun}" if noun[:1].lower() in "aeiou" else f"a {noun}"
-
-
 def synthetic_queries(
     items: list[dict],
     vectors: np.ndarray,
@@ -214,7 +208,7 @@ def synthetic_queries(
     for n, item in enumerate(tqdm(items, desc="synthetic queries", leave=False)):
         if item["id"] in exclude:
             continue
-        noun = _noun(item["type"], type_nouns)
+        noun = with_article(type_nouns.get(item["type"], item["type"]))
         names = [item["name"], *item["aliases"]]
         candidates: dict[str, list[tuple[str, list[str]]]] = {
             "name": [(name, sorted(by_name[name.lower()])) for name in names],
@@ -224,7 +218,8 @@ def synthetic_queries(
             if len(words[n]) >= 3:
                 picked = rng.sample(words[n], 3)
                 candidates["keywords"].append((f"{noun} about {picked[0]}, {picked[1]} and {picked[2]}", [item["id"]]))
-        for sentence in rng.sample(sentences(item["text"]), min(expansion_factor, len(sentences(item["text"])))):
+        described = sentences(item["text"])
+        for sentence in rng.sample(described, min(expansion_factor, len(described))):
             text = remove_names(re.sub(rf"(?i)\bthe ({'|'.join(map(re.escape, names))})\b", "it", sentence), names).strip(" ,.")
             if len(text.split()) >= 5:
                 candidates["sentence"].append((f"{noun}: {text[0].lower()}{text[1:]}", [item["id"]]))
@@ -418,7 +413,7 @@ def check_leakage(rows: list[dict], eval_queries: list[dict], held_out: set[str]
         if _normal(r["anchor"]) in eval_text:
             raise LeakageError(f"{where} row {n} ({r['relation']}): field 'anchor' repeats evaluation query "
                                f"{eval_text[_normal(r['anchor'])]!r}; change the synthetic query templates")
-    texts = sorted({t for r in rows for t in [r["anchor"], r["positive"]] + [r[k] for k in r if k.startswith("negative_") and k[9:].isdigit()]})
+    texts = sorted({r[c] for r in rows for c in loss_columns(len(r.get("negative_ids", [])))})
     hits = near_duplicates(texts, [q["text"] for q in eval_queries], threshold)
     if hits:
         i, j, score = max(hits, key=lambda h: h[2])
@@ -426,6 +421,17 @@ def check_leakage(rows: list[dict], eval_queries: list[dict], held_out: set[str]
                            f"query {eval_queries[j]['qid']!r}: {texts[i][:80]!r}; exclude its item or raise "
                            "near_duplicate_threshold")
     return {"rows": len(rows), "texts": len(texts), "eval_queries": len(eval_queries), "near_duplicate_threshold": threshold}
+
+
+def cosines_by_relation(rows: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """Per relation, the teacher cosines of the positives and of each negative tier (for the histograms)."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        series = out.setdefault(r["relation"], {"positive": [], **{tier: [] for tier in TIERS}})
+        series["positive"].append(r["score"])
+        for score, tier in zip(r.get("negative_scores", []), r.get("negative_tiers", [])):
+            series[tier].append(score)
+    return dict(sorted(out.items()))
 
 
 def pair_counts(rows: list[dict], key: str = "relation") -> dict[str, int]:

@@ -139,11 +139,7 @@ pd.DataFrame({"train": pairs.pair_counts(train, "kind"), "dev": pairs.pair_count
 # Anchor (or the item a query came from) to its positive and to each negative tier.
 
 # %%
-groups = {rel: {"positive": [r["score"] for r in rows if r["relation"] == rel]}
-          | {tier: [s for r in rows if r["relation"] == rel for s, t in zip(r["negative_scores"], r["negative_tiers"]) if t == tier]
-             for tier in pairs.TIERS}
-          for rel in sorted({r["relation"] for r in rows})}
-histograms(groups, "teacher cosine to the anchor", "cosine");
+histograms(pairs.cosines_by_relation(rows), "teacher cosine to the anchor", "cosine");
 
 # %% [markdown]
 # ## Ten random examples per relation

@@ -208,3 +208,11 @@ def test_related_items_share_a_name_alias_or_relation_both_ways():
     assert "monster:x" in related["power:1"] and "power:1" in related["monster:x"]  # Fireball's alias is its name
     assert "power:3" in related["monster:x"] and "monster:x" in related["power:3"]
     assert related["power:2"] == {"power:2"}
+
+
+def test_cosines_by_relation_groups_positives_and_tiers():
+    rows = [{"relation": "power-power", "score": 0.9, "negative_scores": [0.8, 0.5], "negative_tiers": ["hard", "easy"]},
+            {"relation": "query-power", "score": 1.0}]
+    out = pairs.cosines_by_relation(rows)
+    assert out["power-power"] == {"positive": [0.9], "hard": [0.8], "medium": [], "easy": [0.5]}
+    assert out["query-power"]["positive"] == [1.0]

