@@ -49,7 +49,7 @@ $(call DONE,01_teacher):        $(call DONE,00_corpus)
 $(call DONE,02_pairs):          $(call DONE,01_teacher)
 $(call DONE,03_domain_adapt):   $(call DONE,00_corpus)
 $(call DONE,04_finetune):       $(call DONE,02_pairs) $(call DONE,03_domain_adapt)
-$(call DONE,05_evaluate):       $(call DONE,01_teacher) $(call DONE,04_finetune)
+$(call DONE,05_evaluate):       $(call DONE,01_teacher) $(call DONE,02_pairs) $(call DONE,04_finetune)
 $(call DONE,06_embedding_maps): $(call DONE,04_finetune)
 $(call DONE,07_export):         $(call DONE,04_finetune)
 

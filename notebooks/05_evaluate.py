@@ -15,13 +15,18 @@
 
 # %% [markdown]
 # # 05 · Evaluation
-# **Purpose:** measure retrieval on the held-out **test** queries, whose ground truth does not come from the
-# teacher: monster→spell retrieval from the SRD Spellcasting lists (the monster's text with its spell names
-# removed is the query; only spells are candidates) and attribute queries whose relevant items come from
-# structured fields (size, creature type, immunities, school, level, damage type, class).
-# Systems side by side: the base student, the domain-adapted encoder, the fine-tuned student and the teacher.
+# **Purpose:** measure retrieval on held-out queries whose ground truth does not come from the teacher, each kind
+# reported on its own: (a) monster→spell from the SRD Spellcasting lists (the monster's text with its spell names
+# removed; only spells are candidates), (b) attribute queries whose relevant items come from structured fields
+# (size, creature type, immunities, school, level, damage type, class), (c) aliases and catalogue-form names,
+# (d) stage 02's held-out synthetic queries (labelled synthetic; not in the headline), (e) any BEIR folder.
+# Systems side by side: BM25, the base student, the domain-adapted encoder, the fine-tuned student, a hybrid
+# (BM25 + fine-tuned by reciprocal rank fusion), the fine-tuned student exported to int8 ONNX, and the teacher.
+# Every mean has a 95% bootstrap interval; every system is tested against the base student with a paired
+# randomisation test on the same queries.
 #
-# **Reads:** `00_corpus/`, `01_teacher/*.npy`, `03_domain_adapt/model/`, `04_finetune/model/`.
+# **Reads:** `00_corpus/`, `01_teacher/*.npy`, `02_pairs/train.jsonl`, `held_out_queries.jsonl`,
+# `03_domain_adapt/model/`, `04_finetune/model/`.
 # **Writes:** `05_evaluate/metrics.json`, `per_query.csv`, `summary.csv`.
 
 # %% tags=["parameters"]
@@ -30,72 +35,174 @@ runs_root: str = ""  # where runs live; empty means <repo>/data/runs
 base_model: str = "all-MiniLM-L6-v2"  # the student before any training
 eval_split: str = "test"  # the held-out queries to score
 eval_max_seq_length: int = 256  # tokens per text when encoding, the same for every student
-headline_metrics: list = ["precision@1", "precision@3", "precision@5", "recall@10", "mrr@10", "ndcg@5", "ndcg@10"]  # report order
+headline_metrics: list = ["precision@1", "precision@3", "precision@5", "recall@10", "mrr@10", "ndcg@5", "ndcg@10", "map@100"]  # report order
+bootstrap_samples: int = 2000  # resamples of the queries for the 95% confidence intervals
+permutation_samples: int = 10000  # random sign flips for the paired randomisation test vs base
+rrf_k: int = 60  # reciprocal rank fusion constant of the hybrid system
+topic_coverage_k: int = 5  # top-k texts searched for a query's expected topics
+min_topic_coverage: float = 4.0  # a query "covers its topics" at this 1–5 score or above
+include_onnx: bool = True  # export the fine-tuned student to int8 ONNX (as stage 07 does) and score it
+beir_dir: str = ""  # a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) to score as well; empty skips
+beir_split: str = "test"  # the qrels file of the BEIR folder
+near_duplicate_threshold: float = 0.9  # leakage guard: word TF-IDF cosine from which a training text copies a query
+seed: int = 42  # seeds the bootstrap and the permutations
 # %%
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
-from lib import corpus, evaluate
-from lib.io import atomic_path, read_json, write_json
+from lib import corpus, evaluate, export, pairs
+from lib.io import atomic_path, read_json, read_jsonl, write_json
 from lib.paths import resolve_model_path, stage_dir
 from lib.plots import metric_bars
 
-corpus_dir = stage_dir(run_name, "00_corpus", runs_root or None)
-teacher_dir = stage_dir(run_name, "01_teacher", runs_root or None)
-out_dir = stage_dir(run_name, "05_evaluate", runs_root or None, create=True)
-items = corpus.load_items(corpus_dir)
-queries = corpus.load_queries(corpus_dir, split=eval_split)
-all_qids = read_json(teacher_dir / "query_ids.json")
-item_ids, item_types = [i["id"] for i in items], [i["type"] for i in items]
-print(f"{len(queries)} {eval_split} queries over {len(items)} items")
-
-# %% [markdown]
-# ## Encode with every system and score
-
-# %%
+stage = lambda name, create=False: stage_dir(run_name, name, runs_root or None, create=create)
+out_dir = stage("05_evaluate", create=True)
+items = corpus.load_items(stage("00_corpus"))
+queries = corpus.load_queries(stage("00_corpus"), split=eval_split)
+synthetic = read_jsonl(stage("02_pairs") / "held_out_queries.jsonl", corpus.QUERY_FIELDS)
+independent = sorted({q["category"] for q in queries})  # the headline pools these; synthetic is reported apart
 students = {
     "base": resolve_model_path(base_model),
-    "domain-adapted": stage_dir(run_name, "03_domain_adapt", runs_root or None) / "model",
-    "fine-tuned": stage_dir(run_name, "04_finetune", runs_root or None) / "model",
+    "domain-adapted": stage("03_domain_adapt") / "model",
+    "fine-tuned": stage("04_finetune") / "model",
 }
-query_texts, item_texts = [q["text"] for q in queries], [i["text"] for i in items]
-frames = []
-for system, path in students.items():
-    vecs = evaluate.encode(path, query_texts + item_texts, max_seq_length=eval_max_seq_length)  # one model load
-    q_vecs, i_vecs = vecs[:len(query_texts)], vecs[len(query_texts):]
-    frames.append(evaluate.evaluate_system(system, q_vecs, i_vecs, queries, item_ids, item_types))
-row_of = {qid: n for n, qid in enumerate(all_qids)}
+print(f"{len(queries)} {eval_split} queries ({', '.join(independent)}) and {len(synthetic)} held-out synthetic "
+      f"queries over {len(items)} items")
+
+# %% [markdown]
+# ## Leakage guard
+# Fails if a training row uses an item an evaluation query was built from, or repeats (or nearly repeats) an
+# evaluation query's text — for the independent queries and for the held-out synthetic ones.
+
+# %%
+train_rows = read_jsonl(stage("02_pairs") / "train.jsonl")
+held_out = corpus.held_out_items(corpus.load_queries(stage("00_corpus")))
+leakage_check = {
+    "independent": pairs.check_leakage(train_rows, queries, held_out, near_duplicate_threshold, "02_pairs/train.jsonl"),
+    "synthetic": pairs.check_leakage(train_rows, synthetic, set(), near_duplicate_threshold, "02_pairs/train.jsonl"),
+}
+leakage_check
+
+# %% [markdown]
+# ## Score every system
+
+# %%
+def encoders(onnx_path: Path | None) -> dict:
+    """texts → normalised vectors, per dense system."""
+    out = {name: (lambda texts, p=path: evaluate.encode(p, texts, max_seq_length=eval_max_seq_length))
+           for name, path in students.items()}
+    if onnx_path:
+        out["onnx-int8"] = export.OnnxEncoder(onnx_path, max_seq_length=eval_max_seq_length).encode
+    return out
+
+
+all_queries = queries + synthetic
+with tempfile.TemporaryDirectory() as tmp:
+    onnx_path = None
+    if include_onnx:
+        export.export_onnx(students["fine-tuned"], Path(tmp) / "model.onnx")
+        export.quantize_int8(Path(tmp) / "model.onnx", Path(tmp) / "model-int8.onnx")
+        onnx_path = Path(tmp) / "model-int8.onnx"
+    scores = evaluate.score_systems(encoders(onnx_path), [q["text"] for q in all_queries], [i["text"] for i in items], rrf_k)
+    if beir_dir:
+        beir_items, beir_queries = evaluate.load_beir(beir_dir, beir_split)
+        beir_scores = evaluate.score_systems(encoders(onnx_path), [q["text"] for q in beir_queries],
+                                             [i["text"] for i in beir_items], rrf_k)
+teacher_dir = stage("01_teacher")
+row_of = {qid: n for n, qid in enumerate(read_json(teacher_dir / "query_ids.json"))}
 teacher_q = np.load(teacher_dir / "queries.npy")[[row_of[q["qid"]] for q in queries]]
-frames.append(evaluate.evaluate_system("teacher", teacher_q, np.load(teacher_dir / "items.npy"), queries, item_ids, item_types))
-per_query = pd.concat(frames, ignore_index=True)
-summary = evaluate.summarize(per_query)
+teacher_scores = evaluate.dense_scores(teacher_q, np.load(teacher_dir / "items.npy"))  # corpus queries only
+systems = ["bm25", *students, "hybrid", *(["onnx-int8"] if include_onnx else []), "teacher"]
+aliases = evaluate.topic_aliases(items)
+per_query = pd.concat(
+    [evaluate.evaluate_scores(s, scores[s], all_queries, items, topic_coverage_k, aliases) for s in systems if s != "teacher"]
+    + [evaluate.evaluate_scores("teacher", teacher_scores, queries, items, topic_coverage_k, aliases)],
+    ignore_index=True)
+summary = evaluate.summarize(per_query, independent)
+coverage_metric = f"topic_coverage@{topic_coverage_k}"
 
 # %% [markdown]
-# ## Headline: all test queries
+# ## Headline: every independent test query, 95% bootstrap intervals
 
 # %%
-systems = list(students) + ["teacher"]
+ci = evaluate.intervals(per_query, headline_metrics + [coverage_metric], bootstrap_samples, seed, independent)
 headline = evaluate.headline(summary, systems, headline_metrics)
+p_values = evaluate.paired_tests(per_query[per_query.category.isin(independent)], "base", ["ndcg@10", "mrr@10", "precision@1"],
+                                 permutation_samples, seed)
 metric_bars(headline, headline_metrics, f"{eval_split} queries (n={len(queries)})");
-pd.DataFrame(headline).T
+pd.DataFrame({s: {m: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for m, v in ci["all"][s].items()} for s in systems}).T
 
 # %% [markdown]
-# ## By category
+# Paired randomisation test of each system against the base student (two-sided p-values, same queries):
 
 # %%
-by_category = {cat: evaluate.headline(summary, systems, headline_metrics, category=cat)
-               for cat in sorted(per_query["category"].unique())}
-pd.concat({cat: pd.DataFrame(t).T for cat, t in by_category.items()})
+pd.DataFrame(p_values).T
+
+# %% [markdown]
+# ## Each ground truth on its own
+# `synthetic:*` are stage 02's held-out synthetic queries (built from item fields, not by the teacher; their
+# query texts were never trained on, but their items were); the teacher has no vectors for them.
+
+# %%
+categories = sorted(per_query["category"].unique())
+by_category = {cat: evaluate.headline(summary, systems, headline_metrics, category=cat) for cat in categories}
+ndcg_ci = pd.DataFrame({cat: {s: f"{v['ndcg@10'][0]:.3f} [{v['ndcg@10'][1]:.3f}, {v['ndcg@10'][2]:.3f}]"
+                              for s, v in ci[cat].items()} for cat in categories}).T
+ndcg_ci.assign(n=per_query[per_query.system == "base"].category.value_counts())
+
+# %%
+p_by_category = {cat: evaluate.paired_tests(per_query[(per_query.category == cat) & per_query.system.isin(["base", "fine-tuned"])],
+                                            "base", ["ndcg@10"], permutation_samples, seed)["fine-tuned"]["ndcg@10"]
+                 for cat in categories}
+pd.Series(p_by_category, name="p (fine-tuned vs base, NDCG@10)")
+
+# %% [markdown]
+# ## Topic coverage and agreement with the teacher
+# Topic coverage (1–5): 1 + 4 × the share of a query's expected topics (spell names for monster→spell, the item's
+# name for name queries; aliases count) named in the top-5 retrieved texts. Teacher agreement: overlap of the
+# top-10 items and Spearman correlation of all candidate scores, per test query.
+
+# %%
+with_topics = per_query[per_query[coverage_metric].notna() & per_query.category.isin(independent)]
+topic_coverage = {s: {"mean": round(float(g[coverage_metric].mean()), 4),
+                      f"share_at_least_{min_topic_coverage:g}": round(float((g[coverage_metric] >= min_topic_coverage).mean()), 4),
+                      "queries": len(g)} for s, g in with_topics.groupby("system", sort=False)}
+mask = evaluate.candidate_mask(queries, [i["type"] for i in items])
+teacher_agreement = {s: evaluate.teacher_agreement(scores[s][: len(queries)], teacher_scores, mask)
+                     for s in systems if s not in ("teacher", "hybrid")}
+pd.concat({"topic coverage": pd.DataFrame(topic_coverage).T, "teacher agreement": pd.DataFrame(teacher_agreement).T}, axis=1)
 
 # %% [markdown]
 # ## Per query: fine-tuned vs base, worst regressions first
 
 # %%
-wide = per_query.pivot_table(index=["qid", "category"], columns="system", values="ndcg@10").reset_index()
-wide["delta"] = wide["fine-tuned"] - wide["base"]
-wide.sort_values("delta").head(10)
+text_of = {q["qid"]: q["text"][:90] for q in all_queries}
+changes = evaluate.wins_and_losses(per_query[per_query.category.isin(independent)], "fine-tuned", "base", "ndcg@10")
+changes.insert(1, "query", changes["qid"].map(text_of))
+pd.concat([changes.head(10), changes.tail(5)])
+
+# %% [markdown]
+# ## BEIR folder (when `beir_dir` is set)
 
 # %%
+beir = {}
+if beir_dir:
+    beir_frame = pd.concat([evaluate.evaluate_scores(s, beir_scores[s], beir_queries, beir_items, topic_coverage_k)
+                            for s in beir_scores], ignore_index=True)
+    beir_ci = evaluate.intervals(beir_frame, headline_metrics, bootstrap_samples, seed)["all"]
+    text_of |= {q["qid"]: q["text"][:90] for q in beir_queries}
+    beir = {"folder": str(beir_dir), "split": beir_split, "queries": len(beir_queries), "documents": len(beir_items),
+            "headline_ci": beir_ci, "note": "no teacher row: stage 01 embeds the run's own corpus only"}
+    per_query = pd.concat([per_query, beir_frame], ignore_index=True)
+    display(pd.DataFrame({s: {m: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for m, v in beir_ci[s].items()} for s in beir_ci}).T)
+else:
+    print("beir_dir is empty: no BEIR folder scored")
+
+# %%
+per_query.insert(2, "query", per_query["qid"].map(text_of).fillna(""))
 with atomic_path(out_dir / "per_query.csv") as tmp:
     per_query.to_csv(tmp, index=False)
 with atomic_path(out_dir / "summary.csv") as tmp:
@@ -103,13 +210,24 @@ with atomic_path(out_dir / "summary.csv") as tmp:
 metrics = {
     "split": eval_split,
     "queries": len(queries),
-    "queries_by_category": per_query[per_query.system == "base"]["category"].value_counts().to_dict(),
+    "queries_by_category": per_query[per_query.system == "base"]["category"].value_counts().sort_index().to_dict(),
+    "headline_categories": independent,
     "systems": systems,
     "metrics": headline_metrics,
     "headline": headline,
+    "headline_ci": {s: ci["all"][s] for s in systems},
+    "p_values_vs_base": p_values,
     "by_category": by_category,
-    "fine_tuned_wins": int((wide["delta"] > 0).sum()),
-    "fine_tuned_losses": int((wide["delta"] < 0).sum()),
+    "by_category_ci": {cat: ci[cat] for cat in categories},
+    "p_values_by_category": p_by_category,
+    "topic_coverage": topic_coverage,
+    "teacher_agreement": teacher_agreement,
+    "fine_tuned_wins": int((changes["delta"] > 0).sum()),
+    "fine_tuned_losses": int((changes["delta"] < 0).sum()),
+    "leakage_check": leakage_check,
+    "bootstrap_samples": bootstrap_samples,
+    "permutation_samples": permutation_samples,
+    "beir": beir,
 }
 write_json(out_dir / "metrics.json", metrics)
-{s: metrics["headline"][s]["ndcg@10"] for s in systems}
+{s: metrics["headline_ci"][s]["ndcg@10"] for s in systems}

@@ -79,4 +79,27 @@ def test_write_and_load_corpus(tmp_path, srd_slice):
     assert corpus.load_items(tmp_path) == items
     assert len(corpus.load_queries(tmp_path, split="dev")) + len(corpus.load_queries(tmp_path, split="test")) == len(queries)
     assert set(corpus.load_background(tmp_path)) == {f"{name}.md" for name in background}
-    assert corpus.held_out_items(queries) == {q["meta"]["source_item"] for q in queries if q["category"] == "monster_spells"}
+    assert corpus.held_out_items(queries) == {q["meta"]["source_item"] for q in queries if q["category"] != "monster_attribute"
+                                              and q["category"] != "power_attribute"}
+
+
+def test_catalogue_names_and_name_queries():
+    assert corpus.catalogue_name("Adult Red Dragon") == "dragon, adult red"
+    assert corpus.catalogue_name("Goblin") is None and corpus.catalogue_name("Shield of Faith") is None
+    items = [{"id": "p1", "type": "power", "name": "Acid Arrow", "aliases": ["Melf's Acid Arrow"]},
+             {"id": "m1", "type": "monster", "name": "Giant Spider", "aliases": []},
+             {"id": "m2", "type": "monster", "name": "Goblin", "aliases": []}]
+    queries = corpus.name_queries(items, paraphrases_per_type=5, seed=0)
+    by_text = {q["text"]: q for q in queries}
+    assert set(by_text) == {"Melf's Acid Arrow", "spider, giant"}  # p1 has an alias query, so no paraphrase
+    assert by_text["Melf's Acid Arrow"]["relevant"] == {"p1": 1} and by_text["Melf's Acid Arrow"]["category"] == "alias"
+    assert by_text["spider, giant"]["meta"]["source_item"] == "m1"
+    assert by_text["spider, giant"]["expected_topics"] == ["Giant Spider"]
+
+
+def test_srd_aliases_become_held_out_alias_queries():
+    items, queries, _, _ = dnd.build_corpus(max_background_docs=1)
+    alias = {q["text"]: q for q in queries if q["category"] == "alias"}
+    assert alias["Melf's Acid Arrow"]["relevant"] == {"power:acid-arrow": 1}
+    assert alias["Svirfneblin"]["meta"]["source_item"] == "monster:deep-gnome-svirfneblin"
+    assert sum(q["category"] == "name_paraphrase" for q in queries) == 20

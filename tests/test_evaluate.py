@@ -1,7 +1,9 @@
-"""Retrieval metrics on hand-checked rankings, masking, aggregation."""
+"""Retrieval metrics on hand-checked rankings and against sentence-transformers' evaluator; BM25, fusion, topic
+coverage, bootstrap intervals, the paired randomisation test, teacher agreement, BEIR folders."""
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from lib import evaluate
@@ -30,17 +32,133 @@ def test_graded_relevance_orders_matter():
 
 def test_target_types_mask_candidates():
     queries = [{"qid": "q", "text": "", "relevant": {"p": 1}, "category": "c", "meta": {"target_types": ["power"]}}]
-    items = np.eye(3, dtype=np.float32)
     q = np.array([[1, 0.5, 0.2]], dtype=np.float32)  # closest to the monster m
-    frame = evaluate.evaluate_system("s", q, items, queries, ["m", "p", "p2"], ["monster", "power", "power"])
+    items = [{"id": i, "type": t, "name": i, "text": i} for i, t in zip(["m", "p", "p2"], ["monster", "power", "power"])]
+    frame = evaluate.evaluate_scores("s", evaluate.dense_scores(q, np.eye(3, dtype=np.float32)), queries, items)
     assert frame.loc[0, "top1"] == "p" and frame.loc[0, "precision@1"] == 1.0
+    assert frame.loc[0, "recall@10"] == 1.0 and frame.loc[0, "map@100"] == 1.0  # the monster is never ranked
 
 
 def test_summarize_has_an_all_row_per_system():
     queries = [{"qid": f"q{i}", "text": "", "relevant": {"a": 1}, "category": "c1" if i else "c2"} for i in range(3)]
-    items = np.eye(2, dtype=np.float32)
-    frame = evaluate.evaluate_system("s", np.tile([[1, 0]], (3, 1)).astype(np.float32), items, queries, ["a", "b"],
-                                     ["t", "t"])
-    summary = evaluate.summarize(frame)
-    assert summary.loc[("s", "all"), "precision@1"] == 1.0
+    items = [{"id": i, "type": "t", "name": i, "text": i} for i in "ab"]
+    frame = evaluate.evaluate_scores("s", np.tile([[1.0, 0.0]], (3, 1)), queries, items)
+    summary = evaluate.summarize(frame, headline_categories=["c1"])
+    assert summary.loc[("s", "all"), "precision@1"] == 1.0 and set(summary.loc["s"].index) == {"all", "c1", "c2"}
     assert evaluate.headline(summary, ["s"], ["mrr@10"]) == {"s": {"mrr@10": 1.0}}
+
+
+def test_metrics_agree_with_sentence_transformers_evaluator(student_path, srd_slice):
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    items, queries, _, _ = srd_slice
+    queries = [q for q in queries if q["category"].endswith("attribute")]
+    vectors = evaluate.encode(student_path, [q["text"] for q in queries] + [i["text"] for i in items])
+    ours = evaluate.evaluate_scores("base", evaluate.dense_scores(vectors[:len(queries)], vectors[len(queries):]), queries, items)
+    theirs = InformationRetrievalEvaluator(
+        {q["qid"]: q["text"] for q in queries}, {i["id"]: i["text"] for i in items},
+        {q["qid"]: set(q["relevant"]) for q in queries}, ndcg_at_k=[5, 10], write_csv=False, name="st",
+    )(SentenceTransformer(str(student_path), device="cpu"))
+    for ours_name, their_name in [("precision@1", "precision@1"), ("precision@5", "precision@5"), ("recall@3", "recall@3"),
+                                  ("recall@10", "recall@10"), ("hit@3", "accuracy@3"), ("mrr@10", "mrr@10"),
+                                  ("ndcg@5", "ndcg@5"), ("ndcg@10", "ndcg@10"), ("map@100", "map@100")]:
+        assert ours[ours_name].mean() == pytest.approx(theirs[f"st_cosine_{their_name}"], abs=2e-3), ours_name
+
+
+def test_topic_coverage_counts_aliases_and_maps_to_one_to_five():
+    aliases = evaluate.topic_aliases([{"name": "Acid Arrow", "aliases": ["Melf's Acid Arrow"]}, {"name": "Sleep", "aliases": []}])
+    texts = ["Melf's Acid Arrow. A shimmering green arrow.", "Shield. A barrier."]
+    assert evaluate.topic_coverage(["Acid Arrow", "Sleep"], texts, aliases) == 3.0
+    assert evaluate.topic_coverage(["Sleep"], ["Sleepy hollow"], aliases) == 1.0  # whole words only
+    assert evaluate.topic_coverage(["Acid Arrow"], texts, aliases) == 5.0
+    assert math.isnan(evaluate.topic_coverage([], texts, aliases))
+
+
+def test_bm25_finds_an_item_by_its_own_words():
+    texts = ["The medusa's gaze turns creatures to stone.", "Fireball: a bright streak blossoms into an explosion of flame.",
+             "The goblin hides in the shadows with a scimitar."]
+    scores = evaluate.bm25_scores(["petrifying gaze of stone", "explosions of flames", "zzzz unknown words"], texts)
+    assert scores[0].argmax() == 0 and scores[1].argmax() == 1  # stemming: explosions → explos, flames → flame
+    assert not scores[2].any()
+
+
+def test_reciprocal_rank_fusion_by_hand():
+    a = np.array([[3.0, 2.0, 1.0]])  # ranks 1, 2, 3
+    b = np.array([[1.0, 3.0, 2.0]])  # ranks 3, 1, 2
+    fused = evaluate.rrf_scores([a, b], k=1)
+    assert fused[0] == pytest.approx([1 / 2 + 1 / 4, 1 / 3 + 1 / 2, 1 / 4 + 1 / 3])
+
+
+def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_queries():
+    rng = np.random.default_rng(0)
+    small, large = rng.random((20, 1)), rng.random((2000, 1))
+    low, high = evaluate.bootstrap_ci(small, 1000, seed=1)
+    assert low[0] < small.mean() < high[0]
+    low_l, high_l = evaluate.bootstrap_ci(large, 1000, seed=1)
+    assert high_l[0] - low_l[0] < (high[0] - low[0]) / 5
+    assert evaluate.bootstrap_ci(small, 1000, seed=1)[0][0] == low[0]  # seeded
+
+
+def test_paired_randomisation_test():
+    rng = np.random.default_rng(0)
+    base = rng.random(40)
+    assert evaluate.paired_randomisation(base, base, 2000, seed=0) == 1.0
+    assert evaluate.paired_randomisation(base + 0.2, base, 2000, seed=0) < 0.001
+    noise = rng.normal(0, 0.1, 40)
+    assert evaluate.paired_randomisation(base + noise - noise.mean(), base, 2000, seed=0) > 0.5
+
+
+def test_intervals_and_paired_tests_per_system():
+    frame = pd.DataFrame({"system": ["a"] * 30 + ["b"] * 30, "qid": [f"q{i}" for i in range(30)] * 2,
+                          "category": ["c"] * 60, "ndcg@10": [0.2] * 30 + [0.9] * 30})
+    ci = evaluate.intervals(frame, ["ndcg@10"], 200, seed=0)
+    assert ci["all"]["b"]["ndcg@10"] == [0.9, 0.9, 0.9] and set(ci) == {"all", "c"}
+    assert evaluate.paired_tests(frame, "a", ["ndcg@10"], 500, seed=0)["b"]["ndcg@10"] < 0.01
+
+
+def test_teacher_agreement():
+    rng = np.random.default_rng(0)
+    teacher = rng.random((5, 30))
+    mask = np.ones_like(teacher, dtype=bool)
+    assert evaluate.teacher_agreement(teacher, teacher, mask) == {"top10_overlap": 1.0, "spearman": 1.0}
+    reversed_ = evaluate.teacher_agreement(-teacher, teacher, mask)
+    assert reversed_["spearman"] == -1.0 and reversed_["top10_overlap"] == 0.0
+
+
+def test_wins_and_losses_list_the_worst_regression_first():
+    frame = pd.DataFrame({"system": ["base"] * 3 + ["ft"] * 3, "qid": ["a", "b", "c"] * 2, "category": ["x"] * 6,
+                          "ndcg@10": [0.5, 0.5, 0.5, 0.9, 0.1, 0.5]})
+    changes = evaluate.wins_and_losses(frame, "ft", "base", "ndcg@10")
+    assert list(changes["qid"]) == ["b", "c", "a"] and changes.loc[0, "delta"] == pytest.approx(-0.4)
+
+
+def _beir(folder, qrels="query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td2\t0\nq2\td2\t2\n"):
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text('{"_id": "d1", "title": "Owlbear", "text": "half owl, half bear"}\n'
+                                         '{"_id": "d2", "title": "", "text": "a spell of sleep"}\n')
+    (folder / "queries.jsonl").write_text('{"_id": "q1", "text": "owl bear"}\n{"_id": "q2", "text": "sleep"}\n')
+    (folder / "qrels" / "test.tsv").write_text(qrels)
+    return folder
+
+
+def test_load_beir_reads_a_folder(tmp_path):
+    items, queries = evaluate.load_beir(_beir(tmp_path / "tiny"))
+    assert [i["text"] for i in items] == ["Owlbear. half owl, half bear", "a spell of sleep"]
+    assert [(q["qid"], q["relevant"]) for q in queries] == [("q1", {"d1": 1}), ("q2", {"d2": 2})]
+    frame = evaluate.evaluate_scores("bm25", evaluate.bm25_scores([q["text"] for q in queries], [i["text"] for i in items]),
+                                     queries, items)
+    assert list(frame["precision@1"]) == [1.0, 1.0]
+
+
+def test_load_beir_names_the_file_line_and_field(tmp_path):
+    with pytest.raises(ValueError, match=r"test.tsv:3: field 'corpus-id' 'd9'"):
+        evaluate.load_beir(_beir(tmp_path / "a", "query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td9\t1\n"))
+    with pytest.raises(ValueError, match=r"test.tsv:2: expected 'query-id"):
+        evaluate.load_beir(_beir(tmp_path / "b", "query-id\tcorpus-id\tscore\nq1 d1 1\n"))
+    with pytest.raises(FileNotFoundError, match="qrels/dev.tsv"):
+        evaluate.load_beir(_beir(tmp_path / "c"), split="dev")
+    bad = _beir(tmp_path / "d")
+    (bad / "queries.jsonl").write_text('{"_id": "q1"}\n')
+    with pytest.raises(ValueError, match=r"queries.jsonl:1: missing field 'text'"):
+        evaluate.load_beir(bad)

@@ -216,3 +216,17 @@ def test_cosines_by_relation_groups_positives_and_tiers():
     out = pairs.cosines_by_relation(rows)
     assert out["power-power"] == {"positive": [0.9], "hard": [0.8], "medium": [], "easy": [0.5]}
     assert out["query-power"]["positive"] == [1.0]
+
+
+def test_held_out_queries_keep_dev_queries_whose_text_training_never_saw():
+    rows = _training_rows()
+    queries = [
+        {"qid": "syn:c:1", "text": "a spell about barrier and force", "kind": "keywords", "source_id": "c", "matches": ["c"]},
+        {"qid": "syn:d:1", "text": "a spell: ritual, concentration", "kind": "tags", "source_id": "d", "matches": ["d", "e"]},
+        {"qid": "syn:d:2", "text": rows[0]["anchor"].replace("Spellcasting: none.", ""), "kind": "sentence",
+         "source_id": "d", "matches": ["d"]},
+    ]
+    dev = [{"qid": "syn:d:1"}, {"qid": "syn:d:2"}, {"qid": "syn:c:1"}]
+    held_out = pairs.held_out_queries(queries, rows, dev, 0.9)
+    assert [q["qid"] for q in held_out] == ["syn:d:1"]  # c:1 repeats a training anchor, d:2 nearly
+    assert held_out[0]["relevant"] == {"d": 1, "e": 1} and held_out[0]["category"] == "synthetic:tags"

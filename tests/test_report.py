@@ -29,3 +29,10 @@ def test_index_of_a_run_without_evaluation_says_so(tmp_path):
 def test_verdict_words():
     assert "worse" in report.verdict({"base": {"ndcg@10": 0.3}, "fine-tuned": {"ndcg@10": 0.2}})
     assert "No fine-tuned" in report.verdict({"base": {"ndcg@10": 0.3}})
+
+
+def test_verdict_gives_intervals_and_the_p_value():
+    ci = {"base": {"ndcg@10": [0.25, 0.2, 0.3]}, "fine-tuned": {"ndcg@10": [0.31, 0.26, 0.36]}}
+    text = report.verdict({"base": {"ndcg@10": 0.25}, "fine-tuned": {"ndcg@10": 0.31}}, ci=ci,
+                          p_values={"fine-tuned": {"ndcg@10": 0.012}})
+    assert "0.310 [0.260, 0.360] vs 0.250 [0.200, 0.300]" in text and "p = 0.012 (significant at 0.05)" in text

@@ -62,8 +62,15 @@ def test_every_stage_writes_finite_metrics(smoke):
 def test_before_and_after_are_both_reported(smoke):
     m = lambda stage: json.loads((stage_dir(RUN, stage, smoke["runs"]) / "metrics.json").read_text())
     evaluation = m("05_evaluate")
-    assert {"base", "domain-adapted", "fine-tuned", "teacher"} <= set(evaluation["headline"])
-    assert "monster_spells" in evaluation["by_category"] and evaluation["split"] == "test"
+    systems = {"bm25", "base", "domain-adapted", "fine-tuned", "hybrid", "onnx-int8", "teacher"}
+    assert set(evaluation["headline"]) == set(evaluation["headline_ci"]) == systems
+    assert {"monster_spells", "monster_attribute", "power_attribute", "alias", "name_paraphrase"} == set(evaluation["headline_categories"])
+    assert any(c.startswith("synthetic:") for c in evaluation["by_category"]) and evaluation["split"] == "test"
+    for system, values in evaluation["headline_ci"].items():
+        mean, low, high = values["ndcg@10"]
+        assert low <= mean <= high and mean == pytest.approx(evaluation["headline"][system]["ndcg@10"], abs=1e-4)
+    assert set(evaluation["p_values_vs_base"]) == systems - {"base"}
+    assert evaluation["leakage_check"]["independent"]["rows"] > 0
     for system in ("base", "fine-tuned"):
         assert set(evaluation["headline"][system]) >= {"precision@1", "precision@3", "precision@5", "mrr@10", "ndcg@5", "ndcg@10", "recall@10"}
     finetune = m("04_finetune")

