@@ -10,6 +10,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 RUNDIR  := data/runs/$(RUN)
+SUDO    := $(shell test "$$(id -u)" -eq 0 || echo sudo)
 REPORT  := reports/$(RUN)
 LIB     := $(shell find lib -name '*.py' 2>/dev/null)
 PARAMS  := params/default.yaml params/domains/$(DOMAIN).yaml $(filter-out params/default.yaml,$(wildcard params/$(PROFILE).yaml))
@@ -17,7 +18,7 @@ STAGES  := 00_corpus 01_teacher 02_pairs 03_domain_adapt 04_finetune 05_evaluate
 DONE     = $(RUNDIR)/$(1)/metrics.json
 
 .DEFAULT_GOAL := help
-.PHONY: help setup all smoke report test lab bench clean clean-cache
+.PHONY: help setup setup-browser all smoke report test lab bench clean clean-cache
 
 help: ## list the targets
 	@echo "codex-forge (DOMAIN=$(DOMAIN) PROFILE=$(PROFILE) → run $(RUN))"
@@ -30,6 +31,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e .
 	touch $@
+
+setup-browser: ## Debian's chromium for the reports' browser test (apt-get, sudo when not root; no-op if installed)
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
 
 all: setup $(REPORT)/index.html ## setup + every stage for DOMAIN/PROFILE (default dnd/default) + reports
 
@@ -50,7 +55,7 @@ $(call DONE,02_pairs):          $(call DONE,01_teacher)
 $(call DONE,03_domain_adapt):   $(call DONE,00_corpus)
 $(call DONE,04_finetune):       $(call DONE,02_pairs) $(call DONE,03_domain_adapt)
 $(call DONE,05_evaluate):       $(call DONE,01_teacher) $(call DONE,02_pairs) $(call DONE,04_finetune)
-$(call DONE,06_embedding_maps): $(call DONE,04_finetune)
+$(call DONE,06_embedding_maps): $(call DONE,02_pairs) $(call DONE,04_finetune)
 $(call DONE,07_export):         $(call DONE,04_finetune)
 
 stage-%: ## run stage NN and what it needs, e.g. `make stage-04` (only if out of date)
@@ -58,7 +63,7 @@ stage-%: ## run stage NN and what it needs, e.g. `make stage-04` (only if out of
 	  test -n "$$target" || { echo "no notebook notebooks/$*_*.py"; exit 2; }; \
 	  $(MAKE) --no-print-directory $(RUNDIR)/$$target/metrics.json
 
-test: setup ## run the tests (unit + smoke pipeline)
+test: setup setup-browser ## run the tests (unit + smoke pipeline + reports in headless Chromium)
 	$(PY) -m pytest -q
 
 lab: setup ## JupyterLab on notebooks/ with the Jupytext .py files paired to .ipynb

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import sys
 import tempfile
 import time
@@ -87,18 +88,37 @@ def kernel_environment() -> None:
     os.environ["JUPYTER_PATH"] = str(Path(sys.prefix) / "share" / "jupyter")
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def offline_outputs(outputs: list, keep_stderr: bool) -> list:
+    """Outputs that render without a network: widget views (progress bars) reduced to their text, stderr optional."""
+    kept = []
+    for out in outputs:
+        if out.output_type == "stream" and out.name == "stderr" and not keep_stderr:
+            continue
+        if WIDGET_VIEW in out.get("data", {}):
+            out.data.pop(WIDGET_VIEW)
+            if not out.data:
+                continue
+        kept.append(out)
+    return kept
+
+
 def render_html(executed: Path, html_path: Path, with_code: bool = False) -> None:
-    """nbconvert an executed notebook to self-contained HTML (code hidden unless `with_code`)."""
+    """nbconvert an executed notebook to one self-contained HTML file that opens offline: no scripts from a CDN
+    (require.js, MathJax, the widget manager); code and stderr (progress bars, warnings) hidden unless `with_code`."""
     import nbformat
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(executed, as_version=4)
-    if not with_code:  # the shared version: no code, no stderr noise (progress bars, library warnings)
-        for cell in nb.cells:
-            if cell.cell_type == "code":
-                cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and o.name == "stderr")]
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = offline_outputs(cell.outputs, keep_stderr=with_code)
     exporter = HTMLExporter(exclude_input=not with_code, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nb)
+    body = re.sub(r"<script[^>]*\bsrc=[\"']https?://[^>]*>\s*</script>", "", body)
     write_text(html_path, body)
 
 
@@ -127,6 +147,7 @@ def run_stage(stage: str, domain: str, profile: str, runs_root: str | None = Non
         finally:
             if executed.exists():
                 render_html(executed, out_dir / f"{stage}.html")
+                render_html(executed, out_dir / f"{stage}.code.html", with_code=True)
     seconds = time.monotonic() - start
     record_timing(out_dir / "timings.json", stage, seconds)
     return seconds

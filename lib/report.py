@@ -3,6 +3,7 @@ provenance, wall times, links to every stage report)."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import html
@@ -83,6 +84,26 @@ def interval_table(ci: dict[str, dict[str, list[float]]], columns: list[str]) ->
     return table(rows, columns)
 
 
+def data_hashes(corpus_dir: Path) -> dict[str, str]:
+    """sha256 (first 16 hex digits) of each corpus file, so two reports can be checked for the same data."""
+    return {f"sha256 {p.name}": hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+            for p in sorted(corpus_dir.glob("*.jsonl"))}
+
+
+def cost_line(metrics: dict[str, dict], timings: dict[str, float]) -> str:
+    """What the run cost: wall time, teacher texts embedded (cache misses), training steps."""
+    parts = [f"{sum(timings.values()) / 60:.1f} min of stages on this machine"] if timings else []
+    teacher = metrics.get("01_teacher", {})
+    if teacher:
+        misses = teacher.get("passages_cache_misses", 0) + teacher.get("queries_cache_misses", 0)
+        texts = teacher.get("passages_texts", 0) + teacher.get("queries_texts", 0)
+        parts.append(f"teacher {teacher.get('backend', '?')} / {teacher.get('model', '?')}: {misses} of {texts} "
+                     "texts embedded, the rest from the cache")
+    if "steps" in metrics.get("04_finetune", {}):
+        parts.append(f"{metrics['04_finetune']['steps']} fine-tuning steps")
+    return "; ".join(parts) + "." if parts else ""
+
+
 def embedded_png(path: Path) -> str:
     """An <img> with the PNG inlined, so the page opens offline as one file."""
     if not path.exists():
@@ -103,35 +124,50 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
     if evaluation:
         columns = evaluation["metrics"]
         ci = evaluation.get("headline_ci", {})
+        ordered = lambda rows: {s: rows[s] for s in evaluation.get("systems", rows) if s in rows}
         parts.append(f"<h2>Did it work?</h2><p>{verdict(evaluation['headline'], ci=ci, p_values=evaluation.get('p_values_vs_base'))}</p>"
                      f"<p>Held-out <b>{evaluation['split']}</b> queries (n={evaluation['queries']}; ground truth "
                      "from the corpus's own fields and relations, not from the teacher). Green: better than the base "
                      "student; red: worse.</p>")
-        parts.append(table(evaluation["headline"], columns, highlight_vs="base"))
+        if cost := cost_line(metrics, timings):
+            parts.append(f"<p><b>Cost:</b> {html.escape(cost)}</p>")
+        parts.append(embedded_png(stage_dir(run, "05_evaluate", runs_root) / "metric_bars.png"))
+        parts.append(table(ordered(evaluation["headline"]), columns, highlight_vs="base"))
         if ci:
-            parts.append("<h3>95% bootstrap intervals</h3>" + interval_table(ci, [c for c in ("ndcg@10", "mrr@10", "precision@1", "recall@10") if c in columns]))
-        if evaluation.get("p_values_vs_base"):
+            parts.append("<h3>95% bootstrap intervals</h3>" + interval_table(
+                ordered(ci), [c for c in ("ndcg@10", "mrr@10", "precision@1", "recall@10") if c in columns]))
+        if p_values := evaluation.get("p_values_vs_base"):
             parts.append("<h3>Paired randomisation test vs the base student (p-values)</h3>"
-                         + table(evaluation["p_values_vs_base"], list(next(iter(evaluation["p_values_vs_base"].values())))))
-        for category, rows in evaluation["by_category"].items():
-            n = evaluation["queries_by_category"].get(category, "?")
-            label = " — synthetic, not in the headline" if category.startswith("synthetic:") else ""
-            parts.append(f"<h3>{html.escape(category)} (n={n}){label}</h3>" + table(rows, columns, highlight_vs="base"))
+                         + table(ordered(p_values), list(next(iter(p_values.values())))))
+        by_category = {f"{c} (n={evaluation['queries_by_category'].get(c, '?')})"
+                       + (", synthetic" if c.startswith("synthetic:") else ""): {s: v["ndcg@10"] for s, v in rows.items()}
+                       for c, rows in evaluation["by_category"].items()}
+        parts.append("<h3>NDCG@10 per kind of query</h3><p>Synthetic queries are not in the headline; every "
+                     "metric per kind is in the evaluation report.</p>"
+                     + table(by_category, [s for s in evaluation.get("systems", []) if any(s in r for r in by_category.values())],
+                             highlight_vs=""))
     else:
         parts.append("<p><b>No evaluation yet</b>: stage 05 has not finished for this run.</p>")
-    parts.append("<h2>Maps</h2>" + embedded_png(stage_dir(run, "06_embedding_maps", runs_root) / "umap_type.png"))
-    stage_rows = {s: {"report": f"{s}.html" if (out_dir / f"{s}.html").exists() else "—",
-                      "wall time (s)": timings.get(s, "—"), "finished": "yes" if s in metrics else "no"} for s in STAGES}
-    parts.append("<h2>Stages</h2><table><thead><tr><th>stage</th><th>report</th><th>wall time (s)</th><th>finished</th>"
-                 "</tr></thead><tbody>" + "".join(
-                     f"<tr><td>{s}</td><td>" + (f"<a href='{r['report']}'>{s}.html</a>" if r["report"] != "—" else "—")
-                     + f"</td><td>{r['wall time (s)']}</td><td>{r['finished']}</td></tr>" for s, r in stage_rows.items())
-                 + "</tbody></table>")
+    maps = metrics.get("06_embedding_maps", {})
+    parts.append("<h2>Maps</h2><p>The fine-tuned map is aligned onto the base map (same axes).</p>"
+                 + embedded_png(stage_dir(run, "06_embedding_maps", runs_root) / "umap_category.png"))
+    if maps.get("knn10_label_agreement"):
+        quality = {f"{measure} by {label}": values for measure in ("knn10_label_agreement", "silhouette")
+                   for label, values in maps.get(measure, {}).items()}
+        parts.append("<h3>Cluster quality</h3>" + table(quality, ["before", "after"]))
+    links = lambda s: " · ".join(f"<a href='{name}'>{name}</a>" for name in (f"{s}.html", f"{s}.code.html")
+                                 if (out_dir / name).exists()) or "—"
+    parts.append("<h2>Stages</h2><p>Each stage's report: <code>NN_stage.html</code> (shared, code hidden) and "
+                 "<code>NN_stage.code.html</code> (with code).</p><table><thead><tr><th>stage</th><th>reports</th>"
+                 "<th>wall time (s)</th><th>finished</th></tr></thead><tbody>" + "".join(
+                     f"<tr><td>{s}</td><td>{links(s)}</td><td>{timings.get(s, '—')}</td>"
+                     f"<td>{'yes' if s in metrics else 'no'}</td></tr>" for s in STAGES) + "</tbody></table>")
     teacher = metrics.get("01_teacher", {})
     provenance = {"git commit": git_commit(), "teacher": f"{teacher.get('backend', '?')} / {teacher.get('model', '?')}",
                   "machine": f"{platform.machine()}, {platform.processor() or platform.system()}, "
                              f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
                   "parameter files": ", ".join(str(p.relative_to(REPO_ROOT)) for p in param_files)}
+    provenance |= data_hashes(stage_dir(run, "00_corpus", runs_root))
     provenance |= package_versions()
     parts.append("<h2>Provenance</h2>" + table({k: {"value": v} for k, v in provenance.items()}, ["value"]))
     parts.append("<h2>Parameters (layered files)</h2>" + table({k: {"value": str(v)} for k, v in sorted(params.items())}, ["value"]))

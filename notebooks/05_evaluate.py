@@ -27,7 +27,7 @@
 #
 # **Reads:** `00_corpus/`, `01_teacher/*.npy`, `02_pairs/train.jsonl`, `held_out_queries.jsonl`,
 # `03_domain_adapt/model/`, `04_finetune/model/`.
-# **Writes:** `05_evaluate/metrics.json`, `per_query.csv`, `summary.csv`.
+# **Writes:** `05_evaluate/metrics.json`, `per_query.csv`, `summary.csv`, `metric_bars.png`.
 
 # %% tags=["parameters"]
 run_name: str = "dnd-default"  # run folder under data/runs: <domain>-<profile>
@@ -132,7 +132,9 @@ ci = evaluate.intervals(per_query, headline_metrics + [coverage_metric], bootstr
 headline = evaluate.headline(summary, systems, headline_metrics)
 p_values = evaluate.paired_tests(per_query[per_query.category.isin(independent)], "base", ["ndcg@10", "mrr@10", "precision@1"],
                                  permutation_samples, seed)
-metric_bars(headline, headline_metrics, f"{eval_split} queries (n={len(queries)})");
+fig = metric_bars(headline, headline_metrics, f"{eval_split} queries (n={len(queries)}), 95% bootstrap intervals", ci["all"])
+with atomic_path(out_dir / "metric_bars.png") as tmp:
+    fig.savefig(tmp, format="png", dpi=100)
 pd.DataFrame({s: {m: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for m, v in ci["all"][s].items()} for s in systems}).T
 
 # %% [markdown]

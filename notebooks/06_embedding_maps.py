@@ -15,11 +15,15 @@
 
 # %% [markdown]
 # # 06 · Embedding maps
-# **Purpose:** see what fine-tuning did to the space: UMAP of every item under the base student and under
-# the fine-tuned student, coloured by type (monster / power) and by category (creature type / spell school),
-# with the kNN label agreement (share of each item's 10 nearest neighbours that share its label) before/after.
+# **Purpose:** see what fine-tuning did to the space. One UMAP of the items under the base student and one under
+# the fine-tuned student, the second Procrustes-aligned onto the first (same axes: a point that moved, moved),
+# coloured by type (monster / power) and by category (creature type / spell school), with labelled landmarks;
+# cluster quality per labelling before/after (kNN label agreement: share of each item's 10 nearest neighbours
+# with its label; cosine silhouette); how close related items (a monster and the spells it casts) sit; and the
+# cosines of held-out positive vs negative pairs (stage 02's dev rows) before/after.
 #
-# **Reads:** `00_corpus/items.jsonl`, `04_finetune/model/`. **Writes:** `06_embedding_maps/*.png`, `metrics.json`.
+# **Reads:** `00_corpus/`, `02_pairs/dev.jsonl`, `04_finetune/model/`.
+# **Writes:** `06_embedding_maps/umap_type.png`, `umap_category.png`, `pair_cosines.png`, `metrics.json`.
 
 # %% tags=["parameters"]
 run_name: str = "dnd-default"  # run folder under data/runs: <domain>-<profile>
@@ -28,39 +32,96 @@ base_model: str = "all-MiniLM-L6-v2"  # the student before any training
 eval_max_seq_length: int = 256  # tokens per text when encoding
 umap_n_neighbors: int = 15  # UMAP neighbourhood size
 umap_min_dist: float = 0.1  # UMAP minimum distance between points
+landmark_items: list = []  # item names labelled on the maps; empty labels one item per category (up to 8)
 seed: int = 42  # seeds UMAP
 # %%
+import numpy as np
 import pandas as pd
 
 from lib import corpus, evaluate, plots
-from lib.io import atomic_path, write_json
+from lib.io import atomic_path, read_jsonl, write_json
 from lib.paths import resolve_model_path, stage_dir
 
-out_dir = stage_dir(run_name, "06_embedding_maps", runs_root or None, create=True)
-items = corpus.load_items(stage_dir(run_name, "00_corpus", runs_root or None))
-texts = [i["text"] for i in items]
-before = evaluate.encode(resolve_model_path(base_model), texts, max_seq_length=eval_max_seq_length)
-after = evaluate.encode(stage_dir(run_name, "04_finetune", runs_root or None) / "model", texts,
-                        max_seq_length=eval_max_seq_length)
+stage = lambda name, create=False: stage_dir(run_name, name, runs_root or None, create=create)
+out_dir = stage("06_embedding_maps", create=True)
+items = corpus.load_items(stage("00_corpus"))
+relations = corpus.load_relations(stage("00_corpus"))
+dev_rows = read_jsonl(stage("02_pairs") / "dev.jsonl")
 labels = {
     "type": [i["type"] for i in items],
     "category": [i["meta"].get("creature_type") or i["meta"].get("school") or i["type"] for i in items],
 }
+# every text once: the items, then the dev rows' query anchors
+texts = list(dict.fromkeys([i["text"] for i in items] + [r["anchor"] for r in dev_rows]))
+row_of = {t: n for n, t in enumerate(texts)}
+vectors = {
+    "base": evaluate.encode(resolve_model_path(base_model), texts, max_seq_length=eval_max_seq_length),
+    "fine-tuned": evaluate.encode(stage("04_finetune") / "model", texts, max_seq_length=eval_max_seq_length),
+}
+item_vectors = {name: v[: len(items)] for name, v in vectors.items()}
+wanted = [n.lower() for n in landmark_items]
+if wanted:
+    landmarks = {n: i["name"] for n, i in enumerate(items) if i["name"].lower() in wanted}
+else:
+    first = {}
+    for n, label in enumerate(labels["category"]):
+        first.setdefault(label, n)
+    landmarks = {n: items[n]["name"] for n in list(first.values())[:8]}
+print(f"{len(items)} items, {len(dev_rows)} held-out rows; landmarks: {', '.join(landmarks.values())}")
+
+# %% [markdown]
+# ## Maps (the fine-tuned map aligned onto the base map)
 
 # %%
-points_before = plots.umap_2d(before, seed, umap_n_neighbors, umap_min_dist)
-points_after = plots.umap_2d(after, seed, umap_n_neighbors, umap_min_dist)
+points_before = plots.umap_2d(item_vectors["base"], seed, umap_n_neighbors, umap_min_dist)
+points_after = plots.align_2d(points_before, plots.umap_2d(item_vectors["fine-tuned"], seed, umap_n_neighbors, umap_min_dist))
+quality = {}
 for name, lab in labels.items():
-    fig = plots.before_after_maps(points_before, points_after, lab, f"items by {name}")
+    fig = plots.before_after_maps(points_before, points_after, lab, f"items by {name}", landmarks)
     with atomic_path(out_dir / f"umap_{name}.png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
+    quality[name] = {f"{measure} {model}": round(fn(item_vectors[model], lab), 4)
+                     for measure, fn in (("kNN-10 agreement", plots.knn_label_agreement), ("silhouette", plots.silhouette))
+                     for model in ("base", "fine-tuned")}
+pd.DataFrame(quality).T
+
+# %% [markdown]
+# ## Did related items move together?
+# Mean cosine between a monster and each spell it casts (SRD Spellcasting lists), against all monster–spell pairs.
 
 # %%
-agreement = {name: {"before": round(plots.knn_label_agreement(before, lab), 4),
-                    "after": round(plots.knn_label_agreement(after, lab), 4)} for name, lab in labels.items()}
-pd.DataFrame(agreement).T
+index = {i["id"]: n for n, i in enumerate(items)}
+heads, tails = [index[r["head"]] for r in relations], [index[r["tail"]] for r in relations]
+related = {}
+for model, v in item_vectors.items():
+    cross = v[[n for n, i in enumerate(items) if i["type"] != "power"]] @ v[[n for n, i in enumerate(items) if i["type"] == "power"]].T
+    related[model] = {"related pairs": round(float((v[heads] * v[tails]).sum(axis=1).mean()), 4) if relations else None,
+                      "all monster–power pairs": round(float(cross.mean()), 4)}
+pd.DataFrame(related).T
+
+# %% [markdown]
+# ## Held-out positive vs negative pairs (stage 02's dev rows, never trained on)
 
 # %%
-metrics = {"items": len(items), "knn10_label_agreement": agreement}
+pair_cosines = {model: plots.pair_similarities(dev_rows, v, row_of) for model, v in vectors.items()}
+fig = plots.histograms(pair_cosines, "cosine of anchor to positive vs to negatives", "cosine")
+with atomic_path(out_dir / "pair_cosines.png") as tmp:
+    fig.savefig(tmp, format="png", dpi=110)
+separation = {model: {"positive mean": round(float(np.mean(c["positive"])), 4),
+                      "negative mean": round(float(np.mean(c["negative"])), 4) if c["negative"] else None,
+                      "triplet accuracy": round(plots.triplet_accuracy(dev_rows, vectors[model], row_of), 4)}
+              for model, c in pair_cosines.items()}
+pd.DataFrame(separation).T
+
+# %%
+metrics = {
+    "items": len(items),
+    "knn10_label_agreement": {name: {"before": q["kNN-10 agreement base"], "after": q["kNN-10 agreement fine-tuned"]}
+                              for name, q in quality.items()},
+    "silhouette": {name: {"before": q["silhouette base"], "after": q["silhouette fine-tuned"]} for name, q in quality.items()},
+    "related_pair_cosine": {"before": related["base"], "after": related["fine-tuned"]},
+    "held_out_pairs": {"rows": len(dev_rows), "before": separation["base"], "after": separation["fine-tuned"]},
+    "landmarks": list(landmarks.values()),
+}
 write_json(out_dir / "metrics.json", metrics)
 metrics

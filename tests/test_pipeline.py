@@ -2,6 +2,7 @@
 lifetime when a stage is killed mid-run."""
 import ast
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -96,3 +97,27 @@ def test_teacher_server_never_outlives_its_stage(tmp_path, how):
         if runner.poll() is None:
             os.killpg(runner.pid, signal.SIGKILL)
     assert not (stage_dir("dnd-smoke", "01_teacher", runs) / "metrics.json").exists()
+
+
+def test_stage_reports_fetch_nothing_from_the_network(tmp_path):
+    """The shared HTML has no <script src=http…> (require.js, MathJax, the widget manager), no widget views and no
+    stderr; the code version keeps the code."""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook, new_output
+
+    from lib.pipeline import render_html
+
+    cell = new_code_cell("x = 41 + 1", outputs=[
+        new_output("stream", name="stderr", text="progress 100%"),
+        new_output("display_data", data={"application/vnd.jupyter.widget-view+json": {"model_id": "abc"},
+                                         "text/plain": "bar 3/3"}),
+        new_output("execute_result", data={"text/plain": "42"}, execution_count=1)])
+    nb = new_notebook(cells=[cell], metadata={"widgets": {"application/vnd.jupyter.widget-state+json": {"state": {}}}})
+    nbformat.write(nb, tmp_path / "s.ipynb")
+    render_html(tmp_path / "s.ipynb", tmp_path / "s.html")
+    render_html(tmp_path / "s.ipynb", tmp_path / "s.code.html", with_code=True)
+    shared, code = (tmp_path / "s.html").read_text(), (tmp_path / "s.code.html").read_text()
+    for page in (shared, code):
+        assert not re.search(r"<script[^>]*src=[\"']https?://", page) and "widget-view" not in page
+        assert "bar 3/3" in page and "42" in page
+    assert "progress 100%" not in shared and "41 + 1" not in shared and "41" in code

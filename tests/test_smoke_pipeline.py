@@ -11,7 +11,8 @@ import uuid
 import pytest
 
 from lib import corpus, finetune, pairs, teacher
-from lib.io import read_jsonl
+from lib.domains import dnd
+from lib.io import read_jsonl, write_jsonl
 from lib.paths import REPO_ROOT, STAGES, stage_dir
 
 FAKE_KEY = "codexforge-fake-key-" + uuid.uuid4().hex  # made at run time; never a real key
@@ -38,14 +39,27 @@ def _run(args: list[str], log, env: dict) -> None:
     assert result.returncode == 0, f"pipeline {args[:2]} failed; see {log.name}"
 
 
+def _beir_folder(folder):
+    """A BEIR-format folder of real SRD text: 30 spells as documents, queries by school with graded qrels."""
+    spells = sorted(dnd.load_spells(), key=lambda s: s["index"])[:30]
+    (folder / "qrels").mkdir(parents=True)
+    write_jsonl(folder / "corpus.jsonl", [{"_id": s["index"], "title": s["name"], "text": dnd.spell_text(s)} for s in spells])
+    schools = sorted({s["school"]["index"] for s in spells})
+    write_jsonl(folder / "queries.jsonl", [{"_id": school, "text": f"a spell of the {school} school"} for school in schools])
+    lines = ["query-id\tcorpus-id\tscore"] + [f"{s['school']['index']}\t{s['index']}\t{2 if s['level'] == 0 else 1}" for s in spells]
+    (folder / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     root = tmp_path_factory.mktemp("smoke")
     env = dict(os.environ, OPENAI_API_KEY=FAKE_KEY)
-    paths = {"runs": root / "runs", "reports": root / "reports", "cache": root / "cache", "log": root / "pipeline.log"}
+    paths = {"runs": root / "runs", "reports": root / "reports", "cache": root / "cache", "log": root / "pipeline.log",
+             "beir": _beir_folder(root / "srd-spells-beir")}
     with open(paths["log"], "w") as log:
         _run(["all", "--profile", "smoke", "--runs-root", str(paths["runs"]), "--reports-root", str(paths["reports"]),
-              "--set", f"cache_root={paths['cache']}"], log, env)
+              "--set", f"cache_root={paths['cache']}", "--set", f"beir_dir={paths['beir']}"], log, env)
     return paths
 
 
@@ -71,6 +85,9 @@ def test_before_and_after_are_both_reported(smoke):
         assert low <= mean <= high and mean == pytest.approx(evaluation["headline"][system]["ndcg@10"], abs=1e-4)
     assert set(evaluation["p_values_vs_base"]) == systems - {"base"}
     assert evaluation["leakage_check"]["independent"]["rows"] > 0
+    beir = evaluation["beir"]
+    assert beir["documents"] == 30 and beir["queries"] > 0
+    assert set(beir["headline_ci"]) == systems - {"teacher"}
     for system in ("base", "fine-tuned"):
         assert set(evaluation["headline"][system]) >= {"precision@1", "precision@3", "precision@5", "mrr@10", "ndcg@5", "ndcg@10", "recall@10"}
     finetune = m("04_finetune")
@@ -133,3 +150,40 @@ def test_openai_backend_stage_keeps_the_key_secret(smoke, tmp_path):
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert FAKE_KEY.encode() not in path.read_bytes(), path
+
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.mark.slow
+def test_reports_render_in_a_real_browser(smoke, tmp_path):
+    """index.html and stage reports in headless Chromium: no console errors, no failed requests (nothing fetched
+    from a CDN: the pages open offline), no broken images; a screenshot of each."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium")
+    assert chromium, "Chromium not found: run `make setup-browser` (Debian package chromium) or set CHROMIUM"
+    out = smoke["reports"] / RUN
+    pages = ["index.html", "05_evaluate.html", "06_embedding_maps.html", "04_finetune.code.html"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        for name in pages:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            problems = []
+            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
+            page.goto((out / name).as_uri(), wait_until="load")
+            broken = page.evaluate("Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0)"
+                                   ".map(i => i.alt || i.src.slice(0, 40))")
+            shot = tmp_path / f"{name}.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert not problems and not broken, f"{name}: {problems} broken images {broken}"
+            assert shot.stat().st_size > 10_000, name
+            if name.startswith("0") and "code" not in name:
+                assert page.evaluate("document.images.length") >= 1, f"{name} shows no chart"
+        index = browser.new_page()
+        index.goto((out / "index.html").as_uri(), wait_until="load")
+        assert "Did it work?" in index.inner_text("body") and index.evaluate("document.images.length") >= 2
+        browser.close()
