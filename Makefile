@@ -56,7 +56,7 @@ $(call DONE,03_domain_adapt):   $(call DONE,00_corpus)
 $(call DONE,04_finetune):       $(call DONE,02_pairs) $(call DONE,03_domain_adapt)
 $(call DONE,05_evaluate):       $(call DONE,01_teacher) $(call DONE,02_pairs) $(call DONE,04_finetune)
 $(call DONE,06_embedding_maps): $(call DONE,02_pairs) $(call DONE,04_finetune)
-$(call DONE,07_export):         $(call DONE,04_finetune)
+$(call DONE,07_export):         $(call DONE,00_corpus) $(call DONE,04_finetune)
 
 stage-%: ## run stage NN and what it needs, e.g. `make stage-04` (only if out of date)
 	@target=$$(ls -d notebooks/$*_*.py 2>/dev/null | head -1 | xargs -r basename | sed 's/\.py$$//'); \

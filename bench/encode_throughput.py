@@ -1,36 +1,30 @@
-"""Encode throughput of the fine-tuned student per backend (torch fp32, ONNX fp32, ONNX int8) and batch-1
-query latency of the Retriever, on a finished run. Medians of repeated runs in one process; ratios to torch.
+"""Stage 07's backends on a finished run: encode throughput per backend (passages and queries) and its
+ratio to torch fp32, set against the bound from the model's FLOPs and the CPU's peak; batch-1 query latency
+(encode + search) p50/p95 over 10k and 100k items, exact and HNSW. Medians of repeats in one process.
 
-    python bench/encode_throughput.py --run dnd-default   (or: make bench)
+    make bench      (python bench/encode_throughput.py --run dnd-default)
+
+Latency is measured on the run's queries of at most 32 tokens (what people type). The 10k/100k indexes are random
+blends of the run's real item vectors plus a little noise: search cost depends on the count and the dimension,
+and the blends keep HNSW's recall honest (exact copies would make ties).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from lib import corpus, evaluate, export
-from lib.io import write_json
+from lib import corpus, export
+from lib.io import read_json, write_json
 from lib.paths import REPO_ROOT, stage_dir
 from lib.search import Retriever
-
-
-class TorchEncoder:
-    """SentenceTransformer behind the Encoder protocol."""
-
-    def __init__(self, path: Path, max_seq_length: int):
-        from sentence_transformers import SentenceTransformer
-
-        self.model = SentenceTransformer(str(path), device="cpu")
-        self.model.max_seq_length = max_seq_length
-
-    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        return self.model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -44,48 +38,131 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def encoder_flops(config, lengths: list[int]) -> float:
+    """Multiply-add FLOPs of a BERT-style encoder over texts of these token lengths (projections, FFN, attention)."""
+    h, ffn, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    return float(sum(layers * (2 * n * (4 * h * h + 2 * h * ffn) + 4 * n * n * h) for n in lengths))
+
+
+def cpu_peak_gflops() -> dict:
+    """fp32 peak of the CPUs this process may use: cores × clock × FLOPs per cycle (two FMA units assumed)."""
+    flags = export.cpu_flags()
+    per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 16
+    mhz = [float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("cpu MHz")]
+    cores = len(os.sched_getaffinity(0))
+    ghz = max(mhz) / 1000 if mhz else float("nan")
+    return {"cores": cores, "ghz": round(ghz, 2), "flops_per_cycle": per_cycle, "gflops": round(cores * ghz * per_cycle, 1),
+            "simd": "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "sse",
+            "vnni": export.has_vnni(flags), "bf16": export.bf16_supported(flags)}
+
+
+def mixed_vectors(vectors: np.ndarray, n: int, seed: int, noise: float = 0.02) -> np.ndarray:
+    """n normalised vectors spread over the real ones: random blends of two real vectors, plus Gaussian noise."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, len(vectors), n), rng.integers(0, len(vectors), n)
+    weight = rng.uniform(0, 1, (n, 1)).astype(np.float32)
+    out = weight * vectors[a] + (1 - weight) * vectors[b] + rng.normal(0, noise, (n, vectors.shape[1])).astype(np.float32)
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def percentiles_ms(seconds: list[float]) -> dict[str, float]:
+    """p50 and p95 in milliseconds."""
+    return {"p50": round(float(np.percentile(seconds, 50)) * 1000, 2), "p95": round(float(np.percentile(seconds, 95)) * 1000, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="dnd-default")
-    parser.add_argument("--texts", type=int, default=256, help="items encoded per repeat")
+    parser.add_argument("--texts", type=int, default=256, help="passages (and queries) encoded per repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-seq-length", type=int, default=256)
+    parser.add_argument("--latency-queries", type=int, default=200)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--runs-root", default=None, help="where runs live (default data/runs)")
     args = parser.parse_args()
-    model_dir = stage_dir(args.run, "04_finetune") / "model"
-    export_dir = stage_dir(args.run, "07_export")
-    if not (export_dir / "model.onnx").exists():
-        raise SystemExit(f"{export_dir}/model.onnx not found: run `make all` (PROFILE for run {args.run!r}) first")
-    items = corpus.load_items(stage_dir(args.run, "00_corpus"))
-    texts = [i["text"] for i in items][: args.texts]
-    encoders = {
-        "torch-fp32": TorchEncoder(model_dir, args.max_seq_length),
-        "onnx-fp32": export.OnnxEncoder(export_dir / "model.onnx", max_seq_length=args.max_seq_length),
-        "onnx-int8": export.OnnxEncoder(export_dir / "model-int8.onnx", max_seq_length=args.max_seq_length),
-    }
-    reference = evaluate.encode(model_dir, texts, max_seq_length=args.max_seq_length)
-    results = {}
-    for name, encoder in encoders.items():
-        seconds = median_seconds(lambda: encoder.encode(texts), args.repeats)
-        results[name] = {"texts_per_second": round(len(texts) / seconds, 1),
-                         "parity_min_cosine": round(export.parity(reference, encoder.encode(texts))["min_cosine"], 5)}
-    for name in results:
-        results[name]["ratio_to_torch_fp32"] = round(results[name]["texts_per_second"] / results["torch-fp32"]["texts_per_second"], 2)
-    retriever = Retriever(encoders["onnx-fp32"])
-    retriever.index(items)
-    latencies = []
-    for query in ["a creature that turns people to stone", "a fire spell", "undead wizard", "a healing prayer"] * 25:
-        start = time.perf_counter()
-        retriever.retrieve(query, top_k=10)
-        latencies.append((time.perf_counter() - start) * 1000)
+    model_dir = stage_dir(args.run, "04_finetune", args.runs_root) / "model"
+    export_dir = stage_dir(args.run, "07_export", args.runs_root)
+    if not (export_dir / "metrics.json").exists():
+        raise SystemExit(f"{export_dir}/metrics.json not found: run `make all` for run {args.run!r} first")
+    stage = read_json(export_dir / "metrics.json")
+    corpus_dir = stage_dir(args.run, "00_corpus", args.runs_root)
+    items = corpus.load_items(corpus_dir)
+    queries = [q["text"] for q in corpus.load_queries(corpus_dir)]
+    sets = {"passages": [i["text"] for i in items][: args.texts], "queries": queries[: args.texts]}
+    backends = [b for b in export.BACKENDS if b != "torch-bf16" or export.bf16_supported()]
+    encoders = {b: export.load_encoder(b, model_dir, export_dir, args.max_seq_length) for b in backends}
+    torch_model = encoders["torch-fp32"].model
+    peak = cpu_peak_gflops()
+
+    encode = {}
+    for name, texts in sets.items():
+        lengths = [len(ids) for ids in torch_model.tokenizer(texts, truncation=True, max_length=args.max_seq_length)["input_ids"]]
+        flops = encoder_flops(torch_model[0].auto_model.config, lengths)
+        reference = encoders["torch-fp32"].encode(texts)
+        rows = {}
+        for backend, encoder in tqdm(encoders.items(), desc=f"encode {name}"):
+            seconds = median_seconds(lambda: encoder.encode(texts), args.repeats)
+            rows[backend] = {"texts_per_second": round(len(texts) / seconds, 1),
+                             "gflops": round(flops / seconds / 1e9, 1),
+                             "share_of_fp32_peak": round(flops / seconds / 1e9 / peak["gflops"], 2),
+                             "parity_min_cosine": round(export.parity(reference, encoder.encode(texts))["min_cosine"], 5)}
+        for row in rows.values():
+            row["ratio_to_torch_fp32"] = round(row["texts_per_second"] / rows["torch-fp32"]["texts_per_second"], 2)
+        bound = peak["gflops"] * 1e9 / (flops / len(texts))
+        encode[name] = {"texts": len(texts), "mean_tokens": round(float(np.mean(lengths)), 1),
+                        "fp32_bound_texts_per_second": round(bound, 1), "backends": rows}
+
+    default = stage["default_backend"]
+    short = [q for q, ids in zip(queries, torch_model.tokenizer(queries)["input_ids"]) if len(ids) <= 32]
+    latency_queries = (short * (args.latency_queries // max(len(short), 1) + 1))[: args.latency_queries]
+    encode_latency = {}
+    for backend, encoder in encoders.items():
+        encoder.encode(latency_queries[:5])
+        seconds = []
+        for q in latency_queries:
+            start = time.perf_counter()
+            encoder.encode([q])
+            seconds.append(time.perf_counter() - start)
+        encode_latency[backend] = percentiles_ms(seconds)
+    base_vectors = encoders[default].encode([i["text"] for i in items])
+    search = {}
+    for size in args.sizes:
+        vectors = mixed_vectors(base_vectors, size, seed=size)
+        blend_items = [{**items[k % len(items)], "id": f"{items[k % len(items)]['id']}#{k}"} for k in range(size)]
+        retrievers = {}
+        for method, threshold in (("exact", size + 1), ("hnsw", 1)):
+            build = time.perf_counter()
+            retrievers[method] = retriever = Retriever(encoders[default], hnsw_threshold=threshold)
+            retriever.set_vectors(blend_items, vectors)
+            build = time.perf_counter() - build
+            retriever.retrieve(latency_queries[0])
+            total, search_only = [], []
+            for q in latency_queries:
+                start = time.perf_counter()
+                query_vector = retriever.encoder.encode([q])
+                mid = time.perf_counter()
+                retriever.search(query_vector, top_k=10)
+                end = time.perf_counter()
+                total.append(end - start)
+                search_only.append(end - mid)
+            search[f"{size}/{method}"] = {"items": size, "method": method, "build_seconds": round(build, 2),
+                                          "encode_plus_search_ms": percentiles_ms(total),
+                                          "search_ms": percentiles_ms(search_only)}
+        query_vectors = encoders[default].encode(latency_queries)
+        exact, approximate = (retrievers[m].search(query_vectors, 10)[0] for m in ("exact", "hnsw"))
+        search[f"{size}/hnsw"]["recall@10_vs_exact"] = round(float(np.mean(
+            [len(set(x) & set(y)) / 10 for x, y in zip(exact, approximate)])), 4)
+
     summary = {
-        "run": args.run, "texts": len(texts), "repeats": args.repeats, "max_seq_length": args.max_seq_length,
-        "machine": f"{platform.machine()} {platform.processor()}", "encode": results,
-        "query_latency_ms": {"items": len(items), "p50": round(float(np.percentile(latencies, 50)), 2),
-                             "p95": round(float(np.percentile(latencies, 95)), 2)},
+        "run": args.run, "repeats": args.repeats, "max_seq_length": args.max_seq_length,
+        "machine": f"{platform.machine()}, {peak['cores']} cores usable", "cpu": peak,
+        "skipped_backends": stage.get("skipped_backends", {}), "parity_gate": {b: r["passed"] for b, r in stage["backends"].items()},
+        "default_backend": default, "encode": encode, "latency_queries": {"distinct": len(short), "timed": len(latency_queries)},
+        "query_encode_latency_ms": encode_latency, "search": search,
     }
     out = REPO_ROOT / "bench" / "results" / "encode_throughput.json"
     write_json(out, summary)
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,36 @@
-"""Stage 07: ONNX export of the fine-tuned student (torch.onnx.export), int8 quantisation, onnxruntime encoder."""
+"""Stage 07: ONNX export of the fine-tuned student (torch.onnx.export), int8 quantisation, the inference
+backends (torch fp32/bf16, onnxruntime fp32/int8) and the parity gate that decides which may be used."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
+
+BACKENDS = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8")
+ONNX_FILES = {"onnx-fp32": "model.onnx", "onnx-int8": "model-int8.onnx"}
+FFN_OUTPUT = r"layer\.\d+/output/dense/"  # the feed-forward down-projections: int8 there costs the most quality
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def bf16_supported(flags: set[str] | None = None) -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16); elsewhere bf16 is emulated and slow."""
+    return bool({"avx512_bf16", "amx_bf16"} & (cpu_flags() if flags is None else flags))
+
+
+def has_vnni(flags: set[str] | None = None) -> bool:
+    """True when the CPU has int8 dot-product instructions (AVX512-VNNI or AVX-VNNI)."""
+    return bool({"avx512_vnni", "avx_vnni"} & (cpu_flags() if flags is None else flags))
 
 
 class MeanPooledEncoder(torch.nn.Module):
@@ -48,14 +74,41 @@ def export_onnx(model_dir: str | Path, onnx_path: str | Path, opset: int = 17) -
     model.tokenizer.save_pretrained(str(Path(onnx_path).parent / "tokenizer"))
 
 
-def quantize_int8(onnx_path: str | Path, int8_path: str | Path) -> None:
-    """Dynamic int8 quantisation of the weights with onnxruntime.quantization."""
+def quantize_int8(onnx_path: str | Path, int8_path: str | Path, keep_fp32: str = FFN_OUTPUT,
+                  reduce_range: bool | None = None) -> list[str]:
+    """Dynamic int8 quantisation (onnxruntime.quantization) of the weight matrices, per channel; MatMuls whose
+    name matches `keep_fp32` stay fp32. reduce_range (7-bit weights) defaults to on for CPUs without VNNI,
+    where full-range int8 saturates. Returns the names of the MatMuls kept in fp32."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from lib.io import atomic_path
 
+    matmuls = [n.name for n in onnx.load(str(onnx_path), load_external_data=False).graph.node if n.op_type == "MatMul"]
+    kept = [name for name in matmuls if keep_fp32 and re.search(keep_fp32, name)]
     with atomic_path(int8_path) as tmp:
-        quantize_dynamic(str(onnx_path), str(tmp), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(onnx_path), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
+                         reduce_range=not has_vnni() if reduce_range is None else reduce_range,
+                         op_types_to_quantize=["MatMul"], nodes_to_exclude=kept,
+                         extra_options={"MatMulConstBOnly": True})
+    return kept
+
+
+class TorchEncoder:
+    """Sentence embeddings from a SentenceTransformer folder with torch, in fp32 or under bf16 autocast."""
+
+    def __init__(self, model_dir: str | Path, max_seq_length: int = 256, bf16: bool = False):
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(str(model_dir), device="cpu")
+        self.model.max_seq_length = max_seq_length
+        self.bf16 = bf16
+
+    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        """Normalised fp32 embeddings (the model sorts batches by length itself)."""
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            vectors = self.model.encode(texts, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True)
+        return vectors.float().numpy()
 
 
 class OnnxEncoder:
@@ -67,6 +120,7 @@ class OnnxEncoder:
         from transformers import AutoTokenizer
 
         options = ort.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads would slow the search after it
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
@@ -88,7 +142,30 @@ class OnnxEncoder:
         return np.concatenate(chunks)[np.argsort(order)]
 
 
+def load_encoder(backend: str, model_dir: str | Path, export_dir: str | Path, max_seq_length: int = 256):
+    """The encoder of one backend: torch on the SentenceTransformer folder, onnxruntime on the exported files."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend.startswith("torch"):
+        return TorchEncoder(model_dir, max_seq_length, bf16=backend == "torch-bf16")
+    path = Path(export_dir) / ONNX_FILES[backend]
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run stage 07 (make all) first")
+    return OnnxEncoder(path, max_seq_length=max_seq_length)
+
+
 def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     """Row-wise cosine agreement between two sets of normalised embeddings."""
     cos = (reference * candidate).sum(axis=1)
     return {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
+
+
+def parity_gate(min_cosine: float, ndcg_delta: float, cosine_floor: float = 0.99, max_ndcg_delta: float = 0.005) -> list[str]:
+    """Why a backend fails the gate (empty when it passes): every item's cosine to torch fp32 at least
+    `cosine_floor`, and NDCG@10 on the evaluation queries within `max_ndcg_delta` of torch fp32."""
+    reasons = []
+    if min_cosine < cosine_floor:
+        reasons.append(f"min cosine {min_cosine:.4f} < {cosine_floor}")
+    if abs(ndcg_delta) > max_ndcg_delta:
+        reasons.append(f"|ΔNDCG@10| {abs(ndcg_delta):.4f} > {max_ndcg_delta}")
+    return reasons

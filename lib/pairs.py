@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import random
 import re
-import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lib.corpus import remove_names, with_article
+from lib.io import atomic_dir
 
 TIERS = ("hard", "medium", "easy")
 QUERY_KINDS = ("name", "keywords", "sentence", "tags")
@@ -374,13 +374,9 @@ def save_dataset(path: str | Path, rows: list[dict], num_negatives: int) -> None
     """Save the loss columns as a Hugging Face dataset folder, atomically (written beside, then renamed)."""
     from datasets import Dataset
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     columns = loss_columns(num_negatives)
-    Dataset.from_dict({c: [r[c] for r in rows] for c in columns}).save_to_disk(str(tmp))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    with atomic_dir(path) as tmp:
+        Dataset.from_dict({c: [r[c] for r in rows] for c in columns}).save_to_disk(str(tmp))
 
 
 def _normal(text: str) -> str:

@@ -104,6 +104,32 @@ def cost_line(metrics: dict[str, dict], timings: dict[str, float]) -> str:
     return "; ".join(parts) + "." if parts else ""
 
 
+def search_section(export_metrics: dict, run: str) -> str:
+    """Stage 07's parity gate per backend, and `make bench`'s figures for this run when they exist."""
+    if not export_metrics.get("backends"):
+        return ""
+    rows = {b: {k: v for k, v in r.items() if k != "failed"} | {"gate": "pass" if r["passed"] else r["failed"]}
+            for b, r in export_metrics["backends"].items()}
+    rows |= {b: {"gate": f"skipped: {why}"} for b, why in export_metrics.get("skipped_backends", {}).items()}
+    out = (f"<h2>Local search</h2><p>Default backend of the saved index: <b>{html.escape(export_metrics['default_backend'])}"
+           "</b> (the fastest that passes the parity gate). Search from a shell: "
+           f"<code>python -m lib.search --run {html.escape(run)} \"a query\"</code>.</p>"
+           + table(rows, ["min_cosine", "ndcg@10", "ndcg_delta", "items_per_second", "speed_vs_torch_fp32", "gate"]))
+    bench_path = REPO_ROOT / "bench" / "results" / "encode_throughput.json"
+    bench = read_json(bench_path) if bench_path.exists() else {}
+    if bench.get("run") == run:
+        speed = {f"{b} · {name}": {"texts/s": r["texts_per_second"], "× torch fp32": r["ratio_to_torch_fp32"],
+                                   "share of fp32 peak": r["share_of_fp32_peak"]}
+                 for name, block in bench["encode"].items() for b, r in block["backends"].items()}
+        latency = {key: {"encode + search p50 (ms)": r["encode_plus_search_ms"]["p50"],
+                         "p95 (ms)": r["encode_plus_search_ms"]["p95"], "recall@10 vs exact": r.get("recall@10_vs_exact", "")}
+                   for key, r in bench["search"].items()}
+        out += ("<h3>Speed (make bench, bench/results/encode_throughput.json)</h3>"
+                + table(speed, ["texts/s", "× torch fp32", "share of fp32 peak"])
+                + table(latency, ["encode + search p50 (ms)", "p95 (ms)", "recall@10 vs exact"]))
+    return out
+
+
 def embedded_png(path: Path) -> str:
     """An <img> with the PNG inlined, so the page opens offline as one file."""
     if not path.exists():
@@ -155,6 +181,7 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
         quality = {f"{measure} by {label}": values for measure in ("knn10_label_agreement", "silhouette")
                    for label, values in maps.get(measure, {}).items()}
         parts.append("<h3>Cluster quality</h3>" + table(quality, ["before", "after"]))
+    parts.append(search_section(metrics.get("07_export", {}), run))
     links = lambda s: " · ".join(f"<a href='{name}'>{name}</a>" for name in (f"{s}.html", f"{s}.code.html")
                                  if (out_dir / name).exists()) or "—"
     parts.append("<h2>Stages</h2><p>Each stage's report: <code>NN_stage.html</code> (shared, code hidden) and "

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from lib.io import atomic_path, read_jsonl, write_jsonl
+from lib.io import atomic_dir, atomic_path, read_jsonl, write_jsonl
 
 
 def test_atomic_path_leaves_nothing_when_the_block_fails(tmp_path):
@@ -23,6 +23,20 @@ def test_atomic_path_keeps_the_old_file_until_success(tmp_path):
             tmp.write_text("new")
             raise ValueError
     assert target.read_text() == "old"
+
+
+def test_atomic_dir_replaces_the_folder_only_on_success(tmp_path):
+    target = tmp_path / "index"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("first")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("half-written")
+        raise RuntimeError("interrupted")
+    assert (target / "a.txt").read_text() == "first"
+    with atomic_dir(target) as tmp:
+        (tmp / "b.txt").write_text("second")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
 
 
 def test_jsonl_roundtrip(tmp_path):

@@ -36,3 +36,14 @@ def test_verdict_gives_intervals_and_the_p_value():
     text = report.verdict({"base": {"ndcg@10": 0.25}, "fine-tuned": {"ndcg@10": 0.31}}, ci=ci,
                           p_values={"fine-tuned": {"ndcg@10": 0.012}})
     assert "0.310 [0.260, 0.360] vs 0.250 [0.200, 0.300]" in text and "p = 0.012 (significant at 0.05)" in text
+
+
+def test_search_section_shows_the_gate_and_skipped_backends():
+    row = lambda passed, why="": {"min_cosine": 0.95 if why else 1.0, "ndcg@10": 0.4, "ndcg_delta": 0.0,
+                                  "items_per_second": 30.0, "speed_vs_torch_fp32": 1.0, "passed": passed, "failed": why}
+    section = report.search_section({"backends": {"torch-fp32": row(True), "onnx-int8": row(False, "min cosine 0.9500 < 0.99")},
+                                     "skipped_backends": {"torch-bf16": "CPU has no native bf16"},
+                                     "default_backend": "torch-fp32"}, "no-such-run")
+    assert "<b>torch-fp32</b>" in section and "min cosine 0.9500 &lt; 0.99" in section
+    assert "skipped: CPU has no native bf16" in section and "Speed (make bench" not in section
+    assert report.search_section({}, "r") == ""

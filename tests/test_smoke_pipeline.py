@@ -96,7 +96,8 @@ def test_before_and_after_are_both_reported(smoke):
     adapt = m("03_domain_adapt")
     assert adapt["perplexity_after"] < adapt["perplexity_before"]
     exported = m("07_export")
-    assert exported["onnx_min_cosine"] >= 0.999 and exported["self_retrieval_at_1"] >= 0.9
+    assert exported["backends"]["onnx-fp32"]["min_cosine"] >= 0.999 and exported["self_retrieval_at_1"] >= 0.9
+    assert exported["backends"][exported["default_backend"]]["passed"]
     maps = m("06_embedding_maps")
     assert set(maps["knn10_label_agreement"]["type"]) == {"before", "after"}
 
@@ -123,6 +124,17 @@ def test_reports_are_written(smoke):
     assert "fine-tuned" in index and "base" in index and "data:image/png;base64," in index
     for stage in STAGES:
         assert f"href='{stage}.html'" in index
+
+
+@pytest.mark.slow
+def test_search_command_uses_the_runs_saved_index(smoke):
+    done = subprocess.run([sys.executable, "-m", "lib.search", "--runs-root", str(smoke["runs"]), "--run", RUN,
+                           "--types", "monster", "a creature that turns people to stone"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    hits = [line for line in done.stdout.splitlines() if line.strip()[:2] in {"1.", "2.", "3.", "4.", "5."}]
+    assert len(hits) == 5 and all("[monster]" in line for line in hits)
+    assert "Local search" in (smoke["reports"] / RUN / "index.html").read_text()
 
 
 @pytest.mark.slow
