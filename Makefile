@@ -70,9 +70,10 @@ lab: setup ## JupyterLab on notebooks/ with the Jupytext .py files paired to .ip
 	$(VENV)/bin/jupytext --sync notebooks/[0-9]*.py
 	JUPYTER_PATH=$(VENV)/share/jupyter $(VENV)/bin/jupyter lab notebooks/
 
-bench: setup ## benchmarks → bench/results/*.json (needs a finished run: make all)
+bench: setup ## benchmarks → bench/results/*.json (needs a finished run: make all); the index page shows them
 	$(PY) bench/encode_throughput.py --run $(RUN)
 	$(PY) bench/pair_mining.py
+	$(PY) -m lib.pipeline report --domain $(DOMAIN) --profile $(PROFILE)
 
 clean: ## remove runs, reports and generated notebooks (keeps the teacher cache)
 	rm -rf data/runs reports/*/ notebooks/*.ipynb
