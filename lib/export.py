@@ -95,18 +95,23 @@ def quantize_int8(onnx_path: str | Path, int8_path: str | Path, keep_fp32: str =
 
 
 class TorchEncoder:
-    """Sentence embeddings from a SentenceTransformer folder with torch, in fp32 or under bf16 autocast."""
+    """Sentence embeddings from a SentenceTransformer folder with torch, with fp32 or bf16 weights.
+
+    bf16 casts the weights (measured on an AVX512-BF16 CPU: 2.5-2.9x fp32, against 2.3-2.5x under autocast,
+    which re-casts every weight at every call)."""
 
     def __init__(self, model_dir: str | Path, max_seq_length: int = 256, bf16: bool = False):
         from sentence_transformers import SentenceTransformer
 
         self.model = SentenceTransformer(str(model_dir), device="cpu")
         self.model.max_seq_length = max_seq_length
+        if bf16:
+            self.model.to(torch.bfloat16)
         self.bf16 = bf16
 
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """Normalised fp32 embeddings (the model sorts batches by length itself)."""
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.inference_mode():
             vectors = self.model.encode(texts, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True)
         return vectors.float().numpy()
 

@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from lib import export
 from lib.paths import REPO_ROOT
@@ -37,10 +38,12 @@ def test_onnx_backends_agree_with_torch(onnx_dir, student_path, srd_slice):
     assert export.parity(reference, int8)["min_cosine"] > 0.98
 
 
-def test_bf16_autocast_agrees_with_fp32(student_path, srd_slice):
+def test_bf16_weights_agree_with_fp32(student_path, srd_slice):
     texts = [i["text"] for i in srd_slice[0][:6]]
     fp32 = export.TorchEncoder(student_path, max_seq_length=64).encode(texts)
-    bf16 = export.TorchEncoder(student_path, max_seq_length=64, bf16=True).encode(texts)
+    encoder = export.TorchEncoder(student_path, max_seq_length=64, bf16=True)
+    assert next(encoder.model.parameters()).dtype == torch.bfloat16
+    bf16 = encoder.encode(texts)
     assert bf16.dtype == np.float32 and export.parity(fp32, bf16)["min_cosine"] > 0.99
 
 
