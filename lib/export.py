@@ -107,12 +107,10 @@ class TorchEncoder:
         self.model.max_seq_length = max_seq_length
         if bf16:
             self.model.to(torch.bfloat16)
-        self.bf16 = bf16
 
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        """Normalised fp32 embeddings (the model sorts batches by length itself)."""
-        with torch.inference_mode():
-            vectors = self.model.encode(texts, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True)
+        """Normalised fp32 embeddings (the model sorts batches by length and runs in inference mode itself)."""
+        vectors = self.model.encode(texts, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True)
         return vectors.float().numpy()
 
 
