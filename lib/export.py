@@ -109,9 +109,10 @@ class TorchEncoder:
             self.model.to(torch.bfloat16)
 
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        """Normalised fp32 embeddings (the model sorts batches by length and runs in inference mode itself)."""
-        vectors = self.model.encode(texts, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True)
-        return vectors.float().numpy()
+        """Normalised fp32 embeddings (the model sorts batches by length and runs in inference mode itself;
+        normalising after the cast to fp32 keeps bf16 vectors at unit length)."""
+        vectors = self.model.encode(texts, batch_size=batch_size, convert_to_tensor=True)
+        return torch.nn.functional.normalize(vectors.float(), dim=1).numpy()
 
 
 class OnnxEncoder:
