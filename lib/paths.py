@@ -10,6 +10,7 @@ DATA_DIR = REPO_ROOT / "data"
 RUNS_DIR = DATA_DIR / "runs"
 CACHE_DIR = DATA_DIR / "cache"
 REPORTS_DIR = REPO_ROOT / "reports"
+MODELS_DIR = DATA_DIR / "models"
 
 STAGES = [
     "00_corpus",
@@ -56,9 +57,15 @@ def base_student_path() -> Path:
 
 
 def resolve_model_path(name_or_path: str) -> Path:
-    """A model folder from a parameter: "all-MiniLM-L6-v2" means the bundled student, else a path."""
+    """A model folder from a parameter: "all-MiniLM-L6-v2" is the bundled student, "all-mpnet-base-v2" the one
+    `make setup-mpnet` unpacks into data/models/, anything else a path."""
     if name_or_path in ("", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
         return base_student_path()
+    if name_or_path in ("all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2"):
+        path = MODELS_DIR / "all-mpnet-base-v2"
+        if not (path / "modules.json").is_file():
+            raise FileNotFoundError(f"{path}: all-mpnet-base-v2 is not unpacked yet; run `make setup-mpnet` (~440 MB from PyPI)")
+        return path
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(

