@@ -76,14 +76,17 @@ def sampled_similarities(vectors: np.ndarray, types: list[str], type_a: str, typ
     return np.einsum("ij,ij->i", vectors[a[keep]], vectors[b[keep]])
 
 
+def relation_similarities(vectors: np.ndarray, types: list[str], seed: int, n: int = 200_000) -> dict[str, np.ndarray]:
+    """Each relation's sampled cosine distribution (`n` random pairs per type pair), by relation name."""
+    return {relation_name(type_a, type_b): sampled_similarities(vectors, types, type_a, type_b, n, seed)
+            for type_a, type_b in type_pairs(types)}
+
+
 def similarity_summary(vectors: np.ndarray, types: list[str], seed: int, n: int = 200_000) -> dict[str, dict]:
     """Percentiles of each relation's (sampled) cosine distribution, to see where thresholds fall."""
     points = [1, 5, 25, 50, 75, 95, 99]
-    out = {}
-    for type_a, type_b in type_pairs(types):
-        q = np.percentile(sampled_similarities(vectors, types, type_a, type_b, n, seed), points)
-        out[relation_name(type_a, type_b)] = {f"p{p}": round(float(v), 4) for p, v in zip(points, q)}
-    return out
+    return {relation: {f"p{p}": round(float(v), 4) for p, v in zip(points, np.percentile(sims, points))}
+            for relation, sims in relation_similarities(vectors, types, seed, n).items()}
 
 
 def relation_thresholds(

