@@ -308,8 +308,9 @@ def add_negatives(
     `hard_negative_margin` below the positive's; medium = a random item between the easy threshold and the nearest
     list; easy = a random item at or below the relation's negative threshold. A tier without a candidate lends its
     turn to the next. Never the anchor, the positive, an item in the row's guard (shared name/alias/relation, other
-    positives, every item a query fits) or in `exclude`. Rows that cannot get enough negatives are dropped;
-    returns the kept rows and how many were dropped."""
+    positives, every item a query fits) or in `exclude`; the guard is kept as `guard_ids` (stage 04 keeps those
+    items out of the row's batch). Rows that cannot get enough negatives are dropped; returns the kept rows and how
+    many were dropped."""
     rng = np.random.default_rng(seed)
     index = {item_id: n for n, item_id in enumerate(ids)}
     types_arr = np.asarray(types)
@@ -342,7 +343,7 @@ def add_negatives(
         if len(chosen) < num_hard_negatives:
             dropped += 1
             continue
-        kept.append({**row,
+        kept.append({**row, "guard_ids": sorted(guard),
                      "negative_ids": [ids[c] for c, _ in chosen], "negative_tiers": [t for _, t in chosen],
                      "negative_scores": [round(float(vectors[source] @ vectors[c]), 4) for c, _ in chosen]})
     return kept, dropped
