@@ -1,8 +1,61 @@
-"""Stage 04: contrastive fine-tuning of the student with MultipleNegativesRankingLoss (SentenceTransformerTrainer)."""
+"""Stage 04: contrastive fine-tuning of the student (SentenceTransformerTrainer): MNRL with the stage-02 hard
+negatives, entity-aware batches, bf16 autocast on CPUs that have it, resumable checkpoints, and the same code under
+torchrun (`python -m lib.finetune --help`)."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+import numpy as np
+import torch
+from sentence_transformers.base.sampler import DefaultBatchSampler
+
+LOSSES = ("mnrl", "cached_mnrl", "gist")
+BATCH_SAMPLERS = ("entity", "no_duplicates", "random")
+DISTILL_PROJECTION_LR = 1e-3
+
+
+@dataclass
+class FinetuneConfig:
+    """Training settings of stage 04 (the notebook's parameters; the CLI's flags)."""
+    num_train_epochs: float = 3.0  # passes over the training rows
+    max_steps: int = -1  # > 0 stops after this many steps (overrides epochs)
+    per_device_train_batch_size: int = 16  # rows per step (per process); MNRL's in-batch negatives
+    learning_rate: float = 2e-5  # AdamW peak learning rate
+    warmup_steps: float = 0.1  # a float < 1 is a ratio of the total steps
+    max_seq_length: int = 128  # tokens per passage (positive, negatives)
+    query_max_seq_length: int = 64  # tokens per anchor (queries are short; the anchor column is padded on its own)
+    eval_steps: int = 50  # dev evaluation and loss logging interval
+    save_steps: int = 50  # checkpoint interval (a rerun resumes from the last one)
+    seed: int = 42
+    loss: str = "mnrl"  # mnrl | cached_mnrl | gist
+    mini_batch_size: int = 8  # cached_mnrl: rows per forward pass (memory), the batch stays per_device_train_batch_size
+    guide_model: str = ""  # gist: the guide SentenceTransformer folder
+    matryoshka_dims: tuple = ()  # e.g. (384, 256, 128, 64): wrap the loss in MatryoshkaLoss
+    batch_sampler: str = "entity"  # entity | no_duplicates | random
+    bf16: bool = True  # bf16 autocast when the CPU computes bf16 natively (or on a GPU); fp32 otherwise
+    resume: bool = True  # resume from the last checkpoint of the same configuration and data
+    distill: bool = False  # also match the teacher's cached item vectors (EmbedDistillLoss) on batches of items
+    model_name: str = ""  # the model card's name
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r}: expected one of {', '.join(LOSSES)}")
+        if self.batch_sampler not in BATCH_SAMPLERS:
+            raise ValueError(f"batch_sampler={self.batch_sampler!r}: expected one of {', '.join(BATCH_SAMPLERS)}")
+        if self.loss == "gist" and not self.guide_model:
+            raise ValueError("loss='gist' needs guide_model: a SentenceTransformer folder (e.g. the base student)")
+        self.matryoshka_dims = tuple(int(d) for d in self.matryoshka_dims)
+
+
+# --- inputs ----------------------------------------------------------------------------------------------------
 
 def pairs_dataset(path: str | Path):
     """The stage-02 training rows (anchor, positive, negative_1..k) saved as a Hugging Face dataset folder."""
@@ -38,71 +91,402 @@ def ir_evaluator(queries: list[dict], items: list[dict], name: str):
     return SequentialEvaluator(evaluators, main_score_function=lambda scores: sum(scores) / len(scores))
 
 
-def finetune(
-    model_path: str | Path,
-    train_dataset,
-    eval_dataset,
-    evaluator,
-    output_dir: str | Path,
-    num_train_epochs: int,
-    per_device_train_batch_size: int,
-    learning_rate: float,
-    warmup_steps: float,
-    max_seq_length: int,
-    seed: int,
-    max_steps: int = -1,
-    eval_steps: int = 50,
-    model_name: str = "",
-) -> tuple[object, list[dict]]:
-    """Train with MNRL (no duplicate texts in a batch); save the model with its card; return it and the log history."""
+@dataclass
+class StageInputs:
+    """What stage 04 reads: the loss rows, the rows' entity lookups, the dev evaluator and the start model."""
+    train: object
+    dev: object
+    rows: list[dict]
+    lookup: tuple[dict, dict]
+    evaluator: object
+    dev_queries: int
+    teacher_items: object  # (text, label) rows: the items with their cached teacher vectors, for `distill`
+
+
+def teacher_items_dataset(items: list[dict], teacher_dir: Path):
+    """The corpus items (text) with the stage-01 teacher vectors (label), matched by id."""
+    import hashlib
+
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+
+    vectors = np.load(teacher_dir / "items.npy")
+    ids = json.loads((teacher_dir / "item_ids.json").read_text())
+    if len(ids) != len(vectors):
+        raise ValueError(f"{teacher_dir}: items.npy has {len(vectors)} rows but item_ids.json {len(ids)} ids; rerun stage 01")
+    row = {item_id: n for n, item_id in enumerate(ids)}
+    missing = [i["id"] for i in items if i["id"] not in row]
+    if missing:
+        raise ValueError(f"{teacher_dir}: no teacher vector for item {missing[0]!r} (and {len(missing) - 1} more); "
+                         "rerun stage 01 on this corpus")
+    texts = [i["text"] for i in items]
+    labels = vectors[[row[i["id"]] for i in items]].astype(np.float32)
+    fingerprint = hashlib.sha256(labels.tobytes() + "\n".join(texts).encode()).hexdigest()[:16]
+    return Dataset(InMemoryTable.from_pydict({"text": texts, "label": labels.tolist()}), fingerprint=fingerprint)
+
+
+def load_inputs(corpus_dir: Path, pairs_dir: Path, dev_loss_rows: int, seed: int,
+                teacher_dir: Path | None = None) -> StageInputs:
+    """Stage 02's train/dev datasets (dev cut to a seeded sample for the eval loss), their rows' entity lookups,
+    the dev-query evaluator over the stage-00 items and, given stage 01's folder, the items' teacher vectors."""
+    from lib import corpus
+    from lib.io import read_jsonl
+
+    train = pairs_dataset(pairs_dir / "train")
+    dev = pairs_dataset(pairs_dir / "dev")
+    dev = dev.shuffle(seed=seed).select(range(min(dev_loss_rows, len(dev))))
+    rows = read_jsonl(pairs_dir / "train.jsonl") + read_jsonl(pairs_dir / "dev.jsonl")
+    queries = corpus.load_queries(corpus_dir, split="dev")
+    items = corpus.load_items(corpus_dir)
+    return StageInputs(train, dev, rows, entity_lookup(rows), ir_evaluator(queries, items, "dev"), len(queries),
+                       teacher_items_dataset(items, teacher_dir) if teacher_dir else None)
+
+
+# --- entity-aware batches --------------------------------------------------------------------------------------
+
+def entity_lookup(rows: list[dict]) -> tuple[dict[str, frozenset], dict[str, frozenset]]:
+    """From stage-02 rows: text → the items it stands for, and anchor text → the items it must never be contrasted
+    with (its source item, its positives and the row's guard: shared names and aliases, known relations, every item
+    its query fits)."""
+    entities: dict[str, set] = defaultdict(set)
+    protected: dict[str, set] = defaultdict(set)
+    for r in rows:
+        entities[r["positive"]].add(r["positive_id"])
+        for k, negative_id in enumerate(r.get("negative_ids", []), start=1):
+            entities[r[f"negative_{k}"]].add(negative_id)
+        if r.get("kind") == "item":
+            entities[r["anchor"]].add(r["anchor_id"])
+        protected[r["anchor"]] |= {r["anchor_id"], r["positive_id"], *r.get("guard_ids", [])}
+    return ({t: frozenset(v) for t, v in entities.items()}, {t: frozenset(v) for t, v in protected.items()})
+
+
+def row_keys(texts: list[list[str]], lookup: tuple[dict, dict]) -> tuple[list[frozenset], list[frozenset]]:
+    """Per row (anchor first, then positive and negatives): the items its candidates stand for, and the items its
+    anchor must not meet as another row's candidate. A text missing from the lookup stands for itself."""
+    entities, protected = lookup
+
+    def of(text: str) -> frozenset:
+        return entities.get(text) or frozenset([text])
+
+    candidates, guards = [], []
+    for row in texts:
+        candidates.append(frozenset().union(*(of(t) for t in row[1:] or row[:1])))
+        guards.append(protected.get(row[0], frozenset()) | of(row[0]) | (of(row[1]) if len(row) > 1 else frozenset()))
+    return candidates, guards
+
+
+def entity_batches(order: list[int], candidates: list[frozenset], guards: list[frozenset], batch_size: int,
+                   drop_last: bool) -> list[list[int]]:
+    """Greedy batches in `order`: a row joins a batch only if none of its candidates is guarded by a row already in
+    it and none of theirs by it; a row that does not fit waits, first in line, for the next batch."""
+    batches, remaining = [], list(order)
+    while remaining:
+        batch, batch_candidates, batch_guards, waiting = [], set(), set(), []
+        for n, index in enumerate(remaining):
+            if len(batch) == batch_size:
+                waiting.extend(remaining[n:])
+                break
+            if candidates[index].isdisjoint(batch_guards) and guards[index].isdisjoint(batch_candidates):
+                batch.append(index)
+                batch_candidates |= candidates[index]
+                batch_guards |= guards[index]
+            else:
+                waiting.append(index)
+        if len(batch) == batch_size or not drop_last:
+            batches.append(batch)
+        remaining = waiting
+    return batches
+
+
+def in_batch_false_negatives(batches: list[list[int]], candidates: list[frozenset], guards: list[frozenset]) -> int:
+    """How many (anchor, item of another row in its batch) pairs contrast the anchor with an item it is guarded
+    against: its own entity, an alias, a related item or another right answer."""
+    return sum(len(candidates[j] & guards[i]) for batch in batches for i in batch for j in batch if i != j)
+
+
+class EntityAwareBatchSampler(DefaultBatchSampler):
+    """Batches without in-batch false negatives: no anchor meets, among the other rows' positives and negatives, an
+    item it is guarded against (`entity_lookup`). The exact-text NoDuplicatesBatchSampler misses aliases, relations
+    and the other items a query fits. Seeded per epoch; the plan is made once per epoch so __len__ is exact."""
+
+    def __init__(self, dataset, batch_size: int, drop_last: bool, valid_label_columns: list[str] | None = None,
+                 generator: torch.Generator | None = None, seed: int = 0, lookup: tuple[dict, dict] = ({}, {})):
+        super().__init__(dataset, batch_size=batch_size, drop_last=drop_last, valid_label_columns=valid_label_columns,
+                         generator=generator, seed=seed)
+        skip = set(valid_label_columns or []) | {"dataset_name"}
+        columns = [dataset[c] for c in dataset.column_names if c not in skip]
+        self.candidates, self.guards = row_keys([list(row) for row in zip(*columns)], lookup)
+        self._plan: tuple[int, list[list[int]]] | None = None
+
+    def batches(self) -> list[list[int]]:
+        """This epoch's batches."""
+        if self._plan is None or self._plan[0] != self.epoch:
+            order = torch.randperm(len(self.candidates), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            self._plan = (self.epoch, entity_batches(order.tolist(), self.candidates, self.guards, self.batch_size,
+                                                     self.drop_last))
+        return self._plan[1]
+
+    def __iter__(self):
+        yield from self.batches()
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+
+def batch_sampler(name: str, lookup: tuple[dict, dict]):
+    """The `batch_sampler` training argument for a sampler name."""
+    from sentence_transformers.base.sampler import BatchSamplers
+
+    if name == "entity":
+        return partial(EntityAwareBatchSampler, lookup=lookup)
+    return BatchSamplers.NO_DUPLICATES if name == "no_duplicates" else BatchSamplers.BATCH_SAMPLER
+
+
+def false_negatives_by_sampler(dataset, lookup: tuple[dict, dict], batch_size: int, seed: int) -> dict[str, dict]:
+    """One epoch of each batch sampler over `dataset`: batches, mean batch size and in-batch false negatives."""
+    from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
+    from torch.utils.data import RandomSampler
+
+    generator = torch.Generator().manual_seed(seed)
+    entity = EntityAwareBatchSampler(dataset, batch_size, False, seed=seed, lookup=lookup)
+    samplers = {
+        "random": DefaultBatchSampler(RandomSampler(dataset, generator=generator), batch_size=batch_size, drop_last=False),
+        "no_duplicates": NoDuplicatesBatchSampler(dataset, batch_size, False, generator=generator, seed=seed),
+        "entity": entity,
+    }
+    out = {}
+    for name, sampler in samplers.items():
+        batches = [list(b) for b in sampler]
+        out[name] = {"batches": len(batches), "mean_batch_size": round(float(np.mean([len(b) for b in batches])), 2),
+                     "false_negatives": in_batch_false_negatives(batches, entity.candidates, entity.guards)}
+    return out
+
+
+# --- training --------------------------------------------------------------------------------------------------
+
+def use_bf16(requested: bool) -> bool:
+    """bf16 autocast where it is fast: a GPU with bf16, or a CPU with AVX512-BF16 / AMX (emulated bf16 is slower)."""
+    from lib.export import bf16_supported
+
+    if not requested:
+        return False
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bf16_supported()
+
+
+def build_loss(model, config: FinetuneConfig, distributed: bool):
+    """MNRL (or cached MNRL / GIST), optionally inside MatryoshkaLoss; negatives gathered across processes."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import losses
+
+    if config.loss == "cached_mnrl":
+        loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=config.mini_batch_size,
+                                                         gather_across_devices=distributed)
+    elif config.loss == "gist":
+        guide = SentenceTransformer(str(config.guide_model), device=model.device)
+        loss = losses.GISTEmbedLoss(model, guide, gather_across_devices=distributed)
+    else:
+        loss = losses.MultipleNegativesRankingLoss(model, gather_across_devices=distributed)
+    if config.matryoshka_dims:
+        loss = losses.MatryoshkaLoss(model, loss, matryoshka_dims=list(config.matryoshka_dims))
+    return loss
+
+
+def checkpoint_key(config: FinetuneConfig, start_model: str | Path, train_dataset) -> dict:
+    """What a checkpoint must match to be resumed from: the configuration, the start model and the training rows."""
+    datasets = train_dataset.values() if isinstance(train_dataset, dict) else [train_dataset]
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "resume"}
+    return {"config": json.loads(json.dumps(settings)), "start_model": str(start_model),
+            "train_rows": [d._fingerprint for d in datasets], "world_size": int(os.environ.get("WORLD_SIZE", 1))}
+
+
+def resumable_checkpoints(checkpoints: Path, key: dict, resume: bool) -> bool:
+    """True when `checkpoints` holds a checkpoint made under `key`; otherwise clear it for a fresh start."""
+    key_file = checkpoints / "run_key.json"
+    found = any(checkpoints.glob("checkpoint-*")) and key_file.is_file() and json.loads(key_file.read_text()) == key
+    if resume and found:
+        return True
+    if is_main_process():
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        checkpoints.mkdir(parents=True)
+        key_file.write_text(json.dumps(key, indent=1))
+    return False
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a plain process."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def column_routes(column_names: list[str]) -> dict[str, str]:
+    """The collator's router mapping: the first column (anchor) is a query, the others are documents."""
+    return {c: "query" if n == 0 else "document" for n, c in enumerate(column_names)}
+
+
+def with_distillation(model, loss, train_dataset, eval_dataset, teacher_items) -> tuple[dict, dict, dict, dict]:
+    """Two datasets and losses, batches drawn in proportion: the contrastive rows, and the items whose student
+    embedding (through a learned projection) must point like its teacher vector (EmbedDistillLoss, cosine; logged
+    as `distill`)."""
+    from datasets import DatasetDict
+    from sentence_transformers.sentence_transformer import losses
+
+    class LoggedEmbedDistillLoss(losses.EmbedDistillLoss):
+        def forward(self, sentence_features, labels):
+            return {"distill": super().forward(sentence_features, labels)}  # a dict: the Trainer logs it by name
+
+    distill = LoggedEmbedDistillLoss(model, distance_metric="cosine", projection_dim=len(teacher_items[0]["label"]))
+    routes = {"pairs": column_routes(train_dataset.column_names), "distill": {"text": "document"}}
+    return (DatasetDict({"pairs": train_dataset, "distill": teacher_items}), DatasetDict({"pairs": eval_dataset}),
+            {"pairs": loss, "distill": distill}, routes)
+
+
+def finetune(start_model: str | Path, train_dataset, eval_dataset, evaluator, output_dir: str | Path,
+             config: FinetuneConfig, lookup: tuple[dict, dict] = ({}, {}), callbacks: list | None = None,
+             teacher_items=None) -> tuple[object, list[dict], dict]:
+    """Train; save the model with its card under output_dir/model; return it, the log history and run facts."""
     from sentence_transformers import (
         SentenceTransformer,
         SentenceTransformerModelCardData,
         SentenceTransformerTrainer,
         SentenceTransformerTrainingArguments,
     )
-    from sentence_transformers.base.sampler import BatchSamplers
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
+    if config.distill and teacher_items is None:
+        raise ValueError("distill=True needs the items' teacher vectors: pass teacher_items (load_inputs(..., teacher_dir))")
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    bf16 = use_bf16(config.bf16)
+    checkpoints = Path(output_dir) / "checkpoints"
+    key_datasets = {"pairs": train_dataset, "distill": teacher_items} if config.distill else train_dataset
+    resume = resumable_checkpoints(checkpoints, checkpoint_key(config, start_model, key_datasets), config.resume)
     # 1. Load the student (domain-adapted or base) with a model card
-    card = SentenceTransformerModelCardData(language="en", model_name=model_name or None)
-    model = SentenceTransformer(str(model_path), device="cpu", model_card_data=card)
-    model.max_seq_length = max_seq_length
+    card = SentenceTransformerModelCardData(language="en", model_name=config.model_name or None)
+    model = SentenceTransformer(str(start_model), device="cuda" if torch.cuda.is_available() else "cpu",
+                                model_card_data=card)
+    model.max_seq_length = config.max_seq_length
     # 2. Loss: in-batch negatives plus the hard-negative columns negative_1..k
-    loss = MultipleNegativesRankingLoss(model)
+    loss = build_loss(model, config, distributed)
+    routes = column_routes(train_dataset.column_names)
+    if config.distill:
+        train_dataset, eval_dataset, loss, routes = with_distillation(model, loss, train_dataset, eval_dataset,
+                                                                      teacher_items)
     # 3. Arguments: the method's defaults come from the notebook parameters
     args = SentenceTransformerTrainingArguments(
-        output_dir=str(Path(output_dir) / "checkpoints"),
-        num_train_epochs=num_train_epochs,
-        max_steps=max_steps,
-        per_device_train_batch_size=per_device_train_batch_size,
-        per_device_eval_batch_size=per_device_train_batch_size,
-        learning_rate=learning_rate,
-        warmup_steps=warmup_steps,
-        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        output_dir=str(checkpoints),
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_train_batch_size,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        batch_sampler=batch_sampler(config.batch_sampler, lookup),
+        bf16=bf16,
         eval_strategy="steps",
-        eval_steps=eval_steps,
-        logging_steps=max(1, eval_steps // 5),
+        eval_steps=config.eval_steps,
+        logging_steps=max(1, config.eval_steps // 5),
         logging_first_step=True,
         save_strategy="steps",
-        save_steps=eval_steps,
+        save_steps=config.save_steps,
         save_total_limit=1,
         report_to="none",
-        use_cpu=True,
-        seed=seed,
-        data_seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend=None if torch.cuda.is_available() else ("gloo" if distributed else None),
+        seed=config.seed,
+        data_seed=config.seed,
+        # the distillation projection starts random: it learns at its own pace, the encoder at learning_rate
+        learning_rate_mapping={r"^distill\.projection\.": DISTILL_PROJECTION_LR} if config.distill else {},
     )
-    # 4. Train, evaluating on the dev queries before, during and after
+    # 4. Queries are short: the anchor column gets its own max length (each column is padded on its own)
+    collator = SentenceTransformerTrainer.data_collator_class(
+        preprocess_fn=model.preprocess,
+        router_mapping=routes,
+        max_length={"query": config.query_max_seq_length, "document": config.max_seq_length},
+    )
+    # 5. Train, evaluating on the dev queries before, during and after; resume from the last checkpoint if allowed
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, loss=loss, evaluator=evaluator,
+        data_collator=collator, callbacks=callbacks,
     )
-    trainer.train()
-    # 5. Save the final model (with its model card)
-    model.save(str(Path(output_dir) / "model"))
-    return model, trainer.state.log_history
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(checkpoints)) if resume else None
+    finished = finished_training_state(last)
+    if finished:  # the run ended but the stage did not: take the last checkpoint's weights (a resume would add a step)
+        model.load_state_dict(SentenceTransformer(last, device=model.device).state_dict())
+        state = finished
+    else:
+        trainer.train(resume_from_checkpoint=last)
+        state = {"global_step": trainer.state.global_step, "log_history": trainer.state.log_history}
+    # 6. Save the final model (with its model card) from the main process
+    if trainer.is_world_process_zero():
+        model.save(str(Path(output_dir) / "model"))
+    facts = {"bf16": bf16, "resumed_from_step": int(last.rsplit("-", 1)[1]) if last else 0, "world_size": args.world_size,
+             "global_step": state["global_step"],
+             "train_runtime_s": next((h["train_runtime"] for h in state["log_history"] if "train_runtime" in h), None)}
+    return model, finite_log_history(state["log_history"]), facts
+
+
+def finished_training_state(checkpoint: str | None) -> dict | None:
+    """The Trainer state saved in `checkpoint` when it is the final step of its run, else None."""
+    if not checkpoint:
+        return None
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return state if state.get("max_steps") and state["global_step"] >= state["max_steps"] else None
+
+
+def finite_log_history(log_history: list[dict]) -> list[dict]:
+    """The log history without NaN values: the Trainer logs a loss component as 0/0 for a logging window in which
+    none of its batches came (e.g. `distill` between two item batches)."""
+    return [{k: v for k, v in h.items() if not (isinstance(v, float) and v != v)} for h in log_history]
 
 
 def loss_curve(log_history: list[dict]) -> tuple[list[int], list[float]]:
     """(step, training loss) points from a Trainer log history."""
     points = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
     return [s for s, _ in points], [l for _, l in points]
+
+
+# --- command line (torchrun) -----------------------------------------------------------------------------------
+
+def config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One --flag per FinetuneConfig field, typed from its default."""
+    for field in dataclasses.fields(FinetuneConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(field.default, bool):
+            parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=field.default)
+        elif isinstance(field.default, tuple):
+            parser.add_argument(flag, type=int, nargs="*", default=field.default)
+        else:
+            parser.add_argument(flag, type=type(field.default), default=field.default)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Stage 04 without the notebook, for torchrun: `torchrun --nproc_per_node=2 -m lib.finetune --run-name dnd-default`."""
+    from lib.io import write_json
+    from lib.paths import resolve_model_path, stage_dir
+
+    parser = argparse.ArgumentParser(description="Stage 04 (contrastive fine-tuning) of a run, e.g. under torchrun.")
+    parser.add_argument("--run-name", required=True, help="run folder under data/runs, e.g. dnd-default")
+    parser.add_argument("--runs-root", default=None, help="where runs live (default <repo>/data/runs)")
+    parser.add_argument("--start-model", default="", help="default: the run's stage-03 model")
+    parser.add_argument("--output-dir", default="", help="default: the run's 04_finetune folder")
+    parser.add_argument("--dev-loss-rows", type=int, default=128)
+    config_arguments(parser)
+    args = parser.parse_args(argv)
+    config = FinetuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)})
+    start = resolve_model_path(args.start_model) if args.start_model else \
+        stage_dir(args.run_name, "03_domain_adapt", args.runs_root) / "model"
+    out_dir = Path(args.output_dir) if args.output_dir else stage_dir(args.run_name, "04_finetune", args.runs_root, create=True)
+    inputs = load_inputs(stage_dir(args.run_name, "00_corpus", args.runs_root), stage_dir(args.run_name, "02_pairs", args.runs_root),
+                         args.dev_loss_rows, config.seed,
+                         stage_dir(args.run_name, "01_teacher", args.runs_root) if config.distill else None)
+    model, history, facts = finetune(start, inputs.train, inputs.dev, inputs.evaluator, out_dir, config, inputs.lookup,
+                                     teacher_items=inputs.teacher_items)
+    if is_main_process():
+        write_json(out_dir / "log_history.json", history)
+        write_json(out_dir / "train_facts.json", facts)
+        print(json.dumps(facts), flush=True)
+
+
+if __name__ == "__main__":
+    main()

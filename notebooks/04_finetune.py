@@ -16,11 +16,17 @@
 # %% [markdown]
 # # 04 · Contrastive fine-tuning
 # **Purpose:** train the student on the stage-02 rows with `MultipleNegativesRankingLoss` (in-batch negatives
-# plus each row's hard negatives) through `SentenceTransformerTrainer`, starting from
-# the domain-adapted encoder of stage 03 (or the base student). The dev queries (independent ground truth,
-# never the test split) are evaluated before, during and after training.
+# plus each row's hard negatives) through `SentenceTransformerTrainer`, starting from the domain-adapted encoder of
+# stage 03 (or the base student). Batches are entity-aware: no anchor meets another row's positive or negative that
+# is its own entity, an alias, a related item or another right answer (the exact-text sampler misses those). bf16
+# autocast where the CPU computes bf16 natively; checkpoints every `save_steps` (a rerun resumes); the same training
+# runs under torchrun (`python -m lib.finetune --help`, README "Training on several GPUs or machines"). The dev queries
+# (independent ground truth, never the test split) are evaluated before, during and after training. With `distill`,
+# batches of corpus items alternate with the contrastive batches and pull the student (through a learned projection)
+# towards the teacher's cached item vectors (`EmbedDistillLoss`).
 #
-# **Reads:** `02_pairs/train/`, `dev/`, `03_domain_adapt/model/`, `00_corpus/` dev queries.
+# **Reads:** `02_pairs/train/`, `dev/`, `train.jsonl`, `dev.jsonl`, `03_domain_adapt/model/`, `00_corpus/` dev queries,
+# `01_teacher/items.npy` (with `distill`).
 # **Writes:** `04_finetune/model/` (with its model card), `checkpoints/`, `log_history.json`, `metrics.json`.
 
 # %% tags=["parameters"]
@@ -28,20 +34,31 @@ run_name: str = "dnd-default"  # run folder under data/runs: <domain>-<profile>
 runs_root: str = ""  # where runs live; empty means <repo>/data/runs
 base_model: str = "all-MiniLM-L6-v2"  # the student when use_domain_adapted is False
 use_domain_adapted: bool = True  # start from stage 03's adapted encoder
-num_train_epochs: int = 3  # passes over the training pairs
+num_train_epochs: float = 3.0  # passes over the training rows
 max_steps: int = -1  # > 0 stops after this many steps (overrides epochs)
-per_device_train_batch_size: int = 16  # pairs per step; MNRL uses the other pairs of the batch as negatives
+per_device_train_batch_size: int = 16  # rows per step; MNRL uses the other rows of the batch as negatives
 learning_rate: float = 2e-5  # AdamW peak learning rate
 warmup_steps: float = 0.1  # a float < 1 is a ratio of the total steps
-max_seq_length: int = 128  # tokens per text while training
-eval_steps: int = 50  # dev evaluation, checkpoint and loss logging interval
+max_seq_length: int = 128  # tokens per passage (positive, negatives) while training
+query_max_seq_length: int = 64  # tokens per anchor (each column is padded on its own)
+eval_steps: int = 50  # dev evaluation and loss logging interval
+save_steps: int = 50  # checkpoint interval; a rerun of the same configuration resumes from the last checkpoint
+resume: bool = True  # False always starts afresh
 dev_loss_rows: int = 128  # stage-02 dev rows scored for the eval loss at each evaluation (a seeded sample)
+loss: str = "mnrl"  # mnrl | cached_mnrl (big batches in small memory) | gist (a guide model filters negatives)
+mini_batch_size: int = 8  # cached_mnrl: rows per forward pass
+guide_model: str = ""  # gist: guide SentenceTransformer (name or folder); empty means the base student
+matryoshka_dims: list = []  # e.g. [384, 256, 128, 64] trains truncatable embeddings (MatryoshkaLoss)
+batch_sampler: str = "entity"  # entity | no_duplicates (exact text only) | random
+bf16: bool = True  # bf16 autocast where the hardware computes bf16 natively; fp32 elsewhere
+distill: bool = False  # also distil the teacher's cached item vectors (EmbedDistillLoss) on batches of items
 seed: int = 42  # seeds data order and initialisation
 # %%
 import pandas as pd
+from sentence_transformers import SentenceTransformer
 from transformers import set_seed
 
-from lib import corpus, finetune
+from lib import finetune
 from lib.io import write_json
 from lib.paths import resolve_model_path, stage_dir
 from lib.plots import line_plot
@@ -52,39 +69,53 @@ pairs_dir = stage_dir(run_name, "02_pairs", runs_root or None)
 out_dir = stage_dir(run_name, "04_finetune", runs_root or None, create=True)
 start_model = stage_dir(run_name, "03_domain_adapt", runs_root or None) / "model" if use_domain_adapted \
     else resolve_model_path(base_model)
-train_ds = finetune.pairs_dataset(pairs_dir / "train")
-dev_ds = finetune.pairs_dataset(pairs_dir / "dev")
-dev_ds = dev_ds.shuffle(seed=seed).select(range(min(dev_loss_rows, len(dev_ds))))
-dev_queries = corpus.load_queries(corpus_dir, split="dev")
-evaluator = finetune.ir_evaluator(dev_queries, corpus.load_items(corpus_dir), name="dev")
-print(f"start from {start_model}; {len(train_ds)} train rows {train_ds.column_names}, {len(dev_ds)} dev rows, "
-      f"{len(dev_queries)} dev queries")
+config = finetune.FinetuneConfig(
+    num_train_epochs=num_train_epochs, max_steps=max_steps, per_device_train_batch_size=per_device_train_batch_size,
+    learning_rate=learning_rate, warmup_steps=warmup_steps, max_seq_length=max_seq_length,
+    query_max_seq_length=query_max_seq_length, eval_steps=eval_steps, save_steps=save_steps, seed=seed, loss=loss,
+    mini_batch_size=mini_batch_size, guide_model=str(resolve_model_path(guide_model or base_model)) if loss == "gist" else "",
+    matryoshka_dims=tuple(matryoshka_dims), batch_sampler=batch_sampler, bf16=bf16, resume=resume, distill=distill,
+    model_name=f"codex-forge student ({run_name})",
+)
+inputs = finetune.load_inputs(corpus_dir, pairs_dir, dev_loss_rows, seed,
+                              stage_dir(run_name, "01_teacher", runs_root or None) if distill else None)
+print(f"start from {start_model}; {len(inputs.train)} train rows {inputs.train.column_names}, {len(inputs.dev)} dev rows, "
+      f"{inputs.dev_queries} dev queries; loss {loss}, batch sampler {batch_sampler}, "
+      f"bf16 {finetune.use_bf16(bf16)}")
+
+# %% [markdown]
+# ## In-batch false negatives per batch sampler
+# One epoch of batches over the training rows: how often an anchor is contrasted with an item it is guarded
+# against (its own entity under another text, an alias, a related item, another item its query fits).
+
+# %%
+sampler_counts = finetune.false_negatives_by_sampler(inputs.train, inputs.lookup, per_device_train_batch_size, seed)
+pd.DataFrame(sampler_counts).T
 
 # %% [markdown]
 # ## Dev metrics before training
 
 # %%
-from sentence_transformers import SentenceTransformer
-
-before = evaluator(SentenceTransformer(str(start_model), device="cpu"))
+before = inputs.evaluator(SentenceTransformer(str(start_model), device="cpu"))
 {k: round(v, 4) for k, v in before.items() if "ndcg@10" in k or "mrr@10" in k}
 
 # %% [markdown]
 # ## Train
 
 # %%
-model, history = finetune.finetune(
-    start_model, train_ds, dev_ds, evaluator, out_dir,
-    num_train_epochs=num_train_epochs, per_device_train_batch_size=per_device_train_batch_size,
-    learning_rate=learning_rate, warmup_steps=warmup_steps, max_seq_length=max_seq_length,
-    seed=seed, max_steps=max_steps, eval_steps=eval_steps, model_name=f"codex-forge student ({run_name})",
-)
-after = evaluator(model)
+model, history, facts = finetune.finetune(start_model, inputs.train, inputs.dev, inputs.evaluator, out_dir, config,
+                                          inputs.lookup, teacher_items=inputs.teacher_items)
+after = inputs.evaluator(model)
 write_json(out_dir / "log_history.json", history)
+facts
 
 # %%
 steps, losses = finetune.loss_curve(history)
-line_plot(steps, losses, "MNRL training loss", "step", "loss");
+line_plot(steps, losses, f"{loss} training loss" + (" (with the distillation batches)" if distill else ""), "step", "loss");
+distill_curve = [(h["step"], h["distill"]) for h in history if "distill" in h]
+if distill_curve:
+    line_plot([s for s, _ in distill_curve], [v for _, v in distill_curve], "distillation loss (1 − cosine to the teacher)",
+              "step", "loss");
 
 # %%
 score_key = next(k for k in after if k.endswith("ndcg@10"))
@@ -100,8 +131,15 @@ pd.DataFrame({"before": {k: before[k] for k in keys}, "after": {k: after[k] for 
 # %%
 metrics = {
     "start_model": str(start_model),
-    "train_pairs": len(train_ds),
-    "steps": max((h.get("step", 0) for h in history), default=0),
+    "train_pairs": len(inputs.train),
+    "steps": facts["global_step"],
+    "loss": loss,
+    "batch_sampler": batch_sampler,
+    "distill": distill,
+    "in_batch_false_negatives": {name: c["false_negatives"] for name, c in sampler_counts.items()},
+    "bf16": facts["bf16"],
+    "resumed_from_step": facts["resumed_from_step"],
+    "train_runtime_s": facts["train_runtime_s"],
     "train_loss_first": losses[0] if losses else None,
     "train_loss_last": losses[-1] if losses else None,
     "dev_before": {k: round(before[k], 4) for k in keys},

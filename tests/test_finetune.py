@@ -1,21 +1,202 @@
-"""A few real MNRL steps (with a hard-negative column) on SRD rows lower the training loss; the model has a card."""
-from lib import finetune, pairs
+"""Stage 04 on real SRD rows: MNRL and its options lower the loss; entity-aware batches keep guarded items apart;
+a killed run resumes from its checkpoint to the same global step; two torchrun processes (gloo) train together."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from sentence_transformers import SentenceTransformer
+
+from lib import corpus, finetune, pairs
+from lib.io import save_npy, write_json, write_jsonl
+from lib.paths import REPO_ROOT
 
 
-def test_mnrl_steps_lower_the_loss(tmp_path, student_path, srd_slice):
-    items, queries, _, _ = srd_slice
+def _rows(items: list[dict]) -> list[dict]:
+    """name → own text rows for 32 spells (a task the base model only half knows) and a second, alias-like phrasing
+    per spell; spells 2k and 2k+1 guard each other (as a monster and the spell it casts would), a relation the
+    exact-text sampler cannot see."""
     spells = [i for i in items if i["type"] == "power"][:32]
-    # name → own text: a task the base model only half knows, so the loss must fall
-    rows = [{"anchor": s["name"], "positive": s["text"], "negative_1": spells[n - 1]["text"]} for n, s in enumerate(spells)]
-    pairs.save_dataset(tmp_path / "train", rows, num_negatives=1)
-    ds = finetune.pairs_dataset(tmp_path / "train")
-    assert ds.column_names == ["anchor", "positive", "negative_1"]
-    dev_queries = [q for q in queries if q["category"] == "monster_spells"][:4]
-    evaluator = finetune.ir_evaluator(dev_queries, items, "dev")
-    model, history = finetune.finetune(student_path, ds, ds, evaluator, tmp_path, num_train_epochs=1,
-                                       per_device_train_batch_size=8, learning_rate=5e-4, warmup_steps=0.0,
-                                       max_seq_length=64, seed=0, max_steps=12, eval_steps=6)
+    rows = []
+    for n, s in enumerate(spells):
+        negative, partner = spells[(n + 16) % 32], spells[n ^ 1]
+        base = {"kind": "query:name", "anchor_id": s["id"], "positive_id": s["id"], "positive": s["text"],
+                "negative_ids": [negative["id"]], "negative_1": negative["text"], "guard_ids": [s["id"], partner["id"]]}
+        rows.append({**base, "anchor": s["name"]})
+        rows.append({**base, "anchor": f"the spell called {s['name'].lower()}"})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, srd_slice, student_path):
+    """A run folder with a stage-00 corpus, stage-01 item vectors and stage-02 rows, as stage 04 reads them. The
+    teacher here is the base student seen through a fixed random rotation: another space, known to be reachable."""
+    items, queries, relations, background = srd_slice
+    root = tmp_path_factory.mktemp("runs")
+    dev_queries = [q | {"split": "dev"} for q in queries if q["category"] in ("power_attribute", "name_paraphrase")]
+    corpus.write_corpus(root / "tiny" / "00_corpus", items, dev_queries, relations, background)
+    rows = _rows(items)
+    for name, part in (("train", rows), ("dev", rows[:16])):
+        pairs.save_dataset(root / "tiny" / "02_pairs" / name, part, num_negatives=1)
+        write_jsonl(root / "tiny" / "02_pairs" / f"{name}.jsonl", part)
+    rotation, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(384, 384)))
+    vectors = SentenceTransformer(str(student_path), device="cpu").encode([i["text"] for i in items]) @ rotation
+    (root / "tiny" / "01_teacher").mkdir()
+    save_npy(root / "tiny" / "01_teacher" / "items.npy", vectors.astype(np.float32))
+    write_json(root / "tiny" / "01_teacher" / "item_ids.json", [i["id"] for i in items])
+    return root
+
+
+def _config(**overrides) -> finetune.FinetuneConfig:
+    settings = dict(num_train_epochs=1, per_device_train_batch_size=8, learning_rate=5e-4, warmup_steps=0.0,
+                    max_seq_length=64, query_max_seq_length=16, seed=0, max_steps=12, eval_steps=6, save_steps=6)
+    return finetune.FinetuneConfig(**(settings | overrides))
+
+
+def _train(run, student_path, out, **overrides):
+    inputs = finetune.load_inputs(run / "tiny" / "00_corpus", run / "tiny" / "02_pairs", dev_loss_rows=16, seed=0,
+                                  teacher_dir=run / "tiny" / "01_teacher")
+    return finetune.finetune(student_path, inputs.train, inputs.dev, inputs.evaluator, out, _config(**overrides),
+                             inputs.lookup, teacher_items=inputs.teacher_items)
+
+
+def test_mnrl_steps_lower_the_loss_with_entity_batches_and_bf16(tmp_path, run, student_path):
+    model, history, facts = _train(run, student_path, tmp_path)
     steps, losses = finetune.loss_curve(history)
     assert len(losses) >= 3 and losses[-1] < losses[0]
     assert (tmp_path / "model" / "README.md").exists()
-    assert any(k.startswith("eval_dev-power") for h in history for k in h)
+    assert any(k.startswith("eval_dev-") and k.endswith("ndcg@10") for h in history for k in h)
+    assert facts["global_step"] == 12 and facts["bf16"] == finetune.use_bf16(True) and facts["resumed_from_step"] == 0
+
+
+@pytest.mark.parametrize("option", [{"loss": "cached_mnrl", "mini_batch_size": 4}, {"loss": "gist"},
+                                    {"matryoshka_dims": (384, 128, 32)}])
+def test_each_loss_option_lowers_the_loss(tmp_path, run, student_path, option):
+    if option.get("loss") == "gist":
+        option = option | {"guide_model": str(student_path)}
+    _, history, _ = _train(run, student_path, tmp_path, max_steps=8, eval_steps=10, save_steps=100, **option)
+    _, losses = finetune.loss_curve(history)
+    assert losses[-1] < losses[0]
+
+
+def test_distillation_of_the_cached_teacher_vectors_is_trained_alongside(tmp_path, run, student_path):
+    _, history, facts = _train(run, student_path, tmp_path, distill=True, max_steps=16, eval_steps=8, save_steps=100,
+                               learning_rate=2e-3)
+    distill = [h["distill"] for h in history if "distill" in h]
+    assert len(distill) >= 3 and distill[-1] < distill[0]
+    assert (tmp_path / "model" / "README.md").exists() and facts["global_step"] == 16
+
+
+def test_teacher_vectors_missing_an_item_name_it(tmp_path, run):
+    items = corpus.load_items(run / "tiny" / "00_corpus")
+    shutil.copytree(run / "tiny" / "01_teacher", tmp_path / "t")
+    write_json(tmp_path / "t" / "item_ids.json", [i["id"] for i in items][:-1] + ["other"])
+    with pytest.raises(ValueError, match=f"t: no teacher vector for item '{items[-1]['id']}'"):
+        finetune.teacher_items_dataset(items, tmp_path / "t")
+
+
+def test_unknown_loss_or_sampler_is_a_clear_error():
+    with pytest.raises(ValueError, match="loss='triplet'.*mnrl"):
+        finetune.FinetuneConfig(loss="triplet")
+    with pytest.raises(ValueError, match="batch_sampler='x'"):
+        finetune.FinetuneConfig(batch_sampler="x")
+    with pytest.raises(ValueError, match="guide_model"):
+        finetune.FinetuneConfig(loss="gist")
+    with pytest.raises(ValueError, match="distill=True needs"):
+        finetune.finetune("unused", None, None, None, "unused", finetune.FinetuneConfig(distill=True))
+
+
+def test_entity_batches_keep_aliases_relations_and_other_answers_apart():
+    # rows 0/1: two phrasings of one entity A; row 2's candidate B is related to A; row 3 is unrelated
+    rows = [
+        {"kind": "query:name", "anchor": "a", "anchor_id": "A", "positive": "A text", "positive_id": "A",
+         "negative_1": "D text", "negative_ids": ["D"], "guard_ids": ["A", "B"]},
+        {"kind": "query:name", "anchor": "alias of a", "anchor_id": "A", "positive": "A text", "positive_id": "A",
+         "negative_1": "E text", "negative_ids": ["E"], "guard_ids": ["A", "B"]},
+        {"kind": "item", "anchor": "C text", "anchor_id": "C", "positive": "B text", "positive_id": "B",
+         "negative_1": "F text", "negative_ids": ["F"], "guard_ids": ["C"]},
+        {"kind": "item", "anchor": "G text", "anchor_id": "G", "positive": "H text", "positive_id": "H",
+         "negative_1": "I text", "negative_ids": ["I"], "guard_ids": ["G"]},
+    ]
+    lookup = finetune.entity_lookup(rows)
+    candidates, guards = finetune.row_keys([[r["anchor"], r["positive"], r["negative_1"]] for r in rows], lookup)
+    everything_together = [[0, 1, 2, 3]]
+    # 0↔1 share A (both ways), 2's B is guarded by 0 and 1
+    assert finetune.in_batch_false_negatives(everything_together, candidates, guards) == 4
+    batches = finetune.entity_batches([0, 1, 2, 3], candidates, guards, batch_size=4, drop_last=False)
+    assert finetune.in_batch_false_negatives(batches, candidates, guards) == 0
+    assert sorted(i for b in batches for i in b) == [0, 1, 2, 3] and batches[0] == [0, 3]
+    assert finetune.entity_batches([0, 1, 2, 3], candidates, guards, 2, drop_last=True) == [[0, 3]]
+
+
+def test_entity_sampler_removes_false_negatives_that_no_duplicates_keeps(run):
+    inputs = finetune.load_inputs(run / "tiny" / "00_corpus", run / "tiny" / "02_pairs", dev_loss_rows=16, seed=0)
+    counts = finetune.false_negatives_by_sampler(inputs.train, inputs.lookup, batch_size=8, seed=0)
+    # the exact-text sampler separates the two phrasings of a spell (same positive text) but not related spells
+    assert counts["random"]["false_negatives"] > counts["entity"]["false_negatives"] == 0
+    assert counts["no_duplicates"]["false_negatives"] > 0
+    sampler = finetune.EntityAwareBatchSampler(inputs.train, 8, False, seed=0, lookup=inputs.lookup)
+    assert len(sampler) == len(list(sampler)) and sorted(i for b in sampler for i in b) == list(range(len(inputs.train)))
+
+
+def _cli(run, student_path, out, *extra):
+    return [sys.executable, "-m", "lib.finetune", "--run-name", "tiny", "--runs-root", str(run), "--start-model",
+            str(student_path), "--output-dir", str(out), "--per-device-train-batch-size", "8", "--max-seq-length", "64",
+            "--learning-rate", "5e-4", "--dev-loss-rows", "16", *extra]
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, run, student_path):
+    out = tmp_path / "ft"
+    args = _cli(run, student_path, out, "--max-steps", "24", "--save-steps", "4", "--eval-steps", "100")
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(args, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not list((out / "checkpoints").glob("checkpoint-8")) and time.monotonic() < deadline:
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.5)
+    time.sleep(1.0)  # let it get into the next steps, then kill the whole process group hard
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert not (out / "model").exists()
+    last = max(int(c.name.split("-")[1]) for c in (out / "checkpoints").glob("checkpoint-*"))
+    assert 8 <= last < 24
+    done = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    facts = json.loads((out / "train_facts.json").read_text())
+    assert facts["resumed_from_step"] == last and facts["global_step"] == 24
+    assert (out / "model" / "model.safetensors").exists()
+    # a rerun of a finished run (say the stage died after training) takes the final checkpoint: no extra step
+    trained = load_file(out / "model" / "model.safetensors")
+    rerun = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    facts = json.loads((out / "train_facts.json").read_text())
+    assert facts["resumed_from_step"] == 24 and facts["global_step"] == 24
+    reloaded = load_file(out / "model" / "model.safetensors")
+    assert all(torch.equal(trained[k], reloaded[k]) for k in trained)
+    # a different configuration never resumes from these checkpoints
+    again = subprocess.run(args[:-6] + ["--max-steps", "4", "--save-steps", "4", "--eval-steps", "100"], cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "train_facts.json").read_text())["resumed_from_step"] == 0
+
+
+def test_two_torchrun_processes_train_together_over_gloo(tmp_path, run, student_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    out = tmp_path / "ddp"
+    args = [torchrun, "--standalone", "--nproc_per_node=2", *_cli(run, student_path, out, "--max-steps", "6",
+                                                                  "--save-steps", "100", "--eval-steps", "5")[1:]]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+    done = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    facts = json.loads((out / "train_facts.json").read_text())
+    assert facts["world_size"] == 2 and facts["global_step"] == 6
+    _, losses = finetune.loss_curve(json.loads((out / "log_history.json").read_text()))
+    assert losses[-1] < losses[0]
+    assert (out / "model" / "model.safetensors").exists()

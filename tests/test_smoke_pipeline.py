@@ -93,6 +93,8 @@ def test_before_and_after_are_both_reported(smoke):
     finetune = m("04_finetune")
     assert finetune["train_loss_last"] < finetune["train_loss_first"]
     assert finetune["dev_before"].keys() == finetune["dev_after"].keys()
+    fn = finetune["in_batch_false_negatives"]
+    assert fn["entity"] == 0 and set(fn) == {"random", "no_duplicates", "entity"}
     adapt = m("03_domain_adapt")
     assert adapt["perplexity_after"] < adapt["perplexity_before"]
     exported = m("07_export")
