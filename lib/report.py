@@ -105,6 +105,26 @@ def cost_line(metrics: dict[str, dict], timings: dict[str, float]) -> str:
     return "; ".join(parts) + "." if parts else ""
 
 
+def training_section(finetune_metrics: dict, run: str) -> str:
+    """Stage 04's run facts (steps, bf16, resume, in-batch false negatives per sampler) and `make bench`'s training
+    speed for this run when it exists."""
+    if not finetune_metrics.get("in_batch_false_negatives"):
+        return ""
+    facts = {k: {"value": finetune_metrics.get(k)} for k in ("loss", "distill", "batch_sampler", "steps", "bf16",
+                                                            "resumed_from_step", "train_runtime_s")}
+    out = ("<h2>Training</h2>" + table(facts, ["value"])
+           + "<h3>In-batch false negatives in one epoch, per batch sampler</h3><p>An anchor contrasted with its own "
+             "entity under another text, an alias, a related item or another item its query fits.</p>"
+           + table({name: {"false negatives": n} for name, n in finetune_metrics["in_batch_false_negatives"].items()},
+                   ["false negatives"]))
+    bench_path = REPO_ROOT / "bench" / "results" / "finetune_speed.json"
+    bench = read_json(bench_path) if bench_path.exists() else {}
+    if bench.get("run") == run:
+        out += ("<h3>Training speed (make bench, bench/results/finetune_speed.json)</h3>"
+                + table(bench["variants"], ["median_step_s", "steps_per_s", "speedup_vs_fp32", "dev_ndcg@10"]))
+    return out
+
+
 def search_section(export_metrics: dict, run: str) -> str:
     """Stage 07's parity gate per backend, and `make bench`'s figures for this run when they exist."""
     if not export_metrics.get("backends"):
@@ -183,6 +203,7 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
         quality = {f"{measure} by {label}": values for measure in ("knn10_label_agreement", "silhouette")
                    for label, values in maps.get(measure, {}).items()}
         parts.append("<h3>Cluster quality</h3>" + table(quality, ["before", "after"]))
+    parts.append(training_section(metrics.get("04_finetune", {}), run))
     parts.append(search_section(metrics.get("07_export", {}), run))
     links = lambda s: " · ".join(f"<a href='{name}'>{name}</a>" for name in (f"{s}.html", f"{s}.code.html")
                                  if (out_dir / name).exists()) or "—"
