@@ -85,6 +85,7 @@ lab: setup ## JupyterLab on notebooks/ with the Jupytext .py files paired to .ip
 bench: setup ## benchmarks → bench/results/*.json (needs a finished run: make all); the index page shows them
 	$(PY) bench/encode_throughput.py --run $(RUN)
 	$(PY) bench/pair_mining.py
+	$(PY) bench/finetune_speed.py --run $(RUN)
 	$(PY) -m lib.pipeline report --domain $(DOMAIN) --profile $(PROFILE)
 
 clean: ## remove runs, reports and generated notebooks (keeps the teacher cache)
