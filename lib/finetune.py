@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sentence_transformers.base.sampler import DefaultBatchSampler
+from sentence_transformers.sentence_transformer.losses import EmbedDistillLoss
 
 LOSSES = ("mnrl", "cached_mnrl", "gist")
 BATCH_SAMPLERS = ("entity", "no_duplicates", "random")
@@ -324,16 +325,18 @@ def column_routes(column_names: list[str]) -> dict[str, str]:
     return {c: "query" if n == 0 else "document" for n, c in enumerate(column_names)}
 
 
+class LoggedEmbedDistillLoss(EmbedDistillLoss):
+    """EmbedDistillLoss returned as {"distill": loss}: the Trainer logs a dict-valued loss under its keys."""
+
+    def forward(self, sentence_features, labels):
+        return {"distill": super().forward(sentence_features, labels)}
+
+
 def with_distillation(model, loss, train_dataset, eval_dataset, teacher_items) -> tuple[dict, dict, dict, dict]:
     """Two datasets and losses, batches drawn in proportion: the contrastive rows, and the items whose student
     embedding (through a learned projection) must point like its teacher vector (EmbedDistillLoss, cosine; logged
     as `distill`)."""
     from datasets import DatasetDict
-    from sentence_transformers.sentence_transformer import losses
-
-    class LoggedEmbedDistillLoss(losses.EmbedDistillLoss):
-        def forward(self, sentence_features, labels):
-            return {"distill": super().forward(sentence_features, labels)}  # a dict: the Trainer logs it by name
 
     distill = LoggedEmbedDistillLoss(model, distance_metric="cosine", projection_dim=len(teacher_items[0]["label"]))
     routes = {"pairs": column_routes(train_dataset.column_names), "distill": {"text": "document"}}
@@ -440,10 +443,10 @@ def finite_log_history(log_history: list[dict]) -> list[dict]:
     return [{k: v for k, v in h.items() if not (isinstance(v, float) and v != v)} for h in log_history]
 
 
-def loss_curve(log_history: list[dict]) -> tuple[list[int], list[float]]:
-    """(step, training loss) points from a Trainer log history."""
-    points = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
-    return [s for s, _ in points], [l for _, l in points]
+def loss_curve(log_history: list[dict], key: str = "loss") -> tuple[list[int], list[float]]:
+    """(step, value) points of one logged quantity (training loss by default) from a Trainer log history."""
+    points = [(h["step"], h[key]) for h in log_history if key in h]
+    return [s for s, _ in points], [v for _, v in points]
 
 
 # --- command line (torchrun) -----------------------------------------------------------------------------------

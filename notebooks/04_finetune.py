@@ -112,17 +112,15 @@ facts
 # %%
 steps, losses = finetune.loss_curve(history)
 line_plot(steps, losses, f"{loss} training loss" + (" (with the distillation batches)" if distill else ""), "step", "loss");
-distill_curve = [(h["step"], h["distill"]) for h in history if "distill" in h]
-if distill_curve:
-    line_plot([s for s, _ in distill_curve], [v for _, v in distill_curve], "distillation loss (1 − cosine to the teacher)",
-              "step", "loss");
+distill_steps, distill_losses = finetune.loss_curve(history, "distill")
+if distill_steps:
+    line_plot(distill_steps, distill_losses, "distillation loss (1 − cosine to the teacher)", "step", "loss");
 
 # %%
 score_key = next(k for k in after if k.endswith("ndcg@10"))
-curve = [(h["step"], h[f"eval_{score_key}"]) for h in history if f"eval_{score_key}" in h]
-if curve:
-    line_plot([0] + [s for s, _ in curve], [before[score_key]] + [v for _, v in curve],
-              f"dev {score_key} during training", "step", "NDCG@10");
+dev_steps, dev_scores = finetune.loss_curve(history, f"eval_{score_key}")
+if dev_steps:
+    line_plot([0] + dev_steps, [before[score_key]] + dev_scores, f"dev {score_key} during training", "step", "NDCG@10");
 
 # %%
 keys = sorted(k for k in after if k.endswith(("ndcg@10", "mrr@10", "recall@10")))
