@@ -7,7 +7,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
@@ -17,6 +16,8 @@ import numpy as np
 import torch
 from sentence_transformers.base.sampler import DefaultBatchSampler
 from sentence_transformers.sentence_transformer.losses import EmbedDistillLoss
+
+from lib.training import is_main_process, resumable_checkpoints, train_or_resume, use_bf16
 
 LOSSES = ("mnrl", "cached_mnrl", "gist")
 BATCH_SAMPLERS = ("entity", "no_duplicates", "random")
@@ -265,16 +266,6 @@ def false_negatives_by_sampler(dataset, lookup: tuple[dict, dict], batch_size: i
 
 # --- training --------------------------------------------------------------------------------------------------
 
-def use_bf16(requested: bool) -> bool:
-    """bf16 autocast where it is fast: a GPU with bf16, or a CPU with AVX512-BF16 / AMX (emulated bf16 is slower)."""
-    from lib.export import bf16_supported
-
-    if not requested:
-        return False
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return bf16_supported()
-
 
 def build_loss(model, config: FinetuneConfig, distributed: bool):
     """MNRL (or cached MNRL / GIST), optionally inside MatryoshkaLoss; negatives gathered across processes."""
@@ -300,24 +291,6 @@ def checkpoint_key(config: FinetuneConfig, start_model: str | Path, train_datase
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "resume"}
     return {"config": json.loads(json.dumps(settings)), "start_model": str(start_model),
             "train_rows": [d._fingerprint for d in datasets], "world_size": int(os.environ.get("WORLD_SIZE", 1))}
-
-
-def resumable_checkpoints(checkpoints: Path, key: dict, resume: bool) -> bool:
-    """True when `checkpoints` holds a checkpoint made under `key`; otherwise clear it for a fresh start."""
-    key_file = checkpoints / "run_key.json"
-    found = any(checkpoints.glob("checkpoint-*")) and key_file.is_file() and json.loads(key_file.read_text()) == key
-    if resume and found:
-        return True
-    if is_main_process():
-        shutil.rmtree(checkpoints, ignore_errors=True)
-        checkpoints.mkdir(parents=True)
-        key_file.write_text(json.dumps(key, indent=1))
-    return False
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a torchrun job, or a plain process."""
-    return int(os.environ.get("RANK", 0)) == 0
 
 
 def column_routes(column_names: list[str]) -> dict[str, str]:
@@ -410,43 +383,13 @@ def finetune(start_model: str | Path, train_dataset, eval_dataset, evaluator, ou
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, loss=loss, evaluator=evaluator,
         data_collator=collator, callbacks=callbacks,
     )
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(str(checkpoints)) if resume else None
-    finished = finished_training_state(last)
-    if finished:  # the run ended but the stage did not: take the last checkpoint's weights (a resume would add a step)
-        model.load_state_dict(SentenceTransformer(last, device=model.device).state_dict())
-        state = finished
-    else:
-        trainer.train(resume_from_checkpoint=last)
-        state = {"global_step": trainer.state.global_step, "log_history": trainer.state.log_history}
+    load = lambda last: model.load_state_dict(SentenceTransformer(last, device=model.device).state_dict())
+    run = train_or_resume(trainer, checkpoints, resume, load)
     # 6. Save the final model (with its model card) from the main process
     if trainer.is_world_process_zero():
         model.save(str(Path(output_dir) / "model"))
-    facts = {"bf16": bf16, "resumed_from_step": int(last.rsplit("-", 1)[1]) if last else 0, "world_size": args.world_size,
-             "global_step": state["global_step"],
-             "train_runtime_s": next((h["train_runtime"] for h in state["log_history"] if "train_runtime" in h), None)}
-    return model, finite_log_history(state["log_history"]), facts
-
-
-def finished_training_state(checkpoint: str | None) -> dict | None:
-    """The Trainer state saved in `checkpoint` when it is the final step of its run, else None."""
-    if not checkpoint:
-        return None
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-    return state if state.get("max_steps") and state["global_step"] >= state["max_steps"] else None
-
-
-def finite_log_history(log_history: list[dict]) -> list[dict]:
-    """The log history without NaN values: the Trainer logs a loss component as 0/0 for a logging window in which
-    none of its batches came (e.g. `distill` between two item batches)."""
-    return [{k: v for k, v in h.items() if not (isinstance(v, float) and v != v)} for h in log_history]
-
-
-def loss_curve(log_history: list[dict], key: str = "loss") -> tuple[list[int], list[float]]:
-    """(step, value) points of one logged quantity (training loss by default) from a Trainer log history."""
-    points = [(h["step"], h[key]) for h in log_history if key in h]
-    return [s for s, _ in points], [v for _, v in points]
+    history = run.pop("log_history")
+    return model, history, {"bf16": bf16, "world_size": args.world_size} | run
 
 
 # --- command line (torchrun) -----------------------------------------------------------------------------------

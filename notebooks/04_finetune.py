@@ -58,7 +58,7 @@ import pandas as pd
 from sentence_transformers import SentenceTransformer
 from transformers import set_seed
 
-from lib import finetune
+from lib import finetune, training
 from lib.io import write_json
 from lib.paths import resolve_model_path, stage_dir
 from lib.plots import line_plot
@@ -81,7 +81,7 @@ inputs = finetune.load_inputs(corpus_dir, pairs_dir, dev_loss_rows, seed,
                               stage_dir(run_name, "01_teacher", runs_root or None) if distill else None)
 print(f"start from {start_model}; {len(inputs.train)} train rows {inputs.train.column_names}, {len(inputs.dev)} dev rows, "
       f"{inputs.dev_queries} dev queries; loss {loss}, batch sampler {batch_sampler}, "
-      f"bf16 {finetune.use_bf16(bf16)}")
+      f"bf16 {training.use_bf16(bf16)}")
 
 # %% [markdown]
 # ## In-batch false negatives per batch sampler
@@ -110,15 +110,15 @@ write_json(out_dir / "log_history.json", history)
 facts
 
 # %%
-steps, losses = finetune.loss_curve(history)
+steps, losses = training.loss_curve(history)
 line_plot(steps, losses, f"{loss} training loss" + (" (with the distillation batches)" if distill else ""), "step", "loss");
-distill_steps, distill_losses = finetune.loss_curve(history, "distill")
+distill_steps, distill_losses = training.loss_curve(history, "distill")
 if distill_steps:
     line_plot(distill_steps, distill_losses, "distillation loss (1 − cosine to the teacher)", "step", "loss");
 
 # %%
 score_key = next(k for k in after if k.endswith("ndcg@10"))
-dev_steps, dev_scores = finetune.loss_curve(history, f"eval_{score_key}")
+dev_steps, dev_scores = training.loss_curve(history, f"eval_{score_key}")
 if dev_steps:
     line_plot([0] + dev_steps, [before[score_key]] + dev_scores, f"dev {score_key} during training", "step", "NDCG@10");
 

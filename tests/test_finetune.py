@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 
-from lib import corpus, finetune, pairs
+from lib import corpus, finetune, pairs, training
 from lib.io import save_npy, write_json, write_jsonl
 from lib.paths import REPO_ROOT
 
@@ -69,11 +69,11 @@ def _train(run, student_path, out, **overrides):
 
 def test_mnrl_steps_lower_the_loss_with_entity_batches_and_bf16(tmp_path, run, student_path):
     model, history, facts = _train(run, student_path, tmp_path)
-    steps, losses = finetune.loss_curve(history)
+    steps, losses = training.loss_curve(history)
     assert len(losses) >= 3 and losses[-1] < losses[0]
     assert (tmp_path / "model" / "README.md").exists()
     assert any(k.startswith("eval_dev-") and k.endswith("ndcg@10") for h in history for k in h)
-    assert facts["global_step"] == 12 and facts["bf16"] == finetune.use_bf16(True) and facts["resumed_from_step"] == 0
+    assert facts["global_step"] == 12 and facts["bf16"] == training.use_bf16(True) and facts["resumed_from_step"] == 0
 
 
 @pytest.mark.parametrize("option", [{"loss": "cached_mnrl", "mini_batch_size": 4}, {"loss": "gist"},
@@ -82,7 +82,7 @@ def test_each_loss_option_lowers_the_loss(tmp_path, run, student_path, option):
     if option.get("loss") == "gist":
         option = option | {"guide_model": str(student_path)}
     _, history, _ = _train(run, student_path, tmp_path, max_steps=8, eval_steps=10, save_steps=100, **option)
-    _, losses = finetune.loss_curve(history)
+    _, losses = training.loss_curve(history)
     assert losses[-1] < losses[0]
 
 
@@ -197,6 +197,6 @@ def test_two_torchrun_processes_train_together_over_gloo(tmp_path, run, student_
     assert done.returncode == 0, done.stderr[-4000:]
     facts = json.loads((out / "train_facts.json").read_text())
     assert facts["world_size"] == 2 and facts["global_step"] == 6
-    _, losses = finetune.loss_curve(json.loads((out / "log_history.json").read_text()))
+    _, losses = training.loss_curve(json.loads((out / "log_history.json").read_text()))
     assert losses[-1] < losses[0]
     assert (out / "model" / "model.safetensors").exists()
