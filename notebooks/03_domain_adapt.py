@@ -14,46 +14,68 @@
 # ---
 
 # %% [markdown]
-# # 03 · Domain adaptation (masked-language modelling)
-# **Purpose:** teach the student encoder the domain's vocabulary before contrastive training:
-# MLM with `AutoModelForMaskedLM` + transformers `Trainer` + `DataCollatorForLanguageModeling` on the
-# background markdown (SRD rules, features, conditions, traits, magic items). No BERT with a pretrained MLM
-# head ships here, so the head's transform layer starts untrained (its decoder is tied to the word
-# embeddings): a short head-only warm-up runs first, then the whole model trains.
-# Held-out perplexity and masked-token accuracy are measured before and after on the same masks.
+# # 03 · Domain pre-training (MLM, MLM + NSP or TSDAE)
+# **Purpose:** teach the student encoder the domain's language before contrastive training, with one of
+# - **`mlm`**: masked-language modelling (`AutoModelForMaskedLM` + transformers `Trainer` +
+#   `DataCollatorForLanguageModeling`, whole-word masking by default) on background chunks packed on sentence boundaries;
+# - **`mlm_nsp`**: MLM plus BERT's next-sentence prediction (`AutoModelForPreTraining`): each chunk is cut in two and,
+#   for half of them, the second half is swapped for another chunk's;
+# - **`tsdae`**: sentence-transformers' `DenoisingAutoEncoderLoss`: the encoder embeds a sentence with 60 % of its
+#   words deleted and a decoder tied to the encoder rebuilds the sentence from that single vector;
+# - **`none`**: the base student passes on unchanged.
+#
+# No BERT with a pretrained MLM head ships here, so the MLM (and NSP) head starts untrained: for the first
+# `head_warmup_steps` only the head learns (encoder frozen), then the whole model. The held-out curves below show the
+# effect. `make ablation-domain` runs stages 03–05 for every method and picks the default.
 #
 # **Reads:** `00_corpus/background/*.md` (+ `background_dir` if given). **Writes:** `03_domain_adapt/model/`
-# (a SentenceTransformer: adapted encoder + mean pooling + normalisation), `metrics.json`.
+# (a SentenceTransformer: adapted encoder + mean pooling + normalisation), `checkpoints/` (while training), `metrics.json`.
 
 # %% tags=["parameters"]
 run_name: str = "dnd-default"  # run folder under data/runs: <domain>-<profile>
 runs_root: str = ""  # where runs live; empty means <repo>/data/runs
 base_model: str = "all-MiniLM-L6-v2"  # the student: bundled all-MiniLM-L6-v2, or a SentenceTransformer folder
-adapt_domain: bool = True  # False skips MLM and pass the base student on unchanged
+domain_method: str = "mlm"  # none | mlm | mlm_nsp | tsdae (the winner of `make ablation-domain`, see README)
 background_dir: str = ""  # extra folder of .md files, e.g. ../shared/data/dnd-srd51-wiki-markdown
-mlm_max_seq_length: int = 128  # tokens per packed background chunk
+mlm_max_seq_length: int = 128  # tokens per packed background chunk (and per TSDAE sentence)
 mlm_probability: float = 0.15  # share of tokens masked
-head_warmup_steps: int = 30  # steps training only the MLM head (encoder frozen)
-mlm_max_steps: int = 90  # steps training the whole model
-mlm_batch_size: int = 16  # chunks per step
-mlm_learning_rate: float = 2e-5  # AdamW peak learning rate (full model)
+whole_word_mask: bool = True  # mask all pieces of a chosen word ("be ##hold ##er") instead of single pieces
+head_warmup_steps: int = 30  # MLM/NSP: steps training only the untrained head (encoder frozen)
+head_learning_rate: float = 1e-3  # MLM/NSP: the head's peak learning rate
+mlm_max_steps: int = 90  # MLM/NSP: steps training the whole model after the warm-up
+mlm_batch_size: int = 16  # chunks (or TSDAE sentences) per step
+mlm_learning_rate: float = 2e-5  # MLM/NSP: the encoder's peak learning rate
+tsdae_max_steps: int = 300  # TSDAE: steps
+tsdae_learning_rate: float = 3e-5  # TSDAE: peak learning rate
+tsdae_deletion_ratio: float = 0.6  # TSDAE: share of words deleted from the input
 mlm_warmup_steps: float = 0.1  # a float < 1 is a ratio of the total steps
-mlm_eval_fraction: float = 0.1  # share of chunks held out for perplexity
+mlm_eval_fraction: float = 0.1  # share of chunks held out for the before/after measurements
+heldout_every: int = 15  # steps between held-out measurements during training
+save_steps: int = 30  # checkpoint interval; a rerun after an interruption resumes from the last checkpoint
+bf16: bool = True  # bf16 autocast where the CPU (AVX512-BF16/AMX) or GPU has it
 max_chunks: int = 0  # cap on background chunks (0 for all)
-seed: int = 42  # seeds the split, the masks and training
+seed: int = 42  # seeds the split, the masks, the noise and training
 # %%
 import shutil
 
 import pandas as pd
-from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling, set_seed
+from transformers import AutoTokenizer, set_seed
 
-from lib import corpus, domain_adapt
+from lib import corpus, domain_adapt, training
 from lib.io import write_json
 from lib.paths import resolve_model_path, stage_dir
+from lib.plots import line_plot
 
+config = domain_adapt.AdaptConfig(
+    method=domain_method, max_seq_length=mlm_max_seq_length, batch_size=mlm_batch_size, mlm_probability=mlm_probability,
+    whole_word_mask=whole_word_mask, head_warmup_steps=head_warmup_steps, head_learning_rate=head_learning_rate,
+    mlm_max_steps=mlm_max_steps, mlm_learning_rate=mlm_learning_rate, tsdae_max_steps=tsdae_max_steps,
+    tsdae_learning_rate=tsdae_learning_rate, tsdae_deletion_ratio=tsdae_deletion_ratio, warmup_steps=mlm_warmup_steps,
+    heldout_every=heldout_every, save_steps=save_steps, bf16=bf16, seed=seed)
 set_seed(seed)
 corpus_dir = stage_dir(run_name, "00_corpus", runs_root or None)
 out_dir = stage_dir(run_name, "03_domain_adapt", runs_root or None, create=True)
+model_dir, checkpoints = out_dir / "model", out_dir / "checkpoints"
 student_path = resolve_model_path(base_model)
 tokenizer = AutoTokenizer.from_pretrained(str(student_path))
 
@@ -63,65 +85,108 @@ tokenizer = AutoTokenizer.from_pretrained(str(student_path))
 # %%
 docs = corpus.load_background(corpus_dir, background_dir or None)
 texts = [domain_adapt.markdown_to_text(t) for t in docs.values()]
-chunks = domain_adapt.pack_chunks(texts, tokenizer, mlm_max_seq_length - 2)
+chunks = domain_adapt.pack_chunks(texts, tokenizer, mlm_max_seq_length - 3)
 if max_chunks:
     chunks = chunks[:max_chunks]
 train_chunks, eval_chunks = domain_adapt.split_chunks(chunks, mlm_eval_fraction, seed)
 print(f"{len(docs)} background files, {sum(map(len, texts)):,} characters → {len(chunks)} chunks "
-      f"({len(train_chunks)} train, {len(eval_chunks)} held out)")
+      f"({len(train_chunks)} train, {len(eval_chunks)} held out) · method {domain_method}, "
+      f"bf16 {training.use_bf16(bf16)}")
 print(train_chunks[0][:400])
 
 # %% [markdown]
-# ## 2. MLM: head warm-up, then the whole model
+# ## 2. Training
+# MLM / MLM + NSP: held-out perplexity and masked-token accuracy on fixed masks before training, after the head
+# warm-up and at the end (NSP: held-out is-next accuracy too). TSDAE: held-out reconstruction loss (cross-entropy per
+# token of the original sentence given the embedding of its noisy copy) before and after.
 
 # %%
-model_dir = out_dir / "model"
-if adapt_domain:
-    model = AutoModelForMaskedLM.from_pretrained(str(student_path))
-    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability, seed=seed)
-    train_ds = domain_adapt.tokenize_chunks(train_chunks, tokenizer, mlm_max_seq_length)
+measures, run = {}, {"log_history": [], "global_step": 0, "resumed_from_step": 0, "train_runtime_s": None, "bf16": False}
+if domain_method in ("mlm", "mlm_nsp"):
+    nsp = domain_method == "mlm_nsp"
+    model = domain_adapt.load_mlm_model(student_path, nsp)
+    collator = domain_adapt.mlm_collator(tokenizer, mlm_probability, whole_word_mask, seed)
+    heldout_collator = domain_adapt.mlm_collator(tokenizer, mlm_probability, whole_word_mask, seed + 1)
     eval_batches = domain_adapt.masked_eval_batches(
-        domain_adapt.tokenize_chunks(eval_chunks, tokenizer, mlm_max_seq_length),
-        DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability, seed=seed + 1),
-        mlm_batch_size)
-    before = domain_adapt.masked_lm_metrics(model, eval_batches)
-    history = []
-    if head_warmup_steps:
-        domain_adapt.set_encoder_trainable(model, False)
-        history += domain_adapt.train_mlm(model, tokenizer, train_ds, collator, out_dir / "checkpoints",
-                                          head_warmup_steps, mlm_batch_size, 1e-3, 0.0, seed)
-        domain_adapt.set_encoder_trainable(model, True)
-    after_warmup = domain_adapt.masked_lm_metrics(model, eval_batches)
-    history += domain_adapt.train_mlm(model, tokenizer, train_ds, collator, out_dir / "checkpoints",
-                                      mlm_max_steps, mlm_batch_size, mlm_learning_rate, mlm_warmup_steps, seed)
-    after = domain_adapt.masked_lm_metrics(model, eval_batches)
+        domain_adapt.tokenize_chunks(eval_chunks, tokenizer, mlm_max_seq_length), heldout_collator, mlm_batch_size)
+    if nsp:
+        train_ds = domain_adapt.tokenize_pairs(domain_adapt.next_sentence_pairs(train_chunks, seed), tokenizer, mlm_max_seq_length)
+        nsp_batches = domain_adapt.masked_eval_batches(domain_adapt.tokenize_pairs(
+            domain_adapt.next_sentence_pairs(eval_chunks, seed + 1), tokenizer, mlm_max_seq_length), heldout_collator, mlm_batch_size)
+        measure = lambda: domain_adapt.masked_lm_metrics(model, eval_batches) | {
+            "nsp_accuracy": domain_adapt.next_sentence_accuracy(model, nsp_batches)}
+    else:
+        train_ds = domain_adapt.tokenize_chunks(train_chunks, tokenizer, mlm_max_seq_length)
+        measure = lambda: domain_adapt.masked_lm_metrics(model, eval_batches)
+    measures["before"] = measure()
+    run = domain_adapt.train_mlm(model, train_ds, collator, checkpoints, config, student_path,
+                                 [domain_adapt.HeldOutLog(measure, heldout_every, (head_warmup_steps,))])
+    after_warmup = [h for h in run["log_history"] if h.get("step") == head_warmup_steps and "heldout_loss" in h]
+    if head_warmup_steps and after_warmup:
+        measures["after head warm-up"] = {k.removeprefix("heldout_"): v for k, v in after_warmup[-1].items() if k != "step"}
+    measures["after"] = measure()
     domain_adapt.save_as_sentence_transformer(model, student_path, model_dir)
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
-    display(pd.DataFrame({"before": before, "after head warm-up": after_warmup, "after MLM": after}).T)
+elif domain_method == "tsdae":
+    sentences = domain_adapt.background_sentences(train_chunks)
+    heldout_ds = domain_adapt.denoising_dataset(domain_adapt.background_sentences(eval_chunks)[:256],
+                                                tsdae_deletion_ratio, seed + 1)
+    print(f"TSDAE: {len(sentences)} training sentences, {len(heldout_ds)} held out")
+    model, loss = domain_adapt.tsdae_model(student_path, mlm_max_seq_length)
+    train_ds = domain_adapt.denoising_dataset(sentences, tsdae_deletion_ratio, seed)
+    measure = lambda: {"loss": domain_adapt.denoising_loss(loss, heldout_ds, mlm_batch_size)}
+    measures["before"] = measure()
+    run = domain_adapt.train_tsdae(model, loss, train_ds, checkpoints, config, student_path,
+                                   [domain_adapt.HeldOutLog(measure, heldout_every)])
+    measures["after"] = measure()
+    model.save(str(model_dir))
 else:
-    shutil.copytree(student_path, model_dir, dirs_exist_ok=True)
-    before = after_warmup = after = {}
-    history = []
+    shutil.rmtree(model_dir, ignore_errors=True)
+    shutil.copytree(student_path, model_dir)
+shutil.rmtree(checkpoints, ignore_errors=True)
+if measures:
+    display(pd.DataFrame(measures).T.round(4))
+
+# %% [markdown]
+# ## 3. Curves: training loss and held-out measurements
+# For MLM the dashed line marks where the encoder is unfrozen: before it only the head learns, so the held-out
+# perplexity falls from the random head's level without the head's random gradients reaching the encoder.
 
 # %%
-from lib.plots import line_plot
+history = run["log_history"]
+steps, losses = training.loss_curve(history)
+if steps:
+    line_plot(steps, losses, f"{domain_method}: training loss", "step", "loss");
+key = "heldout_perplexity" if domain_method.startswith("mlm") else "heldout_loss"
+held_steps, held_values = training.loss_curve(history, key)
+if held_steps:
+    name = key.removeprefix("heldout_")
+    ax = line_plot([0] + held_steps, [measures["before"][name]] + held_values, f"{domain_method}: held-out {name}",
+                   "step", name).axes[0]
+    if domain_method.startswith("mlm") and head_warmup_steps:
+        ax.axvline(head_warmup_steps, ls="--", color="grey")
+    if domain_method.startswith("mlm"):
+        ax.set_yscale("log")
 
-losses = [(i, h["loss"]) for i, h in enumerate(history) if "loss" in h]
-if losses:
-    line_plot([i for i, _ in losses], [l for _, l in losses], "MLM training loss (warm-up, then full model)",
-              "log step", "loss");
+# %% [markdown]
+# ## 4. How far the sentence embeddings moved
+# Mean cosine between the base student's and the adapted encoder's embeddings of the held-out chunks (1.0 = unchanged).
+
+# %%
+drift = domain_adapt.embedding_drift(student_path, model_dir, eval_chunks)
+print(f"mean cosine(base, adapted) on {len(eval_chunks)} held-out chunks: {drift:.3f}")
 
 # %%
 metrics = {
-    "adapt_domain": adapt_domain,
+    "domain_method": domain_method,
+    "whole_word_mask": whole_word_mask if domain_method.startswith("mlm") else None,
     "chunks_train": len(train_chunks),
     "chunks_heldout": len(eval_chunks),
-    "perplexity_before": before.get("perplexity"),
-    "perplexity_after_head_warmup": after_warmup.get("perplexity"),
-    "perplexity_after": after.get("perplexity"),
-    "masked_accuracy_before": before.get("masked_accuracy"),
-    "masked_accuracy_after": after.get("masked_accuracy"),
-    "steps": head_warmup_steps + mlm_max_steps if adapt_domain else 0,
+    "heldout": measures,
+    "embedding_cosine_to_base": drift,
+    "steps": run["global_step"],
+    "resumed_from_step": run["resumed_from_step"],
+    "train_runtime_s": run["train_runtime_s"],
+    "bf16": run["bf16"],
 }
 write_json(out_dir / "metrics.json", metrics)
 metrics
