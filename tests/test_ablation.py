@@ -1,0 +1,40 @@
+"""Ablation specs are checked before any work (params/ablations/*.yaml)."""
+import pytest
+
+from lib import ablation
+
+
+def test_the_domain_ablation_compares_every_pretraining_method():
+    spec = ablation.load_spec("domain")
+    assert spec["stages"] == ["03_domain_adapt", "04_finetune", "05_evaluate"]
+    assert [arm["domain_method"] for arm in spec["arms"].values()] == ["none", "mlm", "mlm_nsp", "tsdae"]
+
+
+def test_an_unknown_ablation_lists_the_known_ones():
+    with pytest.raises(FileNotFoundError, match=r"must be one of \['domain'\]"):
+        ablation.load_spec("domian")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("stages: [04_finetune, 03_domain_adapt]\narms: {a: {}, b: {}}", "pipeline order"),
+    ("stages: [03_domain_adapt, 09_magic]\narms: {a: {}, b: {}}", "pipeline order"),
+    ("stages: [03_domain_adapt]\narms: {a: {domain_method: mlm}}", "at least two arm names"),
+    ("stages: [03_domain_adapt]\narms: {a: {}, b: {}}\nseeds: [1, 2]", "expected the keys"),
+])
+def test_a_malformed_spec_names_the_file_and_the_problem(tmp_path, text, message):
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as error:
+        ablation.load_spec(str(path))
+    assert str(path) in str(error.value)
+
+
+def test_arms_read_the_runs_finished_upstream_stages(tmp_path):
+    runs = tmp_path / "runs"
+    for stage in ("00_corpus", "01_teacher"):
+        (runs / "r" / stage).mkdir(parents=True)
+        (runs / "r" / stage / "metrics.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="02_pairs is not finished"):
+        ablation.link_upstream("r", "03_domain_adapt", runs, tmp_path / "arm")
+    ablation.link_upstream("r", "02_pairs", runs, tmp_path / "arm")
+    assert (tmp_path / "arm" / "r" / "01_teacher").resolve() == (runs / "r" / "01_teacher").resolve()
