@@ -67,7 +67,7 @@ METHODS = ("none", "mlm", "mlm_nsp", "tsdae")
 @dataclass
 class AdaptConfig:
     """Settings of stage 03 (the notebook's parameters)."""
-    method: str = "mlm"  # none | mlm | mlm_nsp (MLM + next-sentence prediction) | tsdae
+    method: str = "none"  # none | mlm | mlm_nsp (MLM + next-sentence prediction) | tsdae
     max_seq_length: int = 128  # tokens per packed chunk (MLM) or sentence (TSDAE)
     batch_size: int = 16  # chunks or sentences per step
     mlm_probability: float = 0.15  # share of tokens (or whole words) masked

@@ -35,7 +35,7 @@
 run_name: str = "dnd-default"  # run folder under data/runs: <domain>-<profile>
 runs_root: str = ""  # where runs live; empty means <repo>/data/runs
 base_model: str = "all-MiniLM-L6-v2"  # the student: bundled all-MiniLM-L6-v2, or a SentenceTransformer folder
-domain_method: str = "mlm"  # none | mlm | mlm_nsp | tsdae (the winner of `make ablation-domain`, see README)
+domain_method: str = "none"  # none | mlm | mlm_nsp | tsdae; none won `make ablation-domain` on the dev queries (README)
 background_dir: str = ""  # extra folder of .md files, e.g. ../shared/data/dnd-srd51-wiki-markdown
 mlm_max_seq_length: int = 128  # tokens per packed background chunk (and per TSDAE sentence)
 mlm_probability: float = 0.15  # share of tokens masked
