@@ -43,7 +43,7 @@ def code_fingerprint(stages: list[str], files: list[Path]) -> str:
     paths = [REPO_ROOT / "notebooks" / f"{s}.py" for s in stages] + sorted((REPO_ROOT / "lib").rglob("*.py")) + files
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(str(path.relative_to(REPO_ROOT)).encode() + b"\0" + path.read_bytes())
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
