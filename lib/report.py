@@ -152,7 +152,7 @@ def search_section(export_metrics: dict, run: str) -> str:
     return out
 
 
-def ablation_sections(run: str, params: dict, runs_root: str | None, out_dir: Path) -> str:
+def ablation_sections(run: str, domain_method: str | None, runs_root: str | None, out_dir: Path) -> str:
     """One section per finished ablation of this run (data/runs/<run>/ablation-<name>/results.json): the arms' dev and
     held-out test scores, what stage 03 did in each, links to each arm's stage reports."""
     from lib.ablation import summary_frame
@@ -171,8 +171,7 @@ def ablation_sections(run: str, params: dict, runs_root: str | None, out_dir: Pa
         arm_links = lambda arm: " · ".join(
             f"<a href='{name}/{arm}/{run}/{s}.html'>{s[:2]}</a>" for s in STAGES
             if (out_dir / name / arm / run / f"{s}.html").exists())
-        chosen = params.get("domain_method")
-        note = (f" This run uses <b>{html.escape(str(chosen))}</b>." if chosen else "")
+        note = f" This run uses <b>{html.escape(domain_method)}</b>." if domain_method else ""
         out.append(
             f"<h2>Ablation: {html.escape(name.removeprefix('ablation-'))} (make {html.escape(name)})</h2><p>Stages rerun per arm on this run's own corpus, teacher vectors "
             f"and training pairs, same seed. Winner on the dev queries (stage 04, NDCG@10 after fine-tuning): "
@@ -241,7 +240,7 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
         parts.append("<h3>Cluster quality</h3>" + table(quality, ["before", "after"]))
     parts.append(training_section(metrics.get("04_finetune", {}), run))
     parts.append(search_section(metrics.get("07_export", {}), run))
-    parts.append(ablation_sections(run, params, runs_root, out_dir))
+    parts.append(ablation_sections(run, metrics.get("03_domain_adapt", {}).get("domain_method"), runs_root, out_dir))
     links = lambda s: " · ".join(f"<a href='{name}'>{name}</a>" for name in (f"{s}.html", f"{s}.code.html")
                                  if (out_dir / name).exists()) or "—"
     parts.append("<h2>Stages</h2><p>Each stage's report: <code>NN_stage.html</code> (shared, code hidden) and "
