@@ -40,11 +40,13 @@ def check_corpus(items: list[dict], queries: list[dict], relations: list[dict]) 
 
 
 def assign_splits(queries: list[dict], dev_fraction: float, seed: int) -> list[dict]:
-    """Give each query a seeded 'dev' or 'test' split, stratified by category."""
+    """Give each evaluation query a seeded 'dev' or 'test' split, stratified by category; training queries (split
+    'train') keep theirs."""
     rng = random.Random(seed)
-    out = []
-    for category in sorted({q["category"] for q in queries}):
-        group = sorted((q for q in queries if q["category"] == category), key=lambda q: q["qid"])
+    out = [q for q in queries if q["split"] == "train"]
+    evaluation = [q for q in queries if q["split"] != "train"]
+    for category in sorted({q["category"] for q in evaluation}):
+        group = sorted((q for q in evaluation if q["category"] == category), key=lambda q: q["qid"])
         rng.shuffle(group)
         n_dev = round(len(group) * dev_fraction)
         out += [{**q, "split": "dev" if i < n_dev else "test"} for i, q in enumerate(group)]
@@ -96,8 +98,14 @@ def load_background(corpus_dir: str | Path, extra_dir: str | Path | None = None)
 
 
 def held_out_items(queries: list[dict]) -> set[str]:
-    """Items an evaluation query was built from (meta.source_item): they must stay out of training."""
-    return {q["meta"]["source_item"] for q in queries if q.get("meta", {}).get("source_item")}
+    """Items an evaluation query was built from or judged by (meta.source_item, meta.source_items): they must stay
+    out of training. Training queries (split 'train') hold none."""
+    out = set()
+    for q in queries:
+        meta = q.get("meta", {})
+        if q["split"] != "train":
+            out |= ({meta["source_item"]} if meta.get("source_item") else set()) | set(meta.get("source_items", []))
+    return out
 
 
 def remove_names(text: str, names: list[str]) -> str:

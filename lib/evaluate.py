@@ -36,12 +36,12 @@ def dcg(gains: list[float]) -> float:
     return sum((2**g - 1) / math.log2(i + 2) for i, g in enumerate(gains))
 
 
-def query_metrics(ranked: list[str], relevant: dict[str, float]) -> dict[str, float]:
-    """P@k, Recall@k, hit@k, MRR@10, NDCG@5/10 (graded) and AP@100 of one ranked list."""
+def query_metrics(ranked: list[str], relevant: dict[str, float], ks: tuple[int, ...] | list[int] = KS) -> dict[str, float]:
+    """P@k, Recall@k, hit@k (k in `ks`), MRR@10, NDCG@5/10 (graded) and AP@100 of one ranked list."""
     out: dict[str, float] = {}
     hits = [1.0 if relevant.get(i, 0) > 0 else 0.0 for i in ranked]
     n_relevant = sum(1 for g in relevant.values() if g > 0)
-    for k in KS:
+    for k in ks:
         out[f"precision@{k}"] = sum(hits[:k]) / k
         out[f"recall@{k}"] = sum(hits[:k]) / n_relevant
         out[f"hit@{k}"] = float(any(hits[:k]))
@@ -76,8 +76,8 @@ def topic_coverage(topics: list[str], texts: list[str], aliases: dict[str, list[
     return 1 + 4 * found / len(topics)
 
 
-def evaluate_scores(system: str, scores: np.ndarray, queries: list[dict], items: list[dict],
-                    coverage_k: int = 5, aliases: dict[str, list[str]] | None = None) -> pd.DataFrame:
+def evaluate_scores(system: str, scores: np.ndarray, queries: list[dict], items: list[dict], coverage_k: int = 5,
+                    aliases: dict[str, list[str]] | None = None, ks: tuple[int, ...] | list[int] = KS) -> pd.DataFrame:
     """Per-query metrics (one row per query) of one system's (queries × items) score matrix."""
     mask = candidate_mask(queries, [i["type"] for i in items])
     ranked = top_items(scores, mask, top_k=100)
@@ -87,7 +87,7 @@ def evaluate_scores(system: str, scores: np.ndarray, queries: list[dict], items:
         ranked_ids = [items[i]["id"] for i in idx[: int(allowed.sum())]]
         coverage = topic_coverage(q.get("expected_topics", []), [items[i]["text"] for i in idx[:coverage_k]], aliases)
         rows.append({"system": system, "qid": q["qid"], "category": q["category"], "top1": ranked_ids[0],
-                     **query_metrics(ranked_ids, q["relevant"]), f"topic_coverage@{coverage_k}": coverage})
+                     **query_metrics(ranked_ids, q["relevant"], ks), f"topic_coverage@{coverage_k}": coverage})
     return pd.DataFrame(rows)
 
 
@@ -216,39 +216,14 @@ def wins_and_losses(per_query: pd.DataFrame, system: str, baseline: str, metric:
 
 
 def load_beir(folder: str | Path, split: str = "test") -> tuple[list[dict], list[dict]]:
-    """Items and queries of a BEIR-format folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)."""
-    from lib.io import read_jsonl
+    """Items and the `split` queries of a BEIR-format folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv),
+    read and validated by the beir domain adapter."""
+    from lib.domains import beir
 
-    folder = Path(folder)
-    for name in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv"):
-        if not (folder / name).exists():
-            raise FileNotFoundError(f"{folder / name}: not found; a BEIR folder holds corpus.jsonl, queries.jsonl and "
-                                    f"qrels/<split>.tsv (beir_split={split!r})")
-    docs = read_jsonl(folder / "corpus.jsonl", {"_id": str, "text": str})
-    items = [{"id": d["_id"], "type": "document", "name": d.get("title") or "", "aliases": [],
-              "text": f"{d['title']}. {d['text']}" if d.get("title") else d["text"]} for d in docs]
-    texts = {q["_id"]: q["text"] for q in read_jsonl(folder / "queries.jsonl", {"_id": str, "text": str})}
-    qrels_path = folder / "qrels" / f"{split}.tsv"
-    ids = {i["id"] for i in items}
-    relevant: dict[str, dict[str, int]] = {}
-    for n, line in enumerate(qrels_path.read_text(encoding="utf-8").splitlines(), start=1):
-        cells = line.split("\t")
-        if n == 1 and cells[0] == "query-id" or not line.strip():
-            continue
-        if len(cells) != 3 or not cells[2].strip().lstrip("-").isdigit():
-            raise ValueError(f"{qrels_path}:{n}: expected 'query-id<TAB>corpus-id<TAB>score', got {line!r}")
-        qid, doc, score = cells[0], cells[1], int(cells[2])
-        if qid not in texts:
-            raise ValueError(f"{qrels_path}:{n}: field 'query-id' {qid!r} is not in queries.jsonl")
-        if doc not in ids:
-            raise ValueError(f"{qrels_path}:{n}: field 'corpus-id' {doc!r} is not in corpus.jsonl")
-        if score > 0:
-            relevant.setdefault(qid, {})[doc] = score
-    queries = [{"qid": qid, "text": texts[qid], "relevant": rel, "expected_topics": [], "category": f"beir:{folder.name}",
-                "split": split, "meta": {}} for qid, rel in sorted(relevant.items())]
-    if not queries:
-        raise ValueError(f"{qrels_path}: no query has a relevant document (score > 0)")
-    return items, queries
+    docs, texts, qrels = beir.read_beir(folder, split)
+    queries = [{"qid": qid, "text": texts[qid], "relevant": rel, "expected_topics": [], "category": f"beir:{Path(folder).name}",
+                "split": split, "meta": {}} for qid, rel in sorted(qrels[split].items())]
+    return [beir.document_item(d) for d in docs], queries
 
 
 def encode(model_path: str, texts: list[str], batch_size: int = 32, max_seq_length: int | None = None) -> np.ndarray:

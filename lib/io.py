@@ -78,10 +78,9 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     return n
 
 
-def read_jsonl(path: str | Path, required: dict[str, type] | None = None) -> list[dict]:
-    """Read JSONL; a bad line or a missing/mistyped `required` field raises with file:line and field."""
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of every non-blank line; a bad line raises ValueError with file:line."""
     path = Path(path)
-    rows = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -92,14 +91,19 @@ def read_jsonl(path: str | Path, required: dict[str, type] | None = None) -> lis
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg}); each line must be one JSON object") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            for field, kind in (required or {}).items():
-                if field not in row:
-                    raise ValueError(f"{path}:{lineno}: missing field {field!r}; add it to every line")
-                if not isinstance(row[field], kind):
-                    raise ValueError(
-                        f"{path}:{lineno}: field {field!r} must be {kind.__name__}, got {type(row[field]).__name__}"
-                    )
-            rows.append(row)
+            yield lineno, row
+
+
+def read_jsonl(path: str | Path, required: dict[str, type] | None = None) -> list[dict]:
+    """Read JSONL; a bad line or a missing/mistyped `required` field raises with file:line and field."""
+    rows = []
+    for lineno, row in iter_jsonl(path):
+        for field, kind in (required or {}).items():
+            if field not in row:
+                raise ValueError(f"{path}:{lineno}: missing field {field!r}; add it to every line")
+            if not isinstance(row[field], kind):
+                raise ValueError(f"{path}:{lineno}: field {field!r} must be {kind.__name__}, got {type(row[field]).__name__}")
+        rows.append(row)
     return rows
 
 

@@ -262,6 +262,25 @@ def query_rows(queries: list[dict], ids: list[str], types: list[str], vectors: n
     return rows
 
 
+def supervised_queries(train_queries: list[dict], eval_queries: list[dict], positives_per_query: int,
+                       threshold: float, exclude: set[str]) -> tuple[list[dict], int]:
+    """The corpus's own training queries (split 'train': BEIR train qrels, codex templates) in the synthetic-query
+    form: positives by grade (at most `positives_per_query`, none in `exclude`), every judged item guarded, given
+    negatives kept. Those repeating or near-duplicating (word TF-IDF ≥ threshold) an evaluation query are dropped;
+    returns the queries and how many were dropped."""
+    close = {i for i, _, _ in near_duplicates([q["text"] for q in train_queries], [q["text"] for q in eval_queries], threshold)}
+    seen = {_normal(q["text"]) for q in eval_queries}
+    out = []
+    for n, q in enumerate(train_queries):
+        ranked = [i for i, _ in sorted(q["relevant"].items(), key=lambda kv: -kv[1]) if i not in exclude]
+        if n in close or _normal(q["text"]) in seen or not ranked:
+            continue
+        out.append({"qid": q["qid"], "text": q["text"], "kind": q["category"], "source_id": ranked[0],
+                    "relevant": ranked[:positives_per_query], "matches": sorted(q["relevant"]),
+                    "negatives": q.get("meta", {}).get("negatives", [])})
+    return out, len(train_queries) - len(out)
+
+
 # --- hard negatives --------------------------------------------------------------------------------------------
 
 def related_items(ids: list[str], items: list[dict], relations: list[dict]) -> dict[str, set[str]]:
@@ -347,6 +366,36 @@ def add_negatives(
                      "negative_ids": [ids[c] for c, _ in chosen], "negative_tiers": [t for _, t in chosen],
                      "negative_scores": [round(float(vectors[source] @ vectors[c]), 4) for c, _ in chosen]})
     return kept, dropped
+
+
+def given_negatives(rows: list[dict], guards: list[set[str]], queries: list[dict], ids: list[str], vectors: np.ndarray,
+                    num_hard_negatives: int, exclude: set[str]) -> tuple[list[dict], list[dict], list[set[str]]]:
+    """Rows whose query brought its own negatives ([id, tier] pairs, e.g. the codex miner's) take them, cycling
+    hard → medium → easy and skipping guarded or excluded items. Returns those rows (complete, as add_negatives
+    makes them) and the other rows with their guards, for add_negatives."""
+    given = {q["qid"]: q.get("negatives", []) for q in queries if q.get("negatives")}
+    index = {item_id: n for n, item_id in enumerate(ids)}
+    plan = [TIERS[n % len(TIERS)] for n in range(num_hard_negatives)]
+    done, rest, rest_guards = [], [], []
+    for row, guard in zip(rows, guards):
+        options = [(i, t) for i, t in given.get(row.get("qid"), []) if i in index and i not in guard and i not in exclude
+                   and i not in (row["anchor_id"], row["positive_id"])]
+        chosen: list[tuple[str, str]] = []
+        for tier in plan:
+            for option in TIERS[TIERS.index(tier):] + TIERS[:TIERS.index(tier)]:
+                pick = next((o for o in options if o[1] == option and o not in chosen), None)
+                if pick:
+                    chosen.append(pick)
+                    break
+        if not given.get(row.get("qid")) or len(chosen) < num_hard_negatives:
+            rest.append(row)
+            rest_guards.append(guard)
+            continue
+        source = index[row["anchor_id"]]
+        done.append({**row, "guard_ids": sorted(guard), "negative_ids": [i for i, _ in chosen],
+                     "negative_tiers": [t for _, t in chosen],
+                     "negative_scores": [round(float(vectors[source] @ vectors[index[i]]), 4) for i, _ in chosen]})
+    return done, rest, rest_guards
 
 
 # --- splits, texts, leakage, output ----------------------------------------------------------------------------

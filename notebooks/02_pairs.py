@@ -67,7 +67,9 @@ corpus_dir = stage_dir(run_name, "00_corpus", runs_root or None)
 teacher_dir = stage_dir(run_name, "01_teacher", runs_root or None)
 out_dir = stage_dir(run_name, "02_pairs", runs_root or None, create=True)
 items = corpus.load_items(corpus_dir)
-eval_queries = corpus.load_queries(corpus_dir)
+corpus_queries = corpus.load_queries(corpus_dir)
+train_queries = [q for q in corpus_queries if q["split"] == "train"]  # the corpus's own training queries, if any
+eval_queries = [q for q in corpus_queries if q["split"] != "train"]
 relations = corpus.load_relations(corpus_dir)
 vectors = np.load(teacher_dir / "items.npy")
 if read_json(teacher_dir / "item_ids.json") != [i["id"] for i in items]:
@@ -113,6 +115,11 @@ pd.DataFrame(mode_counts).fillna(0).astype(int)
 # %%
 queries = pairs.synthetic_queries(items, vectors, synthetic_expansion_factor, positives_per_query, type_nouns,
                                   exclude, seed) if synthetic_expansion_factor > 0 else []
+supervised, dropped_supervised = pairs.supervised_queries(train_queries, eval_queries, positives_per_query,
+                                                          near_duplicate_threshold, exclude)
+print(f"{len(supervised)} training queries from the corpus (beir train qrels, codex templates); {dropped_supervised} "
+      "dropped as copies of an evaluation query or without a positive left")
+queries += supervised
 rows = item_pairs[threshold_mode] + pairs.query_rows(queries, ids, types, vectors)
 pd.DataFrame([{"kind": q["kind"], "query": q["text"], "positives": ", ".join(names[i] for i in q["relevant"]),
                "items it fits": len(q["matches"])} for q in random.Random(seed).sample(queries, min(12, len(queries)))])
@@ -122,8 +129,10 @@ pd.DataFrame([{"kind": q["kind"], "query": q["text"], "positives": ", ".join(nam
 
 # %%
 guards = pairs.row_guards(rows, pairs.related_items(ids, items, relations), queries)
+given, rows, guards = pairs.given_negatives(rows, guards, queries, ids, vectors, num_hard_negatives, exclude)
 rows, dropped = pairs.add_negatives(rows, guards, ids, types, vectors, neighbours, thresholds[threshold_mode],
                                     num_hard_negatives, hard_negative_min_rank, hard_negative_margin, exclude, seed)
+rows = given + rows
 train, dev = pairs.split_by_group(pairs.with_texts(rows, texts), pairs_dev_fraction, seed)
 checked = {name: pairs.check_leakage(part, eval_queries, exclude, near_duplicate_threshold, f"02_pairs/{name}")
            for name, part in (("train", train), ("dev", dev))}
@@ -163,9 +172,12 @@ stats = {"rows": len(rows), "train": len(train), "dev": len(dev), "dropped_witho
          "train_by_relation": pairs.pair_counts(train), "dev_by_relation": pairs.pair_counts(dev),
          "train_by_kind": pairs.pair_counts(train, "kind"), "synthetic_queries": len(queries),
          "negatives_by_tier": tiers, "num_hard_negatives": num_hard_negatives, "excluded_items": len(exclude),
-         "held_out_items": len(held_out), "held_out_synthetic_queries": len(held_out_queries), "similarity_percentiles": summary, "leakage_check": checked}
+         "held_out_items": len(held_out), "held_out_synthetic_queries": len(held_out_queries),
+         "corpus_training_queries": len(supervised), "dropped_corpus_training_queries": dropped_supervised,
+         "similarity_percentiles": summary, "leakage_check": checked}
 write_json(out_dir / "stats.json", stats)
 metrics = {k: stats[k] for k in ("rows", "train", "dev", "threshold_mode", "item_pairs_by_mode", "train_by_kind",
-                                 "negatives_by_tier", "excluded_items", "held_out_synthetic_queries")}
+                                 "negatives_by_tier", "excluded_items", "held_out_synthetic_queries",
+                                 "corpus_training_queries")}
 write_json(out_dir / "metrics.json", metrics)
 metrics

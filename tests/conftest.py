@@ -17,3 +17,17 @@ def student_path():
 def srd_slice():
     """Items, queries, relations and background of a 30-monster / 40-spell slice of the SRD."""
     return dnd.build_corpus(max_monsters=30, max_spells=40, max_background_docs=3, attribute_queries_per_category=8)
+
+
+def json_numbers(obj):
+    """Every number inside a JSON value (booleans are not numbers)."""
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, (int, float)):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from json_numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from json_numbers(v)

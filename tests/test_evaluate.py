@@ -156,9 +156,15 @@ def test_load_beir_names_the_file_line_and_field(tmp_path):
         evaluate.load_beir(_beir(tmp_path / "a", "query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td9\t1\n"))
     with pytest.raises(ValueError, match=r"test.tsv:2: expected 'query-id"):
         evaluate.load_beir(_beir(tmp_path / "b", "query-id\tcorpus-id\tscore\nq1 d1 1\n"))
-    with pytest.raises(FileNotFoundError, match="qrels/dev.tsv"):
+    with pytest.raises(ValueError, match="qrels/dev.tsv: not found"):
         evaluate.load_beir(_beir(tmp_path / "c"), split="dev")
     bad = _beir(tmp_path / "d")
     (bad / "queries.jsonl").write_text('{"_id": "q1"}\n')
     with pytest.raises(ValueError, match=r"queries.jsonl:1: missing field 'text'"):
         evaluate.load_beir(bad)
+
+
+def test_recall_at_the_configured_k_values():
+    metrics = evaluate.query_metrics(["a", "x", "b", "y"], {"a": 1, "b": 1, "c": 1}, ks=[2, 4])
+    assert metrics["recall@2"] == pytest.approx(1 / 3) and metrics["recall@4"] == pytest.approx(2 / 3)
+    assert "recall@10" not in metrics and metrics["precision@4"] == 0.5

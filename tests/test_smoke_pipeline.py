@@ -9,6 +9,7 @@ import sys
 import uuid
 
 import pytest
+from conftest import json_numbers
 
 from lib import corpus, finetune, pairs, teacher
 from lib.domains import dnd
@@ -17,20 +18,6 @@ from lib.paths import REPO_ROOT, STAGES, stage_dir
 
 FAKE_KEY = "codexforge-fake-key-" + uuid.uuid4().hex  # made at run time; never a real key
 RUN = "dnd-smoke"
-
-
-def _numbers(obj):
-    """Every number inside a JSON value."""
-    if isinstance(obj, bool):
-        return
-    if isinstance(obj, (int, float)):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _numbers(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _numbers(v)
 
 
 def _run(args: list[str], log, env: dict) -> None:
@@ -69,7 +56,7 @@ def test_every_stage_writes_finite_metrics(smoke):
         path = stage_dir(RUN, stage, smoke["runs"]) / "metrics.json"
         assert path.exists(), f"{stage} wrote no metrics.json"
         metrics = json.loads(path.read_text())
-        assert metrics and all(math.isfinite(x) for x in _numbers(metrics)), stage
+        assert metrics and all(math.isfinite(x) for x in json_numbers(metrics)), stage
 
 
 @pytest.mark.slow

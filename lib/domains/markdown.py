@@ -1,0 +1,152 @@
+"""The `markdown` domain: a folder of .md files, one entity per file (or one per heading), as items and background.
+
+Item type: the file's top folder ('page' for files at the root). Name: the first '# ' heading, else the file name.
+Evaluation ground truth the training never sees:
+- `references`: a page that links to other pages ([text](Other.md), [[Other]]) or names them in emphasis
+  (*Other*, **Other**) → its text with those names removed finds them; the page itself stays out of training;
+- `user`: an optional queries.jsonl in the folder, {"query", "relevant": ["file.md", …]} per line."""
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+from lib.corpus import remove_names
+from lib.domains.records import DataError, read_jsonl_rows, require_path, slug, text_field, unique_ids
+
+QUERIES_FILE = "queries.jsonl"
+
+
+def markdown_files(folder: Path) -> list[Path]:
+    """Every .md file under the folder, sorted; folders ending in '(Alt)' (re-groupings of the same text) left out."""
+    files = [p for p in sorted(folder.rglob("*.md")) if not any(part.endswith("(Alt)") for part in p.parts)]
+    if not files:
+        raise DataError(f"{folder}: no .md files; give a folder of markdown pages")
+    return files
+
+
+def page_title(text: str, path: Path) -> str:
+    """The first level-1 heading, else the file name without extension."""
+    match = re.search(r"^#\s+(.+?)\s*#*$", text, flags=re.M)
+    return match.group(1).strip() if match else path.stem
+
+
+def sections(text: str, level: int) -> list[tuple[str, str]]:
+    """(heading, body) of each heading of `level` ('##' for 2); the text before the first one is dropped."""
+    parts = re.split(rf"^{'#' * level}\s+(.+?)\s*$", text, flags=re.M)
+    return [(parts[i].strip(), parts[i + 1].strip()) for i in range(1, len(parts) - 1, 2)]
+
+
+def read_pages(folder: str | Path, split_level: int = 0) -> list[dict]:
+    """Validated pages {id, type, name, text, path}: one per file, or one per heading of `split_level`."""
+    folder = require_path(Path(folder), "a folder of .md files", folder=True)
+    pages = []
+    for path in markdown_files(folder):
+        rel = path.relative_to(folder)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+        kind = slug(rel.parts[0]) if len(rel.parts) > 1 else "page"
+        title = page_title(text, path)
+        parts = sections(text, split_level) if split_level else [(title, text)]
+        for heading, body in parts:
+            name = heading if not split_level else f"{title} › {heading}"
+            page_id = f"{rel.as_posix()}#{slug(heading)}" if split_level else rel.as_posix()
+            pages.append({"id": page_id, "type": kind, "name": name, "title": heading, "text": body.strip(), "path": path})
+    empty = [p for p in pages if not plain_text(p["text"])]
+    if empty:
+        raise DataError(f"{empty[0]['path']}: {'section ' + repr(empty[0]['title']) + ' has' if split_level else 'has'} "
+                        "no text; write some or remove it")
+    seen: dict[str, Path] = {}
+    for p in pages:
+        if p["id"] in seen:
+            raise DataError(f"{p['path']}: duplicate item id {p['id']!r}; give each section a distinct heading")
+        seen[p["id"]] = p["path"]
+    return pages
+
+
+def plain_text(markdown: str) -> str:
+    """Markdown without headings, link targets and emphasis markers."""
+    text = re.sub(r"^#+\s.*$", "", markdown, flags=re.M)
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", text)
+    text = re.sub(r"\[\[([^\]|]*)(\|([^\]]*))?\]\]", lambda m: m.group(3) or m.group(1), text)
+    return re.sub(r"[*_]{1,3}([^*_\n]+?)[*_]{1,3}", r"\1", text).strip()
+
+
+def references(pages: list[dict]) -> list[dict]:
+    """Page → page relations from links ([x](Other.md), [[Other]]) and emphasised names (*Other*, **Other**)."""
+    by_key: dict[str, str] = {}
+    for p in pages:
+        by_key.setdefault(p["title"].lower(), p["id"])
+        by_key.setdefault(Path(p["id"].split("#")[0]).stem.lower(), p["id"])
+    out = []
+    for p in pages:
+        found = re.findall(r"\]\(([^)#]+?)\.md\)", p["text"]) + re.findall(r"\[\[([^\]|#]+)", p["text"])
+        found = [Path(f.replace("%20", " ")).stem for f in found]
+        found += re.findall(r"(?<![*_\w])[*_]{1,2}([^*_\n]{3,60}?)[*_]{1,2}(?![*_\w])", p["text"])
+        targets = {by_key[f.strip().lower()] for f in found if f.strip().lower() in by_key} - {p["id"]}
+        out += [{"head": p["id"], "tail": t, "relation": "references", "source": "markdown links and emphasis"}
+                for t in sorted(targets)]
+    return out
+
+
+def reference_queries(pages: list[dict], relations: list[dict], share: float, max_relevant: int, seed: int) -> list[dict]:
+    """For a seeded share of the pages that reference 1..max_relevant others: the page text with the referenced
+    names removed → the referenced pages (category 'references'; the page is the query's source, kept out of training)."""
+    names = {p["id"]: p["title"] for p in pages}
+    targets: dict[str, list[str]] = {}
+    for r in relations:
+        targets.setdefault(r["head"], []).append(r["tail"])
+    candidates = sorted(head for head, tails in targets.items() if len(tails) <= max_relevant)
+    picked = random.Random(seed).sample(candidates, round(len(candidates) * share))
+    by_id = {p["id"]: p for p in pages}
+    queries = []
+    for head in sorted(picked):
+        removed = remove_names(plain_text(by_id[head]["text"]), [names[t] for t in targets[head]] + [by_id[head]["title"]])
+        queries.append({"qid": f"references:{head}", "text": removed, "relevant": {t: 1 for t in targets[head]},
+                        "expected_topics": [names[t] for t in targets[head]], "category": "references",
+                        "split": "test", "meta": {"source_item": head}})
+    return queries
+
+
+def user_queries(folder: Path, ids: set[str]) -> list[dict]:
+    """queries.jsonl of the folder (if any): {"query", "relevant": [page id, …], "expected_topics"?} per line."""
+    path = folder / QUERIES_FILE
+    if not path.is_file():
+        return []
+    rows = read_jsonl_rows(path)
+    out = []
+    for n, row in rows:
+        relevant = row.get("relevant")
+        if not isinstance(relevant, list) or not relevant or not all(isinstance(r, str) for r in relevant):
+            raise DataError(f"{path}:{n}: field 'relevant' must be a non-empty list of page ids (e.g. 'Monsters/Lich.md')")
+        unknown = [r for r in relevant if r not in ids]
+        if unknown:
+            raise DataError(f"{path}:{n}: field 'relevant' names {unknown[0]!r}, which is not a page of {folder}")
+        out.append({"qid": f"user:{n}", "text": text_field(path, n, row, "query"), "relevant": {r: 1 for r in relevant},
+                    "expected_topics": [t for t in row.get("expected_topics", []) if isinstance(t, str)],
+                    "category": "user", "split": "test", "meta": {}, "line": n})
+    unique_ids(path, [(q.pop("line"), q["text"].lower()) for q in out], "query")
+    return out
+
+
+def build_corpus(data_path: str | Path, split_level: int = 0, max_items: int = 0, reference_query_fraction: float = 0.5,
+                 max_relevant: int = 25, seed: int = 42) -> tuple[list[dict], list[dict], list[dict], dict[str, str]]:
+    """Items (pages), evaluation queries (references, user), page→page relations, the pages as background."""
+    folder = Path(data_path)
+    pages = read_pages(folder, split_level)
+    if max_items:
+        pages = pages[:max_items]
+    ids = {p["id"] for p in pages}
+    queries = user_queries(folder, ids)
+    relations = references(pages)
+    queries += reference_queries(pages, relations, reference_query_fraction, max_relevant, seed)
+    if not queries:
+        raise DataError(f"{folder}: nothing to evaluate on; link pages to each other ([x](Other.md), [[Other]], "
+                        f"*Other*) or add a {QUERIES_FILE} of {{\"query\", \"relevant\": [page ids]}}")
+    items = [{"id": p["id"], "type": p["type"], "name": p["name"], "text": p["text"], "aliases": [], "tags": [],
+              "meta": {"path": str(p["path"].relative_to(folder))}} for p in pages]
+    sources = {q["meta"]["source_item"] for q in queries if q["meta"].get("source_item")}
+    background = {slug(p["id"]): p["text"] for p in pages if p["id"] not in sources}  # query texts never pre-train
+    return items, queries, relations, background

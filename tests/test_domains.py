@@ -1,0 +1,283 @@
+"""Bring-your-own-domain adapters: what each reads from the examples, and one clear error per kind of bad input."""
+import csv
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import json_numbers
+
+from lib import corpus, domains
+from lib.domains import beir, codex, markdown, prompts
+from lib.domains.records import DataError
+from lib.paths import REPO_ROOT, STAGES
+
+EXAMPLES = REPO_ROOT / "examples"
+
+
+def copy_example(name: str, tmp_path: Path) -> Path:
+    """A writable copy of examples/<name>."""
+    return Path(shutil.copytree(EXAMPLES / name, tmp_path / name))
+
+
+def build(domain: str, path) -> tuple:
+    """The corpus of a domain, checked as stage 00 writes it."""
+    items, queries, relations, background = domains.build_corpus(domain, str(path), seed=42)
+    corpus.check_corpus(items, queries, relations)
+    return items, queries, relations, background
+
+
+# --- what the adapters make of the examples ------------------------------------------------------------------
+
+def test_prompts_example_queries_have_independent_ground_truth():
+    items, queries, _, background = build("prompts", EXAMPLES / "prompts")
+    assert len(items) == 32 and {i["type"] for i in items} == {"prompt"}
+    by_category = {c: [q for q in queries if q["category"] == c] for c in {q["category"] for q in queries}}
+    assert {"story", "keywords"} <= set(by_category) and ({"genre", "themes"} & set(by_category))
+    held = {(q["category"], q["qid"].split(":", 1)[1]) for c in ("genre", "themes") for q in by_category.get(c, [])}
+    for item in items:  # a held-out genre/theme never appears in an item's training tags
+        assert not {t.lower() for t in item["tags"]} & {value for _, value in held}
+    story = by_category["story"][0]
+    assert story["text"] not in background["prompts"]  # stories never pre-train
+    assert all(q["meta"]["source_item"] in q["relevant"] for q in by_category["keywords"])
+
+
+def test_prompts_csv_reads_like_jsonl(tmp_path):
+    rows = [json.loads(line) for line in (EXAMPLES / "prompts" / "prompts.jsonl").read_text().splitlines()]
+    path = tmp_path / "prompts.csv"
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, ["id", "title", "prompt", "genre", "themes", "keywords", "story"])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, "themes": "; ".join(r["themes"]), "keywords": "; ".join(r["keywords"])})
+    without_line = lambda records: [{k: v for k, v in r.items() if k != "line"} for r in records]
+    from_csv = prompts.read_prompts(path)
+    assert without_line(from_csv) == without_line(prompts.read_prompts(EXAMPLES / "prompts"))
+    assert from_csv[0]["line"] == 2  # the header is line 1
+
+
+def test_beir_example_is_supervised_and_test_queries_never_train():
+    items, queries, _, _ = build("beir", EXAMPLES / "beir")
+    train = [q for q in queries if q["split"] == "train"]
+    test = [q for q in queries if q["split"] == "test"]
+    assert len(items) == 36 and len(train) == 25 and len(test) == 12
+    assert not {q["qid"] for q in train} & {q["qid"] for q in test}
+    assert test[0]["relevant"]["reset-password"] == 2  # graded qrels kept
+
+
+def test_beir_without_train_qrels_is_unsupervised(tmp_path):
+    folder = copy_example("beir", tmp_path)
+    (folder / "qrels" / "train.tsv").unlink()
+    _, queries, _, _ = build("beir", folder)
+    assert queries and not [q for q in queries if q["split"] == "train"]
+
+
+def test_codex_positive_finder_uses_aliases_and_mentions():
+    items, queries, _, _ = build("codex", EXAMPLES / "codex")
+    questions = {q["text"]: q for q in queries if q["split"] != "train"}
+    # "the ferryman's boy" is nobody's alias; the question's topics are Corin Ashby and Mother Hesk: the chunk naming
+    # both covers every topic (grade 2), chunks of one of them reach the default 4.0 only with both.
+    taught = questions["Who taught the ferryman's boy to read the currents?"]
+    text = {i["id"]: i["text"] for i in items}
+    assert all("Corin" in text[i] and "Hesk" in text[i] for i, g in taught["relevant"].items() if g == 2)
+    warden = codex.topic_forms(["Ilsa Varn"], codex.read_indexes(EXAMPLES / "codex"))["Ilsa Varn"]
+    assert "the Lantern Warden" in warden and "Warden Varn" in warden
+    chunk = {"text": "The Warden Varn lit the lamps.", "mentions": {}}
+    assert codex.chunk_coverage(chunk, {"Ilsa Varn": warden}, None) == 5.0
+
+
+def test_codex_synthetic_queries_and_negative_tiers():
+    items, queries, _, _ = build("codex", EXAMPLES / "codex")
+    train = [q for q in queries if q["split"] == "train"]
+    by_id = {i["id"]: i for i in items}
+    assert train and all(q["category"] == "synthetic" for q in train)
+    for q in train:
+        entity = by_id[next(iter(q["relevant"]))]["name"]
+        assert all(by_id[i]["name"] == entity for i in q["relevant"])  # positives: the entity's own chunks
+        tiers = {tier for _, tier in q["meta"]["negatives"]}
+        assert tiers <= {"hard", "medium", "easy"}
+        for neg, tier in q["meta"]["negatives"]:
+            assert by_id[neg]["name"] != entity and entity not in by_id[neg]["text"]
+            if tier == "easy":
+                assert by_id[neg]["type"] != by_id[next(iter(q["relevant"]))]["type"]
+    assert {t for q in train for _, t in q["meta"]["negatives"]} == {"hard", "medium", "easy"}
+
+
+def test_markdown_references_become_queries_without_the_names():
+    items, queries, relations, background = build("markdown", EXAMPLES / "markdown")
+    assert len(items) == 18 and {i["type"] for i in items} == {"herbs", "remedies"}
+    tea = next(r for r in relations if r["head"] == "Remedies/Winter Chill Draught.md" and r["tail"] == "Herbs/Frostmint.md")
+    assert tea  # a [link](../Herbs/Frostmint.md) is a reference
+    for q in queries:
+        for target in q["relevant"]:
+            assert Path(target).stem not in q["text"]
+        assert corpus_slug(q["meta"]["source_item"]) not in background  # query texts never pre-train
+
+
+def corpus_slug(page_id: str) -> str:
+    from lib.domains.records import slug
+
+    return slug(page_id)
+
+
+def test_markdown_split_by_headings(tmp_path):
+    folder = tmp_path / "wiki"
+    folder.mkdir()
+    (folder / "Guide.md").write_text("# Guide\n\n## Brewing\nBoil *Moss* for an hour.\n\n## Moss\nA soft green plant.\n")
+    (folder / "queries.jsonl").write_text(json.dumps({"query": "how long to boil", "relevant": ["Guide.md#brewing"]}) + "\n")
+    items, queries, relations, _ = domains.build_corpus("markdown", str(folder), split_level=2, seed=0)
+    assert [i["id"] for i in items] == ["Guide.md#brewing", "Guide.md#moss"]
+    assert {"head": "Guide.md#brewing", "tail": "Guide.md#moss", "relation": "references",
+            "source": "markdown links and emphasis"} in relations
+    assert any(q["category"] == "user" for q in queries)
+
+
+# --- one clear error per kind of bad input --------------------------------------------------------------------
+
+def error_of(domain: str, path) -> str:
+    with pytest.raises(DataError) as err:
+        domains.build_corpus(domain, str(path), seed=42)
+    return str(err.value)
+
+
+def test_unknown_domain_and_missing_data():
+    with pytest.raises(DataError, match="unknown domain 'starwars'"):
+        domains.build_corpus("starwars", "x")
+    with pytest.raises(DataError, match="DOMAIN=prompts needs DATA"):
+        domains.build_corpus("prompts", "")
+    assert "not found" in error_of("beir", "/nonexistent/folder")
+
+
+def test_missing_file(tmp_path):
+    folder = copy_example("beir", tmp_path)
+    (folder / "queries.jsonl").unlink()
+    assert error_of("beir", folder).startswith(f"{folder / 'queries.jsonl'}: not found")
+    folder = copy_example("codex", tmp_path)
+    (folder / "test_questions.json").unlink()
+    assert "test_questions.json: not found" in error_of("codex", folder)
+
+
+def test_wrong_format(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a prompt\n")
+    assert "unsupported format '.txt'" in error_of("prompts", path)
+    folder = copy_example("beir", tmp_path)
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nt1 reset-password 2\n")
+    assert f"{folder / 'qrels' / 'test.tsv'}:2: expected 'query-id<TAB>corpus-id<TAB>score'" in error_of("beir", folder)
+
+
+def test_bad_json_line_names_file_and_line(tmp_path):
+    folder = copy_example("prompts", tmp_path)
+    lines = (folder / "prompts.jsonl").read_text().splitlines()
+    lines[6] = lines[6][:-1]  # a truncated object on line 7
+    (folder / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    assert error_of("prompts", folder).startswith(f"{folder / 'prompts.jsonl'}:7: invalid JSON")
+    folder = copy_example("codex", tmp_path)
+    (folder / "chunks" / "wiki.jsonl").open("a").write("{not json}\n")
+    assert f"wiki.jsonl:29: invalid JSON" in error_of("codex", folder)
+
+
+def test_missing_required_field_names_it(tmp_path):
+    folder = copy_example("beir", tmp_path)
+    lines = (folder / "corpus.jsonl").read_text().splitlines()
+    row = json.loads(lines[3])
+    del row["text"]
+    lines[3] = json.dumps(row)
+    (folder / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    assert error_of("beir", folder) == f"{folder / 'corpus.jsonl'}:4: missing field 'text'; every record needs one"
+    folder = copy_example("codex", tmp_path)
+    questions = json.loads((folder / "test_questions.json").read_text())
+    del questions[2]["expected_topics"]
+    (folder / "test_questions.json").write_text(json.dumps(questions))
+    assert "question 3: field 'expected_topics'" in error_of("codex", folder)
+    index = json.loads((folder / "indexes" / "character_index.json").read_text())
+    del index[1]["filename"]
+    (folder / "indexes" / "character_index.json").write_text(json.dumps(index))
+    assert "character_index.json: entry 2: missing or empty field 'filename'" in error_of("codex", folder)
+
+
+def test_empty_text(tmp_path):
+    path = tmp_path / "prompts.csv"
+    path.write_text("id,prompt,genre\na,A dragon pays taxes,fantasy\nb,   ,fantasy\n")
+    assert error_of("prompts", path) == f"{path}:3: field 'prompt' is empty; give it text or remove the record"
+    folder = copy_example("markdown", tmp_path)
+    (folder / "Herbs" / "Blank.md").write_text("# Blank\n\n")
+    assert error_of("markdown", folder).startswith(f"{folder / 'Herbs' / 'Blank.md'}: has no text")
+
+
+def test_duplicate_ids(tmp_path):
+    folder = copy_example("prompts", tmp_path)
+    lines = (folder / "prompts.jsonl").read_text().splitlines()
+    row = json.loads(lines[9])
+    row["id"] = "lighthouse"
+    lines[9] = json.dumps(row)
+    (folder / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    assert error_of("prompts", folder) == (f"{folder / 'prompts.jsonl'}:10: duplicate id 'lighthouse' (first on line 1); "
+                                           "ids must be unique")
+    folder = copy_example("beir", tmp_path)
+    with (folder / "queries.jsonl").open("a") as fh:
+        fh.write(json.dumps({"_id": "t3", "text": "again"}) + "\n")
+    assert "queries.jsonl:38: duplicate _id 't3'" in error_of("beir", folder)
+
+
+def test_unknown_references_and_split_overlap(tmp_path):
+    folder = copy_example("beir", tmp_path)
+    with (folder / "qrels" / "test.tsv").open("a") as fh:
+        fh.write("t1\tno-such-doc\t1\n")
+    assert "field 'corpus-id' 'no-such-doc' is not in corpus.jsonl" in error_of("beir", folder)
+    folder = copy_example("beir", tmp_path / "second")
+    with (folder / "qrels" / "train.tsv").open("a") as fh:
+        fh.write("t1\treset-password\t1\n")
+    assert "query 't1' is also in test.tsv" in error_of("beir", folder)
+
+
+def test_nothing_to_evaluate_is_an_error(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "A dragon pays taxes"}) + "\n")
+    assert "nothing to evaluate on" in error_of("prompts", path)
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    (folder / "A.md").write_text("# A\n\nPlain text, no links.\n")
+    assert "nothing to evaluate on" in error_of("markdown", folder)
+
+
+# --- make all DOMAIN=<each> PROFILE=smoke DATA=examples/<each> ----------------------------------------------------
+
+def make(*args: str, root: Path) -> subprocess.CompletedProcess:
+    """`make` in the repository with runs, reports and the teacher cache under `root`."""
+    return subprocess.run(["make", *args, f"RUNS={root / 'runs'}", f"REPORTS={root / 'reports'}", f"CACHE={root / 'cache'}"],
+                          cwd=REPO_ROOT, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("domain", ["prompts", "codex", "beir", "markdown"])
+def test_make_all_smoke_runs_every_adapter(domain, tmp_path):
+    result = make("all", f"DOMAIN={domain}", "PROFILE=smoke", f"DATA=examples/{domain}", root=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = tmp_path / "runs" / f"{domain}-smoke"
+    for stage in STAGES:
+        metrics = json.loads((run / stage / "metrics.json").read_text())
+        assert metrics and all(math.isfinite(x) for x in json_numbers(metrics)), stage
+    headline = json.loads((run / "05_evaluate" / "metrics.json").read_text())["headline"]
+    for system in ("base", "fine-tuned", "bm25", "teacher"):
+        assert {"precision@1", "precision@3", "precision@5", "mrr@10", "ndcg@5"} <= set(headline[system])
+    assert (tmp_path / "reports" / f"{domain}-smoke" / "index.html").is_file()
+    again = make("all", f"DOMAIN={domain}", "PROFILE=smoke", f"DATA=examples/{domain}", root=tmp_path)
+    assert again.returncode == 0 and "[codex-forge]" not in again.stdout  # up to date: no stage reruns
+
+
+@pytest.mark.slow
+def test_make_all_stops_on_a_bad_line_before_any_work(tmp_path):
+    folder = copy_example("beir", tmp_path)
+    with (folder / "corpus.jsonl").open("a") as fh:
+        fh.write('{"_id": "broken", "text": \n')
+    result = make("all", "DOMAIN=beir", "PROFILE=smoke", f"DATA={folder}", root=tmp_path)
+    assert result.returncode != 0
+    assert f"codex-forge: {folder / 'corpus.jsonl'}:37: invalid JSON" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "runs" / "beir-smoke" / "00_corpus").exists()  # nothing half-written
+    assert not (tmp_path / "reports" / "beir-smoke").exists()
+    unknown = make("all", "DOMAIN=starwars", root=tmp_path)
+    assert unknown.returncode != 0 and "unknown domain 'starwars'" in unknown.stderr
