@@ -25,6 +25,18 @@ def align_2d(reference: np.ndarray, moving: np.ndarray) -> np.ndarray:
     return mov @ rotation * (scale / (mov**2).sum()) + ref_mean
 
 
+def category_label(item: dict) -> str:
+    """The label that colours an item on the category map: creature type, spell school, first genre, else its type."""
+    meta = item.get("meta", {})
+    genre = meta.get("genre")
+    return meta.get("creature_type") or meta.get("school") or (genre[0] if isinstance(genre, list) and genre else genre) or item["type"]
+
+
+def rounded(value: float, digits: int = 4) -> float | None:
+    """A float rounded for metrics.json, None for NaN (JSON has no NaN)."""
+    return None if value != value else round(float(value), digits)
+
+
 def silhouette(vectors: np.ndarray, labels: list[str]) -> float:
     """Cosine silhouette of the labelled groups (NaN when there are fewer than two groups)."""
     from sklearn.metrics import silhouette_score

@@ -38,7 +38,7 @@ def exact_top_k(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 class Retriever:
-    """index(items) once, then retrieve(query, top_k, types) over monsters, powers or both.
+    """index(items) once, then retrieve(query, top_k, types) over every item or some types (D&D: monsters, powers).
 
     Exact search in numpy below `hnsw_threshold` items, faiss HNSW at or above it."""
 

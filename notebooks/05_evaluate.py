@@ -36,6 +36,7 @@ base_model: str = "all-MiniLM-L6-v2"  # the student before any training
 eval_split: str = "test"  # the held-out queries to score
 eval_max_seq_length: int = 256  # tokens per text when encoding, the same for every student
 headline_metrics: list = ["precision@1", "precision@3", "precision@5", "recall@10", "mrr@10", "ndcg@5", "ndcg@10", "map@100"]  # report order
+recall_k_values: list = [10]  # k of the Recall@k columns in the headline (RECALL_K_VALUES of .env)
 bootstrap_samples: int = 2000  # resamples of the queries for the 95% confidence intervals
 permutation_samples: int = 10000  # random sign flips for the paired randomisation test vs base
 rrf_k: int = 60  # reciprocal rank fusion constant of the hybrid system
@@ -57,6 +58,9 @@ from lib import corpus, evaluate, export, pairs
 from lib.io import atomic_path, read_json, read_jsonl, write_json
 from lib.paths import resolve_model_path, stage_dir
 from lib.plots import metric_bars
+
+ks = sorted(set(evaluate.KS) | set(recall_k_values))  # P@k, Recall@k and hit@k are computed at these k
+headline_metrics = headline_metrics + [f"recall@{k}" for k in recall_k_values if f"recall@{k}" not in headline_metrics]
 
 stage = lambda name, create=False: stage_dir(run_name, name, runs_root or None, create=create)
 out_dir = stage("05_evaluate", create=True)
@@ -118,8 +122,8 @@ teacher_scores = evaluate.dense_scores(teacher_q, np.load(teacher_dir / "items.n
 systems = ["bm25", *students, "hybrid", *(["onnx-int8"] if include_onnx else []), "teacher"]
 aliases = evaluate.topic_aliases(items)
 per_query = pd.concat(
-    [evaluate.evaluate_scores(s, scores[s], all_queries, items, topic_coverage_k, aliases) for s in systems if s != "teacher"]
-    + [evaluate.evaluate_scores("teacher", teacher_scores, queries, items, topic_coverage_k, aliases)],
+    [evaluate.evaluate_scores(s, scores[s], all_queries, items, topic_coverage_k, aliases, ks) for s in systems if s != "teacher"]
+    + [evaluate.evaluate_scores("teacher", teacher_scores, queries, items, topic_coverage_k, aliases, ks)],
     ignore_index=True)
 summary = evaluate.summarize(per_query, independent)
 coverage_metric = f"topic_coverage@{topic_coverage_k}"
@@ -192,7 +196,7 @@ pd.concat([changes.head(10), changes.tail(5)])
 # %%
 beir = {}
 if beir_dir:
-    beir_frame = pd.concat([evaluate.evaluate_scores(s, beir_scores[s], beir_queries, beir_items, topic_coverage_k)
+    beir_frame = pd.concat([evaluate.evaluate_scores(s, beir_scores[s], beir_queries, beir_items, topic_coverage_k, ks=ks)
                             for s in beir_scores], ignore_index=True)
     beir_ci = evaluate.intervals(beir_frame, headline_metrics, bootstrap_samples, seed)["all"]
     text_of |= {q["qid"]: q["text"][:90] for q in beir_queries}

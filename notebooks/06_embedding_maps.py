@@ -49,7 +49,7 @@ relations = corpus.load_relations(stage("00_corpus"))
 dev_rows = read_jsonl(stage("02_pairs") / "dev.jsonl")
 labels = {
     "type": [i["type"] for i in items],
-    "category": [i["meta"].get("creature_type") or i["meta"].get("school") or i["type"] for i in items],
+    "category": [plots.category_label(i) for i in items],
 }
 # every text once: the items, then the dev rows' query anchors
 texts = list(dict.fromkeys([i["text"] for i in items] + [r["anchor"] for r in dev_rows]))
@@ -80,23 +80,25 @@ for name, lab in labels.items():
     fig = plots.before_after_maps(points_before, points_after, lab, f"items by {name}", landmarks)
     with atomic_path(out_dir / f"umap_{name}.png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-    quality[name] = {f"{measure} {model}": round(fn(item_vectors[model], lab), 4)
+    quality[name] = {f"{measure} {model}": plots.rounded(fn(item_vectors[model], lab))
                      for measure, fn in (("kNN-10 agreement", plots.knn_label_agreement), ("silhouette", plots.silhouette))
-                     for model in ("base", "fine-tuned")}
+                     for model in ("base", "fine-tuned")}  # None where a labelling has a single group
 pd.DataFrame(quality).T
 
 # %% [markdown]
 # ## Did related items move together?
-# Mean cosine between a monster and each spell it casts (SRD Spellcasting lists), against all monster–spell pairs.
+# Mean cosine of the corpus's related pairs (D&D: a monster and each spell it casts; markdown: a page and the pages
+# it references), against all pairs of the same item types. Domains without relations show none.
 
 # %%
 index = {i["id"]: n for n, i in enumerate(items)}
 heads, tails = [index[r["head"]] for r in relations], [index[r["tail"]] for r in relations]
+head_types, tail_types = {items[n]["type"] for n in heads}, {items[n]["type"] for n in tails}
 related = {}
 for model, v in item_vectors.items():
-    cross = v[[n for n, i in enumerate(items) if i["type"] != "power"]] @ v[[n for n, i in enumerate(items) if i["type"] == "power"]].T
+    cross = v[[n for n, i in enumerate(items) if i["type"] in head_types]] @ v[[n for n, i in enumerate(items) if i["type"] in tail_types]].T
     related[model] = {"related pairs": round(float((v[heads] * v[tails]).sum(axis=1).mean()), 4) if relations else None,
-                      "all monster–power pairs": round(float(cross.mean()), 4)}
+                      "all pairs of those types": round(float(cross.mean()), 4) if relations else None}
 pd.DataFrame(related).T
 
 # %% [markdown]

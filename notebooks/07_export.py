@@ -96,8 +96,9 @@ gate.round(4)
 retriever = Retriever(export.load_encoder(default_backend, model_dir, out_dir, eval_max_seq_length), hnsw_threshold)
 retriever.set_vectors(items, item_vectors[default_backend])
 retriever.save(out_dir / "index", {"backend": default_backend, "model_dir": model_dir, "export_dir": out_dir})
+item_types = sorted({i["type"] for i in items})
 for query in example_queries:
-    for types in (None, ["monster"], ["power"]):
+    for types in [None] + ([[t] for t in item_types] if len(item_types) > 1 else []):
         hits = retriever.retrieve(query, top_k=3, types=types)
         print(f"{query!r} in {types or 'all'}: " + "; ".join(f"{h['name']} ({h['score']:.2f})" for h in hits))
 
