@@ -13,13 +13,18 @@ import pandas as pd
 KS = (1, 3, 5, 10)
 
 
-def candidate_mask(queries: list[dict], item_types: list[str]) -> np.ndarray:
-    """(queries × items) bool: the items each query may retrieve (meta.target_types, else all)."""
+def candidate_mask(queries: list[dict], item_types: list[str], item_ids: list[str] | None = None) -> np.ndarray:
+    """(queries × items) bool: the items each query may retrieve (meta.target_types, else all), minus the items in
+    meta.not_candidates (e.g. the page a markdown query was cut from)."""
     types = np.array(item_types)
+    ids = np.array(item_ids if item_ids is not None else [], dtype=object)
     rows = []
     for q in queries:
-        allowed = q.get("meta", {}).get("target_types")
-        rows.append(np.isin(types, allowed) if allowed else np.ones(len(types), dtype=bool))
+        meta = q.get("meta", {})
+        allowed = np.isin(types, meta["target_types"]) if meta.get("target_types") else np.ones(len(types), dtype=bool)
+        if meta.get("not_candidates") and len(ids):
+            allowed &= ~np.isin(ids, meta["not_candidates"])
+        rows.append(allowed)
     return np.stack(rows)
 
 
@@ -79,7 +84,7 @@ def topic_coverage(topics: list[str], texts: list[str], aliases: dict[str, list[
 def evaluate_scores(system: str, scores: np.ndarray, queries: list[dict], items: list[dict], coverage_k: int = 5,
                     aliases: dict[str, list[str]] | None = None, ks: tuple[int, ...] | list[int] = KS) -> pd.DataFrame:
     """Per-query metrics (one row per query) of one system's (queries × items) score matrix."""
-    mask = candidate_mask(queries, [i["type"] for i in items])
+    mask = candidate_mask(queries, [i["type"] for i in items], [i["id"] for i in items])
     ranked = top_items(scores, mask, top_k=100)
     aliases = aliases if aliases is not None else topic_aliases(items)
     rows = []

@@ -15,11 +15,13 @@
 
 # %% [markdown]
 # # 05 · Evaluation
-# **Purpose:** measure retrieval on held-out queries whose ground truth does not come from the teacher, each kind
-# reported on its own: (a) monster→spell from the SRD Spellcasting lists (the monster's text with its spell names
-# removed; only spells are candidates), (b) attribute queries whose relevant items come from structured fields
-# (size, creature type, immunities, school, level, damage type, class), (c) aliases and catalogue-form names,
-# (d) stage 02's held-out synthetic queries (labelled synthetic; not in the headline), (e) any BEIR folder.
+# **Purpose:** measure retrieval on held-out queries whose ground truth does not come from the teacher, each
+# category reported on its own. For D&D: (a) monster→spell from the SRD Spellcasting lists (the monster's text with
+# its spell names removed; only spells are candidates), (b) attribute queries whose relevant items come from
+# structured fields (size, creature type, immunities, school, level, damage type, class), (c) aliases and
+# catalogue-form names. Other domains bring their own categories (prompts: story, genre, themes, keywords; codex:
+# the test questions' categories; beir: the qrels; markdown: references, user). Also (d) stage 02's held-out
+# synthetic queries (labelled synthetic; not in the headline) and (e) any extra BEIR folder.
 # Systems side by side: BM25, the base student, the domain-adapted encoder, the fine-tuned student, a hybrid
 # (BM25 + fine-tuned by reciprocal rank fusion), the fine-tuned student exported to int8 ONNX, and the teacher.
 # Every mean has a 95% bootstrap interval; every system is tested against the base student with a paired
@@ -167,8 +169,9 @@ pd.Series(p_by_category, name="p (fine-tuned vs base, NDCG@10)")
 
 # %% [markdown]
 # ## Topic coverage and agreement with the teacher
-# Topic coverage (1–5): 1 + 4 × the share of a query's expected topics (spell names for monster→spell, the item's
-# name for name queries; aliases count) named in the top-5 retrieved texts. Teacher agreement: overlap of the
+# Topic coverage (1–5): 1 + 4 × the share of a query's expected topics (D&D: spell names for monster→spell, the
+# item's name for name queries; codex: the questions' expected topics; aliases count) named in the top-5 retrieved
+# texts; queries without expected topics are left out. Teacher agreement: overlap of the
 # top-10 items and Spearman correlation of all candidate scores, per test query.
 
 # %%
@@ -176,7 +179,7 @@ with_topics = per_query[per_query[coverage_metric].notna() & per_query.category.
 topic_coverage = {s: {"mean": round(float(g[coverage_metric].mean()), 4),
                       f"share_at_least_{min_topic_coverage:g}": round(float((g[coverage_metric] >= min_topic_coverage).mean()), 4),
                       "queries": len(g)} for s, g in with_topics.groupby("system", sort=False)}
-mask = evaluate.candidate_mask(queries, [i["type"] for i in items])
+mask = evaluate.candidate_mask(queries, [i["type"] for i in items], [i["id"] for i in items])
 teacher_agreement = {s: evaluate.teacher_agreement(scores[s][: len(queries)], teacher_scores, mask)
                      for s in systems if s not in ("teacher", "hybrid")}
 pd.concat({"topic coverage": pd.DataFrame(topic_coverage).T, "teacher agreement": pd.DataFrame(teacher_agreement).T}, axis=1)

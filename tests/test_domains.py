@@ -281,3 +281,25 @@ def test_make_all_stops_on_a_bad_line_before_any_work(tmp_path):
     assert not (tmp_path / "reports" / "beir-smoke").exists()
     unknown = make("all", "DOMAIN=starwars", root=tmp_path)
     assert unknown.returncode != 0 and "unknown domain 'starwars'" in unknown.stderr
+
+
+# --- the prompt retriever and the real WritingPrompts sample -------------------------------------------------
+
+def test_prompt_retriever_finds_a_prompt_by_its_keywords(student_path):
+    records = prompts.read_prompts(EXAMPLES / "prompts")
+    retriever = prompts.PromptRetriever(student_path)
+    assert retriever.index_prompts([{"id": r["id"], "text": r["prompt"]} for r in records]) == 32
+    hits = retriever.retrieve("dragon paying taxes on its hoard", top_k=3)
+    assert hits[0]["id"] == "dragon-tax" and "treasury" in hits[0]["text"]
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+
+
+WRITINGPROMPTS = REPO_ROOT.parent / "shared" / "data" / "writingprompts-sample" / "writingprompts_sample.jsonl"
+
+
+@pytest.mark.skipif(not WRITINGPROMPTS.is_file(), reason="../shared/data/writingprompts-sample is not on this machine")
+def test_writingprompts_sample_reads_as_a_prompt_library():
+    items, queries, _, _ = build("prompts", WRITINGPROMPTS)
+    assert len(items) == 600 and {q["category"] for q in queries} == {"story"} and len(queries) == 600
+    assert not any("WP" in i["tags"] for i in items)  # r/WritingPrompts' post type on 517 of 600: not a training tag
+    assert any("EU" in i["tags"] for i in items)

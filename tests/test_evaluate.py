@@ -168,3 +168,9 @@ def test_recall_at_the_configured_k_values():
     metrics = evaluate.query_metrics(["a", "x", "b", "y"], {"a": 1, "b": 1, "c": 1}, ks=[2, 4])
     assert metrics["recall@2"] == pytest.approx(1 / 3) and metrics["recall@4"] == pytest.approx(2 / 3)
     assert "recall@10" not in metrics and metrics["precision@4"] == 0.5
+
+
+def test_candidates_by_target_type_and_not_the_source():
+    queries = [{"meta": {"target_types": ["herbs"], "not_candidates": ["h1"]}}, {"meta": {}}]
+    mask = evaluate.candidate_mask(queries, ["herbs", "herbs", "remedies"], ["h1", "h2", "r1"])
+    assert mask.tolist() == [[False, True, False], [True, True, True]]

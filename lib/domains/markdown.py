@@ -93,7 +93,8 @@ def references(pages: list[dict]) -> list[dict]:
 
 def reference_queries(pages: list[dict], relations: list[dict], share: float, max_relevant: int, seed: int) -> list[dict]:
     """For a seeded share of the pages that reference 1..max_relevant others: the page text with the referenced
-    names removed → the referenced pages (category 'references'; the page is the query's source, kept out of training)."""
+    names removed → the referenced pages, among pages of their types (category 'references'; the page is the
+    query's source: kept out of training and out of its own candidates)."""
     names = {p["id"]: p["title"] for p in pages}
     targets: dict[str, list[str]] = {}
     for r in relations:
@@ -106,7 +107,8 @@ def reference_queries(pages: list[dict], relations: list[dict], share: float, ma
         removed = remove_names(plain_text(by_id[head]["text"]), [names[t] for t in targets[head]] + [by_id[head]["title"]])
         queries.append({"qid": f"references:{head}", "text": removed, "relevant": {t: 1 for t in targets[head]},
                         "expected_topics": [names[t] for t in targets[head]], "category": "references",
-                        "split": "test", "meta": {"source_item": head}})
+                        "split": "test", "meta": {"source_item": head, "not_candidates": [head],
+                                                  "target_types": sorted({by_id[t]["type"] for t in targets[head]})}})
     return queries
 
 
