@@ -171,8 +171,9 @@ def keywords(texts: list[str], names: list[str], top_n: int = 8) -> list[list[st
 
 
 def sentences(text: str, min_words: int = 6, max_words: int = 30) -> list[str]:
-    """Descriptive sentences of an item text: after its first (header) line, no 'Label: value' lines."""
-    body = text.split("\n", 1)[1] if "\n" in text else ""
+    """Descriptive sentences of an item text: after its first (header) line when it has several (a one-line text,
+    such as a prompt or a document, is all body), no 'Label: value' lines."""
+    body = text.split("\n", 1)[1] if "\n" in text else text
     parts = re.split(r"(?<=[.!?])\s+|\n", body)
     return [p.strip() for p in parts if min_words <= len(p.split()) <= max_words and ":" not in p]
 

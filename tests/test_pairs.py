@@ -230,3 +230,10 @@ def test_held_out_queries_keep_dev_queries_whose_text_training_never_saw():
     held_out = pairs.held_out_queries(queries, rows, dev, 0.9)
     assert [q["qid"] for q in held_out] == ["syn:d:1"]  # c:1 repeats a training anchor, d:2 nearly
     assert held_out[0]["relevant"] == {"d": 1, "e": 1} and held_out[0]["category"] == "synthetic:tags"
+
+
+def test_a_one_line_text_is_all_body_for_sentence_queries():
+    prompt = "A dragon walks into the treasury. It demands to pay twenty years of back taxes on its hoard."
+    assert pairs.sentences(prompt) == ["It demands to pay twenty years of back taxes on its hoard."]  # 6+ words only
+    assert pairs.sentences("Header line\nLevel: 3\nA long enough descriptive sentence about the thing.") == [
+        "A long enough descriptive sentence about the thing."]
