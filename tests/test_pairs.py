@@ -233,7 +233,7 @@ def test_held_out_queries_keep_dev_queries_whose_text_training_never_saw():
 
 
 def test_a_one_line_text_is_all_body_for_sentence_queries():
-    prompt = "A dragon walks into the treasury. It demands to pay twenty years of back taxes on its hoard."
+    prompt = "A dragon arrives. It demands to pay twenty years of back taxes on its hoard."
     assert pairs.sentences(prompt) == ["It demands to pay twenty years of back taxes on its hoard."]  # 6+ words only
     assert pairs.sentences("Header line\nLevel: 3\nA long enough descriptive sentence about the thing.") == [
         "A long enough descriptive sentence about the thing."]
