@@ -9,6 +9,9 @@ RUNS    ?= data/runs
 REPORTS ?= reports
 CACHE   ?=
 RUN     := $(DOMAIN)-$(PROFILE)
+ifeq ($(wildcard params/domains/$(DOMAIN).yaml),)
+$(error unknown domain '$(DOMAIN)': DOMAIN must be one of $(sort $(notdir $(basename $(wildcard params/domains/*.yaml)))))
+endif
 PYTHON  ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
