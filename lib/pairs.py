@@ -335,7 +335,6 @@ def add_negatives(
     index = {item_id: n for n, item_id in enumerate(ids)}
     types_arr = np.asarray(types)
     pool = {t: np.flatnonzero(types_arr == t) for t in set(types)}
-    plan = [TIERS[n % len(TIERS)] for n in range(num_hard_negatives)]
     excluded = {index[i] for i in exclude if i in index}
     kept, dropped = [], 0
     for row, guard in zip(tqdm(rows, desc="hard negatives", leave=False), guards):
@@ -352,21 +351,34 @@ def add_negatives(
         sample_scores = vectors[sample] @ vectors[source]
         medium = [int(c) for c, s in zip(sample, sample_scores) if easy_max < s < floor and int(c) not in forbidden]
         easy = [int(c) for c, s in zip(sample, sample_scores) if s <= easy_max and int(c) not in forbidden]
-        candidates = {"hard": hard, "medium": medium, "easy": easy}
-        chosen: list[tuple[int, str]] = []
-        for tier in plan:
-            for option in TIERS[TIERS.index(tier):] + TIERS[:TIERS.index(tier)]:
-                options = [c for c in candidates[option] if c not in {x for x, _ in chosen}]
-                if options:
-                    chosen.append((options[0], option))
-                    break
+        chosen = choose_by_tiers({"hard": hard, "medium": medium, "easy": easy}, num_hard_negatives)
         if len(chosen) < num_hard_negatives:
             dropped += 1
             continue
-        kept.append({**row, "guard_ids": sorted(guard),
-                     "negative_ids": [ids[c] for c, _ in chosen], "negative_tiers": [t for _, t in chosen],
-                     "negative_scores": [round(float(vectors[source] @ vectors[c]), 4) for c, _ in chosen]})
+        kept.append(with_negatives(row, guard, chosen, ids, vectors, source))
     return kept, dropped
+
+
+def choose_by_tiers(candidates: dict[str, list[int]], num_negatives: int) -> list[tuple[int, str]]:
+    """Up to `num_negatives` (item, tier) picks cycling hard → medium → easy, the first unused candidate of each
+    tier; a tier without one lends its turn to the next."""
+    chosen: list[tuple[int, str]] = []
+    for n in range(num_negatives):
+        tier = TIERS[n % len(TIERS)]
+        for option in TIERS[TIERS.index(tier):] + TIERS[:TIERS.index(tier)]:
+            options = [c for c in candidates.get(option, []) if c not in {x for x, _ in chosen}]
+            if options:
+                chosen.append((options[0], option))
+                break
+    return chosen
+
+
+def with_negatives(row: dict, guard: set[str], chosen: list[tuple[int, str]], ids: list[str], vectors: np.ndarray,
+                   source: int) -> dict:
+    """The row with its guard and chosen negatives: ids, tiers and teacher cosines to the source item."""
+    return {**row, "guard_ids": sorted(guard), "negative_ids": [ids[c] for c, _ in chosen],
+            "negative_tiers": [t for _, t in chosen],
+            "negative_scores": [round(float(vectors[source] @ vectors[c]), 4) for c, _ in chosen]}
 
 
 def given_negatives(rows: list[dict], guards: list[set[str]], queries: list[dict], ids: list[str], vectors: np.ndarray,
@@ -376,26 +388,19 @@ def given_negatives(rows: list[dict], guards: list[set[str]], queries: list[dict
     makes them) and the other rows with their guards, for add_negatives."""
     given = {q["qid"]: q.get("negatives", []) for q in queries if q.get("negatives")}
     index = {item_id: n for n, item_id in enumerate(ids)}
-    plan = [TIERS[n % len(TIERS)] for n in range(num_hard_negatives)]
     done, rest, rest_guards = [], [], []
     for row, guard in zip(rows, guards):
-        options = [(i, t) for i, t in given.get(row.get("qid"), []) if i in index and i not in guard and i not in exclude
-                   and i not in (row["anchor_id"], row["positive_id"])]
-        chosen: list[tuple[str, str]] = []
-        for tier in plan:
-            for option in TIERS[TIERS.index(tier):] + TIERS[:TIERS.index(tier)]:
-                pick = next((o for o in options if o[1] == option and o not in chosen), None)
-                if pick:
-                    chosen.append(pick)
-                    break
+        skip = guard | exclude | {row["anchor_id"], row["positive_id"]}
+        candidates: dict[str, list[int]] = {}
+        for item_id, tier in given.get(row.get("qid"), []):
+            if item_id in index and item_id not in skip:
+                candidates.setdefault(tier, []).append(index[item_id])
+        chosen = choose_by_tiers(candidates, num_hard_negatives)
         if not given.get(row.get("qid")) or len(chosen) < num_hard_negatives:
             rest.append(row)
             rest_guards.append(guard)
             continue
-        source = index[row["anchor_id"]]
-        done.append({**row, "guard_ids": sorted(guard), "negative_ids": [i for i, _ in chosen],
-                     "negative_tiers": [t for _, t in chosen],
-                     "negative_scores": [round(float(vectors[source] @ vectors[index[i]]), 4) for i, _ in chosen]})
+        done.append(with_negatives(row, guard, chosen, ids, vectors, index[row["anchor_id"]]))
     return done, rest, rest_guards
 
 

@@ -11,7 +11,7 @@ from conftest import json_numbers
 
 from lib import corpus, domains
 from lib.domains import beir, codex, markdown, prompts
-from lib.domains.records import DataError
+from lib.domains.records import DataError, slug
 from lib.paths import REPO_ROOT, STAGES
 
 EXAMPLES = REPO_ROOT / "examples"
@@ -113,13 +113,7 @@ def test_markdown_references_become_queries_without_the_names():
     for q in queries:
         for target in q["relevant"]:
             assert Path(target).stem not in q["text"]
-        assert corpus_slug(q["meta"]["source_item"]) not in background  # query texts never pre-train
-
-
-def corpus_slug(page_id: str) -> str:
-    from lib.domains.records import slug
-
-    return slug(page_id)
+        assert slug(q["meta"]["source_item"]) not in background  # query texts never pre-train
 
 
 def test_markdown_split_by_headings(tmp_path):

@@ -29,12 +29,19 @@ TEMPLATES = {
 PERSON_TYPES = ("character", "characters", "person", "people", "npc", "npcs")
 
 
+def files_in(folder: Path, pattern: str, what: str) -> list[Path]:
+    """The files of `folder` matching `pattern`, sorted; a missing folder or no match is a DataError."""
+    require_path(folder, f"{folder.name}/{pattern}: {what}", folder=True)
+    files = sorted(folder.glob(pattern))
+    if not files:
+        raise DataError(f"{folder}: no {pattern} files; expected {what}")
+    return files
+
+
 def read_indexes(folder: Path) -> list[dict]:
     """Entities of indexes/*_index.json: {type, name, filename, aliases}; primary_name and filename required."""
-    index_dir = require_path(folder / "indexes", "indexes/<type>_index.json files of entities", folder=True)
-    files = sorted(index_dir.glob("*_index.json"))
-    if not files:
-        raise DataError(f"{index_dir}: no *_index.json files; add e.g. character_index.json")
+    index_dir = folder / "indexes"
+    files = files_in(index_dir, "*_index.json", "entity indexes such as character_index.json")
     entities = []
     for path in files:
         data = read_json_file(path)
@@ -65,10 +72,8 @@ def read_indexes(folder: Path) -> list[dict]:
 
 def read_chunks(folder: Path) -> list[dict]:
     """Chunks of chunks/*.jsonl: {id, text, filename, mentions: {type: [...]}, path, line}."""
-    chunk_dir = require_path(folder / "chunks", "chunks/*.jsonl files of {\"text\", \"filename\", ...}", folder=True)
-    files = sorted(chunk_dir.glob("*.jsonl"))
-    if not files:
-        raise DataError(f"{chunk_dir}: no .jsonl files of chunks")
+    chunk_dir = folder / "chunks"
+    files = files_in(chunk_dir, "*.jsonl", 'chunks, one {"text", "filename", ...} per line')
     chunks = []
     for path in files:
         for n, row in read_jsonl_rows(path):
