@@ -14,18 +14,37 @@ KS = (1, 3, 5, 10)
 
 
 def candidate_mask(queries: list[dict], item_types: list[str], item_ids: list[str] | None = None) -> np.ndarray:
-    """(queries × items) bool: the items each query may retrieve (meta.target_types, else all), minus the items in
-    meta.not_candidates (e.g. the page a markdown query was cut from)."""
+    """(queries × items) bool: the items each query may retrieve (meta.target_types, else all; only meta.candidates
+    when given, e.g. the held-out entities), minus the items in meta.not_candidates (e.g. the page a markdown query
+    was cut from)."""
     types = np.array(item_types)
     ids = np.array(item_ids if item_ids is not None else [], dtype=object)
     rows = []
     for q in queries:
         meta = q.get("meta", {})
         allowed = np.isin(types, meta["target_types"]) if meta.get("target_types") else np.ones(len(types), dtype=bool)
+        if meta.get("candidates") and len(ids):
+            allowed &= np.isin(ids, meta["candidates"])
         if meta.get("not_candidates") and len(ids):
             allowed &= ~np.isin(ids, meta["not_candidates"])
         rows.append(allowed)
     return np.stack(rows)
+
+
+def headline_categories(queries: list[dict]) -> list[str]:
+    """The categories the headline pools: every one but those whose queries are marked meta.beside_headline (reported
+    beside it, e.g. D&D's held-out-entity attribute queries)."""
+    return sorted({q["category"] for q in queries if not q.get("meta", {}).get("beside_headline")})
+
+
+def holm(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm–Bonferroni adjusted p-values (family-wise error over the given tests), same keys."""
+    order = sorted(p_values, key=p_values.get)
+    adjusted, running = {}, 0.0
+    for rank, key in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p_values[key]))
+        adjusted[key] = running
+    return {k: adjusted[k] for k in p_values}
 
 
 def top_items(scores: np.ndarray, mask: np.ndarray, top_k: int) -> np.ndarray:

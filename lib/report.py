@@ -90,6 +90,12 @@ def data_hashes(corpus_dir: Path) -> dict[str, str]:
             for p in sorted(corpus_dir.glob("*.jsonl"))}
 
 
+def headline_queries(evaluation: dict) -> int:
+    """How many queries the headline pools (stage 05's headline categories)."""
+    counts = evaluation.get("queries_by_category", {})
+    return sum(counts.get(c, 0) for c in evaluation.get("headline_categories", [])) or evaluation.get("queries", 0)
+
+
 def cost_line(metrics: dict[str, dict], timings: dict[str, float]) -> str:
     """What the run cost: wall time, teacher texts embedded (cache misses), tokens and dollars, training steps."""
     parts = [f"{sum(timings.values()) / 60:.1f} min of stages on this machine"] if timings else []
@@ -111,7 +117,10 @@ def training_section(finetune_metrics: dict, run: str) -> str:
     if not finetune_metrics.get("in_batch_false_negatives"):
         return ""
     facts = {k: {"value": finetune_metrics.get(k)} for k in ("loss", "distill", "batch_sampler", "steps", "bf16",
-                                                            "resumed_from_step", "train_runtime_s")}
+                                                            "resumed_from_step", "train_runtime_s", "blend_alpha")}
+    if finetune_metrics.get("dev_by_alpha"):
+        facts["dev NDCG@10 by α (weight averaging with the start model)"] = {"value": ", ".join(
+            f"α {a}: {v:.4f}" for a, v in finetune_metrics["dev_by_alpha"].items())}
     out = ("<h2>Training</h2>" + table(facts, ["value"])
            + "<h3>In-batch false negatives in one epoch, per batch sampler</h3><p>An anchor contrasted with its own "
              "entity under another text, an alias, a related item or another item its query fits.</p>"
@@ -209,7 +218,7 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
         ci = evaluation.get("headline_ci", {})
         ordered = lambda rows: {s: rows[s] for s in evaluation.get("systems", rows) if s in rows}
         parts.append(f"<h2>Did it work?</h2><p>{verdict(evaluation['headline'], ci=ci, p_values=evaluation.get('p_values_vs_base'))}</p>"
-                     f"<p>Held-out <b>{evaluation['split']}</b> queries (n={evaluation['queries']}; ground truth "
+                     f"<p>Held-out <b>{evaluation['split']}</b> queries (n={headline_queries(evaluation)}; ground truth "
                      "from the corpus's own fields and relations, not from the teacher). Green: better than the base "
                      "student; red: worse.</p>")
         if cost := cost_line(metrics, timings):
@@ -222,13 +231,18 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
         if p_values := evaluation.get("p_values_vs_base"):
             parts.append("<h3>Paired randomisation test vs the base student (p-values)</h3>"
                          + table(ordered(p_values), list(next(iter(p_values.values())))))
+        beside = set(evaluation.get("beside_headline", []))
+        holm = evaluation.get("p_values_by_category_holm", {})
         by_category = {f"{c} (n={evaluation['queries_by_category'].get(c, '?')})"
-                       + (", synthetic" if c.startswith("synthetic:") else ""): {s: v["ndcg@10"] for s, v in rows.items()}
+                       + (", synthetic" if c.startswith("synthetic:") else ", beside the headline" if c in beside else ""):
+                       {s: v["ndcg@10"] for s, v in rows.items()} | ({"p fine-tuned vs base (Holm)": holm[c]} if c in holm else {})
                        for c, rows in evaluation["by_category"].items()}
-        parts.append("<h3>NDCG@10 per kind of query</h3><p>Synthetic queries are not in the headline; every "
-                     "metric per kind is in the evaluation report.</p>"
-                     + table(by_category, [s for s in evaluation.get("systems", []) if any(s in r for r in by_category.values())],
-                             highlight_vs=""))
+        systems = [s for s in evaluation.get("systems", []) if any(s in r for r in by_category.values())]
+        parts.append("<h3>NDCG@10 per kind of query</h3><p>Synthetic queries and those marked beside the headline "
+                     "are not in the headline; p: paired randomisation test of the fine-tuned student against the "
+                     "base on that kind, Holm-corrected across kinds. Every metric per kind is in the evaluation "
+                     "report.</p>" + table(by_category, systems + (["p fine-tuned vs base (Holm)"] if holm else []),
+                                           highlight_vs=""))
     else:
         parts.append("<p><b>No evaluation yet</b>: stage 05 has not finished for this run.</p>")
     maps = metrics.get("06_embedding_maps", {})

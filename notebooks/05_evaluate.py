@@ -19,7 +19,8 @@
 # category reported on its own. For D&D: (a) monster→spell from the SRD Spellcasting lists (the monster's text with
 # its spell names removed; only spells are candidates), (b) attribute queries whose relevant items come from
 # structured fields (size, creature type, immunities, school, level, damage type, class), (c) aliases and
-# catalogue-form names. Other domains bring their own categories (prompts: story, genre, themes, keywords; codex:
+# catalogue-form names; beside the headline, (b′) `attribute_unseen`: field queries on entities held out of all
+# training, in a wording no training query uses, scored among those entities only. Other domains bring their own categories (prompts: story, genre, themes, keywords; codex:
 # the test questions' categories; beir: the qrels; markdown: references, user). Also (d) stage 02's held-out
 # synthetic queries (labelled synthetic; not in the headline) and (e) any extra BEIR folder.
 # Systems side by side: BM25, the base student, the domain-adapted encoder, the fine-tuned student, a hybrid
@@ -69,7 +70,7 @@ out_dir = stage("05_evaluate", create=True)
 items = corpus.load_items(stage("00_corpus"))
 queries = corpus.load_queries(stage("00_corpus"), split=eval_split)
 synthetic = read_jsonl(stage("02_pairs") / "held_out_queries.jsonl", corpus.QUERY_FIELDS)
-independent = sorted({q["category"] for q in queries})  # the headline pools these; synthetic is reported apart
+independent = evaluate.headline_categories(queries)  # the headline pools these; synthetic and beside_headline apart
 students = {
     "base": resolve_model_path(base_model),
     "domain-adapted": stage("03_domain_adapt") / "model",
@@ -134,11 +135,12 @@ coverage_metric = f"topic_coverage@{topic_coverage_k}"
 # ## Headline: every independent test query, 95% bootstrap intervals
 
 # %%
+n_headline = sum(q["category"] in independent for q in queries)
 ci = evaluate.intervals(per_query, headline_metrics + [coverage_metric], bootstrap_samples, seed, independent)
 headline = evaluate.headline(summary, systems, headline_metrics)
 p_values = evaluate.paired_tests(per_query[per_query.category.isin(independent)], "base", ["ndcg@10", "mrr@10", "precision@1"],
                                  permutation_samples, seed)
-fig = metric_bars(headline, headline_metrics, f"{eval_split} queries (n={len(queries)}), 95% bootstrap intervals", ci["all"])
+fig = metric_bars(headline, headline_metrics, f"{eval_split} queries (n={n_headline}), 95% bootstrap intervals", ci["all"])
 with atomic_path(out_dir / "metric_bars.png") as tmp:
     fig.savefig(tmp, format="png", dpi=100)
 pd.DataFrame({s: {m: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for m, v in ci["all"][s].items()} for s in systems}).T
@@ -165,7 +167,8 @@ ndcg_ci.assign(n=per_query[per_query.system == "base"].category.value_counts())
 p_by_category = {cat: evaluate.paired_tests(per_query[(per_query.category == cat) & per_query.system.isin(["base", "fine-tuned"])],
                                             "base", ["ndcg@10"], permutation_samples, seed)["fine-tuned"]["ndcg@10"]
                  for cat in categories}
-pd.Series(p_by_category, name="p (fine-tuned vs base, NDCG@10)")
+p_by_category_holm = evaluate.holm({c: p for c, p in p_by_category.items() if not c.startswith("synthetic:")})
+pd.DataFrame({"p (fine-tuned vs base, NDCG@10)": p_by_category, "Holm-adjusted (independent categories)": p_by_category_holm})
 
 # %% [markdown]
 # ## Topic coverage and agreement with the teacher
@@ -229,6 +232,8 @@ metrics = {
     "by_category": by_category,
     "by_category_ci": {cat: ci[cat] for cat in categories},
     "p_values_by_category": p_by_category,
+    "p_values_by_category_holm": p_by_category_holm,
+    "beside_headline": sorted({q["category"] for q in queries} - set(independent)),
     "topic_coverage": topic_coverage,
     "teacher_agreement": teacher_agreement,
     "fine_tuned_wins": int((changes["delta"] > 0).sum()),

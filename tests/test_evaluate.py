@@ -174,3 +174,20 @@ def test_candidates_by_target_type_and_not_the_source():
     queries = [{"meta": {"target_types": ["herbs"], "not_candidates": ["h1"]}}, {"meta": {}}]
     mask = evaluate.candidate_mask(queries, ["herbs", "herbs", "remedies"], ["h1", "h2", "r1"])
     assert mask.tolist() == [[False, True, False], [True, True, True]]
+
+
+def test_candidates_restrict_the_mask_to_a_subset():
+    queries = [{"qid": "q", "meta": {"target_types": ["power"], "candidates": ["b", "c", "x"]}}, {"qid": "r"}]
+    mask = evaluate.candidate_mask(queries, ["power", "power", "monster", "power"], ["a", "b", "c", "d"])
+    assert mask.tolist() == [[False, True, False, False], [True, True, True, True]]
+
+
+def test_holm_adjustment_by_hand():
+    adjusted = evaluate.holm({"a": 0.01, "b": 0.04, "c": 0.03})
+    assert adjusted == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
+    assert evaluate.holm({"a": 0.6, "b": 0.9}) == {"a": 1.0, "b": 1.0}
+
+
+def test_headline_leaves_out_categories_reported_beside_it():
+    queries = [{"category": "x", "meta": {}}, {"category": "y", "meta": {"beside_headline": True}}, {"category": "z"}]
+    assert evaluate.headline_categories(queries) == ["x", "z"]
