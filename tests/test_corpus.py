@@ -67,7 +67,8 @@ def test_splits_are_seeded_and_stratified(srd_slice):
     c = corpus.assign_splits(queries, 0.3, seed=2)
     assert [q["split"] for q in a] == [q["split"] for q in b]
     assert [q["split"] for q in a] != [q["split"] for q in c]
-    for category in {q["category"] for q in a}:
+    assert all(q["split"] == "train" for q in a if q["category"] == "field")  # training queries keep their split
+    for category in {q["category"] for q in a} - {"field"}:
         group = [q for q in a if q["category"] == category]
         assert abs(sum(q["split"] == "dev" for q in group) - round(0.3 * len(group))) == 0
 
@@ -77,10 +78,11 @@ def test_write_and_load_corpus(tmp_path, srd_slice):
     queries = corpus.assign_splits(queries, 0.3, seed=0)
     corpus.write_corpus(tmp_path, items, queries, relations, background)
     assert corpus.load_items(tmp_path) == items
-    assert len(corpus.load_queries(tmp_path, split="dev")) + len(corpus.load_queries(tmp_path, split="test")) == len(queries)
+    assert sum(len(corpus.load_queries(tmp_path, split=s)) for s in ("train", "dev", "test")) == len(queries)
     assert set(corpus.load_background(tmp_path)) == {f"{name}.md" for name in background}
-    assert corpus.held_out_items(queries) == {q["meta"]["source_item"] for q in queries if q["category"] != "monster_attribute"
-                                              and q["category"] != "power_attribute"}
+    sources = {q["meta"]["source_item"] for q in queries if q["meta"].get("source_item")}
+    sources |= {i for q in queries for i in q["meta"].get("source_items", [])}  # the held-out entities
+    assert corpus.held_out_items(queries) == sources and sources
 
 
 def test_catalogue_names_and_name_queries():
@@ -103,3 +105,42 @@ def test_srd_aliases_become_held_out_alias_queries():
     assert alias["Melf's Acid Arrow"]["relevant"] == {"power:acid-arrow": 1}
     assert alias["Svirfneblin"]["meta"]["source_item"] == "monster:deep-gnome-svirfneblin"
     assert sum(q["category"] == "name_paraphrase" for q in queries) == 20
+
+
+@pytest.fixture(scope="module")
+def full_srd():
+    """The whole SRD corpus, as the default run builds it."""
+    return dnd.build_corpus(seed=42)
+
+
+def test_field_training_queries_are_true_to_the_fields_and_unlike_every_evaluation_query(full_srd):
+    from lib import pairs
+
+    items, queries, _, _ = full_srd
+    by_id = {i["id"]: i for i in items}
+    field = [q for q in queries if q["category"] == "field"]
+    evaluation = [q for q in queries if q["split"] != "train"]
+    assert len(field) > 300 and all(q["split"] == "train" for q in field)
+    for q in field:  # every relevant item has the fact the query asks for: the same field, the same values
+        facts = [set(f for f in dnd.field_facts(by_id[i]) if f[0] == q["meta"]["field"]) for i in q["relevant"]]
+        assert set.intersection(*facts), q["text"]
+    assert not pairs.near_duplicates([q["text"] for q in field], [q["text"] for q in evaluation], 0.9)
+    assert {q["text"] for q in field}.isdisjoint(q["text"] for q in evaluation)
+
+
+def test_held_out_entities_are_never_trained_on_and_are_the_only_candidates_of_their_queries(full_srd):
+    from lib import pairs
+    from lib.evaluate import headline_categories
+
+    items, queries, _, _ = full_srd
+    unseen = [q for q in queries if q["category"] == "attribute_unseen"]
+    types = {i["id"]: i["type"] for i in items}
+    assert len(unseen) >= 30 and {types[next(iter(q["relevant"]))] for q in unseen} == {"monster", "power"}
+    held_out = corpus.held_out_items(queries)
+    for q in unseen:
+        assert q["meta"]["beside_headline"] and set(q["relevant"]) < set(q["meta"]["candidates"]) <= held_out
+    train = [q for q in queries if q["split"] == "train"]
+    evaluation = [q for q in queries if q["split"] != "train"]
+    supervised, _ = pairs.supervised_queries(train, evaluation, 3, 0.9, held_out)
+    assert supervised and not {i for q in supervised for i in q["relevant"]} & held_out
+    assert "attribute_unseen" not in headline_categories(evaluation) and "monster_spells" in headline_categories(evaluation)

