@@ -61,6 +61,8 @@ def link_upstream(run: str, first_stage: str, runs_root: str | Path | None, arm_
 def dev_ndcg(finetune_metrics: dict, when: str) -> float:
     """Stage 04's dev NDCG@10 (all dev queries) before or after fine-tuning."""
     scores = finetune_metrics[f"dev_{when}"]
+    if "sequential_score" in scores:  # NDCG@10 per query over every dev query
+        return scores["sequential_score"]
     return scores[next(k for k in scores if k.endswith("ndcg@10"))]
 
 

@@ -17,7 +17,7 @@ import torch
 from sentence_transformers.base.sampler import DefaultBatchSampler
 from sentence_transformers.sentence_transformer.losses import EmbedDistillLoss
 
-from lib.training import is_main_process, resumable_checkpoints, train_or_resume, use_bf16
+from lib.training import WallClockLimit, is_main_process, resumable_checkpoints, train_or_resume, use_bf16
 
 LOSSES = ("mnrl", "cached_mnrl", "gist")
 BATCH_SAMPLERS = ("entity", "no_duplicates", "random")
@@ -34,6 +34,9 @@ class FinetuneConfig:
     warmup_steps: float = 0.1  # a float < 1 is a ratio of the total steps
     max_seq_length: int = 128  # tokens per passage (positive, negatives)
     query_max_seq_length: int = 64  # tokens per anchor (queries are short; the anchor column is padded on its own)
+    eval_max_seq_length: int = 256  # tokens per text in every dev evaluation (before, during, after: the same)
+    blend_alphas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)  # weight averaging with the start model, α chosen on dev; () keeps α = 1
+    max_train_minutes: float = 0.0  # stop training after this many minutes (0: no limit), whatever max_steps says
     eval_steps: int = 50  # dev evaluation and loss logging interval
     save_steps: int = 50  # checkpoint interval (a rerun resumes from the last one)
     seed: int = 42
@@ -55,6 +58,9 @@ class FinetuneConfig:
         if self.loss == "gist" and not self.guide_model:
             raise ValueError("loss='gist' needs guide_model: a SentenceTransformer folder (e.g. the base student)")
         self.matryoshka_dims = tuple(int(d) for d in self.matryoshka_dims)
+        self.blend_alphas = tuple(float(a) for a in self.blend_alphas)
+        if any(not 0.0 <= a <= 1.0 for a in self.blend_alphas):
+            raise ValueError(f"blend_alphas={list(self.blend_alphas)}: every α must lie in [0, 1]")
 
 
 # --- inputs ----------------------------------------------------------------------------------------------------
@@ -73,24 +79,30 @@ def pairs_dataset(path: str | Path):
 
 
 def ir_evaluator(queries: list[dict], items: list[dict], name: str):
-    """InformationRetrievalEvaluators over `items` for `queries`, one per target-type group, run in sequence."""
+    """InformationRetrievalEvaluators over `items` for `queries`, one per candidate group (meta.target_types, and
+    meta.candidates where given), run in sequence; the main score (`sequential_score`) is their NDCG@10 weighted by
+    query count, the per-query mean stage 05 reports."""
     from sentence_transformers.base.evaluation.sequential import SequentialEvaluator
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
     groups: dict[tuple, list[dict]] = {}
     for q in queries:
-        groups.setdefault(tuple(q.get("meta", {}).get("target_types") or ()), []).append(q)
-    evaluators = []
-    for types, group in sorted(groups.items()):
-        corpus = {i["id"]: i["text"] for i in items if not types or i["type"] in types}
+        meta = q.get("meta", {})
+        groups.setdefault((tuple(meta.get("target_types") or ()), tuple(meta.get("candidates") or ())), []).append(q)
+    evaluators, sizes = [], []
+    for n, ((types, subset), group) in enumerate(sorted(groups.items())):
+        corpus = {i["id"]: i["text"] for i in items
+                  if (not types or i["type"] in types) and (not subset or i["id"] in set(subset))}
         evaluators.append(InformationRetrievalEvaluator(
             queries={q["qid"]: q["text"] for q in group},
             corpus=corpus,
             relevant_docs={q["qid"]: set(q["relevant"]) for q in group},
-            name=f"{name}-{'-'.join(types) or 'all'}",
+            name=f"{name}-{'-'.join(types) or 'all'}" + (f"-subset{n}" if subset else ""),
             ndcg_at_k=[5, 10], precision_recall_at_k=[1, 3, 5, 10], write_csv=False,
         ))
-    return SequentialEvaluator(evaluators, main_score_function=lambda scores: sum(scores) / len(scores))
+        sizes.append(len(group))
+    weighted = lambda scores: sum(s * n for s, n in zip(scores, sizes)) / sum(sizes)
+    return SequentialEvaluator(evaluators, main_score_function=weighted)
 
 
 @dataclass
@@ -339,7 +351,7 @@ def finetune(start_model: str | Path, train_dataset, eval_dataset, evaluator, ou
     card = SentenceTransformerModelCardData(language="en", model_name=config.model_name or None)
     model = SentenceTransformer(str(start_model), device="cuda" if torch.cuda.is_available() else "cpu",
                                 model_card_data=card)
-    model.max_seq_length = config.max_seq_length
+    model.max_seq_length = config.eval_max_seq_length  # evaluation length; training lengths are the collator's
     # 2. Loss: in-batch negatives plus the hard-negative columns negative_1..k
     loss = build_loss(model, config, distributed)
     routes = column_routes(train_dataset.column_names)
@@ -379,17 +391,46 @@ def finetune(start_model: str | Path, train_dataset, eval_dataset, evaluator, ou
         max_length={"query": config.query_max_seq_length, "document": config.max_seq_length},
     )
     # 5. Train, evaluating on the dev queries before, during and after; resume from the last checkpoint if allowed
+    time_limit = WallClockLimit(config.max_train_minutes)
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, loss=loss, evaluator=evaluator,
-        data_collator=collator, callbacks=callbacks,
+        data_collator=collator, callbacks=[*(callbacks or []), time_limit],
     )
     load = lambda last: model.load_state_dict(SentenceTransformer(last, device=model.device).state_dict())
     run = train_or_resume(trainer, checkpoints, resume, load)
-    # 6. Save the final model (with its model card) from the main process
+    run["stopped_by_time_limit_at_step"] = time_limit.stopped_at_step
+    # 6. Weight averaging with the start model (α chosen on dev), then save the model (with its card), main process only
     if trainer.is_world_process_zero():
+        if config.blend_alphas:
+            run["blend"] = choose_blend(model, start_model, evaluator, config.blend_alphas)
         model.save(str(Path(output_dir) / "model"))
     history = run.pop("log_history")
     return model, history, {"bf16": bf16, "world_size": args.world_size} | run
+
+
+def blend_weights(model, start_state: dict, tuned_state: dict, alpha: float) -> None:
+    """Load θ = (1 − α)·θ_start + α·θ_tuned into `model` (floating-point tensors; the others from the tuned model)."""
+    model.load_state_dict({k: torch.lerp(start_state[k].to(v.dtype), v, alpha) if v.is_floating_point() else v
+                           for k, v in tuned_state.items()})
+
+
+def choose_blend(model, start_model: str | Path, evaluator, alphas: tuple[float, ...]) -> dict:
+    """Score every blend of the start model and the trained `model` on dev (WiSE-FT weight averaging); leave `model`
+    at the best α — the smaller one on a tie, and α = 0 (the start model) is always a candidate, so the result is
+    never worse on dev than where training started. Returns the α, the dev score of each α and the chosen dev metrics."""
+    from sentence_transformers import SentenceTransformer
+
+    tuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    start = SentenceTransformer(str(start_model), device=model.device).state_dict()
+    results = {}
+    for alpha in sorted(set(alphas) | {0.0}):
+        blend_weights(model, start, tuned, alpha)
+        results[alpha] = evaluator(model)
+    scores = {alpha: round(float(r[evaluator.primary_metric]), 4) for alpha, r in results.items()}
+    best = max(scores, key=lambda a: (scores[a], -a))
+    blend_weights(model, start, tuned, best)
+    return {"alpha": best, "dev_by_alpha": scores, "metric": evaluator.primary_metric,
+            "dev_metrics": {k: float(v) for k, v in results[best].items()}}
 
 
 # --- command line (torchrun) -----------------------------------------------------------------------------------
@@ -401,7 +442,8 @@ def config_arguments(parser: argparse.ArgumentParser) -> None:
         if isinstance(field.default, bool):
             parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=field.default)
         elif isinstance(field.default, tuple):
-            parser.add_argument(flag, type=int, nargs="*", default=field.default)
+            element = type(field.default[0]) if field.default else int
+            parser.add_argument(flag, type=element, nargs="*", default=field.default)
         else:
             parser.add_argument(flag, type=type(field.default), default=field.default)
 

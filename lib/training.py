@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 
 def use_bf16(requested: bool) -> bool:
@@ -73,3 +75,20 @@ def train_or_resume(trainer, checkpoints: Path, resume: bool, load_weights) -> d
     return {"resumed_from_step": int(last.rsplit("-", 1)[1]) if last else 0, "global_step": state["global_step"],
             "train_runtime_s": next((h["train_runtime"] for h in state["log_history"] if "train_runtime" in h), None),
             "log_history": finite_log_history(state["log_history"])}
+
+
+class WallClockLimit(TrainerCallback):
+    """Stop training, with a checkpoint, once `minutes` of training have passed (0: no limit): a budget that holds on
+    slow CPUs (AVX2 without bf16) as on fast ones. The learning-rate schedule stays the one planned for every step."""
+
+    def __init__(self, minutes: float):
+        self.minutes, self.start, self.stopped_at_step = minutes, 0.0, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.minutes > 0 and time.monotonic() - self.start >= self.minutes * 60:
+            control.should_training_stop = control.should_save = True
+            self.stopped_at_step = state.global_step
+        return control

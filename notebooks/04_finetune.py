@@ -23,7 +23,9 @@
 # runs under torchrun (`python -m lib.finetune --help`, README "Training on several GPUs or machines"). The dev queries
 # (independent ground truth, never the test split) are evaluated before, during and after training. With `distill`,
 # batches of corpus items alternate with the contrastive batches and pull the student (through a learned projection)
-# towards the teacher's cached item vectors (`EmbedDistillLoss`).
+# towards the teacher's cached item vectors (`EmbedDistillLoss`). Before, during and after are scored at the same
+# `eval_max_seq_length`. Last, the trained weights are averaged with the start model's (WiSE-FT) at the α that scores
+# best on dev, α = 0 included: the shipped model is never worse on dev than the one training started from.
 #
 # **Reads:** `02_pairs/train/`, `dev/`, `train.jsonl`, `dev.jsonl`, `03_domain_adapt/model/`, `00_corpus/` dev queries,
 # `01_teacher/items.npy` (with `distill`).
@@ -41,6 +43,9 @@ learning_rate: float = 2e-5  # AdamW peak learning rate
 warmup_steps: float = 0.1  # a float < 1 is a ratio of the total steps
 max_seq_length: int = 128  # tokens per passage (positive, negatives) while training
 query_max_seq_length: int = 64  # tokens per anchor (each column is padded on its own)
+eval_max_seq_length: int = 256  # tokens per text in every dev evaluation (before, during, after), as in stage 05
+blend_alphas: list = [0.0, 0.25, 0.5, 0.75, 1.0]  # weight averaging with the start model, (1-α)·start + α·trained, α chosen on dev; [] ships α 1
+max_train_minutes: float = 0.0  # wall-clock budget for training (0: none); training stops there, whatever the steps
 eval_steps: int = 50  # dev evaluation and loss logging interval
 save_steps: int = 50  # checkpoint interval; a rerun of the same configuration resumes from the last checkpoint
 resume: bool = True  # False always starts afresh
@@ -72,7 +77,9 @@ start_model = stage_dir(run_name, "03_domain_adapt", runs_root or None) / "model
 config = finetune.FinetuneConfig(
     num_train_epochs=num_train_epochs, max_steps=max_steps, per_device_train_batch_size=per_device_train_batch_size,
     learning_rate=learning_rate, warmup_steps=warmup_steps, max_seq_length=max_seq_length,
-    query_max_seq_length=query_max_seq_length, eval_steps=eval_steps, save_steps=save_steps, seed=seed, loss=loss,
+    query_max_seq_length=query_max_seq_length, eval_max_seq_length=eval_max_seq_length,
+    blend_alphas=tuple(blend_alphas), max_train_minutes=max_train_minutes, eval_steps=eval_steps, save_steps=save_steps,
+    seed=seed, loss=loss,
     mini_batch_size=mini_batch_size, guide_model=str(resolve_model_path(guide_model or base_model)) if loss == "gist" else "",
     matryoshka_dims=tuple(matryoshka_dims), batch_sampler=batch_sampler, bf16=bf16, resume=resume, distill=distill,
     model_name=f"codex-forge student ({run_name})",
@@ -96,8 +103,10 @@ pd.DataFrame(sampler_counts).T
 # ## Dev metrics before training
 
 # %%
-before = inputs.evaluator(SentenceTransformer(str(start_model), device="cpu"))
-{k: round(v, 4) for k, v in before.items() if "ndcg@10" in k or "mrr@10" in k}
+start = SentenceTransformer(str(start_model), device="cpu")
+start.max_seq_length = eval_max_seq_length  # the same length as every later dev evaluation
+before = inputs.evaluator(start)
+{k: round(v, 4) for k, v in before.items() if "ndcg@10" in k or "mrr@10" in k or k == "sequential_score"}
 
 # %% [markdown]
 # ## Train
@@ -105,9 +114,23 @@ before = inputs.evaluator(SentenceTransformer(str(start_model), device="cpu"))
 # %%
 model, history, facts = finetune.finetune(start_model, inputs.train, inputs.dev, inputs.evaluator, out_dir, config,
                                           inputs.lookup, teacher_items=inputs.teacher_items)
-after = inputs.evaluator(model)
+after = facts["blend"]["dev_metrics"] if blend_alphas else inputs.evaluator(model)
 write_json(out_dir / "log_history.json", history)
-facts
+{k: v for k, v in facts.items() if k != "blend"}
+
+# %% [markdown]
+# ## Weight averaging with the start model
+# θ = (1 − α)·θ_start + α·θ_trained for each α, scored on the dev queries (NDCG@10 per query, all dev queries); the
+# shipped `model/` is the best α (the smaller on a tie). α = 0 is the start model itself: a training run that does
+# not help on dev ships the model it started from, and says so here.
+
+# %%
+blend = facts.get("blend")
+if blend:
+    verdict = ("α = 0: training did not beat the start model on dev; the start model is shipped" if blend["alpha"] == 0
+               else f"α = {blend['alpha']:g} shipped")
+    print(verdict)
+    display(pd.Series(blend["dev_by_alpha"], name=f"dev {blend['metric']}").rename_axis("α").to_frame())
 
 # %%
 steps, losses = training.loss_curve(history)
@@ -117,13 +140,13 @@ if distill_steps:
     line_plot(distill_steps, distill_losses, "distillation loss (1 − cosine to the teacher)", "step", "loss");
 
 # %%
-score_key = next(k for k in after if k.endswith("ndcg@10"))
+score_key = "sequential_score"  # NDCG@10 over all dev queries (per-query mean)
 dev_steps, dev_scores = training.loss_curve(history, f"eval_{score_key}")
 if dev_steps:
     line_plot([0] + dev_steps, [before[score_key]] + dev_scores, f"dev {score_key} during training", "step", "NDCG@10");
 
 # %%
-keys = sorted(k for k in after if k.endswith(("ndcg@10", "mrr@10", "recall@10")))
+keys = sorted(k for k in after if k.endswith(("ndcg@10", "mrr@10", "recall@10")) or k == "sequential_score")
 pd.DataFrame({"before": {k: before[k] for k in keys}, "after": {k: after[k] for k in keys}})
 
 # %%
@@ -138,10 +161,14 @@ metrics = {
     "bf16": facts["bf16"],
     "resumed_from_step": facts["resumed_from_step"],
     "train_runtime_s": facts["train_runtime_s"],
+    "stopped_by_time_limit_at_step": facts["stopped_by_time_limit_at_step"],
     "train_loss_first": losses[0] if losses else None,
     "train_loss_last": losses[-1] if losses else None,
+    "eval_max_seq_length": eval_max_seq_length,
     "dev_before": {k: round(before[k], 4) for k in keys},
     "dev_after": {k: round(after[k], 4) for k in keys},
+    "blend_alpha": blend["alpha"] if blend else 1.0,
+    "dev_by_alpha": blend["dev_by_alpha"] if blend else {},
 }
 write_json(out_dir / "metrics.json", metrics)
 metrics

@@ -56,7 +56,8 @@ def run(tmp_path_factory, srd_slice, student_path):
 
 def _config(**overrides) -> finetune.FinetuneConfig:
     settings = dict(num_train_epochs=1, per_device_train_batch_size=8, learning_rate=5e-4, warmup_steps=0.0,
-                    max_seq_length=64, query_max_seq_length=16, seed=0, max_steps=12, eval_steps=6, save_steps=6)
+                    max_seq_length=64, query_max_seq_length=16, seed=0, max_steps=12, eval_steps=6, save_steps=6,
+                    blend_alphas=())
     return finetune.FinetuneConfig(**(settings | overrides))
 
 
@@ -92,6 +93,51 @@ def test_distillation_of_the_cached_teacher_vectors_is_trained_alongside(tmp_pat
     distill = [h["distill"] for h in history if "distill" in h]
     assert len(distill) >= 3 and distill[-1] < distill[0]
     assert (tmp_path / "model" / "README.md").exists() and facts["global_step"] == 16
+
+
+def test_weight_averaging_ships_the_best_dev_blend_and_never_a_worse_one_than_the_start(tmp_path, run, student_path):
+    model, _, facts = _train(run, student_path, tmp_path, blend_alphas=(0.5, 1.0), max_steps=8, eval_steps=8,
+                             save_steps=100)
+    blend = facts["blend"]
+    scores = blend["dev_by_alpha"]
+    assert set(scores) == {0.0, 0.5, 1.0}  # α = 0, the start model, is always a candidate
+    assert scores[blend["alpha"]] == max(scores.values()) and scores[blend["alpha"]] >= scores[0.0]
+    inputs = finetune.load_inputs(run / "tiny" / "00_corpus", run / "tiny" / "02_pairs", dev_loss_rows=16, seed=0)
+    saved = SentenceTransformer(str(tmp_path / "model"), device="cpu")
+    saved.max_seq_length = _config().eval_max_seq_length
+    assert inputs.evaluator(saved)["sequential_score"] == pytest.approx(scores[blend["alpha"]], abs=2e-3)
+    start = SentenceTransformer(str(student_path), device="cpu").state_dict()
+    moved = {k: v + 1.0 if v.is_floating_point() else v for k, v in start.items()}
+    finetune.blend_weights(model, start, moved, 0.25)
+    key = next(k for k, v in start.items() if v.is_floating_point())
+    assert torch.allclose(model.state_dict()[key], start[key] + 0.25, atol=1e-6)
+    with pytest.raises(ValueError, match=r"blend_alphas=\[1.5\]"):
+        finetune.FinetuneConfig(blend_alphas=(1.5,))
+
+
+def test_a_wall_clock_budget_stops_training_early_with_a_checkpoint(tmp_path, run, student_path):
+    _, history, facts = _train(run, student_path, tmp_path, max_steps=400, eval_steps=1000, save_steps=1000,
+                               max_train_minutes=0.05)
+    stopped = facts["stopped_by_time_limit_at_step"]
+    assert stopped is not None and facts["global_step"] == stopped < 400
+    assert (tmp_path / "checkpoints" / f"checkpoint-{stopped}").is_dir() and (tmp_path / "model" / "README.md").exists()
+
+
+def test_dev_evaluator_scores_candidate_subsets_and_weights_groups_by_queries(student_path):
+    from lib.domains import dnd
+
+    items, queries, _, _ = dnd.build_corpus(seed=42)
+    dev = [q for q in queries if q["category"] == "attribute_unseen"][:6] + \
+        [q for q in queries if q["category"] == "monster_spells"][:6]
+    evaluator = finetune.ir_evaluator(dev, items, "dev")
+    results = evaluator(SentenceTransformer(str(student_path), device="cpu"))
+    groups = [e for e in evaluator.evaluators]
+    sizes = [len(e.queries) for e in groups]
+    weighted = sum(results[e.primary_metric] * n for e, n in zip(groups, sizes)) / sum(sizes)
+    assert len(groups) >= 2 and results["sequential_score"] == pytest.approx(weighted)
+    unseen = next(q for q in dev if q["category"] == "attribute_unseen")
+    subset = next(e for e in groups if unseen["qid"] in e.queries_ids)
+    assert set(subset.corpus_ids) == set(unseen["meta"]["candidates"])
 
 
 def test_teacher_vectors_missing_an_item_name_it(tmp_path, run):
