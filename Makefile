@@ -27,7 +27,7 @@ STAGES  := 00_corpus 01_teacher 02_pairs 03_domain_adapt 04_finetune 05_evaluate
 DONE     = $(RUNDIR)/$(1)/metrics.json
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-browser setup-mpnet all smoke report test lab bench clean clean-cache ablation-domain FORCE
+.PHONY: help setup setup-browser setup-mpnet all smoke report test lab bench clean clean-cache ablation-domain ablation-finetune FORCE
 
 help: ## list the targets
 	@echo "codex-forge (DOMAIN=$(DOMAIN) PROFILE=$(PROFILE) → run $(RUN))"
@@ -88,6 +88,10 @@ $(call DONE,07_export):         $(call DONE,00_corpus) $(call DONE,04_finetune)
 
 ablation-domain: $(call DONE,02_pairs) | $(STAMP) ## stages 03–05 per domain pre-training method (none/mlm/mlm_nsp/tsdae) on this run's pairs; table in the report (~1 h)
 	$(PY) -m lib.pipeline ablation domain --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG)
+	$(PY) -m lib.pipeline report --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG)
+
+ablation-finetune: $(call DONE,01_teacher) | $(STAMP) ## stages 02–05 per training recipe (previous, + field queries, + weight averaging, − item pairs); table in the report (~50 min)
+	$(PY) -m lib.pipeline ablation finetune --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG)
 	$(PY) -m lib.pipeline report --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG)
 
 stage-%: ## run stage NN and what it needs, e.g. `make stage-04` (only if out of date)

@@ -263,6 +263,15 @@ def query_rows(queries: list[dict], ids: list[str], types: list[str], vectors: n
     return rows
 
 
+def drop_kinds(rows: list[dict], kinds: list[str]) -> list[dict]:
+    """The rows whose kind (item, query:name, query:field, …) is not in `kinds`; an unknown kind is an error."""
+    unknown = set(kinds) - {r["kind"] for r in rows} - {"item", "query:field", *(f"query:{k}" for k in QUERY_KINDS)}
+    if unknown:
+        raise ValueError(f"drop_row_kinds: unknown row kinds {sorted(unknown)}; this run's kinds are "
+                         f"{sorted({r['kind'] for r in rows})}")
+    return [r for r in rows if r["kind"] not in set(kinds)]
+
+
 def supervised_queries(train_queries: list[dict], eval_queries: list[dict], positives_per_query: int,
                        threshold: float, exclude: set[str]) -> tuple[list[dict], int]:
     """The corpus's own training queries (split 'train': BEIR train qrels, codex templates) in the synthetic-query

@@ -51,6 +51,7 @@ hard_negative_margin: float = 0.02  # a hard negative's cosine is at least this 
 neighbours_k: int = 50  # length of each item's nearest list per type (positives and hard negatives)
 near_duplicate_threshold: float = 0.9  # word TF-IDF cosine at which a text counts as a copy of an evaluation query
 pairs_dev_fraction: float = 0.1  # entity groups whose rows go to dev (eval loss during training)
+drop_row_kinds: list = []  # row kinds left out of training: item, query:name, query:keywords, query:sentence, query:tags, query:field, …
 seed: int = 42  # seeds sampling, templates and the split
 # %%
 import random
@@ -120,7 +121,7 @@ supervised, dropped_supervised = pairs.supervised_queries(train_queries, eval_qu
 print(f"{len(supervised)} training queries from the corpus (beir train qrels, codex templates); {dropped_supervised} "
       "dropped as copies of an evaluation query or without a positive left")
 queries += supervised
-rows = item_pairs[threshold_mode] + pairs.query_rows(queries, ids, types, vectors)
+rows = pairs.drop_kinds(item_pairs[threshold_mode] + pairs.query_rows(queries, ids, types, vectors), drop_row_kinds)
 pd.DataFrame([{"kind": q["kind"], "query": q["text"], "positives": ", ".join(names[i] for i in q["relevant"]),
                "items it fits": len(q["matches"])} for q in random.Random(seed).sample(queries, min(12, len(queries)))])
 
