@@ -56,7 +56,7 @@ def main() -> None:
     results = {}
     for name, settings in VARIANTS.items():
         config = finetune.FinetuneConfig(max_steps=args.steps, per_device_train_batch_size=16, max_seq_length=128,
-                                         eval_steps=10_000, save_steps=10_000, resume=False, **settings)
+                                         eval_steps=10_000, save_steps=10_000, resume=False, blend_alphas=(), **settings)
         timer = StepTimer()
         with tempfile.TemporaryDirectory() as out:
             model, _, facts = finetune.finetune(start_model, inputs.train, inputs.dev, None, out, config, inputs.lookup,

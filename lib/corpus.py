@@ -41,11 +41,13 @@ def check_corpus(items: list[dict], queries: list[dict], relations: list[dict]) 
 
 def assign_splits(queries: list[dict], dev_fraction: float, seed: int) -> list[dict]:
     """Give each evaluation query a seeded 'dev' or 'test' split, stratified by category; training queries (split
-    'train') keep theirs."""
+    'train') keep theirs. Headline categories draw first, those beside the headline (meta.beside_headline) after
+    them, so adding one of those never changes the headline's split."""
     rng = random.Random(seed)
     out = [q for q in queries if q["split"] == "train"]
     evaluation = [q for q in queries if q["split"] != "train"]
-    for category in sorted({q["category"] for q in evaluation}):
+    beside = {q["category"] for q in evaluation if q.get("meta", {}).get("beside_headline")}
+    for category in sorted({q["category"] for q in evaluation}, key=lambda c: (c in beside, c)):
         group = sorted((q for q in evaluation if q["category"] == category), key=lambda q: q["qid"])
         rng.shuffle(group)
         n_dev = round(len(group) * dev_fraction)

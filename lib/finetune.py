@@ -401,8 +401,10 @@ def finetune(start_model: str | Path, train_dataset, eval_dataset, evaluator, ou
     run["stopped_by_time_limit_at_step"] = time_limit.stopped_at_step
     # 6. Weight averaging with the start model (α chosen on dev), then save the model (with its card), main process only
     if trainer.is_world_process_zero():
-        if config.blend_alphas:
+        if config.blend_alphas and evaluator is not None and getattr(evaluator, "evaluators", [evaluator]):
             run["blend"] = choose_blend(model, start_model, evaluator, config.blend_alphas)
+        elif config.blend_alphas:
+            print("no dev evaluator to choose the weight averaging on: the trained weights are shipped (α = 1)")
         model.save(str(Path(output_dir) / "model"))
     history = run.pop("log_history")
     return model, history, {"bf16": bf16, "world_size": args.world_size} | run

@@ -96,6 +96,18 @@ def headline_queries(evaluation: dict) -> int:
     return sum(counts.get(c, 0) for c in evaluation.get("headline_categories", [])) or evaluation.get("queries", 0)
 
 
+def blend_line(finetune_metrics: dict) -> str:
+    """What stage 04 shipped: the weight-averaging α chosen on dev and the dev scores behind the choice."""
+    scores = finetune_metrics.get("dev_by_alpha")
+    if not scores:
+        return ""
+    alpha = finetune_metrics["blend_alpha"]
+    shipped = ("the start model itself (α = 0): training did not beat it on the dev queries" if alpha == 0 else
+               f"θ = {1 - alpha:g}·θ_start + {alpha:g}·θ_trained")
+    return (f"Shipped fine-tuned model: {shipped}; dev NDCG@10 by α: "
+            + ", ".join(f"{float(a):g} → {v:.3f}" for a, v in scores.items()) + ".")
+
+
 def cost_line(metrics: dict[str, dict], timings: dict[str, float]) -> str:
     """What the run cost: wall time, teacher texts embedded (cache misses), tokens and dollars, training steps."""
     parts = [f"{sum(timings.values()) / 60:.1f} min of stages on this machine"] if timings else []
@@ -221,6 +233,8 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
                      f"<p>Held-out <b>{evaluation['split']}</b> queries (n={headline_queries(evaluation)}; ground truth "
                      "from the corpus's own fields and relations, not from the teacher). Green: better than the base "
                      "student; red: worse.</p>")
+        if blend := blend_line(metrics.get("04_finetune", {})):
+            parts.append(f"<p>{html.escape(blend)}</p>")
         if cost := cost_line(metrics, timings):
             parts.append(f"<p><b>Cost:</b> {html.escape(cost)}</p>")
         parts.append(embedded_png(stage_dir(run, "05_evaluate", runs_root) / "metric_bars.png"))

@@ -114,7 +114,7 @@ before = inputs.evaluator(start)
 # %%
 model, history, facts = finetune.finetune(start_model, inputs.train, inputs.dev, inputs.evaluator, out_dir, config,
                                           inputs.lookup, teacher_items=inputs.teacher_items)
-after = facts["blend"]["dev_metrics"] if blend_alphas else inputs.evaluator(model)
+after = facts["blend"]["dev_metrics"] if "blend" in facts else inputs.evaluator(model)
 write_json(out_dir / "log_history.json", history)
 {k: v for k, v in facts.items() if k != "blend"}
 

@@ -144,3 +144,11 @@ def test_held_out_entities_are_never_trained_on_and_are_the_only_candidates_of_t
     supervised, _ = pairs.supervised_queries(train, evaluation, 3, 0.9, held_out)
     assert supervised and not {i for q in supervised for i in q["relevant"]} & held_out
     assert "attribute_unseen" not in headline_categories(evaluation) and "monster_spells" in headline_categories(evaluation)
+
+
+def test_a_category_beside_the_headline_leaves_the_headline_split_as_it_was(full_srd):
+    _, queries, _, _ = full_srd
+    without = [q for q in queries if q["category"] not in ("attribute_unseen", "field")]
+    split = {q["qid"]: q["split"] for q in corpus.assign_splits(queries, 0.3, seed=42)}
+    assert {q["qid"]: q["split"] for q in corpus.assign_splits(without, 0.3, seed=42)}.items() <= split.items()
+    assert {"dev", "test"} == {split[q["qid"]] for q in queries if q["category"] == "attribute_unseen"}

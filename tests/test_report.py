@@ -47,3 +47,14 @@ def test_search_section_shows_the_gate_and_skipped_backends():
     assert "<b>torch-fp32</b>" in section and "min cosine 0.9500 &lt; 0.99" in section
     assert "skipped: CPU has no native bf16" in section and "Speed (make bench" not in section
     assert report.search_section({}, "r") == ""
+
+
+def test_index_says_which_blend_was_shipped_and_why(tmp_path):
+    runs, reports = tmp_path / "runs", tmp_path / "reports"
+    write_json(stage_dir("r", "05_evaluate", runs, create=True) / "metrics.json", _evaluation(0.25, 0.25))
+    write_json(stage_dir("r", "04_finetune", runs, create=True) / "metrics.json",
+               {"blend_alpha": 0.0, "dev_by_alpha": {"0.0": 0.41, "0.5": 0.405, "1.0": 0.39}})
+    page = report.write_index("r", {}, [PARAMS_DIR / "default.yaml"], runs, reports).read_text()
+    assert "the start model itself (α = 0): training did not beat it on the dev queries" in page
+    assert "0 → 0.410, 0.5 → 0.405, 1 → 0.390" in page
+    assert "0.5·θ_start + 0.5·θ_trained" in report.blend_line({"blend_alpha": 0.5, "dev_by_alpha": {"0.5": 0.4}})

@@ -66,6 +66,8 @@ def test_before_and_after_are_both_reported(smoke):
     systems = {"bm25", "base", "domain-adapted", "fine-tuned", "hybrid", "onnx-int8", "teacher"}
     assert set(evaluation["headline"]) == set(evaluation["headline_ci"]) == systems
     assert {"monster_spells", "monster_attribute", "power_attribute", "alias", "name_paraphrase"} == set(evaluation["headline_categories"])
+    assert evaluation["beside_headline"] == ["attribute_unseen"] and "attribute_unseen" in evaluation["by_category"]
+    assert set(evaluation["p_values_by_category_holm"]) == set(evaluation["headline_categories"]) | {"attribute_unseen"}
     assert any(c.startswith("synthetic:") for c in evaluation["by_category"]) and evaluation["split"] == "test"
     for system, values in evaluation["headline_ci"].items():
         mean, low, high = values["ndcg@10"]
@@ -80,6 +82,9 @@ def test_before_and_after_are_both_reported(smoke):
     finetune = m("04_finetune")
     assert finetune["train_loss_last"] < finetune["train_loss_first"]
     assert finetune["dev_before"].keys() == finetune["dev_after"].keys()
+    alphas = {float(a): score for a, score in finetune["dev_by_alpha"].items()}
+    assert set(alphas) == {0.0, 0.25, 0.5, 0.75, 1.0} and alphas[finetune["blend_alpha"]] == max(alphas.values())
+    assert finetune["dev_after"]["sequential_score"] >= finetune["dev_before"]["sequential_score"] - 5e-3
     fn = finetune["in_batch_false_negatives"]
     assert fn["entity"] == 0 and set(fn) == {"random", "no_duplicates", "entity"}
     adapt = m("03_domain_adapt")
@@ -96,7 +101,7 @@ def test_before_and_after_are_both_reported(smoke):
 def test_training_data_has_every_kind_and_keeps_evaluation_sources_out(smoke):
     out = stage_dir(RUN, "02_pairs", smoke["runs"])
     stats = json.loads((out / "stats.json").read_text())
-    assert set(stats["train_by_kind"]) == {"item", "query:name", "query:keywords", "query:sentence", "query:tags"}
+    assert set(stats["train_by_kind"]) == {"item", "query:name", "query:keywords", "query:sentence", "query:tags", "query:field"}
     assert stats["leakage_check"]["train"]["rows"] == stats["train"] > 0
     assert finetune.pairs_dataset(out / "train").column_names == pairs.loss_columns(stats["num_hard_negatives"])
     held_out = corpus.held_out_items(corpus.load_queries(stage_dir(RUN, "00_corpus", smoke["runs"])))
