@@ -291,3 +291,52 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
     index = out_dir / "index.html"
     write_text(index, "\n".join(parts))
     return index
+
+
+# --- markdown tables for the README (generated from a run's metrics, never typed in) ----------------------------
+
+SYSTEM_LABELS = {"bm25": "BM25 (bm25s, stemmed)", "base": "base all-MiniLM-L6-v2", "domain-adapted": "domain-adapted",
+                 "fine-tuned": "fine-tuned (shipped)", "hybrid": "hybrid (BM25 + fine-tuned, RRF)",
+                 "onnx-int8": "fine-tuned, int8 ONNX", "teacher": "teacher"}
+
+
+def markdown_results(evaluation: dict) -> str:
+    """The README's result tables of one run: the headline per system (NDCG@10 with its 95% interval, MRR@10, P@1,
+    Recall@10, p vs base) and NDCG@10 per kind of query with the fine-tuned-vs-base p-values (raw and Holm)."""
+    headline, ci, p = evaluation["headline"], evaluation["headline_ci"], evaluation.get("p_values_vs_base", {})
+    fmt_p = lambda v: "—" if v is None else f"{v:.2g}"
+    lines = ["| system | NDCG@10 | MRR@10 | P@1 | Recall@10 | p vs base |", "|---|---|---|---|---|---|"]
+    for s in evaluation["systems"]:
+        if s == "domain-adapted" and headline[s] == headline.get("base"):
+            continue  # domain_method none: stage 03 copied the base
+        low, high = ci[s]["ndcg@10"][1:]
+        lines.append(f"| {SYSTEM_LABELS.get(s, s)} | {headline[s]['ndcg@10']:.3f} [{low:.3f}, {high:.3f}] | "
+                     f"{headline[s]['mrr@10']:.3f} | {headline[s]['precision@1']:.3f} | {headline[s]['recall@10']:.3f} | "
+                     f"{fmt_p(p.get(s, {}).get('ndcg@10'))} |")
+    systems = [s for s in ("bm25", "base", "fine-tuned", "hybrid", "teacher") if s in evaluation["systems"]]
+    beside = set(evaluation.get("beside_headline", []))
+    lines += ["", "| kind of query (n) | " + " | ".join(systems) + " | p fine-tuned vs base | Holm |",
+              "|---|" + "---|" * (len(systems) + 2)]
+    for c, rows in evaluation["by_category"].items():
+        if c.startswith("synthetic:"):
+            continue
+        label = f"{c}{' (beside the headline)' if c in beside else ''} ({evaluation['queries_by_category'].get(c, '?')})"
+        cells = " | ".join(f"{rows[s]['ndcg@10']:.3f}" if s in rows else "—" for s in systems)
+        lines.append(f"| {label} | {cells} | {fmt_p(evaluation['p_values_by_category'].get(c))} | "
+                     f"{fmt_p(evaluation.get('p_values_by_category_holm', {}).get(c))} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m lib.report --run dnd-default`: print the README's result tables of a finished run."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--run", default="dnd-default")
+    parser.add_argument("--runs-root", default=None)
+    args = parser.parse_args(argv)
+    print(markdown_results(read_json(stage_dir(args.run, "05_evaluate", args.runs_root) / "metrics.json")))
+
+
+if __name__ == "__main__":
+    main()

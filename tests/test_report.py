@@ -58,3 +58,19 @@ def test_index_says_which_blend_was_shipped_and_why(tmp_path):
     assert "the start model itself (α = 0): training did not beat it on the dev queries" in page
     assert "0 → 0.410, 0.5 → 0.405, 1 → 0.390" in page
     assert "0.5·θ_start + 0.5·θ_trained" in report.blend_line({"blend_alpha": 0.5, "dev_by_alpha": {"0.5": 0.4}})
+
+
+def test_readme_tables_come_from_the_metrics():
+    row = lambda v: {"ndcg@10": v, "mrr@10": v, "precision@1": v, "recall@10": v}
+    evaluation = {"systems": ["base", "domain-adapted", "fine-tuned"],
+                  "headline": {"base": row(0.4), "domain-adapted": row(0.4), "fine-tuned": row(0.6)},
+                  "headline_ci": {s: {"ndcg@10": [v, v - 0.1, v + 0.1]} for s, v in (("base", 0.4), ("domain-adapted", 0.4), ("fine-tuned", 0.6))},
+                  "p_values_vs_base": {"fine-tuned": {"ndcg@10": 0.0001}},
+                  "by_category": {"a": {"base": row(0.2), "fine-tuned": row(0.7)}, "u": {"base": row(0.3), "fine-tuned": row(0.9)},
+                                  "synthetic:x": {"base": row(0.1)}},
+                  "queries_by_category": {"a": 5, "u": 7}, "beside_headline": ["u"],
+                  "p_values_by_category": {"a": 0.01, "u": 0.02}, "p_values_by_category_holm": {"a": 0.02, "u": 0.02}}
+    text = report.markdown_results(evaluation)
+    assert "| fine-tuned (shipped) | 0.600 [0.500, 0.700] | 0.600 | 0.600 | 0.600 | 0.0001 |" in text
+    assert "domain-adapted" not in text and "synthetic:x" not in text  # a copy of the base; not a headline kind
+    assert "| u (beside the headline) (7) | 0.300 | 0.900 | 0.02 | 0.02 |" in text
