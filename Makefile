@@ -90,7 +90,7 @@ ablation-domain: $(call DONE,02_pairs) | $(STAMP) ## stages 03–05 per domain p
 	$(PY) -m lib.pipeline ablation domain --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG)
 	$(PY) -m lib.pipeline report --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG)
 
-ablation-finetune: $(call DONE,01_teacher) | $(STAMP) ## stages 02–05 per training recipe (previous, + field queries, + weight averaging); table in the report (~45 min)
+ablation-finetune: $(call DONE,01_teacher) | $(STAMP) ## stages 02–05 per training recipe (previous; field queries + weight averaging; + teacher distillation); table in the report (~45 min)
 	$(PY) -m lib.pipeline ablation finetune --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG)
 	$(PY) -m lib.pipeline report --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG)
 

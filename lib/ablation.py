@@ -86,7 +86,9 @@ def results_table(run: str, arm_roots: dict[str, Path], n_permutations: int = 10
                      "adapt_runtime_s": adapt.get("train_runtime_s"), "heldout": adapt.get("heldout"),
                      "embedding_cosine_to_base": adapt.get("embedding_cosine_to_base"),
                      "dev_ndcg@10_adapted": dev_ndcg(tuned, "before"), "dev_ndcg@10_fine_tuned": dev_ndcg(tuned, "after"),
-                     "test": test, "test_queries": evaluated["queries"]}
+                     "test": test, "test_queries": evaluated["queries"],
+                     "beside_headline": {c: evaluated["by_category"][c]["fine-tuned"]["ndcg@10"]
+                                         for c in evaluated.get("beside_headline", []) if c in evaluated["by_category"]}}
     reference = next(iter(arm_roots))
     for arm, row in rows.items():
         for system in ("domain-adapted", "fine-tuned"):
@@ -112,5 +114,5 @@ def summary_frame(results: dict) -> pd.DataFrame:
             "test NDCG@10 fine-tuned": f"{tuned['ndcg@10']:.3f} [{tuned['ndcg@10_ci'][0]:.3f}, {tuned['ndcg@10_ci'][1]:.3f}]",
             "test MRR@10": round(tuned["mrr@10"], 3), "test P@1": round(tuned["precision@1"], 3),
             f"p vs {reference}": "—" if p is None else f"{p:.2g}",
-        })
+        } | {f"test NDCG@10 {c} (beside the headline)": round(v, 3) for c, v in row.get("beside_headline", {}).items()})
     return pd.DataFrame(lines).set_index("arm")

@@ -10,8 +10,15 @@ def test_the_domain_ablation_compares_every_pretraining_method():
     assert [arm["domain_method"] for arm in spec["arms"].values()] == ["none", "mlm", "mlm_nsp", "tsdae"]
 
 
+def test_the_finetune_ablation_starts_at_the_training_rows_and_keeps_the_previous_recipe_as_reference():
+    spec = ablation.load_spec("finetune")
+    assert spec["stages"] == ["02_pairs", "03_domain_adapt", "04_finetune", "05_evaluate"]
+    assert next(iter(spec["arms"])) == "previous" and spec["arms"]["previous"] == {"drop_row_kinds": ["query:field"],
+                                                                                  "blend_alphas": []}
+
+
 def test_an_unknown_ablation_lists_the_known_ones():
-    with pytest.raises(FileNotFoundError, match=r"must be one of \['domain'\]"):
+    with pytest.raises(FileNotFoundError, match=r"must be one of \['domain', 'finetune'\]"):
         ablation.load_spec("domian")
 
 
