@@ -103,6 +103,7 @@ def blend_line(finetune_metrics: dict) -> str:
         return ""
     alpha = finetune_metrics["blend_alpha"]
     shipped = ("the start model itself (α = 0): training did not beat it on the dev queries" if alpha == 0 else
+               "the trained weights as they are (α = 1)" if alpha == 1 else
                f"θ = {1 - alpha:g}·θ_start + {alpha:g}·θ_trained")
     return (f"Shipped fine-tuned model: {shipped}; dev NDCG@10 by α: "
             + ", ".join(f"{float(a):g} → {v:.3f}" for a, v in scores.items()) + ".")
