@@ -134,6 +134,7 @@ if blend:
 
 # %%
 steps, losses = training.loss_curve(history)
+_, dev_losses = training.loss_curve(history, "eval_loss")
 line_plot(steps, losses, f"{loss} training loss" + (" (with the distillation batches)" if distill else ""), "step", "loss");
 distill_steps, distill_losses = training.loss_curve(history, "distill")
 if distill_steps:
@@ -164,6 +165,8 @@ metrics = {
     "stopped_by_time_limit_at_step": facts["stopped_by_time_limit_at_step"],
     "train_loss_first": losses[0] if losses else None,
     "train_loss_last": losses[-1] if losses else None,
+    "dev_loss_first": dev_losses[0] if dev_losses else None,  # the MNRL loss on the fixed sample of stage-02 dev rows
+    "dev_loss_last": dev_losses[-1] if dev_losses else None,
     "eval_max_seq_length": eval_max_seq_length,
     "dev_before": {k: round(before[k], 4) for k in keys},
     "dev_after": {k: round(after[k], 4) for k in keys},

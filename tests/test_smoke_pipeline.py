@@ -80,7 +80,8 @@ def test_before_and_after_are_both_reported(smoke):
     for system in ("base", "fine-tuned"):
         assert set(evaluation["headline"][system]) >= {"precision@1", "precision@3", "precision@5", "mrr@10", "ndcg@5", "ndcg@10", "recall@10"}
     finetune = m("04_finetune")
-    assert finetune["train_loss_last"] < finetune["train_loss_first"]
+    # a real effect on a fixed set of held-out rows (one batch's training loss moves more with the batch than with 8 steps)
+    assert finetune["dev_loss_last"] < finetune["dev_loss_first"]
     assert finetune["dev_before"].keys() == finetune["dev_after"].keys()
     alphas = {float(a): score for a, score in finetune["dev_by_alpha"].items()}
     assert set(alphas) == {0.0, 0.25, 0.5, 0.75, 1.0} and alphas[finetune["blend_alpha"]] == max(alphas.values())
