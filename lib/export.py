@@ -14,13 +14,17 @@ FFN_OUTPUT = r"layer\.\d+/output/dense/"  # the feed-forward down-projections: i
 
 
 def cpu_flags() -> set[str]:
-    """The CPU feature flags from /proc/cpuinfo (empty where there is none)."""
+    """The CPU feature flags from /proc/cpuinfo (empty where there is none), without the AVX-512 and AMX ones when
+    torch is held below AVX-512 (`ATEN_CPU_CAPABILITY=avx2`, how an AVX-512 machine imitates an AVX2 laptop)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return set()
     line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
+    flags = set(line.partition(":")[2].split())
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        flags = {f for f in flags if not f.startswith(("avx512", "amx"))}
+    return flags
 
 
 def bf16_supported(flags: set[str] | None = None) -> bool:

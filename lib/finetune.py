@@ -17,7 +17,7 @@ import torch
 from sentence_transformers.base.sampler import DefaultBatchSampler
 from sentence_transformers.sentence_transformer.losses import EmbedDistillLoss
 
-from lib.training import WallClockLimit, is_main_process, resumable_checkpoints, train_or_resume, use_bf16
+from lib.training import TimeBudget, is_main_process, resumable_checkpoints, train_or_resume, use_bf16
 
 LOSSES = ("mnrl", "cached_mnrl", "gist")
 BATCH_SAMPLERS = ("entity", "no_duplicates", "random")
@@ -36,8 +36,9 @@ class FinetuneConfig:
     query_max_seq_length: int = 64  # tokens per anchor (queries are short; the anchor column is padded on its own)
     eval_max_seq_length: int = 256  # tokens per text in every dev evaluation (before, during, after: the same)
     blend_alphas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)  # weight averaging with the start model, α chosen on dev; () keeps α = 1
-    max_train_minutes: float = 0.0  # stop training after this many minutes (0: no limit), whatever max_steps says
-    eval_steps: int = 50  # dev evaluation and loss logging interval
+    max_train_minutes: float = 0.0  # training budget in minutes (0: none): the steps that fit, the schedule shortened to them
+    eval_steps: int = 50  # dev loss (and, with ndcg_during_training, dev NDCG) and training-loss logging interval
+    ndcg_during_training: bool = False  # also score the dev queries at every evaluation (a full dev encode each time)
     save_steps: int = 50  # checkpoint interval (a rerun resumes from the last one)
     seed: int = 42
     loss: str = "mnrl"  # mnrl | cached_mnrl | gist
@@ -331,8 +332,9 @@ def with_distillation(model, loss, train_dataset, eval_dataset, teacher_items) -
 
 def finetune(start_model: str | Path, train_dataset, eval_dataset, evaluator, output_dir: str | Path,
              config: FinetuneConfig, lookup: tuple[dict, dict] = ({}, {}), callbacks: list | None = None,
-             teacher_items=None) -> tuple[object, list[dict], dict]:
-    """Train; save the model with its card under output_dir/model; return it, the log history and run facts."""
+             teacher_items=None, start_metrics: dict | None = None) -> tuple[object, list[dict], dict]:
+    """Train; save the model with its card under output_dir/model; return it, the log history and run facts.
+    `start_metrics`: the evaluator's metrics of the start model, when already computed (the blend's α = 0)."""
     from sentence_transformers import (
         SentenceTransformer,
         SentenceTransformerModelCardData,
@@ -391,18 +393,20 @@ def finetune(start_model: str | Path, train_dataset, eval_dataset, evaluator, ou
         max_length={"query": config.query_max_seq_length, "document": config.max_seq_length},
     )
     # 5. Train, evaluating on the dev queries before, during and after; resume from the last checkpoint if allowed
-    time_limit = WallClockLimit(config.max_train_minutes)
+    budget = TimeBudget(config.max_train_minutes)
     trainer = SentenceTransformerTrainer(
-        model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, loss=loss, evaluator=evaluator,
-        data_collator=collator, callbacks=[*(callbacks or []), time_limit],
+        model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, loss=loss,
+        evaluator=evaluator if config.ndcg_during_training else None, data_collator=collator,
+        callbacks=[*(callbacks or []), budget],
     )
     load = lambda last: model.load_state_dict(SentenceTransformer(last, device=model.device).state_dict())
     run = train_or_resume(trainer, checkpoints, resume, load)
-    run["stopped_by_time_limit_at_step"] = time_limit.stopped_at_step
+    run["planned_steps_in_budget"] = budget.planned_steps
+    run["stopped_by_time_limit_at_step"] = budget.stopped_at_step
     # 6. Weight averaging with the start model (α chosen on dev), then save the model (with its card), main process only
     if trainer.is_world_process_zero():
         if config.blend_alphas and evaluator is not None and getattr(evaluator, "evaluators", [evaluator]):
-            run["blend"] = choose_blend(model, start_model, evaluator, config.blend_alphas)
+            run["blend"] = choose_blend(model, start_model, evaluator, config.blend_alphas, start_metrics)
         elif config.blend_alphas:
             print("no dev evaluator to choose the weight averaging on: the trained weights are shipped (α = 1)")
         model.save(str(Path(output_dir) / "model"))
@@ -416,22 +420,32 @@ def blend_weights(model, start_state: dict, tuned_state: dict, alpha: float) -> 
                            for k, v in tuned_state.items()})
 
 
-def choose_blend(model, start_model: str | Path, evaluator, alphas: tuple[float, ...]) -> dict:
-    """Score every blend of the start model and the trained `model` on dev (WiSE-FT weight averaging); leave `model`
-    at the best α — the smaller one on a tie, and α = 0 (the start model) is always a candidate, so the result is
-    never worse on dev than where training started. Returns the α, the dev score of each α and the chosen dev metrics."""
+def choose_blend(model, start_model: str | Path, evaluator, alphas: tuple[float, ...],
+                 start_metrics: dict | None = None) -> dict:
+    """Choose the WiSE-FT blend of the start model and the trained `model` on dev and leave `model` at it. α is
+    tried from the largest down and the search stops at the first α that scores below the best so far (the dev
+    score over α rises to one peak; each try is a full dev encode). α = 0, the start model, is always a candidate
+    (scored from `start_metrics` when given, the start model's dev metrics at the same length), so the result is
+    never worse on dev than where training started; ties go to the smaller α. Returns the α, the dev score of each
+    α tried and the chosen α's dev metrics."""
     from sentence_transformers import SentenceTransformer
 
     tuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
     start = SentenceTransformer(str(start_model), device=model.device).state_dict()
-    results = {}
-    for alpha in sorted(set(alphas) | {0.0}):
+    score = lambda r: round(float(r[evaluator.primary_metric]), 4)
+    results, scores = {}, {}
+    for alpha in sorted(set(alphas) - {0.0}, reverse=True):
         blend_weights(model, start, tuned, alpha)
         results[alpha] = evaluator(model)
-    scores = {alpha: round(float(r[evaluator.primary_metric]), 4) for alpha, r in results.items()}
+        scores[alpha] = score(results[alpha])
+        if scores[alpha] < max(scores.values()):
+            break
+    blend_weights(model, start, tuned, 0.0)
+    results[0.0] = start_metrics if start_metrics is not None else evaluator(model)
+    scores[0.0] = score(results[0.0])
     best = max(scores, key=lambda a: (scores[a], -a))
     blend_weights(model, start, tuned, best)
-    return {"alpha": best, "dev_by_alpha": scores, "metric": evaluator.primary_metric,
+    return {"alpha": best, "dev_by_alpha": dict(sorted(scores.items())), "metric": evaluator.primary_metric,
             "dev_metrics": {k: float(v) for k, v in results[best].items()}}
 
 

@@ -130,7 +130,8 @@ def training_section(finetune_metrics: dict, run: str) -> str:
     if not finetune_metrics.get("in_batch_false_negatives"):
         return ""
     facts = {k: {"value": finetune_metrics.get(k)} for k in ("loss", "distill", "batch_sampler", "steps", "bf16",
-                                                            "resumed_from_step", "train_runtime_s", "blend_alpha")}
+                                                            "resumed_from_step", "train_runtime_s", "max_train_minutes",
+                                                            "planned_steps_in_budget", "blend_alpha")}
     if finetune_metrics.get("dev_by_alpha"):
         facts["dev NDCG@10 by α (weight averaging with the start model)"] = {"value": ", ".join(
             f"α {a}: {v:.4f}" for a, v in finetune_metrics["dev_by_alpha"].items())}

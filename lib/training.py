@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -77,18 +79,51 @@ def train_or_resume(trainer, checkpoints: Path, resume: bool, load_weights) -> d
             "log_history": finite_log_history(state["log_history"])}
 
 
-class WallClockLimit(TrainerCallback):
-    """Stop training, with a checkpoint, once `minutes` of training have passed (0: no limit): a budget that holds on
-    slow CPUs (AVX2 without bf16) as on fast ones. The learning-rate schedule stays the one planned for every step."""
+class TimeBudget(TrainerCallback):
+    """A wall-clock budget for training (0: none) that holds on slow CPUs (AVX2, fp32) as on fast ones. After
+    `probe_steps` steps it measures the median step time, plans the steps that fit in what is left of the budget
+    and, when that is fewer than the run's, shortens the linear learning-rate schedule to end there (warm-up scaled
+    alike), so a short run still decays to zero. Training stops at the planned step, or, whatever the plan said,
+    once the budget is spent; a checkpoint is saved where it stops."""
 
-    def __init__(self, minutes: float):
-        self.minutes, self.start, self.stopped_at_step = minutes, 0.0, None
+    def __init__(self, minutes: float, probe_steps: int = 8):
+        self.minutes, self.probe_steps = minutes, probe_steps
+        self.start, self.step_start, self.step_seconds = 0.0, 0.0, []
+        self.planned_steps: int | None = None
+        self.stopped_at_step: int | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.monotonic()
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.minutes > 0 and time.monotonic() - self.start >= self.minutes * 60:
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_start = time.monotonic()
+
+    def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
+        if self.minutes <= 0:
+            return control
+        now = time.monotonic()
+        self.step_seconds.append(now - self.step_start)
+        if len(self.step_seconds) == self.probe_steps:
+            step_s = statistics.median(self.step_seconds[1:])  # the first step carries one-off costs
+            fit = state.global_step + int((self.minutes * 60 - (now - self.start)) / (step_s * 1.05))
+            if fit < state.max_steps:
+                self.planned_steps = max(fit, state.global_step)
+                shorten_linear_schedule(lr_scheduler, state.max_steps, self.planned_steps)
+        planned_end = self.planned_steps is not None and state.global_step >= self.planned_steps
+        if planned_end or now - self.start >= self.minutes * 60:
             control.should_training_stop = control.should_save = True
             self.stopped_at_step = state.global_step
         return control
+
+
+def shorten_linear_schedule(lr_scheduler, total_steps: int, planned_steps: int) -> bool:
+    """Make a transformers linear warm-up/decay schedule (a LambdaLR of partials) end at `planned_steps` instead of
+    `total_steps`, with the warm-up shortened in proportion. False (schedule untouched) for any other schedule."""
+    lambdas = getattr(lr_scheduler, "lr_lambdas", None)
+    if not lambdas or not all(isinstance(f, partial) and "num_training_steps" in f.keywords for f in lambdas):
+        return False
+    scale = planned_steps / max(total_steps, 1)
+    lr_scheduler.lr_lambdas = [partial(f.func, **{**f.keywords, "num_training_steps": planned_steps,
+                                                  "num_warmup_steps": round(f.keywords.get("num_warmup_steps", 0) * scale)})
+                               for f in lambdas]
+    return True

@@ -21,9 +21,11 @@
 # is its own entity, an alias, a related item or another right answer (the exact-text sampler misses those). bf16
 # autocast where the CPU computes bf16 natively; checkpoints every `save_steps` (a rerun resumes); the same training
 # runs under torchrun (`python -m lib.finetune --help`, README "Training on several GPUs or machines"). The dev queries
-# (independent ground truth, never the test split) are evaluated before, during and after training. With `distill`,
+# (independent ground truth, never the test split) are scored before and after training (and during it with
+# `ndcg_during_training`; the dev loss is logged every `eval_steps`). With `max_train_minutes`, the steps that fit the
+# budget are planned after a short probe and the schedule ends there (any CPU gets the same wall time). With `distill`,
 # batches of corpus items alternate with the contrastive batches and pull the student (through a learned projection)
-# towards the teacher's cached item vectors (`EmbedDistillLoss`). Before, during and after are scored at the same
+# towards the teacher's cached item vectors (`EmbedDistillLoss`). Every dev score is at the same
 # `eval_max_seq_length`. Last, the trained weights are averaged with the start model's (WiSE-FT) at the α that scores
 # best on dev, α = 0 included: the shipped model is never worse on dev than the one training started from.
 #
@@ -45,8 +47,9 @@ max_seq_length: int = 128  # tokens per passage (positive, negatives) while trai
 query_max_seq_length: int = 64  # tokens per anchor (each column is padded on its own)
 eval_max_seq_length: int = 256  # tokens per text in every dev evaluation (before, during, after), as in stage 05
 blend_alphas: list = [0.0, 0.25, 0.5, 0.75, 1.0]  # weight averaging with the start model, (1-α)·start + α·trained, α chosen on dev; [] ships α 1
-max_train_minutes: float = 0.0  # wall-clock budget for training (0: none); training stops there, whatever the steps
-eval_steps: int = 50  # dev evaluation and loss logging interval
+max_train_minutes: float = 0.0  # training budget in minutes (0: none): the steps that fit after an 8-step probe, the schedule ending there
+eval_steps: int = 50  # dev loss and training loss logging interval
+ndcg_during_training: bool = False  # also score the dev queries at every evaluation (a full dev encode, 20-80 s on a CPU)
 save_steps: int = 50  # checkpoint interval; a rerun of the same configuration resumes from the last checkpoint
 resume: bool = True  # False always starts afresh
 dev_loss_rows: int = 128  # stage-02 dev rows scored for the eval loss at each evaluation (a seeded sample)
@@ -79,6 +82,7 @@ config = finetune.FinetuneConfig(
     learning_rate=learning_rate, warmup_steps=warmup_steps, max_seq_length=max_seq_length,
     query_max_seq_length=query_max_seq_length, eval_max_seq_length=eval_max_seq_length,
     blend_alphas=tuple(blend_alphas), max_train_minutes=max_train_minutes, eval_steps=eval_steps, save_steps=save_steps,
+    ndcg_during_training=ndcg_during_training,
     seed=seed, loss=loss,
     mini_batch_size=mini_batch_size, guide_model=str(resolve_model_path(guide_model or base_model)) if loss == "gist" else "",
     matryoshka_dims=tuple(matryoshka_dims), batch_sampler=batch_sampler, bf16=bf16, resume=resume, distill=distill,
@@ -113,16 +117,17 @@ before = inputs.evaluator(start)
 
 # %%
 model, history, facts = finetune.finetune(start_model, inputs.train, inputs.dev, inputs.evaluator, out_dir, config,
-                                          inputs.lookup, teacher_items=inputs.teacher_items)
+                                          inputs.lookup, teacher_items=inputs.teacher_items, start_metrics=before)
 after = facts["blend"]["dev_metrics"] if "blend" in facts else inputs.evaluator(model)
 write_json(out_dir / "log_history.json", history)
 {k: v for k, v in facts.items() if k != "blend"}
 
 # %% [markdown]
 # ## Weight averaging with the start model
-# θ = (1 − α)·θ_start + α·θ_trained for each α, scored on the dev queries (NDCG@10 per query, all dev queries); the
-# shipped `model/` is the best α (the smaller on a tie). α = 0 is the start model itself: a training run that does
-# not help on dev ships the model it started from, and says so here.
+# θ = (1 − α)·θ_start + α·θ_trained, scored on the dev queries (NDCG@10 per query, all dev queries) from the largest α
+# down, stopping at the first α below the best so far; the shipped `model/` is the best α (the smaller on a tie).
+# α = 0 is the start model itself (its score is the "before" above): a training run that does not help on dev ships
+# the model it started from, and says so here.
 
 # %%
 blend = facts.get("blend")
@@ -162,6 +167,8 @@ metrics = {
     "bf16": facts["bf16"],
     "resumed_from_step": facts["resumed_from_step"],
     "train_runtime_s": facts["train_runtime_s"],
+    "max_train_minutes": max_train_minutes,
+    "planned_steps_in_budget": facts["planned_steps_in_budget"],
     "stopped_by_time_limit_at_step": facts["stopped_by_time_limit_at_step"],
     "train_loss_first": losses[0] if losses else None,
     "train_loss_last": losses[-1] if losses else None,

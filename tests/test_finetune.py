@@ -69,7 +69,7 @@ def _train(run, student_path, out, **overrides):
 
 
 def test_mnrl_steps_lower_the_loss_with_entity_batches_and_bf16(tmp_path, run, student_path):
-    model, history, facts = _train(run, student_path, tmp_path)
+    model, history, facts = _train(run, student_path, tmp_path, ndcg_during_training=True)
     steps, losses = training.loss_curve(history)
     assert len(losses) >= 3 and losses[-1] < losses[0]
     assert (tmp_path / "model" / "README.md").exists()
@@ -115,12 +115,29 @@ def test_weight_averaging_ships_the_best_dev_blend_and_never_a_worse_one_than_th
         finetune.FinetuneConfig(blend_alphas=(1.5,))
 
 
-def test_a_wall_clock_budget_stops_training_early_with_a_checkpoint(tmp_path, run, student_path):
-    _, history, facts = _train(run, student_path, tmp_path, max_steps=400, eval_steps=1000, save_steps=1000,
-                               max_train_minutes=0.05)
-    stopped = facts["stopped_by_time_limit_at_step"]
-    assert stopped is not None and facts["global_step"] == stopped < 400
+def test_a_wall_clock_budget_plans_the_steps_that_fit_and_stops_there_with_a_checkpoint(tmp_path, run, student_path):
+    _, history, facts = _train(run, student_path, tmp_path, max_steps=2000, eval_steps=1000, save_steps=1000,
+                               max_train_minutes=0.1)
+    stopped, planned = facts["stopped_by_time_limit_at_step"], facts["planned_steps_in_budget"]
+    assert planned is not None and 8 <= planned < 2000  # planned after the 8-step probe
+    assert stopped is not None and facts["global_step"] == stopped <= planned
     assert (tmp_path / "checkpoints" / f"checkpoint-{stopped}").is_dir() and (tmp_path / "model" / "README.md").exists()
+
+
+def test_a_shortened_schedule_warms_up_and_decays_to_zero_at_the_planned_step():
+    from transformers import get_constant_schedule, get_linear_schedule_with_warmup
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=10, num_training_steps=100)
+    assert training.shorten_linear_schedule(schedule, 100, 40)
+    lrs = []
+    for _ in range(40):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[4] == pytest.approx(1.0) and lrs[2] == pytest.approx(0.5)  # warm-up: 10 of 100 → 4 of 40
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0) and lrs[22] == pytest.approx(0.5)
+    assert not training.shorten_linear_schedule(get_constant_schedule(optimizer), 100, 40)
 
 
 def test_dev_evaluator_scores_candidate_subsets_and_weights_groups_by_queries(student_path):
