@@ -8,6 +8,7 @@ DATA    ?=
 RUNS    ?= data/runs
 REPORTS ?= reports
 CACHE   ?=
+ARMS    ?=
 RUN     := $(DOMAIN)-$(PROFILE)
 ifeq ($(wildcard params/domains/$(DOMAIN).yaml),)
 $(error unknown domain '$(DOMAIN)': DOMAIN must be one of $(sort $(notdir $(basename $(wildcard params/domains/*.yaml)))))
@@ -90,8 +91,8 @@ ablation-domain: $(call DONE,02_pairs) | $(STAMP) ## stages 03–05 per domain p
 	$(PY) -m lib.pipeline ablation domain --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG)
 	$(PY) -m lib.pipeline report --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG)
 
-ablation-finetune: $(call DONE,01_teacher) | $(STAMP) ## stages 02–05 per training recipe (previous; field queries + weight averaging; + teacher distillation); table in the report (~45 min)
-	$(PY) -m lib.pipeline ablation finetune --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG)
+ablation-finetune: $(call DONE,01_teacher) | $(STAMP) ## stages 02–05 per training recipe (params/ablations/finetune.yaml; ARMS=a,b for some); table in the report (~15 min an arm)
+	$(PY) -m lib.pipeline ablation finetune --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG) $(if $(ARMS),--arms "$(ARMS)")
 	$(PY) -m lib.pipeline report --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG)
 
 stage-%: ## run stage NN and what it needs, e.g. `make stage-04` (only if out of date)

@@ -147,6 +147,29 @@ def rrf_scores(score_matrices: list[np.ndarray], k: int = 60) -> np.ndarray:
     return fused
 
 
+def ensemble_scores(score_matrices: list[np.ndarray], mask: np.ndarray) -> np.ndarray:
+    """The mean of several systems' (queries × items) scores, each z-normalised per query over the query's candidate
+    items (`mask`), so that teachers with different cosine scales weigh alike."""
+    total = np.zeros(score_matrices[0].shape, dtype=np.float64)
+    for scores in score_matrices:
+        masked = np.where(mask, scores, np.nan)
+        mean, std = np.nanmean(masked, axis=1, keepdims=True), np.nanstd(masked, axis=1, keepdims=True)
+        total += (scores - mean) / np.where(std > 0, std, 1.0)
+    return total / len(score_matrices)
+
+
+def teacher_ceiling(vectors: dict[str, tuple[np.ndarray, np.ndarray]], queries: list[dict], items: list[dict],
+                    metrics: tuple[str, ...] = ("ndcg@10", "mrr@10", "recall@10")) -> pd.DataFrame:
+    """Each teacher's mean metrics on `queries` from its (query vectors, item vectors), and, with two or more, their
+    ensemble (per-query z-normalised scores, averaged): the quality a student distilled from them can hope for."""
+    mask = candidate_mask(queries, [i["type"] for i in items], [i["id"] for i in items])
+    scores = {name: dense_scores(q, i) for name, (q, i) in vectors.items()}
+    if len(scores) > 1:
+        scores["ensemble (" + " + ".join(scores) + ")"] = ensemble_scores(list(scores.values()), mask)
+    frames = [evaluate_scores(name, s, queries, items) for name, s in scores.items()]
+    return pd.concat(frames).groupby("system", sort=False)[list(metrics)].mean().round(4)
+
+
 def score_systems(encoders: dict, query_texts: list[str], item_texts: list[str], rrf_k: int = 60) -> dict[str, np.ndarray]:
     """(queries × items) scores of BM25, of each dense encoder (name → texts → normalised vectors), and the hybrid:
     reciprocal rank fusion of BM25 and the 'fine-tuned' encoder."""

@@ -19,7 +19,7 @@ from sentence_transformers.sentence_transformer.losses import EmbedDistillLoss
 
 from lib.training import TimeBudget, is_main_process, resumable_checkpoints, train_or_resume, use_bf16
 
-LOSSES = ("mnrl", "cached_mnrl", "gist")
+LOSSES = ("mnrl", "cached_mnrl", "gist", "mnrl+margin_mse")
 BATCH_SAMPLERS = ("entity", "no_duplicates", "random")
 DISTILL_PROJECTION_LR = 1e-3
 
@@ -41,7 +41,8 @@ class FinetuneConfig:
     ndcg_during_training: bool = False  # also score the dev queries at every evaluation (a full dev encode each time)
     save_steps: int = 50  # checkpoint interval (a rerun resumes from the last one)
     seed: int = 42
-    loss: str = "mnrl"  # mnrl | cached_mnrl | gist
+    loss: str = "mnrl"  # mnrl | cached_mnrl | gist | mnrl+margin_mse (needs stage 02's teacher_query_scores)
+    margin_mse_weight: float = 1.0  # mnrl+margin_mse: weight of the MarginMSE term (margins in MNRL's logit units)
     mini_batch_size: int = 8  # cached_mnrl: rows per forward pass (memory), the batch stays per_device_train_batch_size
     guide_model: str = ""  # gist: the guide SentenceTransformer folder
     matryoshka_dims: tuple = ()  # e.g. (384, 256, 128, 64): wrap the loss in MatryoshkaLoss
@@ -59,6 +60,8 @@ class FinetuneConfig:
         if self.loss == "gist" and not self.guide_model:
             raise ValueError("loss='gist' needs guide_model: a SentenceTransformer folder (e.g. the base student)")
         self.matryoshka_dims = tuple(int(d) for d in self.matryoshka_dims)
+        if self.loss == "mnrl+margin_mse" and self.matryoshka_dims:
+            raise ValueError("loss='mnrl+margin_mse' does not combine with matryoshka_dims: choose one")
         self.blend_alphas = tuple(float(a) for a in self.blend_alphas)
         if any(not 0.0 <= a <= 1.0 for a in self.blend_alphas):
             raise ValueError(f"blend_alphas={list(self.blend_alphas)}: every α must lie in [0, 1]")
@@ -228,7 +231,7 @@ class EntityAwareBatchSampler(DefaultBatchSampler):
                  generator: torch.Generator | None = None, seed: int = 0, lookup: tuple[dict, dict] = ({}, {})):
         super().__init__(dataset, batch_size=batch_size, drop_last=drop_last, valid_label_columns=valid_label_columns,
                          generator=generator, seed=seed)
-        skip = set(valid_label_columns or []) | {"dataset_name"}
+        skip = set(valid_label_columns or []) | {"dataset_name", "label"}
         columns = [dataset[c] for c in dataset.column_names if c not in skip]
         self.candidates, self.guards = row_keys([list(row) for row in zip(*columns)], lookup)
         self._plan: tuple[int, list[list[int]]] | None = None
@@ -293,6 +296,8 @@ def build_loss(model, config: FinetuneConfig, distributed: bool):
         loss = losses.GISTEmbedLoss(model, guide, gather_across_devices=distributed)
     else:
         loss = losses.MultipleNegativesRankingLoss(model, gather_across_devices=distributed)
+    if config.loss == "mnrl+margin_mse":
+        loss = MnrlWithMarginMSE(model, loss, config.margin_mse_weight)
     if config.matryoshka_dims:
         loss = losses.MatryoshkaLoss(model, loss, matryoshka_dims=list(config.matryoshka_dims))
     return loss
@@ -307,8 +312,45 @@ def checkpoint_key(config: FinetuneConfig, start_model: str | Path, train_datase
 
 
 def column_routes(column_names: list[str]) -> dict[str, str]:
-    """The collator's router mapping: the first column (anchor) is a query, the others are documents."""
-    return {c: "query" if n == 0 else "document" for n, c in enumerate(column_names)}
+    """The collator's router mapping: the first column (anchor) is a query, the other text columns documents."""
+    return {c: "query" if n == 0 else "document" for n, c in enumerate(column_names) if c != "label"}
+
+
+class MnrlWithMarginMSE(torch.nn.Module):
+    """MNRL plus MarginMSE to the teacher's scores (Hofstätter et al. 2020) from one forward pass: the student's
+    margins cos(q, positive) − cos(q, negative_i) are matched to the teacher's, both in MNRL's logit units (× its
+    scale), the teacher's first rescaled by `teacher_scale` (set by `calibrate_teacher_scale`: e5 cosines crowd into
+    0.80–0.95, the student's spread wider). Logged as {"mnrl": …, "margin_mse": …}."""
+
+    def __init__(self, model, mnrl, weight: float):
+        from sentence_transformers.sentence_transformer.losses import MarginMSELoss
+        from sentence_transformers.util import pairwise_cos_sim
+
+        super().__init__()
+        self.model, self.mnrl, self.weight, self.teacher_scale = model, mnrl, weight, 1.0
+        self.margin_mse = MarginMSELoss(model, similarity_fct=lambda a, b: mnrl.scale * pairwise_cos_sim(a, b))
+
+    def forward(self, sentence_features, labels):
+        from sentence_transformers.base.losses.merged_forward import embed_columns
+
+        embeddings = embed_columns(self.model, sentence_features)
+        out = {"mnrl": self.mnrl.compute_loss_from_embeddings(embeddings, labels)}
+        if labels is not None:
+            targets = labels.to(embeddings[0].dtype) * self.teacher_scale * self.mnrl.scale
+            out["margin_mse"] = self.weight * self.margin_mse.compute_loss_from_embeddings(embeddings, targets)
+        return out
+
+
+def calibrate_teacher_scale(model, dataset, rows: int = 256, seed: int = 0) -> float:
+    """How much wider the start student's margins cos(anchor, positive) − cos(anchor, negative_1) spread than the
+    teacher's on a seeded sample of training rows (ratio of standard deviations): the teacher's temperature."""
+    sample = dataset.shuffle(seed=seed).select(range(min(rows, len(dataset))))
+    encode = lambda column: model.encode(sample[column], convert_to_tensor=True, normalize_embeddings=True)
+    anchor, positive, negative = encode("anchor"), encode("positive"), encode("negative_1")
+    student = ((anchor * positive).sum(1) - (anchor * negative).sum(1)).float().cpu().numpy()
+    labels = np.asarray(sample["label"], dtype=np.float64)
+    teacher = labels[:, 0] - labels[:, 1]
+    return float(np.std(student) / max(np.std(teacher), 1e-6))
 
 
 class LoggedEmbedDistillLoss(EmbedDistillLoss):
@@ -356,6 +398,13 @@ def finetune(start_model: str | Path, train_dataset, eval_dataset, evaluator, ou
     model.max_seq_length = config.eval_max_seq_length  # evaluation length; training lengths are the collator's
     # 2. Loss: in-batch negatives plus the hard-negative columns negative_1..k
     loss = build_loss(model, config, distributed)
+    teacher_scale = None
+    if config.loss == "mnrl+margin_mse":
+        if "label" not in train_dataset.column_names:
+            raise ValueError("loss='mnrl+margin_mse' needs the teacher's scores of each row: rerun stage 02 with "
+                             "teacher_query_scores: true")
+        teacher_scale = loss.teacher_scale = calibrate_teacher_scale(model, train_dataset, seed=config.seed)
+        print(f"teacher margins × {teacher_scale:.2f} to the start student's spread", flush=True)
     routes = column_routes(train_dataset.column_names)
     if config.distill:
         train_dataset, eval_dataset, loss, routes = with_distillation(model, loss, train_dataset, eval_dataset,
@@ -411,7 +460,7 @@ def finetune(start_model: str | Path, train_dataset, eval_dataset, evaluator, ou
             print("no dev evaluator to choose the weight averaging on: the trained weights are shipped (α = 1)")
         model.save(str(Path(output_dir) / "model"))
     history = run.pop("log_history")
-    return model, history, {"bf16": bf16, "world_size": args.world_size} | run
+    return model, history, {"bf16": bf16, "world_size": args.world_size, "teacher_scale": teacher_scale} | run
 
 
 def blend_weights(model, start_state: dict, tuned_state: dict, alpha: float) -> None:

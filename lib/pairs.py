@@ -331,6 +331,7 @@ def add_negatives(
     exclude: set[str],
     seed: int,
     sample_size: int = 64,
+    anchor_vectors: list[np.ndarray | None] | None = None,
 ) -> tuple[list[dict], int]:
     """Give each row `num_hard_negatives` negatives of its positive's type, cycling hard → medium → easy:
     hard = the source's nearest items from rank `hard_negative_min_rank` on whose cosine is at least
@@ -339,32 +340,42 @@ def add_negatives(
     turn to the next. Never the anchor, the positive, an item in the row's guard (shared name/alias/relation, other
     positives, every item a query fits) or in `exclude`; the guard is kept as `guard_ids` (stage 04 keeps those
     items out of the row's batch). Rows that cannot get enough negatives are dropped; returns the kept rows and how
-    many were dropped."""
+    many were dropped. With `anchor_vectors` (per row: the teacher's vector of the row's query, None for an item
+    anchor), a query row is mined around its query instead of its source item: the hard tier is the query's own
+    nearest items and every cosine is the teacher's query→item score (the margin keeps out a negative the teacher
+    scores near the positive: a likely false negative)."""
     rng = np.random.default_rng(seed)
     index = {item_id: n for n, item_id in enumerate(ids)}
     types_arr = np.asarray(types)
     pool = {t: np.flatnonzero(types_arr == t) for t in set(types)}
     excluded = {index[i] for i in exclude if i in index}
     kept, dropped = [], 0
-    for row, guard in zip(tqdm(rows, desc="hard negatives", leave=False), guards):
+    for n, (row, guard) in enumerate(zip(tqdm(rows, desc="hard negatives", leave=False), guards)):
         source, positive = index[row["anchor_id"]], index[row["positive_id"]]
         target_type = types[positive]
         forbidden = {source, positive} | {index[i] for i in guard if i in index} | excluded
-        scores, near = neighbours[target_type]
-        positive_score = float(vectors[source] @ vectors[positive])
+        query_vector = anchor_vectors[n] if anchor_vectors is not None else None
+        anchor = vectors[source] if query_vector is None else query_vector
+        if query_vector is None:
+            scores, near = neighbours[target_type][0][source], neighbours[target_type][1][source]
+        else:
+            candidate_scores = vectors[pool[target_type]] @ query_vector
+            order = np.argsort(-candidate_scores, kind="stable")[: neighbours[target_type][1].shape[1]]
+            scores, near = candidate_scores[order], pool[target_type][order]
+        positive_score = float(anchor @ vectors[positive])
         easy_max = thresholds[relation_name(types[source], target_type)]["negative"]
-        floor = float(scores[source, -1]) if scores.shape[1] else 1.0
-        hard = [int(c) for r, (s, c) in enumerate(zip(scores[source], near[source]))
+        floor = float(scores[-1]) if len(scores) else 1.0
+        hard = [int(c) for r, (s, c) in enumerate(zip(scores, near))
                 if r >= hard_negative_min_rank and s <= positive_score - hard_negative_margin and int(c) not in forbidden]
         sample = rng.choice(pool[target_type], min(sample_size, len(pool[target_type])), replace=False)
-        sample_scores = vectors[sample] @ vectors[source]
+        sample_scores = vectors[sample] @ anchor
         medium = [int(c) for c, s in zip(sample, sample_scores) if easy_max < s < floor and int(c) not in forbidden]
         easy = [int(c) for c, s in zip(sample, sample_scores) if s <= easy_max and int(c) not in forbidden]
         chosen = choose_by_tiers({"hard": hard, "medium": medium, "easy": easy}, num_hard_negatives)
         if len(chosen) < num_hard_negatives:
             dropped += 1
             continue
-        kept.append(with_negatives(row, guard, chosen, ids, vectors, source))
+        kept.append(with_negatives(row, guard, chosen, ids, vectors, anchor))
     return kept, dropped
 
 
@@ -383,11 +394,25 @@ def choose_by_tiers(candidates: dict[str, list[int]], num_negatives: int) -> lis
 
 
 def with_negatives(row: dict, guard: set[str], chosen: list[tuple[int, str]], ids: list[str], vectors: np.ndarray,
-                   source: int) -> dict:
-    """The row with its guard and chosen negatives: ids, tiers and teacher cosines to the source item."""
+                   anchor: np.ndarray) -> dict:
+    """The row with its guard and chosen negatives: ids, tiers and teacher cosines to the anchor's vector (the
+    source item's, or the query's own when the teacher embedded it)."""
     return {**row, "guard_ids": sorted(guard), "negative_ids": [ids[c] for c, _ in chosen],
             "negative_tiers": [t for _, t in chosen],
-            "negative_scores": [round(float(vectors[source] @ vectors[c]), 4) for c, _ in chosen]}
+            "negative_scores": [round(float(anchor @ vectors[c]), 4) for c, _ in chosen]}
+
+
+def with_teacher_scores(rows: list[dict], query_vectors: dict[str, np.ndarray], ids: list[str],
+                        vectors: np.ndarray) -> list[dict]:
+    """Each row with `teacher_scores`: the teacher's cosine of its anchor (the query's own vector by text, else the
+    anchor item's) to the positive and to each negative, the targets of distillation losses."""
+    index = {item_id: n for n, item_id in enumerate(ids)}
+    out = []
+    for r in rows:
+        anchor = query_vectors[r["anchor"]] if r.get("anchor") in query_vectors else vectors[index[r["anchor_id"]]]
+        targets = [r["positive_id"], *r.get("negative_ids", [])]
+        out.append(r | {"teacher_scores": [round(float(anchor @ vectors[index[i]]), 4) for i in targets]})
+    return out
 
 
 def given_negatives(rows: list[dict], guards: list[set[str]], queries: list[dict], ids: list[str], vectors: np.ndarray,
@@ -409,7 +434,7 @@ def given_negatives(rows: list[dict], guards: list[set[str]], queries: list[dict
             rest.append(row)
             rest_guards.append(guard)
             continue
-        done.append(with_negatives(row, guard, chosen, ids, vectors, index[row["anchor_id"]]))
+        done.append(with_negatives(row, guard, chosen, ids, vectors, vectors[index[row["anchor_id"]]]))
     return done, rest, rest_guards
 
 
@@ -443,8 +468,11 @@ def save_dataset(path: str | Path, rows: list[dict], num_negatives: int) -> None
     from datasets import Dataset
 
     columns = loss_columns(num_negatives)
+    data = {c: [r[c] for r in rows] for c in columns}
+    if rows and all("teacher_scores" in r for r in rows):  # distillation targets: [positive, negatives…] per row
+        data["label"] = [r["teacher_scores"] for r in rows]
     with atomic_dir(path) as tmp:
-        Dataset.from_dict({c: [r[c] for r in rows] for c in columns}).save_to_disk(str(tmp))
+        Dataset.from_dict(data).save_to_disk(str(tmp))
 
 
 def _normal(text: str) -> str:

@@ -142,15 +142,20 @@ def run_stage(stage: str, domain: str, profile: str, runs_root: str | None = Non
 
 
 def run_ablation(name: str, domain: str, profile: str, runs_root: str | None = None,
-                 reports_root: str | None = None, overrides: dict | None = None) -> Path:
-    """Run an ablation's stages once per arm on the run's shared upstream artefacts; write and return results.json.
-    An arm whose stages finished under the same code and parameters is reused (a rerun after an interruption
-    continues with the first unfinished stage)."""
+                 reports_root: str | None = None, overrides: dict | None = None, arms: list[str] | None = None) -> Path:
+    """Run an ablation's stages once per arm (`arms`: only these, the first is the reference) on the run's shared
+    upstream artefacts; write and return results.json. An arm whose stages finished under the same code and
+    parameters is reused (a rerun after an interruption continues with the first unfinished stage)."""
     import shutil
 
     from lib import ablation
 
     spec = ablation.load_spec(name)
+    if arms:
+        unknown = [a for a in arms if a not in spec["arms"]]
+        if unknown:
+            raise ConfigError(f"{spec['path']}: no arm {', '.join(unknown)}; its arms are {', '.join(spec['arms'])}")
+        spec["arms"] = {a: spec["arms"][a] for a in arms}
     run, files = run_name(domain, profile), param_files(domain, profile)
     name = spec["name"]
     root = ablation.ablation_dir(run, name, runs_root)
@@ -206,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="override a parameter (YAML value), e.g. --set num_train_epochs=1")
     parser.add_argument("--data", default="", help="the domain's files (DATA=… of make), e.g. examples/prompts")
+    parser.add_argument("--arms", default="", help="ablation: only these arms, comma-separated (the first is the reference)")
     args = parser.parse_args(argv)
     if args.command in ("stage", "ablation") and not args.stage:
         parser.error(f"{args.command} needs a name")
@@ -226,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
 def run_command(args: argparse.Namespace, overrides: dict) -> None:
     """Run what the command line asked for."""
     if args.command == "ablation":
-        run_ablation(args.stage, args.domain, args.profile, args.runs_root, args.reports_root, overrides)
+        run_ablation(args.stage, args.domain, args.profile, args.runs_root, args.reports_root, overrides,
+                     [a.strip() for a in args.arms.split(",") if a.strip()])
         return
     stages = [args.stage] if args.command == "stage" else STAGES if args.command == "all" else []
     for stage in stages:

@@ -397,3 +397,17 @@ def teacher_embeddings(
     stats = {f"passages_{k}": v for k, v in p_stats.items()} | {f"queries_{k}": v for k, v in q_stats.items()}
     tokens = budget.spent_tokens
     return p_vecs, q_vecs, stats | {"tokens": tokens, "cost_usd": round(cost_usd(tokens, budget.price_per_million), 6)}
+
+
+def run_teacher_query_vectors(teacher_dir: str | Path, texts: list[str], cache_path: str | Path,
+                              max_cost_usd: float = 0.0) -> tuple[dict[str, np.ndarray], dict]:
+    """Query vectors for `texts` from the teacher a run's stage 01 used (backend, model, endpoint and dimensions from
+    its metrics.json), through the same cache; returns {text: vector} and the usage (tokens, cost, cache hits)."""
+    from lib.io import read_json
+
+    used = read_json(Path(teacher_dir) / "metrics.json")
+    budget = Budget(used.get("price_per_million_tokens", 0.0), max_cost_usd=max_cost_usd)
+    _, vectors, usage = teacher_embeddings(used["backend"], used["model"], passages=[], queries=texts,
+                                           cache_path=cache_path, base_url=used.get("base_url", ""),
+                                           dimensions=used.get("dimensions_requested", 0), budget=budget)
+    return dict(zip(texts, vectors)), usage

@@ -23,7 +23,7 @@
 # of what is not cached are printed before any request, and a budget cap stops the stage before it spends past it.
 #
 # **Reads:** `00_corpus/items.jsonl`, `queries.jsonl`. **Writes:** `01_teacher/items.npy`, `queries.npy`,
-# `item_ids.json`, `query_ids.json`, `metrics.json`; the cache `data/cache/teacher.sqlite`.
+# `item_ids.json`, `query_ids.json`, `metrics.json` (with the teacher ceiling on dev); the cache `data/cache/teacher.sqlite`.
 
 # %% tags=["parameters"]
 run_name: str = "dnd-default"  # run folder under data/runs: <domain>-<profile>
@@ -39,8 +39,10 @@ teacher_max_tokens: int = 0  # budget: stop before requesting past this many tok
 teacher_max_cost_usd: float = 0.0  # budget: stop before spending past this many dollars in this run (0: no cap)
 teacher_price_per_million: float = -1.0  # USD per million tokens (-1: the OpenAI list price on api.openai.com, else 0)
 teacher_max_retries: int = 6  # per request, on 429/5xx/timeouts (exponential backoff with jitter, Retry-After honoured)
+compare_teachers: list = []  # local SentenceTransformer folders or names scored beside the teacher on dev, e.g. [data/models/all-mpnet-base-v2]
 # %%
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -91,17 +93,44 @@ histograms({relation: {"random pairs": sims.tolist()} for relation, sims in rela
 # %%
 pd.DataFrame(similarity_summary(item_vecs, types, seed=0)).T
 
+# %% [markdown]
+# ## The teacher ceiling on dev
+# A student distilled from a teacher rarely beats it. Each teacher's own retrieval of the dev queries (independent
+# ground truth; never the test split): this run's teacher, every model in `compare_teachers` (embedded through the
+# same cache) and, with two or more, their ensemble (per-query z-normalised scores, averaged). Stage 04's `dev_after`
+# is the fine-tuned student's score on the same queries.
+
+# %%
+from lib import evaluate
+
+dev_queries = [q for q in queries if q.get("split") == "dev"]
+dev_rows = [n for n, q in enumerate(queries) if q.get("split") == "dev"]
+ceiling = pd.DataFrame()
+if dev_queries:
+    teachers = {teacher_model: (query_vecs[dev_rows], item_vecs)}
+    for name in compare_teachers:
+        other_items, other_queries, _ = teacher.teacher_embeddings(
+            "local", name, passages=[i["text"] for i in items], queries=[q["text"] for q in dev_queries],
+            cache_path=teacher_cache_path(cache_root or None), passage_ids=[i["id"] for i in items],
+            query_ids=[q["qid"] for q in dev_queries])
+        teachers[Path(name).name] = (other_queries, other_items)
+    ceiling = evaluate.teacher_ceiling(teachers, dev_queries, items)
+ceiling
+
 # %%
 metrics = {
     "backend": teacher_backend,
     "model": teacher_model,
     "base_url": teacher_base_url if teacher_backend == "openai" else "",
     "dimensions": int(item_vecs.shape[1]),
+    "dimensions_requested": teacher_dimensions,  # 0: the model's own (stage 02 asks the same teacher the same way)
     "items": int(item_vecs.shape[0]),
     "queries": int(query_vecs.shape[0]),
     "seconds": round(seconds, 1),
     "price_per_million_tokens": budget.price_per_million,
     **usage,
+    "teacher_ceiling_dev": ceiling.to_dict(orient="index"),
+    "dev_queries": len(dev_queries),
 }
 write_json(out_dir / "metrics.json", metrics)
 metrics

@@ -22,7 +22,10 @@
 # 2. **Synthetic queries** per item: its name (labelled as a name query), TF-IDF keywords, a descriptive sentence
 #    with the name removed, and a pair of its tags; tag queries get up to `positives_per_query` items that fit.
 # 3. **Hard negatives** per row, mixing hard (a rank window below the positive, with a margin), medium and easy;
-#    never an item sharing a name, alias or relation with the anchor, nor one its query fits.
+#    never an item sharing a name, alias or relation with the anchor, nor one its query fits. With
+#    `teacher_query_scores`, the teacher embeds every training query (stage 01's backend, through its cache): a query
+#    row's negatives come from the query's own nearest items by the teacher, and every row keeps the teacher's
+#    scores of its positive and negatives (`label`, for `loss: mnrl+margin_mse` in stage 04).
 # 4. **Split** by entity group (seeded) and a **leakage check**: no item an evaluation query was built from, no
 #    evaluation query text and no near-duplicate of one in any training row — otherwise the stage fails.
 #
@@ -51,6 +54,8 @@ hard_negative_margin: float = 0.02  # a hard negative's cosine is at least this 
 neighbours_k: int = 50  # length of each item's nearest list per type (positives and hard negatives)
 near_duplicate_threshold: float = 0.9  # word TF-IDF cosine at which a text counts as a copy of an evaluation query
 pairs_dev_fraction: float = 0.1  # entity groups whose rows go to dev (eval loss during training)
+teacher_query_scores: bool = False  # embed every training query with stage 01's teacher (same cache): negatives mined around the query, teacher scores saved for distillation
+cache_root: str = ""  # where the teacher cache lives; empty means <repo>/data/cache
 drop_row_kinds: list = []  # row kinds left out of training: item, query:name, query:keywords, query:sentence, query:tags, query:field, …
 seed: int = 42  # seeds sampling, templates and the split
 # %%
@@ -59,9 +64,9 @@ import random
 import numpy as np
 import pandas as pd
 
-from lib import corpus, pairs
+from lib import corpus, pairs, teacher
 from lib.io import read_json, write_json, write_jsonl
-from lib.paths import stage_dir
+from lib.paths import stage_dir, teacher_cache_path
 from lib.plots import histograms
 
 corpus_dir = stage_dir(run_name, "00_corpus", runs_root or None)
@@ -129,11 +134,18 @@ pd.DataFrame([{"kind": q["kind"], "query": q["text"], "positives": ", ".join(nam
 # ## Hard negatives, split and leakage check
 
 # %%
+query_vectors, teacher_usage = {}, {}
+if teacher_query_scores:  # the teacher's own view of each training query: its vector, through stage 01's cache
+    query_vectors, teacher_usage = teacher.run_teacher_query_vectors(
+        teacher_dir, sorted({r["anchor"] for r in rows if r["anchor"]}), teacher_cache_path(cache_root or None))
 guards = pairs.row_guards(rows, pairs.related_items(ids, items, relations), queries)
 given, rows, guards = pairs.given_negatives(rows, guards, queries, ids, vectors, num_hard_negatives, exclude)
 rows, dropped = pairs.add_negatives(rows, guards, ids, types, vectors, neighbours, thresholds[threshold_mode],
-                                    num_hard_negatives, hard_negative_min_rank, hard_negative_margin, exclude, seed)
+                                    num_hard_negatives, hard_negative_min_rank, hard_negative_margin, exclude, seed,
+                                    anchor_vectors=[query_vectors.get(r["anchor"]) for r in rows] if query_vectors else None)
 rows = given + rows
+if teacher_query_scores:
+    rows = pairs.with_teacher_scores(rows, query_vectors, ids, vectors)
 train, dev = pairs.split_by_group(pairs.with_texts(rows, texts), pairs_dev_fraction, seed)
 checked = {name: pairs.check_leakage(part, eval_queries, exclude, near_duplicate_threshold, f"02_pairs/{name}")
            for name, part in (("train", train), ("dev", dev))}
@@ -175,10 +187,11 @@ stats = {"rows": len(rows), "train": len(train), "dev": len(dev), "dropped_witho
          "negatives_by_tier": tiers, "num_hard_negatives": num_hard_negatives, "excluded_items": len(exclude),
          "held_out_items": len(held_out), "held_out_synthetic_queries": len(held_out_queries),
          "corpus_training_queries": len(supervised), "dropped_corpus_training_queries": dropped_supervised,
-         "similarity_percentiles": summary, "leakage_check": checked}
+         "similarity_percentiles": summary, "leakage_check": checked,
+         "teacher_query_scores": teacher_query_scores, "teacher_query_usage": teacher_usage}
 write_json(out_dir / "stats.json", stats)
 metrics = {k: stats[k] for k in ("rows", "train", "dev", "threshold_mode", "item_pairs_by_mode", "train_by_kind",
                                  "negatives_by_tier", "excluded_items", "held_out_synthetic_queries",
-                                 "corpus_training_queries")}
+                                 "corpus_training_queries", "teacher_query_scores")}
 write_json(out_dir / "metrics.json", metrics)
 metrics

@@ -53,7 +53,8 @@ ndcg_during_training: bool = False  # also score the dev queries at every evalua
 save_steps: int = 50  # checkpoint interval; a rerun of the same configuration resumes from the last checkpoint
 resume: bool = True  # False always starts afresh
 dev_loss_rows: int = 128  # stage-02 dev rows scored for the eval loss at each evaluation (a seeded sample)
-loss: str = "mnrl"  # mnrl | cached_mnrl (big batches in small memory) | gist (a guide model filters negatives)
+loss: str = "mnrl"  # mnrl | cached_mnrl (big batches in small memory) | gist (a guide model filters negatives) | mnrl+margin_mse (the teacher's scores, from stage 02's teacher_query_scores)
+margin_mse_weight: float = 1.0  # mnrl+margin_mse: weight of the MarginMSE term
 mini_batch_size: int = 8  # cached_mnrl: rows per forward pass
 guide_model: str = ""  # gist: guide SentenceTransformer (name or folder); empty means the base student
 matryoshka_dims: list = []  # e.g. [384, 256, 128, 64] trains truncatable embeddings (MatryoshkaLoss)
@@ -83,7 +84,7 @@ config = finetune.FinetuneConfig(
     query_max_seq_length=query_max_seq_length, eval_max_seq_length=eval_max_seq_length,
     blend_alphas=tuple(blend_alphas), max_train_minutes=max_train_minutes, eval_steps=eval_steps, save_steps=save_steps,
     ndcg_during_training=ndcg_during_training,
-    seed=seed, loss=loss,
+    seed=seed, loss=loss, margin_mse_weight=margin_mse_weight,
     mini_batch_size=mini_batch_size, guide_model=str(resolve_model_path(guide_model or base_model)) if loss == "gist" else "",
     matryoshka_dims=tuple(matryoshka_dims), batch_sampler=batch_sampler, bf16=bf16, resume=resume, distill=distill,
     model_name=f"codex-forge student ({run_name})",
@@ -141,6 +142,9 @@ if blend:
 steps, losses = training.loss_curve(history)
 _, dev_losses = training.loss_curve(history, "eval_loss")
 line_plot(steps, losses, f"{loss} training loss" + (" (with the distillation batches)" if distill else ""), "step", "loss");
+margin_steps, margin_losses = training.loss_curve(history, "margin_mse")
+if margin_steps:
+    line_plot(margin_steps, margin_losses, f"MarginMSE to the teacher's margins (teacher × {facts['teacher_scale']:.2f})", "step", "loss");
 distill_steps, distill_losses = training.loss_curve(history, "distill")
 if distill_steps:
     line_plot(distill_steps, distill_losses, "distillation loss (1 − cosine to the teacher)", "step", "loss");
@@ -163,6 +167,7 @@ metrics = {
     "loss": loss,
     "batch_sampler": batch_sampler,
     "distill": distill,
+    "teacher_scale": facts["teacher_scale"],
     "in_batch_false_negatives": {name: c["false_negatives"] for name, c in sampler_counts.items()},
     "bf16": facts["bf16"],
     "resumed_from_step": facts["resumed_from_step"],

@@ -45,3 +45,12 @@ def test_arms_read_the_runs_finished_upstream_stages(tmp_path):
         ablation.link_upstream("r", "03_domain_adapt", runs, tmp_path / "arm")
     ablation.link_upstream("r", "02_pairs", runs, tmp_path / "arm")
     assert (tmp_path / "arm" / "r" / "01_teacher").resolve() == (runs / "r" / "01_teacher").resolve()
+
+
+def test_choosing_arms_keeps_their_order_and_refuses_an_unknown_one(tmp_path):
+    from lib.config import ConfigError
+    from lib.pipeline import run_ablation
+
+    with pytest.raises(ConfigError, match=r"no arm teacher_margin; its arms are previous, default, distill"):
+        run_ablation("finetune", "dnd", "default", str(tmp_path), str(tmp_path), arms=["default", "teacher_margin"])
+    assert not any(tmp_path.iterdir())  # refused before any work

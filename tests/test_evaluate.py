@@ -191,3 +191,19 @@ def test_holm_adjustment_by_hand():
 def test_headline_leaves_out_categories_reported_beside_it():
     queries = [{"category": "x", "meta": {}}, {"category": "y", "meta": {"beside_headline": True}}, {"category": "z"}]
     assert evaluate.headline_categories(queries) == ["x", "z"]
+
+
+def test_the_teacher_ceiling_ensemble_weighs_teachers_on_different_scales_alike():
+    items = [{"id": f"i{n}", "type": "power", "text": f"item {n}", "name": f"item {n}"} for n in range(4)]
+    queries = [{"qid": "q0", "category": "c", "relevant": {"i0": 1}, "meta": {}},
+               {"qid": "q1", "category": "c", "relevant": {"i1": 1}, "meta": {}}]
+    eye = np.eye(4, dtype=np.float32)
+    a_scores = np.array([[0.9, 0.1, 0.0, 0.0], [0.0, 0.5, 0.9, 0.0]])  # q0 right, q1 wrong (i2 first)
+    b_scores = np.array([[0.2, 0.9, 0.1, 0.0], [0.0, 0.9, 0.1, 0.0]])  # q0 wrong, q1 right
+    mask = np.ones((2, 4), dtype=bool)
+    fused = evaluate.ensemble_scores([a_scores, b_scores], mask)
+    narrow_b = 0.8 + 0.1 * b_scores  # the same ranking on a ten-times narrower cosine scale (as e5 against mpnet)
+    assert np.allclose(evaluate.ensemble_scores([a_scores, narrow_b], mask), fused)
+    table = evaluate.teacher_ceiling({"a": (a_scores, eye), "b": (b_scores, eye)}, queries, items)
+    assert list(table.index) == ["a", "b", "ensemble (a + b)"]
+    assert table.loc["a", "mrr@10"] == 0.75 and table.loc["b", "mrr@10"] == 0.75

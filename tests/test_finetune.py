@@ -95,6 +95,24 @@ def test_distillation_of_the_cached_teacher_vectors_is_trained_alongside(tmp_pat
     assert (tmp_path / "model" / "README.md").exists() and facts["global_step"] == 16
 
 
+def test_margin_mse_to_the_teacher_scores_is_trained_beside_mnrl(tmp_path, run, student_path):
+    inputs = finetune.load_inputs(run / "tiny" / "00_corpus", run / "tiny" / "02_pairs", dev_loss_rows=16, seed=0)
+    with pytest.raises(ValueError, match="teacher_query_scores"):
+        finetune.finetune(student_path, inputs.train, inputs.dev, None, tmp_path / "a", _config(loss="mnrl+margin_mse"))
+    items = corpus.load_items(run / "tiny" / "00_corpus")
+    ids = [i["id"] for i in items]
+    teacher = np.load(run / "tiny" / "01_teacher" / "items.npy")
+    scored = pairs.with_teacher_scores(_rows(items), {}, ids, teacher)  # item anchors: the teacher's item vectors
+    pairs.save_dataset(tmp_path / "train", scored, num_negatives=1)
+    train = finetune.pairs_dataset(tmp_path / "train")
+    assert train.column_names[-1] == "label" and len(train[0]["label"]) == 2
+    _, history, facts = finetune.finetune(student_path, train, train.select(range(16)), None, tmp_path / "b",
+                                          _config(loss="mnrl+margin_mse", max_steps=10, eval_steps=5, save_steps=100),
+                                          inputs.lookup)
+    margin = [h["margin_mse"] for h in history if "margin_mse" in h]
+    assert facts["teacher_scale"] > 0 and len(margin) >= 2 and margin[-1] < margin[0]
+
+
 def test_weight_averaging_ships_the_best_dev_blend_and_never_a_worse_one_than_the_start(tmp_path, run, student_path):
     model, _, facts = _train(run, student_path, tmp_path, blend_alphas=(0.5, 1.0), max_steps=8, eval_steps=8,
                              save_steps=100)

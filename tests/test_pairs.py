@@ -149,6 +149,24 @@ def test_hard_negatives_follow_the_tiers_and_the_false_negative_guard():
     assert cos["easy"] <= -0.05 < cos["medium"] < near["power"][0][0, -1] < cos["hard"] <= 0.99 - 0.05
 
 
+def test_a_query_with_its_teacher_vector_gets_negatives_near_the_query_and_the_teacher_scores():
+    ids, types, vectors = _arc(20)
+    near = pairs.neighbours_by_type(vectors, types, k=8)
+    # the query's source is i0 but the teacher places the query by i10 (its positive): negatives come from there
+    rows = [{"kind": "query:keywords", "relation": "query-power", "anchor": "q", "anchor_id": "i0", "positive_id": "i10",
+             "qid": "q1", "score": 0.5}]
+    kept, _ = pairs.add_negatives(rows, [set()], ids, types, vectors, near, _fixed(types, 0.9, -0.05), 1,
+                                  hard_negative_min_rank=1, hard_negative_margin=0.02, exclude=set(), seed=0,
+                                  anchor_vectors=[vectors[10]])
+    # the query's own nearest after its positive, but i9/i11 (cosine 0.988) sit within the 0.02 margin of the positive
+    assert kept[0]["negative_ids"][0] in {"i8", "i12"}
+    scored = pairs.with_teacher_scores(kept + [{**kept[0], "anchor": None, "anchor_id": "i0"}], {"q": vectors[10]},
+                                       ids, vectors)
+    neg = ids.index(kept[0]["negative_ids"][0])
+    assert scored[0]["teacher_scores"] == [pytest.approx(1.0, abs=1e-4), pytest.approx(float(vectors[10] @ vectors[neg]), abs=1e-4)]
+    assert scored[1]["teacher_scores"][0] == pytest.approx(float(vectors[0] @ vectors[10]), abs=1e-4)  # an item anchor
+
+
 def test_rows_without_enough_negatives_are_dropped():
     ids, types, vectors = _arc(4)
     near = pairs.neighbours_by_type(vectors, types, k=3)
