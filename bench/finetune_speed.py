@@ -6,12 +6,17 @@ with the dev metrics each reaches after the same steps from the same start. One 
 Each variant trains `--steps` steps on the run's real stage-02 rows (batch 16, passages at 128 tokens, the
 entity-aware sampler, seed 42) from the run's stage-03 model, without evaluations or checkpoints in between; the
 figure is the median wall time of a step (the first 3 steps, warm-up, left out). The dev NDCG@10 is the stage-04
-evaluator's score after the last step.
+evaluator's score after the last step. On an AVX-512 machine the fp32 variant runs once more in a child process held
+to AVX2 (`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`, no bf16): an imitation of an AVX2-only laptop.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
+import subprocess
+import sys
 import statistics
 import tempfile
 import time
@@ -19,6 +24,8 @@ import time
 from transformers import TrainerCallback
 
 from lib import export, finetune
+
+AVX2_IMITATION = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 from lib.io import write_json
 from lib.paths import REPO_ROOT, stage_dir
 
@@ -48,6 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", default="dnd-default")
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--only", default="", help="one variant, printed as JSON (used for the AVX2 imitation)")
     args = parser.parse_args()
     if not export.bf16_supported():
         print("this CPU has no native bf16 (AVX512-BF16 / AMX): the bf16 variants would run in fp32")
@@ -55,6 +63,8 @@ def main() -> None:
     start_model = stage_dir(args.run, "03_domain_adapt") / "model"
     results = {}
     for name, settings in VARIANTS.items():
+        if args.only and name != args.only:
+            continue
         config = finetune.FinetuneConfig(max_steps=args.steps, per_device_train_batch_size=16, max_seq_length=128,
                                          eval_steps=10_000, save_steps=10_000, resume=False, blend_alphas=(), **settings)
         timer = StepTimer()
@@ -66,6 +76,15 @@ def main() -> None:
         results[name] = {**settings, "bf16_used": facts["bf16"], "median_step_s": round(step_s, 3),
                          "steps_per_s": round(1 / step_s, 3), "dev_ndcg@10": round(dev, 4)}
         print(name, results[name], flush=True)
+    if args.only:
+        print("RESULT " + json.dumps(results[args.only]), flush=True)
+        return
+    if "avx512f" in export.cpu_flags():
+        child = subprocess.run([sys.executable, __file__, "--run", args.run, "--steps", str(args.steps), "--only", "fp32"],
+                               env=os.environ | AVX2_IMITATION, capture_output=True, text=True, check=True)
+        line = next(line for line in child.stdout.splitlines() if line.startswith("RESULT "))
+        results["fp32 (AVX2 imitation)"] = json.loads(line.removeprefix("RESULT "))
+        print("fp32 (AVX2 imitation)", results["fp32 (AVX2 imitation)"], flush=True)
     base = results["fp32"]["median_step_s"]
     for r in results.values():
         r["speedup_vs_fp32"] = round(base / r["median_step_s"], 2)
