@@ -84,7 +84,10 @@ def test_before_and_after_are_both_reported(smoke):
     assert finetune["dev_loss_last"] < finetune["dev_loss_first"]
     assert finetune["dev_before"].keys() == finetune["dev_after"].keys()
     alphas = {float(a): score for a, score in finetune["dev_by_alpha"].items()}
-    assert set(alphas) == {0.0, 0.25, 0.5, 0.75, 1.0} and alphas[finetune["blend_alpha"]] == max(alphas.values())
+    tried = sorted(set(alphas) - {0.0}, reverse=True)  # from α = 1 down, stopping at the first drop; α = 0 is "before"
+    assert 0.0 in alphas and tried == [1.0, 0.75, 0.5, 0.25][: len(tried)] and alphas[finetune["blend_alpha"]] == max(alphas.values())
+    assert alphas[0.0] == finetune["dev_before"]["sequential_score"]
+    assert finetune["loss"] == "mnrl+margin_mse" and finetune["teacher_scale"] > 0  # the smoke profile distils
     assert finetune["dev_after"]["sequential_score"] >= finetune["dev_before"]["sequential_score"] - 5e-3
     fn = finetune["in_batch_false_negatives"]
     assert fn["entity"] == 0 and set(fn) == {"random", "no_duplicates", "entity"}
@@ -104,7 +107,9 @@ def test_training_data_has_every_kind_and_keeps_evaluation_sources_out(smoke):
     stats = json.loads((out / "stats.json").read_text())
     assert set(stats["train_by_kind"]) == {"item", "query:name", "query:keywords", "query:sentence", "query:tags", "query:field"}
     assert stats["leakage_check"]["train"]["rows"] == stats["train"] > 0
-    assert finetune.pairs_dataset(out / "train").column_names == pairs.loss_columns(stats["num_hard_negatives"])
+    # the smoke profile has the teacher score every training query: the teacher's scores are the label column
+    assert finetune.pairs_dataset(out / "train").column_names == pairs.loss_columns(stats["num_hard_negatives"]) + ["label"]
+    assert stats["teacher_query_scores"] and stats["teacher_query_usage"]["queries_texts"] > 0
     held_out = corpus.held_out_items(corpus.load_queries(stage_dir(RUN, "00_corpus", smoke["runs"])))
     used = {i for r in read_jsonl(out / "train.jsonl") for i in [r["anchor_id"], r["positive_id"], *r["negative_ids"]]}
     assert held_out and not held_out & used
