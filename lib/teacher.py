@@ -288,6 +288,8 @@ def embed_cached(
     stats = {"texts": len(texts), "cache_hits": len(set(texts)) - len(missing), "cache_misses": len(missing),
              "tokens_estimated": sum(counts), "tokens_reported": reported, "truncated": truncated,
              "requests": requests, "retries": retries}
+    if not texts:  # e.g. stage 02 asks for queries only
+        return np.empty((0, 0), dtype=np.float32), stats
     return normalize(np.stack([found[text_hash(t)] for t in texts])), stats
 
 

