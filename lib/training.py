@@ -62,12 +62,17 @@ def loss_curve(log_history: list[dict], key: str = "loss") -> tuple[list[int], l
     return [s for s, _ in points], [v for _, v in points]
 
 
+def last_complete_checkpoint(checkpoints: Path) -> str | None:
+    """The highest-step checkpoint-N folder whose trainer state was written (the Trainer writes it after the weights
+    and optimizer): a run killed while saving leaves a partial folder, which is skipped."""
+    found = sorted(Path(checkpoints).glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True)
+    return next((str(p) for p in found if (p / "trainer_state.json").is_file()), None)
+
+
 def train_or_resume(trainer, checkpoints: Path, resume: bool, load_weights) -> dict:
     """trainer.train(), from the last checkpoint when `resume`; a run that already finished only reloads its final
     weights through `load_weights(checkpoint)` (a resume would add a step). Returns the run's facts and log history."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(str(checkpoints)) if resume else None
+    last = last_complete_checkpoint(checkpoints) if resume else None
     state = finished_training_state(last)
     if state:
         load_weights(last)
@@ -81,7 +86,7 @@ def train_or_resume(trainer, checkpoints: Path, resume: bool, load_weights) -> d
 
 class TimeBudget(TrainerCallback):
     """A wall-clock budget for training (0: none) that holds on slow CPUs (AVX2, fp32) as on fast ones. After
-    `probe_steps` steps it measures the median step time, plans the steps that fit in what is left of the budget
+    `probe_steps` steps (or half the budget, if that comes first) it measures the median step time, plans the steps that fit in what is left of the budget
     and, when that is fewer than the run's, shortens the linear learning-rate schedule to end there (warm-up scaled
     alike), so a short run still decays to zero. Training stops at the planned step, or, whatever the plan said,
     once the budget is spent; a checkpoint is saved where it stops."""
@@ -103,7 +108,9 @@ class TimeBudget(TrainerCallback):
             return control
         now = time.monotonic()
         self.step_seconds.append(now - self.step_start)
-        if len(self.step_seconds) == self.probe_steps:
+        probe_done = len(self.step_seconds) >= self.probe_steps or (  # or half the budget gone (a very slow machine)
+            len(self.step_seconds) >= 2 and now - self.start >= self.minutes * 30)
+        if self.planned_steps is None and probe_done:
             step_s = statistics.median(self.step_seconds[1:])  # the first step carries one-off costs
             fit = state.global_step + int((self.minutes * 60 - (now - self.start)) / (step_s * 1.05))
             if fit < state.max_steps:

