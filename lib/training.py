@@ -86,8 +86,8 @@ def train_or_resume(trainer, checkpoints: Path, resume: bool, load_weights) -> d
 
 class TimeBudget(TrainerCallback):
     """A wall-clock budget for training (0: none) that holds on slow CPUs (AVX2, fp32) as on fast ones. After
-    `probe_steps` steps (or half the budget, if that comes first) it measures the median step time, plans the steps that fit in what is left of the budget
-    and, when that is fewer than the run's, shortens the linear learning-rate schedule to end there (warm-up scaled
+    `probe_steps` steps (or half the budget, if that comes first) it measures the median step time, plans the steps
+    that fit in what is left of the budget and, when that is fewer than the run's, shortens the linear learning-rate schedule to end there (warm-up scaled
     alike), so a short run still decays to zero. Training stops at the planned step, or, whatever the plan said,
     once the budget is spent; a checkpoint is saved where it stops."""
 
@@ -115,7 +115,7 @@ class TimeBudget(TrainerCallback):
             fit = state.global_step + int((self.minutes * 60 - (now - self.start)) / (step_s * 1.05))
             if fit < state.max_steps:
                 self.planned_steps = max(fit, state.global_step)
-                shorten_linear_schedule(lr_scheduler, state.max_steps, self.planned_steps)
+                shorten_linear_schedule(lr_scheduler, self.planned_steps)
         planned_end = self.planned_steps is not None and state.global_step >= self.planned_steps
         if planned_end or now - self.start >= self.minutes * 60:
             control.should_training_stop = control.should_save = True
@@ -123,14 +123,14 @@ class TimeBudget(TrainerCallback):
         return control
 
 
-def shorten_linear_schedule(lr_scheduler, total_steps: int, planned_steps: int) -> bool:
+def shorten_linear_schedule(lr_scheduler, planned_steps: int) -> bool:
     """Make a transformers linear warm-up/decay schedule (a LambdaLR of partials) end at `planned_steps` instead of
-    `total_steps`, with the warm-up shortened in proportion. False (schedule untouched) for any other schedule."""
+    its own `num_training_steps`, the warm-up shortened in proportion. False (untouched) for any other schedule."""
     lambdas = getattr(lr_scheduler, "lr_lambdas", None)
     if not lambdas or not all(isinstance(f, partial) and "num_training_steps" in f.keywords for f in lambdas):
         return False
-    scale = planned_steps / max(total_steps, 1)
-    lr_scheduler.lr_lambdas = [partial(f.func, **{**f.keywords, "num_training_steps": planned_steps,
-                                                  "num_warmup_steps": round(f.keywords.get("num_warmup_steps", 0) * scale)})
-                               for f in lambdas]
+    lr_scheduler.lr_lambdas = [
+        partial(f.func, **{**f.keywords, "num_training_steps": planned_steps, "num_warmup_steps": round(
+            f.keywords.get("num_warmup_steps", 0) * planned_steps / max(f.keywords["num_training_steps"], 1))})
+        for f in lambdas]
     return True

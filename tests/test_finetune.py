@@ -147,7 +147,7 @@ def test_a_shortened_schedule_warms_up_and_decays_to_zero_at_the_planned_step():
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     schedule = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=10, num_training_steps=100)
-    assert training.shorten_linear_schedule(schedule, 100, 40)
+    assert training.shorten_linear_schedule(schedule, 40)
     lrs = []
     for _ in range(40):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -155,7 +155,7 @@ def test_a_shortened_schedule_warms_up_and_decays_to_zero_at_the_planned_step():
         schedule.step()
     assert lrs[4] == pytest.approx(1.0) and lrs[2] == pytest.approx(0.5)  # warm-up: 10 of 100 → 4 of 40
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0) and lrs[22] == pytest.approx(0.5)
-    assert not training.shorten_linear_schedule(get_constant_schedule(optimizer), 100, 40)
+    assert not training.shorten_linear_schedule(get_constant_schedule(optimizer), 40)
 
 
 def test_dev_evaluator_scores_candidate_subsets_and_weights_groups_by_queries(student_path):
