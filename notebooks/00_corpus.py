@@ -56,7 +56,7 @@ from collections import Counter
 import pandas as pd
 
 from lib import corpus, domains
-from lib.io import write_json
+from lib.io import write_metrics
 from lib.paths import stage_dir
 
 out_dir = stage_dir(run_name, "00_corpus", runs_root or None, create=True)
@@ -104,5 +104,5 @@ metrics = {
     "queries_by_split": dict(Counter(q["split"] for q in queries)),
     "background_chars": sum(len(t) for t in background.values()),
 }
-write_json(out_dir / "metrics.json", metrics)
+write_metrics(out_dir, metrics)
 metrics

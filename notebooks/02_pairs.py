@@ -56,6 +56,10 @@ near_duplicate_threshold: float = 0.9  # word TF-IDF cosine at which a text coun
 pairs_dev_fraction: float = 0.1  # entity groups whose rows go to dev (eval loss during training)
 teacher_query_scores: bool = False  # embed every training query with stage 01's teacher (same cache): negatives mined around the query, teacher scores saved for distillation
 cache_root: str = ""  # where the teacher cache lives; empty means <repo>/data/cache
+teacher_base_url: str = ""  # as stage 01 was given it (the key and the budget below apply to the query calls too)
+teacher_api_key_env: str = ""  # the variable holding teacher_base_url's key; empty: none (OPENAI_API_KEY for OpenAI)
+teacher_max_tokens: int = 0  # the run's teacher budget in tokens, shared with stage 01 (0: no cap)
+teacher_max_cost_usd: float = 0.0  # the same in dollars (0: no cap)
 drop_row_kinds: list = []  # row kinds left out of training: item, query:name, query:keywords, query:sentence, query:tags, query:field, …
 seed: int = 42  # seeds sampling, templates and the split
 # %%
@@ -65,7 +69,7 @@ import numpy as np
 import pandas as pd
 
 from lib import corpus, pairs, teacher
-from lib.io import read_json, write_json, write_jsonl
+from lib.io import read_json, write_json, write_jsonl, write_metrics
 from lib.paths import stage_dir, teacher_cache_path
 from lib.plots import histograms
 
@@ -137,7 +141,9 @@ pd.DataFrame([{"kind": q["kind"], "query": q["text"], "positives": ", ".join(nam
 query_vectors, teacher_usage = {}, {}
 if teacher_query_scores:  # the teacher's own view of each training query: its vector, through stage 01's cache
     query_vectors, teacher_usage = teacher.run_teacher_query_vectors(
-        teacher_dir, sorted({r["anchor"] for r in rows if r["anchor"]}), teacher_cache_path(cache_root or None))
+        teacher_dir, sorted({r["anchor"] for r in rows if r["anchor"]}), teacher_cache_path(cache_root or None),
+        teacher_base_url, teacher_api_key_env,
+        teacher.Budget(max_tokens=teacher_max_tokens, max_cost_usd=teacher_max_cost_usd, run=run_name))
 guards = pairs.row_guards(rows, pairs.related_items(ids, items, relations), queries)
 given, rows, guards = pairs.given_negatives(rows, guards, queries, ids, vectors, num_hard_negatives, exclude)
 rows, dropped = pairs.add_negatives(rows, guards, ids, types, vectors, neighbours, thresholds[threshold_mode],
@@ -193,5 +199,5 @@ write_json(out_dir / "stats.json", stats)
 metrics = {k: stats[k] for k in ("rows", "train", "dev", "threshold_mode", "item_pairs_by_mode", "train_by_kind",
                                  "negatives_by_tier", "excluded_items", "held_out_synthetic_queries",
                                  "corpus_training_queries", "teacher_query_scores")}
-write_json(out_dir / "metrics.json", metrics)
+write_metrics(out_dir, metrics)
 metrics

@@ -62,7 +62,7 @@ import pandas as pd
 from transformers import AutoTokenizer, set_seed
 
 from lib import corpus, domain_adapt, training
-from lib.io import write_json
+from lib.io import write_metrics
 from lib.paths import resolve_model_path, stage_dir
 from lib.plots import line_plot
 
@@ -188,5 +188,5 @@ metrics = {
     "train_runtime_s": run["train_runtime_s"],
     "bf16": run["bf16"],
 }
-write_json(out_dir / "metrics.json", metrics)
+write_metrics(out_dir, metrics)
 metrics

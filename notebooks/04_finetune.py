@@ -68,7 +68,7 @@ from sentence_transformers import SentenceTransformer
 from transformers import set_seed
 
 from lib import finetune, training
-from lib.io import write_json
+from lib.io import write_json, write_metrics
 from lib.paths import resolve_model_path, stage_dir
 from lib.plots import line_plot
 
@@ -185,5 +185,5 @@ metrics = {
     "blend_alpha": blend["alpha"] if blend else 1.0,
     "dev_by_alpha": blend["dev_by_alpha"] if blend else {},
 }
-write_json(out_dir / "metrics.json", metrics)
+write_metrics(out_dir, metrics)
 metrics

@@ -58,7 +58,7 @@ import numpy as np
 import pandas as pd
 
 from lib import corpus, evaluate, export, pairs
-from lib.io import atomic_path, read_json, read_jsonl, write_json
+from lib.io import atomic_path, read_json, read_jsonl, write_metrics
 from lib.paths import resolve_model_path, stage_dir
 from lib.plots import metric_bars
 
@@ -243,5 +243,5 @@ metrics = {
     "permutation_samples": permutation_samples,
     "beir": beir,
 }
-write_json(out_dir / "metrics.json", metrics)
+write_metrics(out_dir, metrics)
 {s: metrics["headline_ci"][s]["ndcg@10"] for s in systems}

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from lib import corpus, evaluate, plots
-from lib.io import atomic_path, read_jsonl, write_json
+from lib.io import atomic_path, read_jsonl, write_metrics
 from lib.paths import resolve_model_path, stage_dir
 
 stage = lambda name, create=False: stage_dir(run_name, name, runs_root or None, create=create)
@@ -125,5 +125,5 @@ metrics = {
     "held_out_pairs": {"rows": len(dev_rows), "before": separation["base"], "after": separation["fine-tuned"]},
     "landmarks": list(landmarks.values()),
 }
-write_json(out_dir / "metrics.json", metrics)
+write_metrics(out_dir, metrics)
 metrics

@@ -41,7 +41,7 @@ import time
 import pandas as pd
 
 from lib import corpus, evaluate, export
-from lib.io import write_json
+from lib.io import write_json, write_metrics
 from lib.paths import stage_dir
 from lib.search import Retriever
 
@@ -119,5 +119,5 @@ metrics = {
     "int8_fp32_matmuls": len(kept_fp32),
     "self_retrieval_at_1": self_hits / min(100, len(items)),
 }
-write_json(out_dir / "metrics.json", metrics)
+write_metrics(out_dir, metrics)
 metrics

@@ -1,6 +1,7 @@
 """The runner: layered parameters, the typo guard, parseable parameter cells, and the teacher server's
 lifetime when a stage is killed mid-run."""
 import ast
+import base64
 import os
 import re
 import signal
@@ -121,3 +122,62 @@ def test_stage_reports_fetch_nothing_from_the_network(tmp_path):
         assert not re.search(r"<script[^>]*src=[\"']https?://", page) and "widget-view" not in page
         assert "bar 3/3" in page and "42" in page
     assert "progress 100%" not in shared and "41 + 1" not in shared and "41" in code
+
+
+def test_the_done_marker_comes_after_the_reports(tmp_path, monkeypatch):
+    """A kill between the HTML render and the marker leaves the stage not done: make reruns it."""
+    runs, reports = tmp_path / "runs", tmp_path / "reports"
+    render = pipeline.render_html
+
+    def killed_after_the_first_report(executed, html_path, with_code=False):
+        render(executed, html_path, with_code)
+        if with_code:
+            raise KeyboardInterrupt  # as a Ctrl-C between the reports and the marker
+
+    monkeypatch.setattr(pipeline, "render_html", killed_after_the_first_report)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_stage("00_corpus", "dnd", "smoke", runs, reports)
+    corpus = stage_dir("dnd-smoke", "00_corpus", runs)
+    assert (reports / "dnd-smoke" / "00_corpus.html").is_file() and (corpus / "items.jsonl").is_file()
+    assert not (corpus / "metrics.json").exists()
+    monkeypatch.setattr(pipeline, "render_html", render)
+    pipeline.run_stage("00_corpus", "dnd", "smoke", runs, reports)
+    assert (corpus / "metrics.json").is_file() and not (corpus / "metrics.pending.json").exists()
+
+
+@pytest.mark.slow
+def test_a_teacher_failure_is_one_line_and_no_secret_reaches_an_artefact(tmp_path):
+    """Stage 01 against a server that echoes the Authorization header in its 401, with the key in the named variable
+    and a password in the URL: one line on stderr, and neither secret in any notebook, report, metrics file or log."""
+    from tests.test_teacher_faults import FaultyServer
+
+    key, password = "sk-test-echoed-0123456789", "pw-in-the-url-987654"
+    runs, reports = tmp_path / "runs", tmp_path / "reports"
+    pipeline.run_stage("00_corpus", "dnd", "smoke", runs, reports)
+    fake = FaultyServer("401")
+    url = fake.url.replace("http://", f"http://user:{password}@")
+    env = os.environ | {"MY_GATEWAY_KEY": key}
+    command = [sys.executable, "-m", "lib.pipeline", "stage", "01_teacher", "--profile", "smoke", "--runs-root", str(runs),
+               "--reports-root", str(reports), "--set", "teacher_backend=openai", "--set", "teacher_model=fake",
+               "--set", f"teacher_base_url={url}", "--set", "teacher_api_key_env=MY_GATEWAY_KEY",
+               "--set", f"cache_root={tmp_path / 'cache'}"]
+    try:
+        failed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert failed.returncode == 1 and fake.requests and fake.requests[0]["authorization"]  # echoed in the 401
+        assert failed.stderr.strip().splitlines()[-1] == (
+            f"codex-forge: 01_teacher failed: TeacherError: teacher at {fake.url.split('/')[2]} answered 401: check the "
+            f"key (the variable teacher_api_key_env names; OPENAI_API_KEY for api.openai.com) (the traceback is in "
+            f"{reports / 'dnd-smoke' / '01_teacher.ipynb'})")
+        fake.fault = ""
+        passed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert passed.returncode == 0, passed.stderr[-2000:]
+    finally:
+        fake.close()
+    metrics = (stage_dir("dnd-smoke", "01_teacher", runs) / "metrics.json").read_text()
+    assert f'"base_url": "{fake.url}"' in metrics
+    written = [p for p in (*runs.rglob("*"), *reports.rglob("*")) if p.is_file() and p.suffix != ".npy"]
+    assert any(p.name == "01_teacher.html" for p in written)
+    basic = base64.b64encode(f"user:{password}".encode()).decode()  # how the URL's password went out
+    for text, where in [(failed.stdout + failed.stderr + passed.stdout + passed.stderr, "the logs"),
+                        *((p.read_bytes().decode("utf-8", "replace"), p) for p in written)]:
+        assert key not in text and password not in text and basic not in text, f"a secret in {where}"

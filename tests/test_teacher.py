@@ -96,13 +96,14 @@ def test_server_stops_when_the_block_fails():
 def test_openai_without_a_key_says_where_the_key_comes_from(tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     env_file = tmp_path / ".env"
-    with pytest.raises(RuntimeError, match="OPENAI_API_KEY in the environment or in .env"):
-        teacher.require_api_key("", env_file)
-    assert teacher.require_api_key("http://127.0.0.1:9/v1", env_file) == "not-needed"
+    with pytest.raises(teacher.TeacherError, match="needs OPENAI_API_KEY in the environment or in .env"):
+        teacher.api_key_for("", env_file=env_file)
+    assert teacher.api_key_for("http://127.0.0.1:9/v1", env_file=env_file) == ""
     env_file.write_text("BASE_MODEL=all-MiniLM-L6-v2\nOPENAI_API_KEY=key-from-dotenv\n")
-    assert teacher.require_api_key("", env_file) == "key-from-dotenv"
+    assert teacher.api_key_for("", env_file=env_file) == "key-from-dotenv"
     monkeypatch.setenv("OPENAI_API_KEY", "key-from-env")
-    assert teacher.require_api_key("", env_file) == "key-from-env"
+    assert teacher.api_key_for("", env_file=env_file) == "key-from-env"
+    assert teacher.api_key_for("https://gateway.example.com/v1", env_file=env_file) == ""  # never OpenAI's key elsewhere
 
 
 def test_unknown_backend_is_refused(tmp_path):
