@@ -26,6 +26,8 @@ PARAMS  := params/default.yaml params/domains/$(DOMAIN).yaml $(filter-out params
 DATA_ARG   := --runs-root "$(RUNS)" --reports-root "$(REPORTS)" $(if $(DATA),--data "$(DATA)") $(if $(CACHE),--set "cache_root=$(CACHE)")
 STAGES  := 00_corpus 01_teacher 02_pairs 03_domain_adapt 04_finetune 05_evaluate 06_embedding_maps 07_export
 DONE     = $(RUNDIR)/$(1)/metrics.json
+# The pid of this `make`: its stages hold the run folder as one owner; a second `make` on the same run is refused.
+export CODEX_FORGE_OWNER := $(shell echo $$PPID)
 
 .DEFAULT_GOAL := help
 .PHONY: help setup setup-browser setup-mpnet all smoke report test lab bench clean clean-cache budget-reset ablation-domain ablation-finetune FORCE

@@ -292,7 +292,9 @@ def build_loss(model, config: FinetuneConfig, distributed: bool):
         loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=config.mini_batch_size,
                                                          gather_across_devices=distributed)
     elif config.loss == "gist":
-        guide = SentenceTransformer(str(config.guide_model), device=model.device)
+        from lib.paths import resolve_model_path
+
+        guide = SentenceTransformer(str(resolve_model_path(config.guide_model)), device=model.device)  # never the hub
         loss = losses.GISTEmbedLoss(model, guide, gather_across_devices=distributed)
     else:
         loss = losses.MultipleNegativesRankingLoss(model, gather_across_devices=distributed)

@@ -40,12 +40,15 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
+    old = tmp.with_name(tmp.name.removesuffix(".tmp") + ".old")
     try:
         yield tmp
-        shutil.rmtree(path, ignore_errors=True)
+        if path.exists():
+            path.rename(old)  # two renames: a reader never sees a half-deleted folder (the run lease keeps writers apart)
         tmp.rename(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -11,6 +11,8 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -18,7 +20,7 @@ import yaml
 from lib.config import ConfigError, env_passthrough, get_finetuning_config, param_files, redact, secret_values
 from lib.domains.records import DataError
 from lib.io import PENDING_MARKER_ENV, read_json, write_json, write_text
-from lib.paths import NOTEBOOKS_DIR, PARAMS_DIR, REPORTS_DIR, STAGES, run_name, stage_dir
+from lib.paths import NOTEBOOKS_DIR, PARAMS_DIR, REPORTS_DIR, STAGES, run_dir, run_name, stage_dir
 
 KERNEL = "python3"
 
@@ -176,6 +178,47 @@ def run_stage(stage: str, domain: str, profile: str, runs_root: str | None = Non
     return seconds
 
 
+class RunInUse(RuntimeError):
+    """Another live `make` (or runner) holds the run folder."""
+
+
+OWNER_ENV = "CODEX_FORGE_OWNER"  # the Makefile exports the pid of `make`: all its stages hold the run as one owner
+
+
+def process_identity(pid: int) -> str:
+    """"pid start-time" of a live process ("" when it is gone): a reused pid is not the same owner."""
+    import psutil
+
+    try:
+        return f"{pid} {psutil.Process(pid).create_time():.2f}"
+    except psutil.Error:
+        return ""
+
+
+@contextmanager
+def run_lease(folder: Path) -> Iterator[None]:
+    """Hold a run folder for this owner (the `make` that started the runner, else the runner): a RunInUse error at once
+    when another live owner holds it. The lease is the owner's identity in <run>/.owner, read and written under an
+    flock; it ends with its owner, so a killed run never blocks the next one."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    me = process_identity(int(os.environ.get(OWNER_ENV) or os.getpid())) or process_identity(os.getpid())
+    with open(folder / ".owner", "a+", encoding="utf-8") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        holder = fh.read().strip()
+        pid = int(holder.split()[0]) if holder[:1].isdigit() else 0
+        if holder and holder != me and process_identity(pid) == holder:
+            raise RunInUse(f"run {folder.name} is in use by pid {pid} (another `make` or runner on {folder}); wait for "
+                           "it to finish or stop it, or use another PROFILE or RUNS")
+        fh.seek(0)
+        fh.truncate()
+        fh.write(me + "\n")
+        fh.flush()
+    yield
+
+
 def run_ablation(name: str, domain: str, profile: str, runs_root: str | None = None,
                  reports_root: str | None = None, overrides: dict | None = None, arms: list[str] | None = None) -> Path:
     """Run an ablation's stages once per arm (`arms`: only these, the first is the reference) on the run's shared
@@ -258,8 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.data:
         overrides["data_path"] = str(Path(args.data).expanduser().resolve())
     try:
-        run_command(args, overrides)
-    except (ConfigError, DataError) as err:
+        with run_lease(run_dir(run_name(args.domain, args.profile), args.runs_root)):
+            run_command(args, overrides)
+    except (ConfigError, DataError, RunInUse) as err:
         print(f"codex-forge: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     except StageFailed as err:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
+plt.rcParams["text.parse_math"] = False  # item names are text: "$5 or $10" stays as written, "$\\badmacro$" cannot crash
+
 
 def umap_2d(vectors: np.ndarray, seed: int, n_neighbors: int = 15, min_dist: float = 0.1) -> np.ndarray:
     """A seeded 2-D UMAP projection with cosine distance."""

@@ -12,6 +12,7 @@ import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from lib.config import redact, secret_values
 from lib.io import read_json, write_text
 from lib.paths import REPO_ROOT, REPORTS_DIR, STAGES, run_dir, stage_dir
 
@@ -286,13 +287,24 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
     provenance |= data_hashes(stage_dir(run, "00_corpus", runs_root))
     provenance |= package_versions()
     parts.append("<h2>Provenance</h2>" + table({k: {"value": v} for k, v in provenance.items()}, ["value"]))
-    parts.append("<h2>Parameters (layered files)</h2>" + table({k: {"value": str(v)} for k, v in sorted(params.items())}, ["value"]))
+    shown = params | {"data_path": shown_path(params.get("data_path", ""))}
+    parts.append("<h2>Parameters (layered files)</h2>" + table({k: {"value": str(v)} for k, v in sorted(shown.items())}, ["value"]))
     parts.append("<h2>Stage metrics</h2>" + "".join(
         f"<h3>{s}</h3><pre>{html.escape(json.dumps(m, indent=1)[:4000])}</pre>" for s, m in metrics.items()))
     parts.append("</body></html>")
     index = out_dir / "index.html"
-    write_text(index, "\n".join(parts))
+    write_text(index, redact("\n".join(parts), secret_values(params)))
     return index
+
+
+def shown_path(path: str) -> str:
+    """A path as a shared report shows it: relative to the repository, else only its last two parts (no home folder)."""
+    if not path:
+        return ""
+    resolved = Path(path).expanduser().resolve()
+    if resolved.is_relative_to(REPO_ROOT):
+        return str(resolved.relative_to(REPO_ROOT))
+    return str(Path("…", *resolved.parts[-2:]))
 
 
 # --- markdown tables for the README (generated from a run's metrics, never typed in) ----------------------------

@@ -181,3 +181,48 @@ def test_a_teacher_failure_is_one_line_and_no_secret_reaches_an_artefact(tmp_pat
     for text, where in [(failed.stdout + failed.stderr + passed.stdout + passed.stderr, "the logs"),
                         *((p.read_bytes().decode("utf-8", "replace"), p) for p in written)]:
         assert key not in text and password not in text and basic not in text, f"a secret in {where}"
+
+
+def _make(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(["make", *args], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kwargs)
+
+
+@pytest.mark.slow
+def test_a_second_make_on_the_same_run_is_refused_at_once(tmp_path):
+    runs, reports = tmp_path / "runs", tmp_path / "reports"
+    where = [f"RUNS={runs}", f"REPORTS={reports}", f"CACHE={tmp_path / 'cache'}", "PROFILE=smoke"]
+    first = _make("all", *where)
+    try:
+        deadline = time.monotonic() + 300
+        while not (runs / "dnd-smoke" / ".owner").is_file() and time.monotonic() < deadline:
+            assert first.poll() is None
+            time.sleep(0.2)
+        started = time.monotonic()
+        second = _make("all", *where)
+        out, _ = second.communicate(timeout=120)
+        assert second.returncode != 0 and time.monotonic() - started < 60
+        assert f"codex-forge: run dnd-smoke is in use by pid {first.pid}" in out
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+
+
+def test_the_run_lease_ends_with_its_owner(tmp_path, monkeypatch):
+    folder = tmp_path / "runs" / "r"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        monkeypatch.setenv(pipeline.OWNER_ENV, str(holder.pid))
+        with pipeline.run_lease(folder):
+            pass
+        monkeypatch.setenv(pipeline.OWNER_ENV, str(os.getpid()))
+        with pytest.raises(pipeline.RunInUse, match=f"run r is in use by pid {holder.pid}"):
+            with pipeline.run_lease(folder):
+                pass
+        with pipeline.run_lease(tmp_path / "runs" / "another"):  # another run: no conflict
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with pipeline.run_lease(folder):  # the holder is gone: its lease with it
+        pass

@@ -37,3 +37,14 @@ def test_pair_similarities_and_triplet_accuracy():
     cosines = plots.pair_similarities(rows, vectors, row_of)
     assert cosines["positive"] == pytest.approx([0.8, 0.0]) and cosines["negative"] == pytest.approx([0.0, -1.0, 0.8])
     assert plots.triplet_accuracy(rows, vectors, row_of) == 0.5
+
+
+def test_item_names_with_dollars_are_drawn_as_text(tmp_path):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    points = np.array([[0.0, 0.0], [1.0, 1.0]])
+    plots.scatter_by_label(ax, points, [r"$\badmacro$", "$5 or $10"], "names $x$", {0: r"$\badmacro$", 1: "$5 or $10"})
+    fig.savefig(tmp_path / "map.png")  # mathtext would raise on \badmacro
+    assert [t.get_text() for t in ax.texts] == [r"$\badmacro$", "$5 or $10"]
+    plt.close(fig)

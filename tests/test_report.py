@@ -74,3 +74,13 @@ def test_readme_tables_come_from_the_metrics():
     assert "| fine-tuned (shipped) | 0.600 [0.500, 0.700] | 0.600 | 0.600 | 0.600 | 0.0001 |" in text
     assert "domain-adapted" not in text and "synthetic:x" not in text  # a copy of the base; not a headline kind
     assert "| u (beside the headline) (7) | 0.300 | 0.900 | 0.02 | 0.02 |" in text
+
+
+def test_index_shows_no_home_folder_and_no_secret(tmp_path, monkeypatch):
+    monkeypatch.setenv("MY_GATEWAY_KEY", "gateway-secret-42424242")
+    params = {"data_path": str(tmp_path / "home" / "alice" / "corpora" / "wiki"), "teacher_api_key_env": "MY_GATEWAY_KEY",
+              "teacher_base_url": "https://bob:hunter2hunter2@gw.example.com/v1", "note": "gateway-secret-42424242"}
+    page = report.write_index("r", params, [PARAMS_DIR / "default.yaml"], tmp_path / "runs", tmp_path / "reports").read_text()
+    assert "alice" not in page and "…/corpora/wiki" in page
+    assert "hunter2" not in page and "gateway-secret" not in page and "https://[redacted]@gw.example.com/v1" in page
+    assert report.shown_path(str(PARAMS_DIR / "default.yaml")) == "params/default.yaml"
