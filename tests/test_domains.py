@@ -237,6 +237,98 @@ def test_nothing_to_evaluate_is_an_error(tmp_path):
     assert "nothing to evaluate on" in error_of("markdown", folder)
 
 
+# --- malformed input: one line naming the file (and line), never a traceback; input read as the user meant it ----
+
+def _deep_json(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "a", "genre": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    return "prompts", path, f"{path}:1: JSON nested too deeply"
+
+
+def _folder_named_like_a_file(tmp_path):
+    folder = copy_example("codex", tmp_path)
+    (folder / "chunks" / "more.jsonl").mkdir()
+    return "codex", folder, f"{folder / 'chunks' / 'more.jsonl'}: is a folder, not a file"
+
+
+def _broken_link(tmp_path):
+    folder = copy_example("markdown", tmp_path)
+    (folder / "Herbs" / "Gone.md").symlink_to(tmp_path / "nowhere.md")
+    return "markdown", folder, f"{folder / 'Herbs' / 'Gone.md'}: a broken link"
+
+
+def _link_out_of_data(tmp_path):
+    folder = copy_example("markdown", tmp_path)
+    (tmp_path / "private.md").write_text("# Private\n\nNot part of DATA.\n")
+    (folder / "Herbs" / "Private.md").symlink_to(tmp_path / "private.md")
+    return "markdown", folder, f"{folder / 'Herbs' / 'Private.md'}: a link to {tmp_path / 'private.md'}, outside DATA"
+
+
+def _huge_number_id(tmp_path):
+    folder = copy_example("beir", tmp_path)
+    with (folder / "corpus.jsonl").open("a") as fh:
+        fh.write('{"_id": ' + "7" * 5000 + ', "text": "a long id"}\n')
+    return "beir", folder, f"{folder / 'corpus.jsonl'}:37: unreadable JSON value"
+
+
+def _repeated_csv_header(tmp_path):
+    path = tmp_path / "prompts.csv"
+    path.write_text("id,prompt,genre,genre\na,A dragon pays taxes,fantasy,comedy\n")
+    return "prompts", path, f"{path}:1: column 'genre' appears more than once in the header"
+
+
+def _labels_that_never_repeat(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Prompt number {n} about {g}", "genre": g}) + "\n"
+                            for n, g in enumerate(["horror", "comedy", "romance", "western"])))
+    return "prompts", path, f"{path}: no evaluation query"
+
+
+def _links_only(tmp_path):
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    (folder / "A.md").write_text("# A\n\n[B](B.md)\n")
+    (folder / "B.md").write_text("# B\n\n[A](A.md)\n")
+    return "markdown", folder, f"{folder}: nothing to evaluate on"  # a page of links only has no text to query with
+
+
+@pytest.mark.parametrize("case", [_deep_json, _folder_named_like_a_file, _broken_link, _link_out_of_data, _huge_number_id,
+                                  _repeated_csv_header, _labels_that_never_repeat, _links_only])
+def test_malformed_input_is_one_line(tmp_path, case):
+    domain, path, expected = case(tmp_path)
+    message = error_of(domain, path)
+    assert message.startswith(expected) and "\n" not in message, message
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_field(tmp_path):
+    path = tmp_path / "prompts.csv"  # Excel's "CSV UTF-8" starts with a BOM
+    rows = [("storm", "A storm that only rains on liars", "fantasy"), ("storm-2", "The storm returns each spring", "fantasy")]
+    path.write_text("\ufeffid,prompt,genre\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows), encoding="utf-8")
+    assert [r["id"] for r in prompts.read_prompts(path)] == ["storm", "storm-2"]
+    folder = copy_example("markdown", tmp_path)
+    page = folder / "Herbs" / "Dreamcap.md"
+    page.write_text("\ufeff" + page.read_text(), encoding="utf-8")
+    assert {p["name"] for p in markdown.read_pages(folder) if p["path"] == page} == {"Dreamcap"}
+
+
+def test_a_long_csv_cell_and_a_long_heading_line_are_read(tmp_path):
+    path = tmp_path / "prompts.csv"
+    story = "word " * 60_000  # 300 KB, past csv's default 128 KB cell limit
+    path.write_text(f"id,prompt,story\na,A dragon pays taxes,{story}\nb,A tax collector meets a dragon,{story}\n")
+    assert len(prompts.read_prompts(path)[0]["story"]) > 200_000
+    line = "#" + " " * 200_000 + "x"  # the old heading pattern was quadratic in such a line
+    assert markdown.page_title(line + "\n\n" + line, Path("p.md")) == "x"
+    assert markdown.sections("## a\nbody\n##" + " " * 200_000 + "\n## b\nmore", 2) == [("a", "body\n##"), ("b", "more")]
+
+
+def test_two_pages_with_one_file_name_keep_two_background_files(tmp_path):
+    folder = copy_example("markdown", tmp_path)
+    (folder / "Herbs" / "Dream cap.md").write_text("# Dream cap\n\nA second page whose name reduces to the same slug.\n")
+    (folder / "Herbs" / "Dream-cap.md").write_text("# Dream-cap\n\nA third one, written differently again.\n")
+    _, _, _, background = domains.build_corpus("markdown", str(folder))
+    assert "same slug" in background["herbs-dream-cap-md"] and "differently" in background["herbs-dream-cap-md-2"]
+
+
 # --- make all DOMAIN=<each> PROFILE=smoke DATA=examples/<each> ----------------------------------------------------
 
 def make(*args: str, root: Path) -> subprocess.CompletedProcess:

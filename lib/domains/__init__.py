@@ -7,7 +7,7 @@ import importlib
 import inspect
 from pathlib import Path
 
-from lib.domains.records import DataError
+from lib.domains.records import DataError, inside
 
 ADAPTERS = ("dnd", "prompts", "codex", "beir", "markdown")
 DATA_FORMATS = {
@@ -40,4 +40,13 @@ def build_corpus(domain: str, data_path: str, **options) -> tuple[list[dict], li
     path = Path(data_path).expanduser()
     if not path.exists():
         raise DataError(f"{path}: not found; DATA for DOMAIN={domain} is {DATA_FORMATS[domain]}")
-    return module.build_corpus(path, **options)
+    inside(path)
+    items, queries, relations, background = module.build_corpus(path, **options)
+    blank = next((q for q in queries if not q["text"].strip()), None)
+    if blank:
+        raise DataError(f"{path}: query {blank['qid']!r} has no text once its answers' names are removed; give that "
+                        "record some text of its own")
+    if not any(q.get("split") != "train" and q["relevant"] for q in queries):
+        raise DataError(f"{path}: no evaluation query: nothing in DATA gives ground truth to test on "
+                        f"({DATA_FORMATS[domain]}); see the README's section on DOMAIN={domain}")
+    return items, queries, relations, background

@@ -14,12 +14,13 @@ Reads `chunks/*.jsonl` ({"text", "filename", "<type>_mentions": [...]}), `indexe
   easy = another type; never a chunk that names the query's entity."""
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections import defaultdict
 from pathlib import Path
 
-from lib.domains.records import DataError, list_field, read_json_file, read_jsonl_rows, require_path, slug, text_field
+from lib.domains.records import DataError, list_field, read_json_file, read_jsonl_rows, require_path, slug, text_field, unique_slugs
 
 TEMPLATES = {
     "person": ["Who is {name}?", "Tell me about {name}.", "What do we know about {name}?", "Describe {name}.",
@@ -122,9 +123,17 @@ def topic_forms(topics: list[str], entities: list[dict]) -> dict[str, list[str]]
     return {t: list(dict.fromkeys([t, *names.get(t.lower(), [])])) for t in topics}
 
 
+@functools.lru_cache(maxsize=4096)
+def lowered(text: str) -> str:
+    """The text in lower case, made once per text (a chunk is searched for every entity)."""
+    return text.lower()
+
+
 def named_in(forms: list[str], text: str) -> bool:
-    """Whether any form occurs as whole words in the text (case-insensitive)."""
-    return any(re.search(rf"(?i)(?<!\w){re.escape(f)}(?!\w)", text) for f in forms)
+    """Whether any form occurs as whole words in the text (case-insensitive); a plain substring test first, so a long
+    text costs one fast scan per form."""
+    low = lowered(text)
+    return any(f.lower() in low and re.search(rf"(?<!\w){re.escape(f.lower())}(?!\w)", low) for f in forms)
 
 
 def chunk_coverage(chunk: dict, forms: dict[str, list[str]], entity: dict | None) -> float:
@@ -225,5 +234,6 @@ def build_corpus(data_path: str | Path, max_items: int = 0, min_topic_coverage: 
         raise DataError(f"{folder / 'test_questions.json'}: no question found a chunk covering its expected topics "
                         f"(min_topic_coverage {min_topic_coverage}); check the topic names against the chunks and indexes")
     queries += synthetic_queries(entities, items, synthetic_expansion_factor, positives_per_query, seed)
-    background = {slug(c["id"]): c["text"] for c in chunks}
+    names = unique_slugs([c["id"] for c in chunks])
+    background = {names[c["id"]]: c["text"] for c in chunks}
     return list(items.values()), queries, [], background

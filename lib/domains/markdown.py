@@ -12,29 +12,42 @@ import re
 from pathlib import Path
 
 from lib.corpus import remove_names
-from lib.domains.records import DataError, read_jsonl_rows, require_path, slug, text_field, unique_ids
+from lib.domains.records import DataError, read_jsonl_rows, read_text, require_path, slug, text_field, unique_ids, unique_slugs
 
 QUERIES_FILE = "queries.jsonl"
 
 
 def markdown_files(folder: Path) -> list[Path]:
     """Every .md file under the folder, sorted; folders ending in '(Alt)' (re-groupings of the same text) left out."""
-    files = [p for p in sorted(folder.rglob("*.md")) if not any(part.endswith("(Alt)") for part in p.parts)]
+    files = [p for p in sorted(folder.rglob("*.md"))
+             if not p.is_dir() and not any(part.endswith("(Alt)") for part in p.parts)]  # a folder "X.md" is no page
     if not files:
         raise DataError(f"{folder}: no .md files; give a folder of markdown pages")
     return files
 
 
+def heading(line: str, level: int) -> str | None:
+    """The text of a `level` heading line ('## Title ##' → 'Title'), else None; linear in the line's length."""
+    if not line.startswith("#" * level) or line[level:level + 1] not in (" ", "\t"):
+        return None
+    return line[level:].strip().rstrip("#").strip() or None
+
+
 def page_title(text: str, path: Path) -> str:
     """The first level-1 heading, else the file name without extension."""
-    match = re.search(r"^#\s+(.+?)\s*#*$", text, flags=re.M)
-    return match.group(1).strip() if match else path.stem
+    return next((t for line in text.splitlines() if (t := heading(line, 1))), path.stem)
 
 
 def sections(text: str, level: int) -> list[tuple[str, str]]:
     """(heading, body) of each heading of `level` ('##' for 2); the text before the first one is dropped."""
-    parts = re.split(rf"^{'#' * level}\s+(.+?)\s*$", text, flags=re.M)
-    return [(parts[i].strip(), parts[i + 1].strip()) for i in range(1, len(parts) - 1, 2)]
+    out: list[tuple[str, list[str]]] = []
+    for line in text.splitlines():
+        title = heading(line, level)
+        if title:
+            out.append((title, []))
+        elif out:
+            out[-1][1].append(line)
+    return [(title, "\n".join(body).strip()) for title, body in out]
 
 
 def read_pages(folder: str | Path, split_level: int = 0) -> list[dict]:
@@ -43,10 +56,7 @@ def read_pages(folder: str | Path, split_level: int = 0) -> list[dict]:
     pages = []
     for path in markdown_files(folder):
         rel = path.relative_to(folder)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise DataError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+        text = read_text(path)
         kind = slug(rel.parts[0]) if len(rel.parts) > 1 else "page"
         title = page_title(text, path)
         parts = sections(text, split_level) if split_level else [(title, text)]
@@ -105,6 +115,8 @@ def reference_queries(pages: list[dict], relations: list[dict], share: float, ma
     queries = []
     for head in sorted(picked):
         removed = remove_names(plain_text(by_id[head]["text"]), [names[t] for t in targets[head]] + [by_id[head]["title"]])
+        if not re.search(r"\w", removed):  # a page of links only: no text of its own to query with
+            continue
         queries.append({"qid": f"references:{head}", "text": removed, "relevant": {t: 1 for t in targets[head]},
                         "expected_topics": [names[t] for t in targets[head]], "category": "references",
                         "split": "test", "meta": {"source_item": head, "not_candidates": [head],
@@ -150,5 +162,6 @@ def build_corpus(data_path: str | Path, split_level: int = 0, max_items: int = 0
     items = [{"id": p["id"], "type": p["type"], "name": p["name"], "text": p["text"], "aliases": [], "tags": [],
               "meta": {"path": str(p["path"].relative_to(folder))}} for p in pages]
     sources = {q["meta"]["source_item"] for q in queries if q["meta"].get("source_item")}
-    background = {slug(p["id"]): p["text"] for p in pages if p["id"] not in sources}  # query texts never pre-train
+    names = unique_slugs([p["id"] for p in pages])  # "A b.md" and "a-b.md" get two background files
+    background = {names[p["id"]]: p["text"] for p in pages if p["id"] not in sources}  # query texts never pre-train
     return items, queries, relations, background

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 import re
 from pathlib import Path
 
-from lib.io import iter_jsonl
 
 
 class DataError(ValueError):
@@ -24,41 +25,106 @@ def require_path(path: Path, what: str, folder: bool = False) -> Path:
     return path
 
 
-def read_json_file(path: Path) -> object:
-    """One JSON document; a syntax error names file:line."""
+CSV_FIELD_LIMIT = 16 * 1024 * 1024  # characters in one CSV cell (a whole story or chunk fits)
+
+
+def read_text(path: Path) -> str:
+    """A user file's text (UTF-8, a leading BOM dropped); a folder, a broken link or any read error is a DataError."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a file; rename it or move it out of DATA")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror or type(err).__name__}); check the file and its "
+                        "permissions") from None
+
+
+def parse_json(text: str, where: str) -> object:
+    """json.loads with every failure as a DataError at `where` (file or file:line)."""
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+        raise DataError(f"{where}{f':{err.lineno}' if ':' not in where else ''}: invalid JSON ({err.msg})") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply; flatten the record") from None
+    except ValueError as err:  # e.g. an integer of more than 4300 digits
+        raise DataError(f"{where}: unreadable JSON value ({err}); write long ids as strings") from None
+
+
+def read_json_file(path: Path) -> object:
+    """One JSON document; every problem names the file (and line)."""
+    return parse_json(read_text(path), str(path))
 
 
 def read_jsonl_rows(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) of every non-blank line; a bad line names file:line."""
-    try:
-        return list(iter_jsonl(path))
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text; save it as UTF-8") from None
-    except ValueError as err:
-        raise DataError(str(err)) from None
+    rows = []
+    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = parse_json(line, f"{path}:{lineno}")
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}; each line must be one object")
+        rows.append((lineno, row))
+    return rows
 
 
 def read_csv_rows(path: Path) -> list[tuple[int, dict]]:
-    """(line number, row) of a CSV file with a header line; empty cells are left out of the row."""
+    """(line number, row) of a CSV file with a header line; empty cells are left out of the row; a repeated column
+    name is refused (csv would keep only the last one)."""
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    rows = []
     try:
-        with open(path, encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh)
-            rows = []
-            for row in reader:
-                if None in row:
-                    raise DataError(f"{path}:{reader.line_num}: more cells than header columns {reader.fieldnames}")
-                rows.append((reader.line_num, {k.strip(): v for k, v in row.items() if k and v not in (None, "")}))
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+        header = [h.strip() for h in reader.fieldnames or []]
+        repeated = sorted({h for h in header if h and header.count(h) > 1})
+        if repeated:
+            raise DataError(f"{path}:1: column {repeated[0]!r} appears more than once in the header; keep one")
+        for row in reader:
+            if None in row:
+                raise DataError(f"{path}:{reader.line_num}: more cells than header columns {reader.fieldnames}")
+            rows.append((reader.line_num, {k.strip(): v for k, v in row.items() if k and v not in (None, "")}))
     except csv.Error as err:
-        raise DataError(f"{path}: not valid CSV ({err})") from None
+        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({err})") from None
     return rows
+
+
+def read_lines(path: Path) -> list[str]:
+    """The lines of a user text file (see read_text)."""
+    return read_text(path).splitlines()
+
+
+def inside(root: Path) -> None:
+    """Refuse a link in `root` (DATA) that is broken or resolves outside it: nothing outside DATA is read."""
+    root = root.resolve()
+    if not root.is_dir():
+        return
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder) / name
+            if not path.is_symlink():
+                continue
+            target = path.resolve()
+            if not target.exists():
+                raise DataError(f"{path}: a broken link (to {os.readlink(path)}); remove it or restore its target")
+            if not target.is_relative_to(root):
+                raise DataError(f"{path}: a link to {target}, outside DATA ({root}); copy the file into DATA instead")
+
+
+def unique_slugs(ids: list[str]) -> dict[str, str]:
+    """A distinct file-name slug per id (a second id with the same slug gets -2, -3, …)."""
+    out, taken = {}, set()
+    for item_id in ids:
+        base = slug(item_id) or "item"
+        name, n = base, 1
+        while name in taken:
+            n += 1
+            name = f"{base}-{n}"
+        out[item_id] = name
+        taken.add(name)
+    return out
 
 
 def read_table(path: Path) -> list[tuple[int, dict]]:
