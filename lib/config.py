@@ -130,9 +130,10 @@ def env_parameters(env_file: Path | None = ENV_FILE, environ: dict | None = None
         for key, (lineno, value) in read_env_file(Path(env_file)).items():
             if key in ENV_KEYS:
                 found[key] = (value, f"{env_file}:{lineno}")
-            elif not key.startswith(ENV_PASSTHROUGH):
+            elif not key.startswith(ENV_PASSTHROUGH) and not SECRET_NAME.search(key):  # a key teacher_api_key_env names
                 raise ConfigError(f"{env_file}:{lineno}: unknown key {key!r}; known keys: {sorted(ENV_KEYS)} "
-                                  f"(and {'*, '.join(ENV_PASSTHROUGH)}* for clients); remove it or rename it")
+                                  f"(and {'*, '.join(ENV_PASSTHROUGH)}* for clients, *_KEY/*_TOKEN for endpoints' "
+                                  "keys); remove it or rename it")
     for key in ENV_KEYS:
         if environ.get(key, "").strip():
             found[key] = (environ[key].strip(), f"environment variable {key}")

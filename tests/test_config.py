@@ -71,3 +71,14 @@ def test_secrets_in_env_go_to_the_environment_not_parameters(tmp_path):
     assert config.env_passthrough(path) == {"OPENAI_API_KEY": "sk-test-123", "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}
     merged = config.get_finetuning_config("dnd", "default", env_file=path, environ={})
     assert "sk-test-123" not in repr(merged)
+
+
+def test_an_endpoint_key_in_env_is_read_by_the_teacher_and_redacted(tmp_path):
+    from lib import teacher
+
+    path = env_file(tmp_path, "MY_GATEWAY_KEY=gw-key-55555555\nNUM_EPOCHS=1\n")
+    assert "gw-key-55555555" not in repr(config.env_parameters(path, environ={}, has_gpu=False))
+    assert teacher.read_secret("MY_GATEWAY_KEY", path) == "gw-key-55555555"
+    secrets = config.secret_values({"teacher_api_key_env": "MY_GATEWAY_KEY"}, path, environ={"GATEWAY": "short"})
+    assert secrets == ["gw-key-55555555"]
+    assert config.redact("key gw-key-55555555 at https://u:p4ss@h/v1", secrets) == "key [redacted] at https://[redacted]@h/v1"
