@@ -63,12 +63,13 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 PENDING_MARKER_ENV = "CODEX_FORGE_PENDING_MARKER"  # set by the runner: it writes metrics.json after the reports
+PENDING_METRICS = "metrics.pending.json"  # what a stage writes under the runner, renamed to metrics.json by it
 
 
 def write_metrics(stage_dir: str | Path, metrics: dict) -> None:
     """A stage's last act: its metrics.json, the done-marker. Under the runner (which sets CODEX_FORGE_PENDING_MARKER)
     it is metrics.pending.json, renamed to metrics.json once the stage's reports are written."""
-    write_json(Path(stage_dir) / ("metrics.pending.json" if os.environ.get(PENDING_MARKER_ENV) else "metrics.json"), metrics)
+    write_json(Path(stage_dir) / (PENDING_METRICS if os.environ.get(PENDING_MARKER_ENV) else "metrics.json"), metrics)
 
 
 def read_json(path: str | Path) -> Any:

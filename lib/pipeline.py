@@ -19,7 +19,7 @@ import yaml
 
 from lib.config import ConfigError, env_passthrough, get_finetuning_config, param_files, redact, secret_values
 from lib.domains.records import DataError
-from lib.io import PENDING_MARKER_ENV, read_json, write_json, write_text
+from lib.io import PENDING_MARKER_ENV, PENDING_METRICS, read_json, write_json, write_text
 from lib.paths import NOTEBOOKS_DIR, PARAMS_DIR, REPORTS_DIR, STAGES, run_dir, run_name, stage_dir
 
 KERNEL = "python3"
@@ -145,7 +145,7 @@ def run_stage(stage: str, domain: str, profile: str, runs_root: str | None = Non
         check_data(params)  # before anything is written: a bad file costs no half-run
     out_dir = Path(reports_root or REPORTS_DIR) / run
     out_dir.mkdir(parents=True, exist_ok=True)
-    marker, pending = (stage_dir(run, stage, runs_root) / name for name in ("metrics.json", "metrics.pending.json"))
+    marker, pending = (stage_dir(run, stage, runs_root) / name for name in ("metrics.json", PENDING_METRICS))
     marker.unlink(missing_ok=True)
     pending.unlink(missing_ok=True)
     executed, secrets = out_dir / f"{stage}.ipynb", secret_values(every_param)

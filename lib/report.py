@@ -287,7 +287,7 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
     provenance |= data_hashes(stage_dir(run, "00_corpus", runs_root))
     provenance |= package_versions()
     parts.append("<h2>Provenance</h2>" + table({k: {"value": v} for k, v in provenance.items()}, ["value"]))
-    shown = params | {"data_path": shown_path(params.get("data_path", ""))}
+    shown = params | ({"data_path": shown_path(params["data_path"])} if params.get("data_path") else {})
     parts.append("<h2>Parameters (layered files)</h2>" + table({k: {"value": str(v)} for k, v in sorted(shown.items())}, ["value"]))
     parts.append("<h2>Stage metrics</h2>" + "".join(
         f"<h3>{s}</h3><pre>{html.escape(json.dumps(m, indent=1)[:4000])}</pre>" for s, m in metrics.items()))
@@ -299,8 +299,6 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
 
 def shown_path(path: str) -> str:
     """A path as a shared report shows it: relative to the repository, else only its last two parts (no home folder)."""
-    if not path:
-        return ""
     resolved = Path(path).expanduser().resolve()
     if resolved.is_relative_to(REPO_ROOT):
         return str(resolved.relative_to(REPO_ROOT))

@@ -345,14 +345,13 @@ class Budget:
         self.refuse_past_cap(self.spent_tokens + round(tokens * ratio), f"{what} would pass the cap",
                              "Nothing past it was requested")
 
-    def spend(self, estimated: int, reported: int | None) -> None:
-        """Count one request (the endpoint's reported usage, else the estimate); raise BudgetExceeded when the
-        reported usage passed a cap (its vectors are cached: nothing is lost, the next request is not made)."""
-        self.spent_tokens += reported if reported is not None else estimated
+    def spend(self, estimated: int, reported: int | None) -> int:
+        """Count one request: the endpoint's reported usage, else the estimate; return what was counted."""
+        counted = reported if reported is not None else estimated
+        self.spent_tokens += counted
         if reported is not None:
             self.estimated_tokens, self.reported_tokens = self.estimated_tokens + estimated, self.reported_tokens + reported
-        self.refuse_past_cap(self.spent_tokens, "the endpoint's reported usage passed the cap",
-                             "The last answer is cached; nothing more was requested")
+        return counted
 
     def over(self, total: int) -> bool:
         """True when `total` tokens pass a cap."""
@@ -413,10 +412,12 @@ def embed_cached(
         dim, originals = vectors.shape[1], [missing[n] for n in batch]
         cache.put(key, originals, vectors)
         found.update({text_hash(t): v for t, v in zip(originals, vectors)})
-        if budget.run:
-            cache.add_spent(budget.run, usage["tokens"] if usage["tokens"] is not None else batch_tokens)
         reported, retries, requests = reported + (usage["tokens"] or 0), retries + usage["retries"], requests + 1
-        budget.spend(batch_tokens, usage["tokens"])
+        counted = budget.spend(batch_tokens, usage["tokens"])
+        if budget.run:
+            cache.add_spent(budget.run, counted)
+        budget.refuse_past_cap(budget.spent_tokens, "the endpoint's reported usage passed the cap",
+                               "The last answer is cached; nothing more was requested")
     stats = {"texts": len(texts), "cache_hits": len(set(texts)) - len(missing), "cache_misses": len(missing),
              "tokens_estimated": sum(counts), "tokens_reported": reported, "truncated": truncated,
              "requests": requests, "retries": retries}

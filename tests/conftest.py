@@ -31,3 +31,13 @@ def json_numbers(obj):
     elif isinstance(obj, list):
         for v in obj:
             yield from json_numbers(v)
+
+
+def send_json(handler, status: int, payload: bytes, headers: dict | None = None) -> None:
+    """Answer an http.server request with a JSON body (for the loopback servers the tests start)."""
+    handler.send_response(status)
+    for key, value in {"Content-Type": "application/json", **(headers or {})}.items():
+        handler.send_header(key, value)
+    handler.send_header("Content-Length", str(len(payload)))
+    handler.end_headers()
+    handler.wfile.write(payload)

@@ -151,7 +151,7 @@ def test_a_teacher_failure_is_one_line_and_no_secret_reaches_an_artefact(tmp_pat
     and a password in the URL: one line on stderr, and neither secret in any notebook, report, metrics file or log."""
     from tests.test_teacher_faults import FaultyServer
 
-    key, password = "sk-test-echoed-0123456789", "pw-in-the-url-987654"
+    key, password = "fake-echoed-key-0123456789", "pw-in-the-url-987654"
     runs, reports = tmp_path / "runs", tmp_path / "reports"
     pipeline.run_stage("00_corpus", "dnd", "smoke", runs, reports)
     fake = FaultyServer("401")

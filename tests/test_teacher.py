@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import psutil
 import pytest
+from conftest import send_json
 
 from lib import teacher
 
@@ -136,13 +137,8 @@ class Proxy:
                     n = len(proxy.log)
                 if n <= proxy.rate_limit_first:
                     entry["status"] = 429
-                    self.send_response(429)
-                    self.send_header("Retry-After", str(proxy.retry_after))
-                    self.send_header("Content-Type", "application/json")
-                    payload = b'{"error": {"message": "rate limited by the test proxy", "type": "rate_limit"}}'
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
+                    send_json(self, 429, b'{"error": {"message": "rate limited by the test proxy", "type": "rate_limit"}}',
+                              {"Retry-After": str(proxy.retry_after)})
                     return
                 if proxy.before_forward:
                     proxy.before_forward(n)
@@ -158,11 +154,7 @@ class Proxy:
                     self.close_connection = True
                     return
                 entry["status"] = status
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                send_json(self, status, payload)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"

@@ -10,11 +10,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from conftest import send_json
 
 from lib import teacher
 from lib.paths import REPO_ROOT
 
-SECRET = "sk-test-0123456789abcdef-secret"
+SECRET = "fake-test-key-0123456789abcdef"
 
 
 class FaultyServer:
@@ -51,13 +52,7 @@ class FaultyServer:
                 self.answer(200, body)
 
             def answer(self, status, body, headers=None):
-                payload = json.dumps(body).encode()  # NaN is written as NaN, as a broken server would
-                self.send_response(status)
-                for key, value in {"Content-Type": "application/json", **(headers or {})}.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                send_json(self, status, json.dumps(body).encode(), headers)  # NaN is written as NaN, as a broken server would
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lib.domains.records import DataError, read_jsonl_rows, read_lines, require_path, text_field, unique_ids
+from lib.domains.records import DataError, read_jsonl_rows, read_text, require_path, text_field, unique_ids
 
 TYPE = "document"
 SPLITS = ("train", "dev", "test")
@@ -35,7 +35,7 @@ def read_query_texts(folder: Path) -> dict[str, str]:
 def read_qrels(path: Path, query_ids: set[str], doc_ids: set[str]) -> dict[str, dict[str, int]]:
     """A qrels TSV (optional header 'query-id corpus-id score') → {query id: {doc id: grade > 0}}."""
     relevant: dict[str, dict[str, int]] = {}
-    for n, line in enumerate(read_lines(path), start=1):
+    for n, line in enumerate(read_text(path).splitlines(), start=1):
         cells = [c.strip() for c in line.split("\t")]
         if not line.strip() or n == 1 and cells[0] == "query-id":
             continue

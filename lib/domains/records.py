@@ -91,11 +91,6 @@ def read_csv_rows(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def read_lines(path: Path) -> list[str]:
-    """The lines of a user text file (see read_text)."""
-    return read_text(path).splitlines()
-
-
 def inside(root: Path) -> None:
     """Refuse a link in `root` (DATA) that is broken or resolves outside it: nothing outside DATA is read."""
     root = root.resolve()
