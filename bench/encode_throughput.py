@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -21,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from lib import corpus, export
-from lib.io import read_json, write_json
-from lib.paths import REPO_ROOT, stage_dir
+from lib import bench, corpus, export
+from lib.io import read_json
+from lib.paths import stage_dir
 from lib.search import Retriever
 
 
@@ -158,14 +157,13 @@ def main() -> None:
 
     summary = {
         "run": args.run, "repeats": args.repeats, "max_seq_length": args.max_seq_length,
-        "machine": f"{platform.machine()}, {peak['cores']} cores usable", "cpu": peak,
+        "cpu": peak,
         "skipped_backends": stage.get("skipped_backends", {}), "parity_gate": {b: r["passed"] for b, r in stage["backends"].items()},
         "default_backend": default, "encode": encode, "latency_queries": {"distinct": len(short), "timed": len(latency_queries)},
         "query_encode_latency_ms": encode_latency, "search": search,
     }
-    out = REPO_ROOT / "bench" / "results" / "encode_throughput.json"
-    write_json(out, summary)
     print(json.dumps(summary, indent=1))
+    print(f"wrote {bench.write_result('encode_throughput', summary)}")
 
 
 if __name__ == "__main__":

@@ -6,28 +6,20 @@ with the dev metrics each reaches after the same steps from the same start. One 
 Each variant trains `--steps` steps on the run's real stage-02 rows (batch 16, passages at 128 tokens, the
 entity-aware sampler, seed 42) from the run's stage-03 model, without evaluations or checkpoints in between; the
 figure is the median wall time of a step (the first 3 steps, warm-up, left out). The dev NDCG@10 is the stage-04
-evaluator's score after the last step. On an AVX-512 machine the fp32 variant runs once more in a child process held
-to AVX2 (`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`, no bf16): an imitation of an AVX2-only laptop.
+evaluator's score after the last step. The bf16 variants run only where bf16 is native. `make bench-avx2` runs the
+whole benchmark again held to AVX2 (lib.bench.AVX2_IMITATION): an imitation of an AVX2-only laptop.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import subprocess
-import sys
 import statistics
 import tempfile
 import time
 
 from transformers import TrainerCallback
 
-from lib import export, finetune
-
-AVX2_IMITATION = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-from lib.io import write_json
-from lib.paths import REPO_ROOT, stage_dir
+from lib import bench, export, finetune
+from lib.paths import stage_dir
 
 VARIANTS = {
     "fp32": {"bf16": False, "query_max_seq_length": 128},
@@ -51,49 +43,38 @@ class StepTimer(TrainerCallback):
 
 
 def main() -> None:
-    """Run every variant; write bench/results/finetune_speed.json."""
+    """Run every variant this CPU can; write bench/results/<machine>/finetune_speed.json."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", default="dnd-default")
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--only", default="", help="one variant, printed as JSON (used for the AVX2 imitation)")
+    parser.add_argument("--runs-root", default=None, help="where runs live (default data/runs)")
     args = parser.parse_args()
-    if not export.bf16_supported():
-        print("this CPU has no native bf16 (AVX512-BF16 / AMX): the bf16 variants would run in fp32")
-    inputs = finetune.load_inputs(stage_dir(args.run, "00_corpus"), stage_dir(args.run, "02_pairs"), 128, 42)
-    start_model = stage_dir(args.run, "03_domain_adapt") / "model"
+    stage = lambda name: stage_dir(args.run, name, args.runs_root)
+    if not (stage("03_domain_adapt") / "model").is_dir():
+        raise SystemExit(f"{stage('03_domain_adapt')}/model not found: run `make all` for run {args.run!r} first")
+    inputs = finetune.load_inputs(stage("00_corpus"), stage("02_pairs"), 128, 42)
     results = {}
     for name, settings in VARIANTS.items():
-        if args.only and name != args.only:
+        if settings["bf16"] and not export.bf16_supported():
+            print(f"{name}: skipped, this CPU has no native bf16 (AVX512-BF16 / AMX)", flush=True)
             continue
         config = finetune.FinetuneConfig(max_steps=args.steps, per_device_train_batch_size=16, max_seq_length=128,
                                          eval_steps=10_000, save_steps=10_000, resume=False, blend_alphas=(), **settings)
         timer = StepTimer()
         with tempfile.TemporaryDirectory() as out:
-            model, _, facts = finetune.finetune(start_model, inputs.train, inputs.dev, None, out, config, inputs.lookup,
-                                                callbacks=[timer])
+            model, _, facts = finetune.finetune(stage("03_domain_adapt") / "model", inputs.train, inputs.dev, None, out,
+                                                config, inputs.lookup, callbacks=[timer])
         dev = inputs.evaluator(model)["sequential_score"]  # the mean of the target-type groups' NDCG@10
         step_s = statistics.median(timer.seconds[3:])
         results[name] = {**settings, "bf16_used": facts["bf16"], "median_step_s": round(step_s, 3),
                          "steps_per_s": round(1 / step_s, 3), "dev_ndcg@10": round(dev, 4)}
         print(name, results[name], flush=True)
-    if args.only:
-        print("RESULT " + json.dumps(results[args.only]), flush=True)
-        return
-    if "avx512f" in export.cpu_flags():
-        child = subprocess.run([sys.executable, __file__, "--run", args.run, "--steps", str(args.steps), "--only", "fp32"],
-                               env=os.environ | AVX2_IMITATION, capture_output=True, text=True, check=True)
-        line = next(line for line in child.stdout.splitlines() if line.startswith("RESULT "))
-        results["fp32 (AVX2 imitation)"] = json.loads(line.removeprefix("RESULT "))
-        print("fp32 (AVX2 imitation)", results["fp32 (AVX2 imitation)"], flush=True)
     base = results["fp32"]["median_step_s"]
     for r in results.values():
         r["speedup_vs_fp32"] = round(base / r["median_step_s"], 2)
-    write_json(REPO_ROOT / "bench" / "results" / "finetune_speed.json", {
-        "run": args.run, "steps": args.steps, "train_rows": len(inputs.train), "batch_size": 16,
-        "machine": {"cpu": platform.processor() or platform.machine(), "bf16_native": export.bf16_supported(),
-                    "amx": "amx_bf16" in export.cpu_flags()},
-        "variants": results,
-    })
+    path = bench.write_result("finetune_speed", {"run": args.run, "steps": args.steps, "train_rows": len(inputs.train),
+                                                 "batch_size": 16, "variants": results})
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -16,8 +15,7 @@ import time
 
 import numpy as np
 
-from lib import pairs
-from lib.io import write_json
+from lib import bench, pairs
 from lib.paths import REPO_ROOT
 
 
@@ -72,9 +70,9 @@ def main() -> None:
                               capture_output=True, text=True, check=True, cwd=REPO_ROOT)
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
-    summary = {"machine": f"{platform.machine()} {platform.processor()}", "neighbours_k": args.neighbours_k,
-               "goal": "100k items within 2 GB peak RSS", "results": results}
-    write_json(REPO_ROOT / "bench" / "results" / "pair_mining.json", summary)
+    path = bench.write_result("pair_mining", {"neighbours_k": args.neighbours_k, "goal": "100k items within 2 GB peak RSS",
+                                              "results": results})
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

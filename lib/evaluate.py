@@ -277,7 +277,9 @@ def encode(model_path: str, texts: list[str], batch_size: int = 32, max_seq_leng
     """Normalised embeddings of `texts` from a SentenceTransformer folder."""
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(str(model_path), device="cpu")
+    from lib.training import best_device
+
+    model = SentenceTransformer(str(model_path), device=best_device())
     if max_seq_length:
         model.max_seq_length = max_seq_length
     return model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,

@@ -13,15 +13,20 @@ ONNX_FILES = {"onnx-fp32": "model.onnx", "onnx-int8": "model-int8.onnx"}
 FFN_OUTPUT = r"layer\.\d+/output/dense/"  # the feed-forward down-projections: int8 there costs the most quality
 
 
-def cpu_flags() -> set[str]:
-    """The CPU feature flags from /proc/cpuinfo (empty where there is none), without the AVX-512 and AMX ones when
-    torch is held below AVX-512 (`ATEN_CPU_CAPABILITY=avx2`, how an AVX-512 machine imitates an AVX2 laptop)."""
+def cpuinfo_field(name: str) -> str:
+    """The first value of a field ("flags", "model name") in /proc/cpuinfo; "" where there is no such file."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    flags = set(line.partition(":")[2].split())
+        return ""
+    line = next((line for line in text.splitlines() if line.split(":")[0].strip() == name), "")
+    return line.partition(":")[2].strip()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags from /proc/cpuinfo (empty where there is none), without the AVX-512 and AMX ones when
+    torch is held below AVX-512 (`ATEN_CPU_CAPABILITY=avx2`, how an AVX-512 machine imitates an AVX2 laptop)."""
+    flags = set(cpuinfo_field("flags").split())
     if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         flags = {f for f in flags if not f.startswith(("avx512", "amx"))}
     return flags

@@ -17,7 +17,7 @@ import torch
 from sentence_transformers.base.sampler import DefaultBatchSampler
 from sentence_transformers.sentence_transformer.losses import EmbedDistillLoss
 
-from lib.training import TimeBudget, is_main_process, resumable_checkpoints, train_or_resume, use_bf16
+from lib.training import TimeBudget, best_device, is_main_process, resumable_checkpoints, train_or_resume, use_bf16
 
 LOSSES = ("mnrl", "cached_mnrl", "gist", "mnrl+margin_mse")
 BATCH_SAMPLERS = ("entity", "no_duplicates", "random")
@@ -395,8 +395,7 @@ def finetune(start_model: str | Path, train_dataset, eval_dataset, evaluator, ou
     resume = resumable_checkpoints(checkpoints, checkpoint_key(config, start_model, key_datasets), config.resume)
     # 1. Load the student (domain-adapted or base) with a model card
     card = SentenceTransformerModelCardData(language="en", model_name=config.model_name or None)
-    model = SentenceTransformer(str(start_model), device="cuda" if torch.cuda.is_available() else "cpu",
-                                model_card_data=card)
+    model = SentenceTransformer(str(start_model), device=best_device(), model_card_data=card)
     model.max_seq_length = config.eval_max_seq_length  # evaluation length; training lengths are the collator's
     # 2. Loss: in-batch negatives plus the hard-negative columns negative_1..k
     loss = build_loss(model, config, distributed)
@@ -430,7 +429,7 @@ def finetune(start_model: str | Path, train_dataset, eval_dataset, evaluator, ou
         save_steps=config.save_steps,
         save_total_limit=1,
         report_to="none",
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=best_device() == "cpu",
         ddp_backend=None if torch.cuda.is_available() else ("gloo" if distributed else None),
         seed=config.seed,
         data_seed=config.seed,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import html
 import platform
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from lib import bench
 from lib.config import redact, secret_values
 from lib.io import read_json, write_text
 from lib.paths import REPO_ROOT, REPORTS_DIR, STAGES, run_dir, stage_dir
@@ -125,7 +125,7 @@ def cost_line(metrics: dict[str, dict], timings: dict[str, float]) -> str:
     return "; ".join(parts) + "." if parts else ""
 
 
-def training_section(finetune_metrics: dict, run: str) -> str:
+def training_section(finetune_metrics: dict, run: str, here: dict) -> str:
     """Stage 04's run facts (steps, bf16, resume, in-batch false negatives per sampler) and `make bench`'s training
     speed for this run when it exists."""
     if not finetune_metrics.get("in_batch_false_negatives"):
@@ -141,15 +141,14 @@ def training_section(finetune_metrics: dict, run: str) -> str:
              "entity under another text, an alias, a related item or another item its query fits.</p>"
            + table({name: {"false negatives": n} for name, n in finetune_metrics["in_batch_false_negatives"].items()},
                    ["false negatives"]))
-    bench_path = REPO_ROOT / "bench" / "results" / "finetune_speed.json"
-    bench = read_json(bench_path) if bench_path.exists() else {}
-    if bench.get("run") == run:
-        out += ("<h3>Training speed (make bench, bench/results/finetune_speed.json)</h3>"
-                + table(bench["variants"], ["median_step_s", "steps_per_s", "speedup_vs_fp32", "dev_ndcg@10"]))
+    speed, note = bench.for_run("finetune_speed", run, here)
+    if speed:
+        out += (f"<h3>Training speed (make bench)</h3><p>{html.escape(note)}</p>"
+                + table(speed["variants"], ["median_step_s", "steps_per_s", "speedup_vs_fp32", "dev_ndcg@10"]))
     return out
 
 
-def search_section(export_metrics: dict, run: str) -> str:
+def search_section(export_metrics: dict, run: str, here: dict) -> str:
     """Stage 07's parity gate per backend, and `make bench`'s figures for this run when they exist."""
     if not export_metrics.get("backends"):
         return ""
@@ -157,20 +156,19 @@ def search_section(export_metrics: dict, run: str) -> str:
             for b, r in export_metrics["backends"].items()}
     rows |= {b: {"gate": f"skipped: {why}"} for b, why in export_metrics.get("skipped_backends", {}).items()}
     out = (f"<h2>Local search</h2><p>Default backend of the saved index: <b>{html.escape(export_metrics['default_backend'])}"
-           "</b> (the fastest that passes the parity gate). Search from a shell: "
+           f"</b> (the fastest that passes the parity gate on {html.escape(bench.machine_label(here))}). Search from a shell: "
            f"<code>python -m lib.search --run {html.escape(run)} \"a query\"</code>.</p>"
            + table(rows, ["min_cosine", "ndcg@10", "ndcg_delta", "items_per_second", "speed_vs_torch_fp32", "gate"]))
-    bench_path = REPO_ROOT / "bench" / "results" / "encode_throughput.json"
-    bench = read_json(bench_path) if bench_path.exists() else {}
-    if bench.get("run") == run:
+    measured, note = bench.for_run("encode_throughput", run, here)
+    if measured:
         speed = {f"{b} · {name}": {"texts/s": r["texts_per_second"], "× torch fp32": r["ratio_to_torch_fp32"],
                                    "share of fp32 peak": r["share_of_fp32_peak"]}
-                 for name, block in bench["encode"].items() for b, r in block["backends"].items()}
+                 for name, block in measured["encode"].items() for b, r in block["backends"].items()}
         latency = {f"{key} · {b}": {"encode + search p50 (ms)": t["p50"], "p95 (ms)": t["p95"],
                                      "search alone p50 (ms)": r["search_ms"]["p50"],
                                      "recall@10 vs exact": r.get("recall@10_vs_exact", "")}
-                   for key, r in bench["search"].items() for b, t in r["encode_plus_search_ms"].items()}
-        out += ("<h3>Speed (make bench, bench/results/encode_throughput.json)</h3>"
+                   for key, r in measured["search"].items() for b, t in r["encode_plus_search_ms"].items()}
+        out += (f"<h3>Speed (make bench)</h3><p>{html.escape(note)}</p>"
                 + table(speed, ["texts/s", "× torch fp32", "share of fp32 peak"])
                 + table(latency, ["encode + search p50 (ms)", "p95 (ms)", "search alone p50 (ms)", "recall@10 vs exact"]))
     return out
@@ -269,8 +267,9 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
         quality = {f"{measure} by {label}": values for measure in ("knn10_label_agreement", "silhouette")
                    for label, values in maps.get(measure, {}).items()}
         parts.append("<h3>Cluster quality</h3>" + table(quality, ["before", "after"]))
-    parts.append(training_section(metrics.get("04_finetune", {}), run))
-    parts.append(search_section(metrics.get("07_export", {}), run))
+    here = metrics.get("07_export", {}).get("machine") or bench.machine()  # the machine this run's speed figures come from
+    parts.append(training_section(metrics.get("04_finetune", {}), run, here))
+    parts.append(search_section(metrics.get("07_export", {}), run, here))
     parts.append(ablation_sections(run, metrics.get("03_domain_adapt", {}).get("domain_method"), runs_root, out_dir))
     links = lambda s: " · ".join(f"<a href='{name}'>{name}</a>" for name in (f"{s}.html", f"{s}.code.html")
                                  if (out_dir / name).exists()) or "—"
@@ -281,8 +280,7 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
                      f"<td>{'yes' if s in metrics else 'no'}</td></tr>" for s in STAGES) + "</tbody></table>")
     teacher = metrics.get("01_teacher", {})
     provenance = {"git commit": git_commit(), "teacher": f"{teacher.get('backend', '?')} / {teacher.get('model', '?')}",
-                  "machine": f"{platform.machine()}, {platform.processor() or platform.system()}, "
-                             f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
+                  "machine": f"{bench.machine_label(here)}, {here['system']} {here['arch']}, Python {platform.python_version()}",
                   "parameter files": ", ".join(str(p.relative_to(REPO_ROOT)) for p in param_files)}
     provenance |= data_hashes(stage_dir(run, "00_corpus", runs_root))
     provenance |= package_versions()

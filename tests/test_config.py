@@ -82,3 +82,19 @@ def test_an_endpoint_key_in_env_is_read_by_the_teacher_and_redacted(tmp_path):
     secrets = config.secret_values({"teacher_api_key_env": "MY_GATEWAY_KEY"}, path, environ={"GATEWAY": "short"})
     assert secrets == ["gw-key-55555555"]
     assert config.redact("key gw-key-55555555 at https://u:p4ss@h/v1", secrets) == "key [redacted] at https://[redacted]@h/v1"
+
+
+def test_a_parameter_set_twice_in_one_file_is_refused_with_its_line(tmp_path):
+    profile = tmp_path / "p.yaml"
+    profile.write_text("max_steps: 8\nloss: mnrl\n# a comment\nmax_steps: 9\n")
+    with pytest.raises(ConfigError, match=r"p.yaml:4: 'max_steps' is set twice in this file"):
+        config.load_params([profile])
+    profile.write_text("max_steps: 8\nloss: mnrl\n")
+    assert config.load_params([profile]) == {"max_steps": 8, "loss": "mnrl"}
+
+
+def test_every_shipped_parameter_file_sets_each_key_once():
+    from lib.paths import PARAMS_DIR
+
+    for path in sorted(PARAMS_DIR.rglob("*.yaml")):
+        assert config.repeated_key(path) is None, path

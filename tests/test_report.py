@@ -1,5 +1,7 @@
 """The index page: verdict, metric order, stage links, partial runs."""
-from lib import report
+import json
+
+from lib import bench, report
 from lib.io import write_json
 from lib.paths import PARAMS_DIR, stage_dir
 
@@ -43,10 +45,10 @@ def test_search_section_shows_the_gate_and_skipped_backends():
                                   "items_per_second": 30.0, "speed_vs_torch_fp32": 1.0, "passed": passed, "failed": why}
     section = report.search_section({"backends": {"torch-fp32": row(True), "onnx-int8": row(False, "min cosine 0.9500 < 0.99")},
                                      "skipped_backends": {"torch-bf16": "CPU has no native bf16"},
-                                     "default_backend": "torch-fp32"}, "no-such-run")
+                                     "default_backend": "torch-fp32"}, "no-such-run", bench.machine())
     assert "<b>torch-fp32</b>" in section and "min cosine 0.9500 &lt; 0.99" in section
     assert "skipped: CPU has no native bf16" in section and "Speed (make bench" not in section
-    assert report.search_section({}, "r") == ""
+    assert report.search_section({}, "r", bench.machine()) == ""
 
 
 def test_index_says_which_blend_was_shipped_and_why(tmp_path):
@@ -84,3 +86,49 @@ def test_index_shows_no_home_folder_and_no_secret(tmp_path, monkeypatch):
     assert "alice" not in page and "…/corpora/wiki" in page
     assert "hunter2" not in page and "gateway-secret" not in page and "https://[redacted]@gw.example.com/v1" in page
     assert report.shown_path(str(PARAMS_DIR / "default.yaml")) == "params/default.yaml"
+
+
+def _measured(kind_isa: list[str], imitation: dict, run: str = "r") -> dict:
+    info = {"cpu": "Test CPU 9000", "arch": "x86_64", "system": "Linux", "cores": 2, "isa": kind_isa,
+            "cpu_isa": ["avx2", "fma", "avx512f", "avx512_bf16"], "imitation": imitation, "device": "cpu",
+            "libraries": {"torch": "2.13.0", "onnxruntime": "1.32.0"}}
+    backends = {b: {"texts_per_second": 10.0 * (n + 1), "ratio_to_torch_fp32": n + 1.0, "share_of_fp32_peak": 0.5,
+                    "parity_min_cosine": 0.999} for n, b in enumerate(["torch-fp32", "onnx-int8"])}
+    latency = {b: {"p50": 3.0, "p95": 4.0} for b in backends}
+    return {"machine": info, "machine_label": bench.machine_label(info), "run": run, "default_backend": "onnx-int8",
+            "encode": {k: {"backends": backends} for k in ("passages", "queries")}, "query_encode_latency_ms": latency,
+            "search": {"10000/exact": {"encode_plus_search_ms": latency, "search_ms": {"p50": 0.5}}}}
+
+
+def test_bench_tables_name_the_machine_they_came_from(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    avx512, avx2 = _measured(["avx2", "fma", "avx512f", "avx512_bf16"], {}), _measured(["avx2", "fma"], {"ATEN_CPU_CAPABILITY": "avx2"})
+    for result in (avx512, avx2):
+        (tmp_path / bench.machine_kind(result["machine"])).mkdir()
+        (tmp_path / bench.machine_kind(result["machine"]) / "encode_throughput.json").write_text(json.dumps(result))
+    assert sorted(bench.results("encode_throughput")) == ["avx2-imitated", "avx512-bf16"]
+    # the index shows this machine kind's figures, named; another kind's only with a word that it differs
+    chosen, note = bench.for_run("encode_throughput", "r", avx2["machine"])
+    assert chosen["machine"]["imitation"] and "held to AVX2" in note and "differs" not in note
+    (tmp_path / "avx2-imitated" / "encode_throughput.json").unlink()
+    chosen, note = bench.for_run("encode_throughput", "r", avx2["machine"])
+    assert "Test CPU 9000 (AVX-512, BF16), 2 cores (bench/results/avx512-bf16/" in note
+    assert "this run's machine differs: Test CPU 9000 (AVX-512, BF16), 2 cores held to AVX2" in note
+    assert bench.for_run("encode_throughput", "another-run", avx2["machine"]) == ({}, "")
+    section = report.search_section({"backends": {}, "default_backend": "onnx-int8"} | {"backends": {"onnx-int8": {
+        "min_cosine": 0.99, "ndcg@10": 0.4, "ndcg_delta": 0.0, "items_per_second": 30.0, "speed_vs_torch_fp32": 2.0,
+        "passed": True, "failed": ""}}}, "r", avx2["machine"])
+    assert "Speed (make bench)" in section and "this run&#x27;s machine differs" in section
+    doc = bench.markdown_tables()
+    assert "## Encoding and search · Test CPU 9000 (AVX-512, BF16), 2 cores" in doc and "| onnx-int8 | 20.0 | 2.0 |" in doc
+
+
+def test_bench_results_record_this_machine(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    path = bench.write_result("probe", {"run": "r"})
+    saved = json.loads(path.read_text())
+    assert path.parent.name == bench.machine_kind(saved["machine"]) and saved["run"] == "r"
+    info = saved["machine"]
+    assert info["cores"] >= 1 and info["cpu"] and set(info["isa"]) <= set(info["cpu_isa"]) <= set(bench.ISA_FLAGS)
+    assert {"torch", "onnxruntime", "transformers", "sentence-transformers"} <= set(info["libraries"])
+    assert saved["machine_label"].startswith(info["cpu"])

