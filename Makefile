@@ -117,6 +117,7 @@ lab: setup ## JupyterLab on notebooks/ with the Jupytext .py files paired to .ip
 
 bench: setup ## benchmarks → bench/results/<machine>/*.json and docs/benchmarks.md (needs a finished run: make all); the index page shows them
 	$(PY) bench/encode_throughput.py --run $(RUN) --runs-root "$(RUNS)"
+	$(PY) bench/onnx_variants.py --run $(RUN) --runs-root "$(RUNS)"
 	$(PY) bench/pair_mining.py
 	$(PY) bench/finetune_speed.py --run $(RUN) --runs-root "$(RUNS)"
 	$(PY) -m lib.bench

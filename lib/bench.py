@@ -111,6 +111,16 @@ def markdown_tables() -> str:
         for key, s in r["search"].items():
             lines.append(f"| {key} | " + " | ".join(str(t["p50"]) for t in s["encode_plus_search_ms"].values()) + " |")
         lines.append("")
+    for kind, r in results("onnx_variants").items():
+        lines += [f"## ONNX Runtime variants · {r['machine_label']}", "", f"Run `{r['run']}`, {r['texts']} texts per set"
+                  + (" (onnxruntime is not held to AVX2 by the imitation: its kernels here are the CPU's own)"
+                     if r["machine"]["imitation"] else "") + ".", "",
+                  "| variant | passages/s | × torch fp32 | queries/s | × torch fp32 | min cosine to torch fp32 | one query p50 (ms) |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {v} | {x['passages_per_second']} | {x['passages_ratio_to_torch_fp32']} | {x['queries_per_second']} | "
+                  f"{x['queries_ratio_to_torch_fp32']} | {min(x['passages_min_cosine'], x['queries_min_cosine'])} | "
+                  f"{x['query_p50_ms']} |" for v, x in r["variants"].items()]
+        lines.append("")
     for kind, r in results("finetune_speed").items():
         lines += [f"## Fine-tuning steps · {r['machine_label']}", "", f"Run `{r['run']}`, {r['steps']} steps of "
                   f"{r['batch_size']} rows.", "", "| variant | median step (s) | × fp32 | dev NDCG@10 |", "|---|---|---|---|"]

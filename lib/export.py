@@ -99,7 +99,8 @@ def quantize_int8(onnx_path: str | Path, int8_path: str | Path, keep_fp32: str =
         quantize_dynamic(str(onnx_path), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
                          reduce_range=not has_vnni() if reduce_range is None else reduce_range,
                          op_types_to_quantize=["MatMul"], nodes_to_exclude=kept,
-                         extra_options={"MatMulConstBOnly": True})
+                         extra_options={"MatMulConstBOnly": True,  # fused graphs (com.microsoft ops) have
+                                        "DefaultTensorType": onnx.TensorProto.FLOAT})  # outputs shape inference cannot type
     return kept
 
 
