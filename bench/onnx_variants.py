@@ -95,7 +95,7 @@ def main() -> None:
                 encoder.encode([query])
                 seconds.append(time.perf_counter() - start)
             rows[name]["query_p50_ms"] = round(float(np.median(seconds)) * 1000, 2)
-    summary = {"run": args.run, "texts": args.texts, "repeats": args.repeats, "variants": rows}
+    summary = {"run": args.run, "texts": args.texts, "repeats": args.repeats, "variants": rows, "order": list(rows)}
     for name, row in rows.items():
         print(f"{name:52s} {row}")
     print(f"wrote {bench.write_result('onnx_variants', summary)}")

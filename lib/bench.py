@@ -6,7 +6,7 @@ import os
 import platform
 from pathlib import Path
 
-from lib.export import cpu_flags, cpuinfo_field
+from lib.export import BACKENDS, cpu_flags, cpuinfo_field
 from lib.io import read_json, write_json, write_text
 from lib.paths import REPO_ROOT
 
@@ -97,19 +97,20 @@ def markdown_tables() -> str:
              "one run (the machines are shared and noisy).", ""]
     for kind, r in results("encode_throughput").items():
         lines += [f"## Encoding and search · {r['machine_label']}", "",
-                  f"Run `{r['run']}`; default backend of its index: `{r['default_backend']}`; libraries: "
+                  f"Run `{r['run']}`; searches below encode with `{r['default_backend']}` (the index's default: "
+                  f"`{r.get('index_default_backend', r['default_backend'])}`); libraries: "
                   + ", ".join(f"{k} {v}" for k, v in r["machine"]["libraries"].items()) + ".", "",
                   "| backend | passages/s | × torch fp32 | queries/s | × torch fp32 | min cosine to fp32 |",
                   "|---|---|---|---|---|---|"]
         passages, queries = (r["encode"][k]["backends"] for k in ("passages", "queries"))
-        for backend in passages:
+        for backend in [b for b in BACKENDS if b in passages]:
             p, q = passages[backend], queries[backend]
             lines.append(f"| {backend} | {p['texts_per_second']} | {p['ratio_to_torch_fp32']} | {q['texts_per_second']} | "
                          f"{q['ratio_to_torch_fp32']} | {min(p['parity_min_cosine'], q['parity_min_cosine'])} |")
-        lines += ["", "| batch-1 query + search, p50 ms | " + " | ".join(r["query_encode_latency_ms"]) + " |",
-                  "|---|" + "---|" * len(r["query_encode_latency_ms"])]
+        timed = [b for b in BACKENDS if b in r["query_encode_latency_ms"]]
+        lines += ["", "| batch-1 query + search, p50 ms | " + " | ".join(timed) + " |", "|---|" + "---|" * len(timed)]
         for key, s in r["search"].items():
-            lines.append(f"| {key} | " + " | ".join(str(t["p50"]) for t in s["encode_plus_search_ms"].values()) + " |")
+            lines.append(f"| {key} | " + " | ".join(str(s["encode_plus_search_ms"][b]["p50"]) for b in timed) + " |")
         lines.append("")
     for kind, r in results("onnx_variants").items():
         lines += [f"## ONNX Runtime variants · {r['machine_label']}", "", f"Run `{r['run']}`, {r['texts']} texts per set"
@@ -119,7 +120,7 @@ def markdown_tables() -> str:
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {v} | {x['passages_per_second']} | {x['passages_ratio_to_torch_fp32']} | {x['queries_per_second']} | "
                   f"{x['queries_ratio_to_torch_fp32']} | {min(x['passages_min_cosine'], x['queries_min_cosine'])} | "
-                  f"{x['query_p50_ms']} |" for v, x in r["variants"].items()]
+                  f"{x['query_p50_ms']} |" for v, x in ((v, r["variants"][v]) for v in r.get("order", r["variants"]))]
         lines.append("")
     for kind, r in results("finetune_speed").items():
         lines += [f"## Fine-tuning steps · {r['machine_label']}", "", f"Run `{r['run']}`, {r['steps']} steps of "
