@@ -99,7 +99,9 @@ def markdown_tables() -> str:
         lines += [f"## Encoding and search · {r['machine_label']}", "",
                   f"Run `{r['run']}`; searches below encode with `{r['default_backend']}` (the index's default: "
                   f"`{r.get('index_default_backend', r['default_backend'])}`); libraries: "
-                  + ", ".join(f"{k} {v}" for k, v in r["machine"]["libraries"].items()) + ".", "",
+                  + ", ".join(f"{k} {v}" for k, v in r["machine"]["libraries"].items()) + "."
+                  + (" The imitation holds torch to AVX2, not onnxruntime (it has no such switch): the ONNX rows run "
+                     "the CPU's own kernels." if r["machine"]["imitation"] else ""), "",
                   "| backend | passages/s | × torch fp32 | queries/s | × torch fp32 | min cosine to fp32 |",
                   "|---|---|---|---|---|---|"]
         passages, queries = (r["encode"][k]["backends"] for k in ("passages", "queries"))
