@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -24,17 +23,6 @@ from lib import bench, corpus, export
 from lib.io import read_json
 from lib.paths import stage_dir
 from lib.search import Retriever
-
-
-def median_seconds(fn, repeats: int) -> float:
-    """Median wall time of `repeats` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def encoder_flops(config, lengths: list[int]) -> float:
@@ -100,7 +88,7 @@ def main() -> None:
         reference = encoders["torch-fp32"].encode(texts)
         rows = {}
         for backend, encoder in tqdm(encoders.items(), desc=f"encode {name}"):
-            seconds = median_seconds(lambda: encoder.encode(texts), args.repeats)
+            seconds = bench.median_seconds(lambda: encoder.encode(texts), args.repeats)
             rows[backend] = {"texts_per_second": round(len(texts) / seconds, 1),
                              "gflops": round(flops / seconds / 1e9, 1),
                              "share_of_fp32_peak": round(flops / seconds / 1e9 / peak["gflops"], 2),

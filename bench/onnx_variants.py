@@ -11,7 +11,6 @@ these variants, so only a real AVX2 CPU measures them there.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -20,17 +19,6 @@ import numpy as np
 
 from lib import bench, corpus, export
 from lib.paths import stage_dir
-
-
-def median_seconds(fn, repeats: int) -> float:
-    """Median wall time of `repeats` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def fused(onnx_path: Path, out: Path, config) -> Path:
@@ -81,7 +69,7 @@ def main() -> None:
         for set_name, texts in sets.items():
             reference = torch_fp32.encode(texts)
             for name, encoder in encoders.items():
-                seconds = median_seconds(lambda: encoder.encode(texts), args.repeats)
+                seconds = bench.median_seconds(lambda: encoder.encode(texts), args.repeats)
                 rows[name][f"{set_name}_per_second"] = round(len(texts) / seconds, 1)
                 rows[name][f"{set_name}_min_cosine"] = round(export.parity(reference, encoder.encode(texts))["min_cosine"], 5)
             for name in encoders:
