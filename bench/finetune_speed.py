@@ -18,7 +18,7 @@ import time
 
 from transformers import TrainerCallback
 
-from lib import bench, export, finetune
+from lib import bench, cpu, finetune
 from lib.paths import stage_dir
 
 VARIANTS = {
@@ -55,7 +55,7 @@ def main() -> None:
     inputs = finetune.load_inputs(stage("00_corpus"), stage("02_pairs"), 128, 42)
     results = {}
     for name, settings in VARIANTS.items():
-        if settings["bf16"] and not export.bf16_supported():
+        if settings["bf16"] and not cpu.bf16_supported():
             print(f"{name}: skipped, this CPU has no native bf16 (AVX512-BF16 / AMX)", flush=True)
             continue
         config = finetune.FinetuneConfig(max_steps=args.steps, per_device_train_batch_size=16, max_seq_length=128,

@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--runs-root", default=None, help="where runs live (default data/runs)")
     args = parser.parse_args()
     model_dir = stage_dir(args.run, "04_finetune", args.runs_root) / "model"
-    export_dir = stage_dir(args.run, "07_export", args.runs_root)
+    export_dir = stage_dir(args.run, "05_export", args.runs_root)
     if not (export_dir / "model.onnx").exists():
         raise SystemExit(f"{export_dir}/model.onnx not found: run `make all` for run {args.run!r} first")
     corpus_dir = stage_dir(args.run, "00_corpus", args.runs_root)
@@ -56,8 +56,8 @@ def main() -> None:
         variants = {
             "onnx-fp32": onnx_fp32,
             "onnx-fp32 fused": graph_fused,
-            "int8, FFN down fp32, 8-bit (stage 07 with VNNI)": int8("a", onnx_fp32, export.FFN_OUTPUT, False),
-            "int8, FFN down fp32, 7-bit (stage 07 without VNNI)": int8("b", onnx_fp32, export.FFN_OUTPUT, True),
+            "int8, FFN down fp32, 8-bit (stage 05 with VNNI)": int8("a", onnx_fp32, export.FFN_OUTPUT, False),
+            "int8, FFN down fp32, 7-bit (stage 05 without VNNI)": int8("b", onnx_fp32, export.FFN_OUTPUT, True),
             "int8, every MatMul, 8-bit": int8("c", onnx_fp32, "", False),
             "int8, every MatMul, 7-bit": int8("d", onnx_fp32, "", True),
             "int8 fused, FFN down fp32, 8-bit": int8("e", graph_fused, export.FFN_OUTPUT, False),

@@ -67,15 +67,15 @@ def dev_ndcg(finetune_metrics: dict, when: str) -> float:
 
 
 def results_table(run: str, arm_roots: dict[str, Path], n_permutations: int = 10000, seed: int = 42) -> dict:
-    """Per arm: stage 03's facts, stage 04's dev NDCG@10, stage 05's test metrics of the domain-adapted and fine-tuned
+    """Per arm: stage 03's facts, stage 04's dev NDCG@10, stage 06's test metrics of the domain-adapted and fine-tuned
     encoders with 95% intervals and paired tests (NDCG@10) against the first arm; the dev winner."""
     from lib.evaluate import paired_randomisation
 
     rows, per_query = {}, {}
     for arm, root in arm_roots.items():
         adapt, tuned, evaluated = (read_json(stage_dir(run, s, root) / "metrics.json")
-                                   for s in ("03_domain_adapt", "04_finetune", "05_evaluate"))
-        frame = pd.read_csv(stage_dir(run, "05_evaluate", root) / "per_query.csv")
+                                   for s in ("03_domain_adapt", "04_finetune", "06_evaluate"))
+        frame = pd.read_csv(stage_dir(run, "06_evaluate", root) / "per_query.csv")
         frame = frame[frame["category"].isin(evaluated["headline_categories"])]  # the independent test queries
         per_query[arm] = {s: g.set_index("qid")["ndcg@10"] for s, g in frame.groupby("system")}
         test = {s: {m: evaluated["headline"][s][m] for m in ("ndcg@10", "mrr@10", "precision@1", "recall@10")}

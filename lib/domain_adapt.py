@@ -2,7 +2,6 @@
 next-sentence prediction) through transformers' Trainer, or TSDAE through SentenceTransformerTrainer; resumable."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import re
@@ -100,12 +99,6 @@ class AdaptConfig:
     def total_steps(self) -> int:
         """Optimizer steps of the chosen method."""
         return {"none": 0, "tsdae": self.tsdae_max_steps}.get(self.method, self.head_warmup_steps + self.mlm_max_steps)
-
-
-def checkpoint_key(config: AdaptConfig, student_path: str | Path, train_dataset) -> dict:
-    """What a checkpoint must match to be resumed from: the configuration, the start model and the training rows."""
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "resume"}
-    return {"config": settings, "start_model": str(student_path), "train_rows": train_dataset._fingerprint}
 
 
 # --- MLM and MLM + NSP --------------------------------------------------------------------------------------------
@@ -257,7 +250,7 @@ def train_mlm(model, train_dataset, collator, checkpoints: Path, config: AdaptCo
     the whole model (encoder at mlm_learning_rate); resumes from the last checkpoint of the same run."""
     from transformers import Trainer, TrainingArguments
 
-    from lib.training import resumable_checkpoints, train_or_resume
+    from lib.training import checkpoint_key, resumable_checkpoints, train_or_resume
 
     resume = resumable_checkpoints(checkpoints, checkpoint_key(config, student_path, train_dataset), config.resume)
     encoder_ids = {id(p) for p in model.base_model.parameters()}
@@ -270,7 +263,7 @@ def train_mlm(model, train_dataset, collator, checkpoints: Path, config: AdaptCo
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
                       optimizers=(optimizer, None), callbacks=[HeadWarmup(config.head_warmup_steps), *callbacks])
     load = lambda last: model.load_state_dict(type(model).from_pretrained(last).state_dict())
-    return train_or_resume(trainer, checkpoints, resume, load) | {"bf16": args.bf16}
+    return train_or_resume(trainer, checkpoints, resume, load, config.method) | {"bf16": args.bf16}
 
 
 def save_as_sentence_transformer(mlm_model, base_student: str | Path, output_dir: str | Path) -> None:
@@ -357,7 +350,7 @@ def train_tsdae(model, loss, train_dataset, checkpoints: Path, config: AdaptConf
     original from that one vector; resumes from the last checkpoint of the same run."""
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
-    from lib.training import resumable_checkpoints, train_or_resume
+    from lib.training import checkpoint_key, resumable_checkpoints, train_or_resume
 
     resume = resumable_checkpoints(checkpoints, checkpoint_key(config, student_path, train_dataset), config.resume)
     args = training_arguments(SentenceTransformerTrainingArguments, checkpoints, config, config.tsdae_max_steps,
@@ -365,13 +358,65 @@ def train_tsdae(model, loss, train_dataset, checkpoints: Path, config: AdaptConf
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_dataset, loss=loss,
                                          callbacks=[DecoderCheckpoint(loss.decoder), *callbacks])
     load = lambda last: model.load_state_dict(SentenceTransformer(last, device=model.device).state_dict())
-    return train_or_resume(trainer, checkpoints, resume, load) | {"bf16": args.bf16}
+    return train_or_resume(trainer, checkpoints, resume, load, "tsdae") | {"bf16": args.bf16}
 
 
 # --- effect on the sentence embeddings ----------------------------------------------------------------------------
 
 def embedding_drift(before: str | Path, after: str | Path, texts: list[str]) -> float:
     """Mean cosine between the base and the adapted encoder's embeddings of the same texts (1.0 = unchanged)."""
-    from lib.evaluate import encode
+    from lib.export import TorchEncoder
 
-    return float((encode(str(before), texts) * encode(str(after), texts)).sum(axis=1).mean())
+    vectors = [TorchEncoder(path, max_seq_length=None).encode(texts) for path in (before, after)]
+    return float((vectors[0] * vectors[1]).sum(axis=1).mean())
+
+
+def adapt(student_path: Path, tokenizer, train_chunks: list[str], eval_chunks: list[str], config: AdaptConfig,
+          model_dir: Path, checkpoints: Path) -> tuple[dict, dict]:
+    """Stage 03: train `config.method` on the background chunks and save the encoder as a SentenceTransformer in
+    `model_dir` ("none": a copy of the student). Returns the held-out measurements (before, after the MLM head
+    warm-up, after) and the run's facts (log history, steps, runtime, bf16)."""
+    import shutil
+
+    measures = {}
+    run = {"log_history": [], "global_step": 0, "resumed_from_step": 0, "train_runtime_s": None, "bf16": False}
+    if config.method in ("mlm", "mlm_nsp"):
+        model = load_mlm_model(student_path, config.method == "mlm_nsp")
+        collator = mlm_collator(tokenizer, config.mlm_probability, config.whole_word_mask, config.seed)
+        heldout_collator = mlm_collator(tokenizer, config.mlm_probability, config.whole_word_mask, config.seed + 1)
+        batches = lambda dataset: masked_eval_batches(dataset, heldout_collator, config.batch_size)
+        eval_batches = batches(tokenize_chunks(eval_chunks, tokenizer, config.max_seq_length))
+        if config.method == "mlm_nsp":
+            train_ds = tokenize_pairs(next_sentence_pairs(train_chunks, config.seed), tokenizer, config.max_seq_length)
+            nsp_batches = batches(tokenize_pairs(next_sentence_pairs(eval_chunks, config.seed + 1), tokenizer,
+                                                 config.max_seq_length))
+            measure = lambda: masked_lm_metrics(model, eval_batches) | {
+                "nsp_accuracy": next_sentence_accuracy(model, nsp_batches)}
+        else:
+            train_ds = tokenize_chunks(train_chunks, tokenizer, config.max_seq_length)
+            measure = lambda: masked_lm_metrics(model, eval_batches)
+        measures["before"] = measure()
+        run = train_mlm(model, train_ds, collator, checkpoints, config, student_path,
+                        [HeldOutLog(measure, config.heldout_every, (config.head_warmup_steps,))])
+        after_warmup = [h for h in run["log_history"] if h.get("step") == config.head_warmup_steps and "heldout_loss" in h]
+        if config.head_warmup_steps and after_warmup:
+            measures["after head warm-up"] = {k.removeprefix("heldout_"): v for k, v in after_warmup[-1].items()
+                                              if k != "step"}
+        measures["after"] = measure()
+        save_as_sentence_transformer(model, student_path, model_dir)
+    elif config.method == "tsdae":
+        sentences = background_sentences(train_chunks)
+        heldout_ds = denoising_dataset(background_sentences(eval_chunks)[:256], config.tsdae_deletion_ratio, config.seed + 1)
+        print(f"TSDAE: {len(sentences)} training sentences, {len(heldout_ds)} held out")
+        model, loss = tsdae_model(student_path, config.max_seq_length)
+        train_ds = denoising_dataset(sentences, config.tsdae_deletion_ratio, config.seed)
+        measure = lambda: {"loss": denoising_loss(loss, heldout_ds, config.batch_size)}
+        measures["before"] = measure()
+        run = train_tsdae(model, loss, train_ds, checkpoints, config, student_path, [HeldOutLog(measure, config.heldout_every)])
+        measures["after"] = measure()
+        model.save(str(model_dir))
+    else:
+        shutil.rmtree(model_dir, ignore_errors=True)
+        shutil.copytree(student_path, model_dir)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return measures, run

@@ -1,10 +1,11 @@
-"""Stage 05: retrieval metrics of several systems on held-out queries with independent ground truth,
+"""Stage 06: retrieval metrics of several systems on held-out queries with independent ground truth,
 bootstrap confidence intervals, paired randomisation tests, teacher agreement, BM25 and hybrid baselines."""
 from __future__ import annotations
 
 import math
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -273,20 +274,108 @@ def load_beir(folder: str | Path, split: str = "test") -> tuple[list[dict], list
     return [beir.document_item(d) for d in docs], queries
 
 
-def encode(model_path: str, texts: list[str], batch_size: int = 32, max_seq_length: int | None = None) -> np.ndarray:
-    """Normalised embeddings of `texts` from a SentenceTransformer folder."""
-    from sentence_transformers import SentenceTransformer
-
-    from lib.training import best_device
-
-    model = SentenceTransformer(str(model_path), device=best_device())
-    if max_seq_length:
-        model.max_seq_length = max_seq_length
-    return model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                        show_progress_bar=len(texts) > 256)
-
-
 def headline(summary: pd.DataFrame, systems: list[str], metrics: list[str], category: str = "all") -> dict[str, dict[str, float]]:
     """{system: {metric: value}} for one category ('all' = the numbers the report leads with)."""
     return {s: {m: round(float(summary.loc[(s, category), m]), 4) for m in metrics} for s in systems
             if (s, category) in summary.index}
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How stage 06 scores and summarises: the k of the metrics, the fusion constant, the statistics' samples."""
+
+    ks: tuple[int, ...] = KS
+    rrf_k: int = 60
+    coverage_k: int = 5
+    bootstrap_samples: int = 2000
+    permutation_samples: int = 10000
+    seed: int = 42
+
+
+def format_interval(interval: list[float]) -> str:
+    """[mean, low, high] as "mean [low, high]", three decimals."""
+    return f"{interval[0]:.3f} [{interval[1]:.3f}, {interval[2]:.3f}]"
+
+
+def interval_table(rows: dict[str, dict], metric: str | None = None) -> pd.DataFrame:
+    """{row: {column: interval}} (or {row: {column: {metric: interval}}} with `metric`) as a table of
+    "mean [low, high]" strings."""
+    return pd.DataFrame({row: {col: format_interval(v[metric] if metric else v) for col, v in cols.items()}
+                         for row, cols in rows.items()}).T
+
+
+def dense_encoders(students: dict[str, Path], onnx_path: Path | None, max_seq_length: int) -> dict:
+    """{system: texts → normalised vectors}: each student folder with torch, and the int8 graph when given."""
+    from lib.export import OnnxEncoder, TorchEncoder
+
+    out = {name: TorchEncoder(path, max_seq_length).encode for name, path in students.items()}
+    if onnx_path:
+        out["onnx-int8"] = OnnxEncoder(onnx_path, max_seq_length=max_seq_length).encode
+    return out
+
+
+def teacher_scores(teacher_dir: Path, queries: list[dict], items: list[dict]) -> np.ndarray:
+    """(queries × items) cosine scores of stage 01's teacher vectors, rows and columns matched by id."""
+    from lib.teacher import stage_vectors
+
+    return dense_scores(stage_vectors(teacher_dir, "queries", [q["qid"] for q in queries]),
+                        stage_vectors(teacher_dir, "items", [i["id"] for i in items]))
+
+
+def per_query_frame(scores: dict[str, np.ndarray], teacher: np.ndarray, queries: list[dict], synthetic: list[dict],
+                    items: list[dict], systems: list[str], scoring: Scoring) -> pd.DataFrame:
+    """Per-query metrics of every system on the test and the synthetic queries; the teacher, which has no vectors for
+    the synthetic ones, on the test queries."""
+    from lib.progress import note
+
+    aliases = topic_aliases(items)
+    frames = []
+    for system in systems:
+        note(f"metrics of {system}")
+        frames.append(evaluate_scores(system, teacher, queries, items, scoring.coverage_k, aliases, scoring.ks)
+                      if system == "teacher" else
+                      evaluate_scores(system, scores[system], queries + synthetic, items, scoring.coverage_k, aliases,
+                                      scoring.ks))
+    return pd.concat(frames, ignore_index=True)
+
+
+def category_tests(per_query: pd.DataFrame, scoring: Scoring, system: str = "fine-tuned",
+                   metric: str = "ndcg@10") -> tuple[dict[str, float], dict[str, float]]:
+    """p of `system` against the base student per category, and the Holm-adjusted p over the independent
+    (non-synthetic) categories."""
+    p = {cat: paired_tests(frame[frame.system.isin(["base", system])], "base", [metric], scoring.permutation_samples,
+                           scoring.seed)[system][metric]
+         for cat, frame in per_query.groupby("category")}
+    return p, holm({c: v for c, v in p.items() if not c.startswith("synthetic:")})
+
+
+def topic_coverage_summary(per_query: pd.DataFrame, categories: list[str], coverage_k: int,
+                           threshold: float) -> dict[str, dict]:
+    """Per system: mean topic coverage@k over the queries of `categories` that expect topics, the share at or above
+    `threshold`, and how many queries that is."""
+    column = f"topic_coverage@{coverage_k}"
+    rows = per_query[per_query[column].notna() & per_query.category.isin(categories)]
+    return {s: {"mean": round(float(g[column].mean()), 4),
+                f"share_at_least_{threshold:g}": round(float((g[column] >= threshold).mean()), 4), "queries": len(g)}
+            for s, g in rows.groupby("system", sort=False)}
+
+
+def teacher_agreement_by_system(scores: dict[str, np.ndarray], teacher: np.ndarray, queries: list[dict],
+                                items: list[dict], systems: list[str]) -> dict[str, dict[str, float]]:
+    """teacher_agreement of each system but the fusion on the test queries (the first rows), over their candidates."""
+    mask = candidate_mask(queries, [i["type"] for i in items], [i["id"] for i in items])
+    return {s: teacher_agreement(scores[s][: len(queries)], teacher, mask) for s in systems
+            if s not in ("teacher", "hybrid")}
+
+
+def score_beir_folder(folder: str | Path, split: str, encoders: dict, metrics: list[str],
+                      scoring: Scoring) -> tuple[pd.DataFrame, dict]:
+    """A BEIR folder scored by BM25, the encoders and the hybrid: its per-query frame and its summary (95% intervals)."""
+    items, queries = load_beir(folder, split)
+    scores = score_systems(encoders, [q["text"] for q in queries], [i["text"] for i in items], scoring.rrf_k)
+    frame = pd.concat([evaluate_scores(s, scores[s], queries, items, scoring.coverage_k, ks=scoring.ks) for s in scores],
+                      ignore_index=True)
+    frame.insert(2, "query", frame["qid"].map({q["qid"]: q["text"][:90] for q in queries}))
+    ci = intervals(frame, metrics, scoring.bootstrap_samples, scoring.seed)["all"]
+    return frame, {"folder": str(folder), "split": split, "queries": len(queries), "documents": len(items),
+                   "headline_ci": ci, "note": "no teacher row: stage 01 embeds the run's own corpus only"}

@@ -1,45 +1,22 @@
-"""Stage 07: ONNX export of the fine-tuned student (torch.onnx.export), int8 quantisation, the inference
+"""Stage 05: ONNX export of the fine-tuned student (torch.onnx.export), int8 quantisation, the inference
 backends (torch fp32/bf16, onnxruntime fp32/int8) and the parity gate that decides which may be used."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-BACKENDS = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8")
+from lib.cpu import bf16_supported, has_vnni
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+ENCODER_BACKENDS = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8")
 ONNX_FILES = {"onnx-fp32": "model.onnx", "onnx-int8": "model-int8.onnx"}
 FFN_OUTPUT = r"layer\.\d+/output/dense/"  # the feed-forward down-projections: int8 there costs the most quality
-
-
-def cpuinfo_field(name: str) -> str:
-    """The first value of a field ("flags", "model name") in /proc/cpuinfo; "" where there is no such file."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    line = next((line for line in text.splitlines() if line.split(":")[0].strip() == name), "")
-    return line.partition(":")[2].strip()
-
-
-def cpu_flags() -> set[str]:
-    """The CPU feature flags from /proc/cpuinfo (empty where there is none), without the AVX-512 and AMX ones when
-    torch is held below AVX-512 (`ATEN_CPU_CAPABILITY=avx2`, how an AVX-512 machine imitates an AVX2 laptop)."""
-    flags = set(cpuinfo_field("flags").split())
-    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-        flags = {f for f in flags if not f.startswith(("avx512", "amx"))}
-    return flags
-
-
-def bf16_supported(flags: set[str] | None = None) -> bool:
-    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16); elsewhere bf16 is emulated and slow."""
-    return bool({"avx512_bf16", "amx_bf16"} & (cpu_flags() if flags is None else flags))
-
-
-def has_vnni(flags: set[str] | None = None) -> bool:
-    """True when the CPU has int8 dot-product instructions (AVX512-VNNI or AVX-VNNI)."""
-    return bool({"avx512_vnni", "avx_vnni"} & (cpu_flags() if flags is None else flags))
 
 
 class MeanPooledEncoder(torch.nn.Module):
@@ -105,24 +82,35 @@ def quantize_int8(onnx_path: str | Path, int8_path: str | Path, keep_fp32: str =
 
 
 class TorchEncoder:
-    """Sentence embeddings from a SentenceTransformer folder with torch, with fp32 or bf16 weights.
+    """Sentence embeddings from a SentenceTransformer folder with torch: fp32 on the best device (CUDA, Apple MPS,
+    else CPU), or bf16 weights on the CPU — the one torch encoder of the project (evaluation, maps, serving).
 
     bf16 casts the weights (measured on an AVX512-BF16 CPU: 2.5-2.9x fp32, against 2.3-2.5x under autocast,
     which re-casts every weight at every call)."""
 
-    def __init__(self, model_dir: str | Path, max_seq_length: int = 256, bf16: bool = False):
+    def __init__(self, model_dir: str | Path, max_seq_length: int | None = 256, bf16: bool = False):
         from sentence_transformers import SentenceTransformer
 
-        self.model = SentenceTransformer(str(model_dir), device="cpu")
-        self.model.max_seq_length = max_seq_length
+        from lib.training import best_device
+
+        self.name = Path(model_dir).name if Path(model_dir).name != "model" else Path(model_dir).parent.name
+        self.model = SentenceTransformer(str(model_dir), device="cpu" if bf16 else best_device())
+        if max_seq_length:  # None keeps the model's own
+            self.model.max_seq_length = max_seq_length
         if bf16:
             self.model.to(torch.bfloat16)
 
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """Normalised fp32 embeddings (the model sorts batches by length and runs in inference mode itself;
-        normalising after the cast to fp32 keeps bf16 vectors at unit length)."""
-        vectors = self.model.encode(texts, batch_size=batch_size, convert_to_tensor=True)
-        return torch.nn.functional.normalize(vectors.float(), dim=1).numpy()
+        normalising after the cast to fp32 keeps bf16 vectors at unit length). Long calls show progress."""
+        from lib.progress import note, on_terminal
+
+        long_call = len(texts) > 256
+        if long_call and on_terminal():
+            note(f"encoding {len(texts)} texts with {self.name}")
+        vectors = self.model.encode(texts, batch_size=batch_size, convert_to_tensor=True,
+                                    show_progress_bar=long_call and not on_terminal())
+        return torch.nn.functional.normalize(vectors.float(), dim=1).cpu().numpy()
 
 
 class OnnxEncoder:
@@ -158,13 +146,13 @@ class OnnxEncoder:
 
 def load_encoder(backend: str, model_dir: str | Path, export_dir: str | Path, max_seq_length: int = 256):
     """The encoder of one backend: torch on the SentenceTransformer folder, onnxruntime on the exported files."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend not in ENCODER_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(ENCODER_BACKENDS)}")
     if backend.startswith("torch"):
         return TorchEncoder(model_dir, max_seq_length, bf16=backend == "torch-bf16")
     path = Path(export_dir) / ONNX_FILES[backend]
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run stage 07 (make all) first")
+        raise FileNotFoundError(f"{path} not found: run stage 05 (make all) first")
     return OnnxEncoder(path, max_seq_length=max_seq_length)
 
 
@@ -183,3 +171,58 @@ def parity_gate(min_cosine: float, ndcg_delta: float, cosine_floor: float = 0.99
     if abs(ndcg_delta) > max_ndcg_delta:
         reasons.append(f"|ΔNDCG@10| {abs(ndcg_delta):.4f} > {max_ndcg_delta}")
     return reasons
+
+
+def native_backends() -> tuple[list[str], dict[str, str]]:
+    """The backends this CPU runs natively, and {backend: why not} for the others."""
+    if bf16_supported():
+        return list(ENCODER_BACKENDS), {}
+    return [b for b in ENCODER_BACKENDS if b != "torch-bf16"], {"torch-bf16": "CPU has no native bf16 (avx512_bf16 / amx_bf16)"}
+
+
+def parity_table(model_dir: str | Path, export_dir: str | Path, items: list[dict], queries: list[dict],
+                 max_seq_length: int, min_cosine: float, max_ndcg_delta: float) -> tuple["pd.DataFrame", dict]:
+    """Every native backend against torch fp32: cosine of each item's embedding, NDCG@10 on `queries`, items per
+    second, and why it fails the gate ("" when it passes). Returns the table and each backend's item vectors."""
+    import time
+
+    import pandas as pd
+
+    from lib.evaluate import dense_scores, evaluate_scores
+    from lib.progress import note
+
+    item_texts, query_texts = [i["text"] for i in items], [q["text"] for q in queries]
+    vectors, rows = {}, {}
+    for backend in native_backends()[0]:
+        note(f"parity gate: {backend}")
+        encoder = load_encoder(backend, model_dir, export_dir, max_seq_length)
+        encoder.encode(item_texts[:32])  # warm-up
+        start = time.perf_counter()
+        vectors[backend] = encoder.encode(item_texts)
+        seconds = time.perf_counter() - start
+        scores = dense_scores(encoder.encode(query_texts), vectors[backend])
+        rows[backend] = {**parity(vectors["torch-fp32"], vectors[backend]),
+                         "ndcg@10": float(evaluate_scores(backend, scores, queries, items)["ndcg@10"].mean()),
+                         "items_per_second": len(items) / seconds}
+    gate = pd.DataFrame(rows).T
+    gate["ndcg_delta"] = gate["ndcg@10"] - gate.loc["torch-fp32", "ndcg@10"]
+    gate["speed_vs_torch_fp32"] = gate["items_per_second"] / gate.loc["torch-fp32", "items_per_second"]
+    gate["failed"] = [", ".join(parity_gate(r.min_cosine, r.ndcg_delta, min_cosine, max_ndcg_delta))
+                      for r in gate.itertuples()]
+    if gate.loc["onnx-fp32", "min_cosine"] < 0.999:
+        raise AssertionError(f"the fp32 ONNX export disagrees with torch: min cosine {gate.loc['onnx-fp32', 'min_cosine']:.5f}")
+    return gate, vectors
+
+
+def fastest_passing(gate: "pd.DataFrame") -> str:
+    """The backend with the most items per second among those that pass the gate."""
+    return str(gate[gate["failed"] == ""]["items_per_second"].idxmax())
+
+
+def gate_summary(gate: "pd.DataFrame") -> dict[str, dict]:
+    """The parity table as metrics.json holds it: rounded figures, passed and why not per backend."""
+    return {b: {"min_cosine": round(float(r["min_cosine"]), 5), "mean_cosine": round(float(r["mean_cosine"]), 5),
+                "ndcg@10": round(float(r["ndcg@10"]), 4), "ndcg_delta": round(float(r["ndcg_delta"]), 4),
+                "items_per_second": round(float(r["items_per_second"]), 1),
+                "speed_vs_torch_fp32": round(float(r["speed_vs_torch_fp32"]), 2),
+                "passed": not r["failed"], "failed": r["failed"]} for b, r in gate.iterrows()}

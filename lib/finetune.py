@@ -17,7 +17,8 @@ import torch
 from sentence_transformers.base.sampler import DefaultBatchSampler
 from sentence_transformers.sentence_transformer.losses import EmbedDistillLoss
 
-from lib.training import TimeBudget, best_device, is_main_process, resumable_checkpoints, train_or_resume, use_bf16
+from lib.training import (TimeBudget, best_device, checkpoint_key, is_main_process, resumable_checkpoints,
+                          train_or_resume, use_bf16)
 
 LOSSES = ("mnrl", "cached_mnrl", "gist", "mnrl+margin_mse")
 BATCH_SAMPLERS = ("entity", "no_duplicates", "random")
@@ -85,7 +86,7 @@ def pairs_dataset(path: str | Path):
 def ir_evaluator(queries: list[dict], items: list[dict], name: str):
     """InformationRetrievalEvaluators over `items` for `queries`, one per candidate group (meta.target_types, and
     meta.candidates where given), run in sequence; the main score (`sequential_score`) is their NDCG@10 weighted by
-    query count, the per-query mean stage 05 reports."""
+    query count, the per-query mean stage 06 reports."""
     from sentence_transformers.base.evaluation.sequential import SequentialEvaluator
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
@@ -128,17 +129,10 @@ def teacher_items_dataset(items: list[dict], teacher_dir: Path):
     from datasets import Dataset
     from datasets.table import InMemoryTable
 
-    vectors = np.load(teacher_dir / "items.npy")
-    ids = json.loads((teacher_dir / "item_ids.json").read_text())
-    if len(ids) != len(vectors):
-        raise ValueError(f"{teacher_dir}: items.npy has {len(vectors)} rows but item_ids.json {len(ids)} ids; rerun stage 01")
-    row = {item_id: n for n, item_id in enumerate(ids)}
-    missing = [i["id"] for i in items if i["id"] not in row]
-    if missing:
-        raise ValueError(f"{teacher_dir}: no teacher vector for item {missing[0]!r} (and {len(missing) - 1} more); "
-                         "rerun stage 01 on this corpus")
+    from lib.teacher import stage_vectors
+
     texts = [i["text"] for i in items]
-    labels = vectors[[row[i["id"]] for i in items]].astype(np.float32)
+    labels = stage_vectors(teacher_dir, "items", [i["id"] for i in items]).astype(np.float32)
     fingerprint = hashlib.sha256(labels.tobytes() + "\n".join(texts).encode()).hexdigest()[:16]
     return Dataset(InMemoryTable.from_pydict({"text": texts, "label": labels.tolist()}), fingerprint=fingerprint)
 
@@ -305,14 +299,6 @@ def build_loss(model, config: FinetuneConfig, distributed: bool):
     return loss
 
 
-def checkpoint_key(config: FinetuneConfig, start_model: str | Path, train_dataset) -> dict:
-    """What a checkpoint must match to be resumed from: the configuration, the start model and the training rows."""
-    datasets = train_dataset.values() if isinstance(train_dataset, dict) else [train_dataset]
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "resume"}
-    return {"config": json.loads(json.dumps(settings)), "start_model": str(start_model),
-            "train_rows": [d._fingerprint for d in datasets], "world_size": int(os.environ.get("WORLD_SIZE", 1))}
-
-
 def column_routes(column_names: list[str]) -> dict[str, str]:
     """The collator's router mapping: the first column (anchor) is a query, the other text columns documents."""
     return {c: "query" if n == 0 else "document" for n, c in enumerate(column_names) if c != "label"}
@@ -450,7 +436,7 @@ def finetune(start_model: str | Path, train_dataset, eval_dataset, evaluator, ou
         callbacks=[*(callbacks or []), budget],
     )
     load = lambda last: model.load_state_dict(SentenceTransformer(last, device=model.device).state_dict())
-    run = train_or_resume(trainer, checkpoints, resume, load)
+    run = train_or_resume(trainer, checkpoints, resume, load, "fine-tuning")
     run["planned_steps_in_budget"] = budget.planned_steps
     run["stopped_by_time_limit_at_step"] = budget.stopped_at_step
     # 6. Weight averaging with the start model (α chosen on dev), then save the model (with its card), main process only

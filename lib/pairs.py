@@ -9,10 +9,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from lib.corpus import remove_names, with_article
+from lib.corpus import held_out_items, remove_names, with_article
 from lib.io import atomic_dir
+from lib.progress import bar
 
 TIERS = ("hard", "medium", "easy")
 QUERY_KINDS = ("name", "keywords", "sentence", "tags")
@@ -55,7 +55,7 @@ def neighbours_by_type(vectors: np.ndarray, types: list[str], k: int, block_elem
     """For every item, its k nearest other items of each type: type → (cosines [n, k], item indices [n, k])."""
     types_arr = np.asarray(types)
     out = {}
-    for t in tqdm(sorted(set(types)), desc="nearest neighbours per type", leave=False):
+    for t in bar(sorted(set(types)), desc="nearest neighbours per type", leave=False):
         cols = np.flatnonzero(types_arr == t)
         scores, pos = topk_by_block(vectors, vectors[cols], min(k + 1, len(cols)), block_elements)
         index = cols[pos]
@@ -209,7 +209,7 @@ def synthetic_queries(
         for tag in item["tags"]:
             by_tag[(item["type"], tag)].add(item["id"])
     queries = []
-    for n, item in enumerate(tqdm(items, desc="synthetic queries", leave=False)):
+    for n, item in enumerate(bar(items, desc="synthetic queries", leave=False)):
         if item["id"] in exclude:
             continue
         noun = with_article(type_nouns.get(item["type"], item["type"]))
@@ -350,7 +350,7 @@ def add_negatives(
     pool = {t: np.flatnonzero(types_arr == t) for t in set(types)}
     excluded = {index[i] for i in exclude if i in index}
     kept, dropped = [], 0
-    for n, (row, guard) in enumerate(zip(tqdm(rows, desc="hard negatives", leave=False), guards)):
+    for n, (row, guard) in enumerate(zip(bar(rows, desc="hard negatives", leave=False), guards)):
         source, positive = index[row["anchor_id"]], index[row["positive_id"]]
         target_type = types[positive]
         forbidden = {source, positive} | {index[i] for i in guard if i in index} | excluded
@@ -545,3 +545,25 @@ def pair_counts(rows: list[dict], key: str = "relation") -> dict[str, int]:
     for r in rows:
         counts[r[key]] += 1
     return dict(sorted(counts.items()))
+
+
+def kept_out_of_training(items: list[dict], eval_queries: list[dict], threshold: float) -> tuple[set[str], set[str]]:
+    """Items no training row may use: the sources of the evaluation queries, and the items whose text nearly copies
+    an evaluation query (word TF-IDF cosine at least `threshold`)."""
+    ids = [i["id"] for i in items]
+    copies = {ids[i] for i, _, _ in near_duplicates([i["text"] for i in items], [q["text"] for q in eval_queries],
+                                                    threshold)}
+    return held_out_items(eval_queries), copies
+
+
+def example_rows(rows: list[dict], relations: set[str], names: dict[str, str], seed: int, per_relation: int = 10) -> list[dict]:
+    """A seeded sample of training rows per relation, as a table shows them: anchor, positive, cosine, negatives."""
+    label = lambda text, item_id: names[item_id] if text is None else f"“{text}”"
+    examples = []
+    for relation in sorted(relations):
+        group = [r for r in rows if r["relation"] == relation]
+        for r in random.Random(seed).sample(group, min(per_relation, len(group))):
+            examples.append({"relation": relation, "anchor": label(r["anchor"], r["anchor_id"]),
+                             "positive": names[r["positive_id"]], "cosine": r["score"],
+                             "negatives": "; ".join(f"{names[i]} ({t})" for i, t in zip(r["negative_ids"], r["negative_tiers"]))})
+    return examples

@@ -1,6 +1,7 @@
 """Every path the pipeline uses, in one place."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -18,9 +19,9 @@ STAGES = [
     "02_pairs",
     "03_domain_adapt",
     "04_finetune",
-    "05_evaluate",
-    "06_embedding_maps",
-    "07_export",
+    "05_export",
+    "06_evaluate",
+    "07_embedding_maps",
 ]
 
 
@@ -43,6 +44,18 @@ def stage_dir(run: str, stage: str, runs_root: str | Path | None = None, create:
         path.mkdir(parents=True, exist_ok=True)
     return path
 
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run's stage folders, the handle every notebook opens: Run(run_name, runs_root).stage("02_pairs")."""
+
+    name: str
+    root: str | Path | None = None  # where runs live; None or "" means data/runs
+
+    def stage(self, stage: str, create: bool = False) -> Path:
+        """The stage's folder (created, with its parents, when `create`: a stage creates only its own)."""
+        return stage_dir(self.name, stage, self.root or None, create=create)
 
 def teacher_cache_path(cache_root: str | Path | None = None) -> Path:
     """The sqlite teacher cache shared across runs and domains (kept by `make clean`)."""

@@ -10,17 +10,19 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
-from lib.config import ConfigError, env_passthrough, get_finetuning_config, param_files, redact, secret_values
+from lib.config import ConfigError, env_passthrough, layered_parameters, param_files, redact, secret_values
 from lib.domains.records import DataError
 from lib.io import PENDING_MARKER_ENV, PENDING_METRICS, read_json, write_json, write_text
-from lib.paths import NOTEBOOKS_DIR, PARAMS_DIR, REPORTS_DIR, STAGES, run_dir, run_name, stage_dir
+from lib.paths import NOTEBOOKS_DIR, REPORTS_DIR, STAGES, run_dir, run_name, stage_dir
+from lib.progress import HEARTBEAT_SECONDS, TERMINAL_ENV, duration
 
 KERNEL = "python3"
 
@@ -68,6 +70,7 @@ def kernel_environment() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # load reports and deprecation chatter
     os.environ["JUPYTER_PATH"] = str(Path(sys.prefix) / "share" / "jupyter")
     os.environ[PENDING_MARKER_ENV] = "1"  # the stage's metrics.json is written here, after its reports
+    os.environ[TERMINAL_ENV] = "1"  # progress as text lines on stderr, which the console echoes
 
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
@@ -116,17 +119,78 @@ class StageFailed(RuntimeError):
     """A stage notebook raised: one line with the error; the traceback is in the executed notebook."""
 
 
-class RedactedLogs(logging.Filter):
-    """Replaces secrets in the log records papermill writes (the cells' output streamed to the terminal)."""
+class StageConsole:
+    """The text a stage's kernel streams, echoed to the terminal line by line with the stage's name in front and
+    every secret replaced; a heartbeat line (cell, elapsed time) whenever the stage printed nothing for
+    HEARTBEAT_SECONDS. A file-like object for papermill's stdout_file/stderr_file."""
 
-    def __init__(self, secrets: list[str]):
-        super().__init__()
-        self.secrets = secrets
+    def __init__(self, stage: str, cells: int, redact: Callable[[str], str], out=None):
+        self.stage, self.cells, self.redact, self.out = stage, cells, redact, out or sys.stdout
+        self.cell, self.start = 0, time.monotonic()
+        self.last_line = self.start
+        self.lock, self.stopped = threading.Lock(), threading.Event()
+        self.thread = threading.Thread(target=self._heartbeat, daemon=True)
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        """Rewrite the record's message with the secrets replaced."""
-        record.msg, record.args = redact(record.getMessage(), self.secrets), ()
-        return True
+    def __enter__(self) -> "StageConsole":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+    def write(self, text: str) -> None:
+        """Echo each non-empty line (a carriage return, as tqdm redraws, ends a line too)."""
+        with self.lock:
+            for line in re.split(r"[\r\n]+", self.redact(text)):
+                if line.strip():
+                    print(f"  {self.stage} | {line.rstrip()}", file=self.out, flush=True)
+                    self.last_line = time.monotonic()
+
+    def flush(self) -> None:
+        """Lines are printed as they come."""
+
+    def _heartbeat(self) -> None:
+        while not self.stopped.wait(1.0):
+            with self.lock:
+                now = time.monotonic()
+                if now - self.last_line >= HEARTBEAT_SECONDS:
+                    where = f"cell {self.cell} of {self.cells}" if self.cell else "starting the kernel"
+                    print(f"  {self.stage} | … working ({where}, {duration(now - self.start)})", file=self.out, flush=True)
+                    self.last_line = now
+
+
+class CellTracker(logging.Handler):
+    """Reads papermill's "Executing Cell N" log lines into the console's heartbeat; the cells' output reaches the
+    terminal through the console (papermill's own log copies of it are dropped); other warnings are printed."""
+
+    def __init__(self, console: StageConsole):
+        super().__init__(logging.INFO)
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        found = re.match(r"Executing Cell (\d+)", message)
+        if found:
+            self.console.cell = int(found.group(1))
+        elif record.funcName != "log_output_message" and record.levelno >= logging.WARNING:
+            self.console.write(f"papermill: {message}\n")
+
+
+@contextmanager
+def stage_console(stage: str, cells: int, secrets: list[str]) -> Iterator[StageConsole]:
+    """A StageConsole for one stage, fed by papermill's log while the stage runs."""
+    logger = logging.getLogger("papermill")
+    with StageConsole(stage, cells, lambda text: redact(text, secrets)) as console:
+        handler, propagate, level = CellTracker(console), logger.propagate, logger.level
+        logger.addHandler(handler)
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+        try:
+            yield console
+        finally:
+            logger.removeHandler(handler)
+            logger.propagate, logger.level = propagate, level
 
 
 def run_stage(stage: str, domain: str, profile: str, runs_root: str | None = None,
@@ -139,7 +203,7 @@ def run_stage(stage: str, domain: str, profile: str, runs_root: str | None = Non
     kernel_environment()
     run = run_name(domain, profile)
     files = param_files(domain, profile)
-    every_param = get_finetuning_config(domain, profile, overrides)
+    every_param = layered_parameters(domain, profile, overrides)
     params = stage_parameters(stage, every_param, files) | {"run_name": run, "runs_root": str(runs_root or "")}
     if stage == "00_corpus":
         check_data(params)  # before anything is written: a bad file costs no half-run
@@ -149,26 +213,24 @@ def run_stage(stage: str, domain: str, profile: str, runs_root: str | None = Non
     marker.unlink(missing_ok=True)
     pending.unlink(missing_ok=True)
     executed, secrets = out_dir / f"{stage}.ipynb", secret_values(every_param)
-    log_filter = RedactedLogs(secrets)
-    logging.getLogger("papermill").addFilter(log_filter)
+    notebook = read_notebook(stage)
     start = time.monotonic()
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            source, raw = Path(tmp) / f"{stage}.ipynb", Path(tmp) / "executed.ipynb"
-            nbformat.write(read_notebook(stage), source)
-            try:
+    with tempfile.TemporaryDirectory() as tmp:
+        source, raw = Path(tmp) / f"{stage}.ipynb", Path(tmp) / "executed.ipynb"
+        nbformat.write(notebook, source)
+        try:
+            with stage_console(stage, len(notebook.cells) + 1, secrets) as console:  # + papermill's parameters cell
                 papermill.execute_notebook(str(source), str(raw), parameters=params, kernel_name=KERNEL,
-                                           cwd=str(NOTEBOOKS_DIR), progress_bar=False, log_output=True)
-            except papermill.PapermillExecutionError as err:
-                raise StageFailed(f"{stage} failed: {redact(err.ename, secrets)}: {redact(err.evalue, secrets)} "
-                                  f"(the traceback is in {executed})") from None
-            finally:
-                if raw.exists():
-                    write_text(executed, redact(raw.read_text(encoding="utf-8"), secrets))
-                    render_html(executed, out_dir / f"{stage}.html")
-                    render_html(executed, out_dir / f"{stage}.code.html", with_code=True)
-    finally:
-        logging.getLogger("papermill").removeFilter(log_filter)
+                                           cwd=str(NOTEBOOKS_DIR), progress_bar=False, log_output=True,
+                                           stdout_file=console, stderr_file=console)
+        except papermill.PapermillExecutionError as err:
+            raise StageFailed(f"{stage} failed: {redact(err.ename, secrets)}: {redact(err.evalue, secrets)} "
+                              f"(the traceback is in {executed})") from None
+        finally:
+            if raw.exists():
+                write_text(executed, redact(raw.read_text(encoding="utf-8"), secrets))
+                render_html(executed, out_dir / f"{stage}.html")
+                render_html(executed, out_dir / f"{stage}.code.html", with_code=True)
     if not pending.is_file():
         raise StageFailed(f"{stage} finished without writing its metrics (write_metrics in its last cell)")
     write_text(marker, redact(pending.read_text(encoding="utf-8"), secrets))  # the done-marker, after the reports
@@ -326,7 +388,7 @@ def run_command(args: argparse.Namespace, overrides: dict) -> None:
         from lib.report import write_index
 
         files = param_files(args.domain, args.profile)
-        index = write_index(run_name(args.domain, args.profile), get_finetuning_config(args.domain, args.profile, overrides), files,
+        index = write_index(run_name(args.domain, args.profile), layered_parameters(args.domain, args.profile, overrides), files,
                             args.runs_root, args.reports_root)
         print(f"[codex-forge] report: {index}", flush=True)
 

@@ -1,61 +1,10 @@
-"""Stage 06 and report charts: UMAP embedding maps and simple metric plots."""
+"""Charts of the stages and the report: embedding maps, metric bars, curves, histograms (matplotlib)."""
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
 
 plt.rcParams["text.parse_math"] = False  # item names are text: "$5 or $10" stays as written, "$\\badmacro$" cannot crash
-
-
-def umap_2d(vectors: np.ndarray, seed: int, n_neighbors: int = 15, min_dist: float = 0.1) -> np.ndarray:
-    """A seeded 2-D UMAP projection with cosine distance."""
-    import umap
-
-    n_neighbors = min(n_neighbors, len(vectors) - 1)
-    reducer = umap.UMAP(n_neighbors=n_neighbors, min_dist=min_dist, metric="cosine", random_state=seed, n_jobs=1)
-    return reducer.fit_transform(vectors)
-
-
-def align_2d(reference: np.ndarray, moving: np.ndarray) -> np.ndarray:
-    """`moving` rotated, reflected, scaled and shifted onto `reference` (orthogonal Procrustes), so two maps of the
-    same items can be compared point by point."""
-    from scipy.linalg import orthogonal_procrustes
-
-    ref_mean, mov_mean = reference.mean(axis=0), moving.mean(axis=0)
-    ref, mov = reference - ref_mean, moving - mov_mean
-    rotation, scale = orthogonal_procrustes(mov, ref)
-    return mov @ rotation * (scale / (mov**2).sum()) + ref_mean
-
-
-def category_label(item: dict) -> str:
-    """The label that colours an item on the category map: creature type, spell school, first genre, else its type."""
-    meta = item.get("meta", {})
-    genre = meta.get("genre")
-    return meta.get("creature_type") or meta.get("school") or (genre[0] if isinstance(genre, list) and genre else genre) or item["type"]
-
-
-def rounded(value: float, digits: int = 4) -> float | None:
-    """A float rounded for metrics.json, None for NaN (JSON has no NaN)."""
-    return None if value != value else round(float(value), digits)
-
-
-def silhouette(vectors: np.ndarray, labels: list[str]) -> float:
-    """Cosine silhouette of the labelled groups (NaN when there are fewer than two groups)."""
-    from sklearn.metrics import silhouette_score
-
-    if not 2 <= len(set(labels)) < len(labels):
-        return float("nan")
-    return float(silhouette_score(vectors, labels, metric="cosine"))
-
-
-def knn_label_agreement(vectors: np.ndarray, labels: list[str], k: int = 10) -> float:
-    """Mean share of each item's k nearest neighbours (cosine) that carry its label."""
-    labels_arr = np.array(labels)
-    sims = vectors @ vectors.T
-    np.fill_diagonal(sims, -np.inf)
-    k = min(k, len(labels) - 1)
-    neighbours = np.argpartition(-sims, k, axis=1)[:, :k]
-    return float((labels_arr[neighbours] == labels_arr[:, None]).mean())
 
 
 def scatter_by_label(ax, points: np.ndarray, labels: list[str], title: str,
@@ -130,24 +79,3 @@ def histograms(groups: dict[str, dict[str, list[float]]], title: str, xlabel: st
     fig.suptitle(title)
     fig.tight_layout()
     return fig
-
-
-def pair_similarities(rows: list[dict], vectors: np.ndarray, row_of: dict[str, int]) -> dict[str, list[float]]:
-    """Cosines of each training-style row's anchor to its positive and to its negatives (texts looked up in
-    `row_of` → `vectors`), for the positive-vs-negative histograms."""
-    out: dict[str, list[float]] = {"positive": [], "negative": []}
-    for r in rows:
-        anchor = vectors[row_of[r["anchor"]]]
-        out["positive"].append(float(anchor @ vectors[row_of[r["positive"]]]))
-        out["negative"] += [float(anchor @ vectors[row_of[r[c]]]) for c in r if c.startswith("negative_") and c[9:].isdigit()]
-    return out
-
-
-def triplet_accuracy(rows: list[dict], vectors: np.ndarray, row_of: dict[str, int]) -> float:
-    """Share of rows whose anchor is closer to its positive than to every one of its negatives."""
-    wins = 0
-    for r in rows:
-        anchor = vectors[row_of[r["anchor"]]]
-        negatives = [anchor @ vectors[row_of[r[c]]] for c in r if c.startswith("negative_") and c[9:].isdigit()]
-        wins += bool(negatives) and anchor @ vectors[row_of[r["positive"]]] > max(negatives)
-    return wins / max(len(rows), 1)

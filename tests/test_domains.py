@@ -13,6 +13,7 @@ from lib import corpus, domains
 from lib.domains import beir, codex, markdown, prompts
 from lib.domains.records import DataError, slug
 from lib.paths import REPO_ROOT, STAGES
+from lib.search import PromptRetriever
 
 EXAMPLES = REPO_ROOT / "examples"
 
@@ -346,7 +347,7 @@ def test_make_all_smoke_runs_every_adapter(domain, tmp_path):
     for stage in STAGES:
         metrics = json.loads((run / stage / "metrics.json").read_text())
         assert metrics and all(math.isfinite(x) for x in json_numbers(metrics)), stage
-    headline = json.loads((run / "05_evaluate" / "metrics.json").read_text())["headline"]
+    headline = json.loads((run / "06_evaluate" / "metrics.json").read_text())["headline"]
     for system in ("base", "fine-tuned", "bm25", "teacher"):
         assert {"precision@1", "precision@3", "precision@5", "mrr@10", "ndcg@5"} <= set(headline[system])
     assert (tmp_path / "reports" / f"{domain}-smoke" / "index.html").is_file()
@@ -373,7 +374,7 @@ def test_make_all_stops_on_a_bad_line_before_any_work(tmp_path):
 
 def test_prompt_retriever_finds_a_prompt_by_its_keywords(student_path):
     records = prompts.read_prompts(EXAMPLES / "prompts")
-    retriever = prompts.PromptRetriever(student_path)
+    retriever = PromptRetriever(student_path)
     assert retriever.index_prompts([{"id": r["id"], "text": r["prompt"]} for r in records]) == 32
     hits = retriever.retrieve("dragon paying taxes on its hoard", top_k=3)
     assert hits[0]["id"] == "dragon-tax" and "treasury" in hits[0]["text"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib import export
+from lib import cpu, export
 from lib.paths import REPO_ROOT
 from lib.search import Retriever, exact_top_k
 
@@ -56,9 +56,9 @@ def test_parity_gate_says_what_failed():
 
 
 def test_cpu_feature_detection_reads_flags():
-    assert export.bf16_supported({"avx2", "amx_bf16"}) and not export.bf16_supported({"avx2", "fma"})
-    assert export.has_vnni({"avx512_vnni"}) and not export.has_vnni({"avx2"})
-    assert "fpu" in export.cpu_flags()  # every x86-64 CPU lists it
+    assert cpu.bf16_supported({"avx2", "amx_bf16"}) and not cpu.bf16_supported({"avx2", "fma"})
+    assert cpu.has_vnni({"avx512_vnni"}) and not cpu.has_vnni({"avx2"})
+    assert "fpu" in cpu.cpu_flags()  # every x86-64 CPU lists it
 
 
 def test_exact_top_k_matches_a_full_sort():
@@ -105,7 +105,7 @@ def test_empty_retriever_says_what_to_do(onnx_dir):
 
 
 def test_command_line_searches_a_run(retriever, onnx_dir, student_path, tmp_path):
-    index_dir = tmp_path / "runs" / "dnd-test" / "07_export" / "index"
+    index_dir = tmp_path / "runs" / "dnd-test" / "05_export" / "index"
     retriever.save(index_dir, {"backend": "onnx-fp32", "model_dir": student_path, "export_dir": onnx_dir})
     cli = [sys.executable, "-m", "lib.search", "--runs-root", str(tmp_path / "runs"), "--run", "dnd-test"]
     done = subprocess.run([*cli, "--top-k", "3", "--types", "power", "a fire spell", "a healing prayer"],

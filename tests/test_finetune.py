@@ -68,6 +68,7 @@ def _train(run, student_path, out, **overrides):
                              inputs.lookup, teacher_items=inputs.teacher_items)
 
 
+@pytest.mark.slow
 def test_mnrl_steps_lower_the_loss_with_entity_batches_and_bf16(tmp_path, run, student_path):
     model, history, facts = _train(run, student_path, tmp_path, ndcg_during_training=True)
     steps, losses = training.loss_curve(history)
@@ -77,6 +78,7 @@ def test_mnrl_steps_lower_the_loss_with_entity_batches_and_bf16(tmp_path, run, s
     assert facts["global_step"] == 12 and facts["bf16"] == training.use_bf16(True) and facts["resumed_from_step"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", [{"loss": "cached_mnrl", "mini_batch_size": 4}, {"loss": "gist"},
                                     {"matryoshka_dims": (384, 128, 32)}])
 def test_each_loss_option_lowers_the_loss(tmp_path, run, student_path, option):
@@ -87,6 +89,7 @@ def test_each_loss_option_lowers_the_loss(tmp_path, run, student_path, option):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_distillation_of_the_cached_teacher_vectors_is_trained_alongside(tmp_path, run, student_path):
     _, history, facts = _train(run, student_path, tmp_path, distill=True, max_steps=16, eval_steps=8, save_steps=100,
                                learning_rate=2e-3)
@@ -95,6 +98,7 @@ def test_distillation_of_the_cached_teacher_vectors_is_trained_alongside(tmp_pat
     assert (tmp_path / "model" / "README.md").exists() and facts["global_step"] == 16
 
 
+@pytest.mark.slow
 def test_margin_mse_to_the_teacher_scores_is_trained_beside_mnrl(tmp_path, run, student_path):
     inputs = finetune.load_inputs(run / "tiny" / "00_corpus", run / "tiny" / "02_pairs", dev_loss_rows=16, seed=0)
     with pytest.raises(ValueError, match="teacher_query_scores"):
@@ -113,6 +117,7 @@ def test_margin_mse_to_the_teacher_scores_is_trained_beside_mnrl(tmp_path, run, 
     assert facts["teacher_scale"] > 0 and len(margin) >= 2 and margin[-1] < margin[0]
 
 
+@pytest.mark.slow
 def test_weight_averaging_ships_the_best_dev_blend_and_never_a_worse_one_than_the_start(tmp_path, run, student_path):
     model, _, facts = _train(run, student_path, tmp_path, blend_alphas=(0.5, 1.0), max_steps=8, eval_steps=8,
                              save_steps=100)
@@ -133,6 +138,7 @@ def test_weight_averaging_ships_the_best_dev_blend_and_never_a_worse_one_than_th
         finetune.FinetuneConfig(blend_alphas=(1.5,))
 
 
+@pytest.mark.slow
 def test_a_wall_clock_budget_plans_the_steps_that_fit_and_stops_there_with_a_checkpoint(tmp_path, run, student_path):
     _, history, facts = _train(run, student_path, tmp_path, max_steps=2000, eval_steps=1000, save_steps=1000,
                                max_train_minutes=0.5)
@@ -158,6 +164,7 @@ def test_a_shortened_schedule_warms_up_and_decays_to_zero_at_the_planned_step():
     assert not training.shorten_linear_schedule(get_constant_schedule(optimizer), 40)
 
 
+@pytest.mark.slow
 def test_dev_evaluator_scores_candidate_subsets_and_weights_groups_by_queries(student_path):
     from lib.domains import dnd
 
@@ -233,6 +240,7 @@ def _cli(run, student_path, out, *extra):
             "--learning-rate", "5e-4", "--dev-loss-rows", "16", *extra]
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, run, student_path):
     out = tmp_path / "ft"
     args = _cli(run, student_path, out, "--max-steps", "24", "--save-steps", "4", "--eval-steps", "100")
@@ -270,6 +278,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, run, student_pa
     assert json.loads((out / "train_facts.json").read_text())["resumed_from_step"] == 0
 
 
+@pytest.mark.slow
 def test_two_torchrun_processes_train_together_over_gloo(tmp_path, run, student_path):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     out = tmp_path / "ddp"

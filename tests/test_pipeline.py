@@ -47,6 +47,17 @@ def test_every_parameter_line_is_seen_by_papermill(stage):
     assert {"run_name", "runs_root"} <= set(assigned)
 
 
+def test_a_name_two_stages_declare_means_one_thing():
+    """One YAML line sets a name in every stage that declares it: two stages may share a name only with one default
+    (a stage-specific setting gets its stage's prefix, e.g. domain_save_steps in 03 beside save_steps in 04)."""
+    defaults: dict = {}
+    for stage in STAGES:
+        for name, info in pipeline.declared_parameters(stage).items():
+            defaults.setdefault(name, {})[stage] = info["default"]
+    clashes = {name: by_stage for name, by_stage in defaults.items() if len(set(by_stage.values())) > 1}
+    assert not clashes
+
+
 def test_overrides_parse_as_yaml():
     assert pipeline.parse_overrides(["a=1", "b=x", "c=[1, 2]", "d=true"]) == {"a": 1, "b": "x", "c": [1, 2], "d": True}
     with pytest.raises(SystemExit):
@@ -226,3 +237,20 @@ def test_the_run_lease_ends_with_its_owner(tmp_path, monkeypatch):
         holder.wait()
     with pipeline.run_lease(folder):  # the holder is gone: its lease with it
         pass
+
+
+def test_the_console_echoes_each_line_redacted_and_says_when_a_stage_is_quiet(monkeypatch):
+    import io
+
+    monkeypatch.setattr(pipeline, "HEARTBEAT_SECONDS", 0.3)
+    out = io.StringIO()
+    with pipeline.StageConsole("04_finetune", 9, lambda text: text.replace("s3cret", "***"), out) as console:
+        console.write("loading\n")
+        console.write("\r 10%|#    | 1/10\r 20%|##   | 2/10 token s3cret")  # a text bar redrawn, as tqdm writes it
+        console.cell = 5
+        time.sleep(1.6)  # the heartbeat looks once a second
+    lines = out.getvalue().splitlines()
+    assert lines[:3] == ["  04_finetune | loading", "  04_finetune |  10%|#    | 1/10",
+                         "  04_finetune |  20%|##   | 2/10 token ***"]
+    assert any(line.startswith("  04_finetune | … working (cell 5 of 9, ") for line in lines[3:]), lines
+    assert "s3cret" not in out.getvalue()

@@ -14,13 +14,13 @@ def _evaluation(base: float, tuned: float) -> dict:
 
 def test_index_leads_with_the_verdict_and_keeps_metric_order(tmp_path):
     runs, reports = tmp_path / "runs", tmp_path / "reports"
-    write_json(stage_dir("r", "05_evaluate", runs, create=True) / "metrics.json", _evaluation(0.25, 0.31))
+    write_json(stage_dir("r", "06_evaluate", runs, create=True) / "metrics.json", _evaluation(0.25, 0.31))
     (reports / "r").mkdir(parents=True)
-    (reports / "r" / "05_evaluate.html").write_text("<html></html>")
+    (reports / "r" / "06_evaluate.html").write_text("<html></html>")
     page = report.write_index("r", {"seed": 1}, [PARAMS_DIR / "default.yaml"], runs, reports).read_text()
     assert "NDCG@10 0.310 vs 0.250 (+0.060, better)" in page
     assert page.index("<th>precision@1</th>") < page.index("<th>ndcg@10</th>")
-    assert "href='05_evaluate.html'" in page and "href='04_finetune.html'" not in page
+    assert "href='06_evaluate.html'" in page and "href='04_finetune.html'" not in page
 
 
 def test_index_of_a_run_without_evaluation_says_so(tmp_path):
@@ -29,7 +29,9 @@ def test_index_of_a_run_without_evaluation_says_so(tmp_path):
 
 
 def test_verdict_words():
-    assert "worse" in report.verdict({"base": {"ndcg@10": 0.3}, "fine-tuned": {"ndcg@10": 0.2}})
+    assert report.verdict({"base": {"ndcg@10": 0.3}, "fine-tuned": {"ndcg@10": 0.2}}) == (
+        "<b>Fine-tuned vs base student: NDCG@10 0.200 vs 0.300 (-0.100, worse).</b>")
+    assert "(+0.000, no different)" in report.verdict({"base": {"ndcg@10": 0.3}, "fine-tuned": {"ndcg@10": 0.3}})
     assert "No fine-tuned" in report.verdict({"base": {"ndcg@10": 0.3}})
 
 
@@ -53,7 +55,7 @@ def test_search_section_shows_the_gate_and_skipped_backends():
 
 def test_index_says_which_blend_was_shipped_and_why(tmp_path):
     runs, reports = tmp_path / "runs", tmp_path / "reports"
-    write_json(stage_dir("r", "05_evaluate", runs, create=True) / "metrics.json", _evaluation(0.25, 0.25))
+    write_json(stage_dir("r", "06_evaluate", runs, create=True) / "metrics.json", _evaluation(0.25, 0.25))
     write_json(stage_dir("r", "04_finetune", runs, create=True) / "metrics.json",
                {"blend_alpha": 0.0, "dev_by_alpha": {"0.0": 0.41, "0.5": 0.405, "1.0": 0.39}})
     page = report.write_index("r", {}, [PARAMS_DIR / "default.yaml"], runs, reports).read_text()

@@ -3,6 +3,7 @@ OPENAI_API_KEY in the environment that must never show up in any artefact, repor
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,9 +61,22 @@ def test_every_stage_writes_finite_metrics(smoke):
 
 
 @pytest.mark.slow
+def test_the_terminal_shows_every_stage_working(smoke):
+    """What `make` prints while the stages run: each stage's own lines (texts embedded, training steps with loss and
+    time left, systems scored), not one line per stage."""
+    log = smoke["log"].read_text()
+    for stage in STAGES:
+        assert f"  {stage} | " in log, f"{stage} printed nothing on the terminal"
+    assert re.search(r"  01_teacher \| .*\d+/\d+ \[.*(text/s|s/text)\]", log), "no teacher progress bar (texts of total)"
+    for expected in ["mlm: step ", "fine-tuning: step ", "metrics of fine-tuned", "parity gate: onnx-int8"]:
+        assert expected in log, expected
+    assert re.search(r"fine-tuning: step \d+/\d+ · loss [\d.]+ · [\d.]+ s/step · \S+ elapsed, ≤\S+ left", log)
+
+
+@pytest.mark.slow
 def test_before_and_after_are_both_reported(smoke):
     m = lambda stage: json.loads((stage_dir(RUN, stage, smoke["runs"]) / "metrics.json").read_text())
-    evaluation = m("05_evaluate")
+    evaluation = m("06_evaluate")
     systems = {"bm25", "base", "domain-adapted", "fine-tuned", "hybrid", "onnx-int8", "teacher"}
     assert set(evaluation["headline"]) == set(evaluation["headline_ci"]) == systems
     assert {"monster_spells", "monster_attribute", "power_attribute", "alias", "name_paraphrase"} == set(evaluation["headline_categories"])
@@ -94,10 +108,10 @@ def test_before_and_after_are_both_reported(smoke):
     adapt = m("03_domain_adapt")
     assert adapt["heldout"]["after"]["perplexity"] < adapt["heldout"]["after head warm-up"]["perplexity"] \
         < adapt["heldout"]["before"]["perplexity"]
-    exported = m("07_export")
+    exported = m("05_export")
     assert exported["backends"]["onnx-fp32"]["min_cosine"] >= 0.999 and exported["self_retrieval_at_1"] >= 0.9
     assert exported["backends"][exported["default_backend"]]["passed"]
-    maps = m("06_embedding_maps")
+    maps = m("07_embedding_maps")
     assert set(maps["knn10_label_agreement"]["type"]) == {"before", "after"}
 
 
@@ -198,7 +212,7 @@ def test_reports_render_in_a_real_browser(smoke, tmp_path):
     chromium = os.environ.get("CHROMIUM") or shutil.which("chromium")
     assert chromium, "Chromium not found: run `make setup-browser` (Debian package chromium) or set CHROMIUM"
     out = smoke["reports"] / RUN
-    pages = ["index.html", "05_evaluate.html", "06_embedding_maps.html", "04_finetune.code.html"]
+    pages = ["index.html", "06_evaluate.html", "07_embedding_maps.html", "04_finetune.code.html"]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         for name in pages:
@@ -225,7 +239,7 @@ def test_reports_render_in_a_real_browser(smoke, tmp_path):
 @pytest.mark.slow
 def test_an_ablation_reruns_its_stages_per_arm_on_the_same_pairs_and_reports_the_table(smoke, tmp_path):
     spec = tmp_path / "pretraining.yaml"
-    spec.write_text("stages: [03_domain_adapt, 04_finetune, 05_evaluate]\noverrides: {include_onnx: false}\n"
+    spec.write_text("stages: [03_domain_adapt, 04_finetune, 06_evaluate]\noverrides: {include_onnx: false}\n"
                     "arms:\n  none: {domain_method: none}\n  tsdae: {domain_method: tsdae, tsdae_max_steps: 4}\n")
     args = ["ablation", str(spec), "--profile", "smoke", "--runs-root", str(smoke["runs"]),
             "--reports-root", str(smoke["reports"])]

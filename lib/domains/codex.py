@@ -3,7 +3,7 @@
 Reads `chunks/*.jsonl` ({"text", "filename", "<type>_mentions": [...]}), `indexes/*_index.json` (entries with
 "primary_name", "filename", "aliases"; a list or a mapping) and `test_questions.json` ([{"question",
 "expected_topics", "category", "difficulty"}]). Items are the chunks; an item's type is the index its file belongs to.
-- Positive finder: a question's relevant chunks are those whose topic coverage (the 1–5 rubric of stage 05: 1 + 4 ×
+- Positive finder: a question's relevant chunks are those whose topic coverage (the 1–5 rubric of stage 06: 1 + 4 ×
   the share of expected topics the chunk names, by index aliases, its mentions or its own entity) reaches
   `min_topic_coverage`; a chunk covering every topic has grade 2. The questions and these labels never train: the
   training queries are synthesised from the indexes (and stage 02 drops any that copies a question).

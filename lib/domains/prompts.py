@@ -150,29 +150,3 @@ def build_corpus(data_path: str | Path, max_items: int = 0, eval_label_fraction:
     queries = story_queries(records) + label_queries(records, held_out) + keyword_queries(records, keyword_query_fraction, seed)
     background = {"prompts": "\n\n".join(i["text"] for i in items)}
     return items, queries, [], background
-
-
-class PromptRetriever:
-    """index_prompts(prompts) once, then retrieve(query, top_k): keyword → prompt search with any SentenceTransformer
-    folder (e.g. data/runs/prompts-default/04_finetune/model) or a stage-07 ONNX export."""
-
-    def __init__(self, model_path: str | Path, batch_size: int = 32):
-        from lib.export import TorchEncoder
-        from lib.search import Retriever
-
-        self.retriever = Retriever(TorchEncoder(str(model_path)))
-        self.batch_size = batch_size
-
-    def index_prompts(self, prompts: list[str] | list[dict]) -> int:
-        """Embed the prompts (strings, or dicts with at least 'text'); return how many are indexed."""
-        items = [p if isinstance(p, dict) else {"text": p} for p in prompts]
-        items = [{"id": str(n), "type": TYPE, "name": "", **p} for n, p in enumerate(items)]
-        self.retriever.index(items, batch_size=self.batch_size)
-        self.texts = {i["id"]: i["text"] for i in items}
-        return len(items)
-
-    def retrieve(self, query: str, top_k: int = 5) -> list[dict]:
-        """The top_k prompts for a query, best first: {'id', 'text', 'score'} (cosine)."""
-        return [{"id": hit["id"], "text": self.texts[hit["id"]], "score": hit["score"]}
-                for hit in self.retriever.retrieve(query, top_k)]
-

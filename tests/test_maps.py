@@ -1,10 +1,10 @@
-"""Map alignment, cluster quality and pair-cosine helpers of stage 06 on fixtures with known answers."""
+"""Map alignment, cluster quality and pair-cosine helpers of stage 07 on fixtures with known answers."""
 import math
 
 import numpy as np
 import pytest
 
-from lib import plots
+from lib import maps, plots
 
 
 def test_align_2d_undoes_rotation_scale_and_shift():
@@ -13,9 +13,9 @@ def test_align_2d_undoes_rotation_scale_and_shift():
     angle = np.radians(70)
     rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     moved = 3.0 * reference @ rotation + np.array([5.0, -2.0])
-    assert plots.align_2d(reference, moved) == pytest.approx(reference, abs=1e-9)
+    assert maps.align_2d(reference, moved) == pytest.approx(reference, abs=1e-9)
     mirrored = reference * np.array([-1.0, 1.0])  # UMAP may flip a map: a reflection is undone too
-    assert plots.align_2d(reference, mirrored) == pytest.approx(reference, abs=1e-9)
+    assert maps.align_2d(reference, mirrored) == pytest.approx(reference, abs=1e-9)
 
 
 def test_cluster_quality_rises_when_labels_match_the_geometry():
@@ -24,9 +24,9 @@ def test_cluster_quality_rises_when_labels_match_the_geometry():
     vectors = np.concatenate([c + 0.05 * rng.normal(size=(20, 3)) for c in centres])
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     good, shuffled = ["a"] * 20 + ["b"] * 20, list(rng.permutation(["a"] * 20 + ["b"] * 20))
-    assert plots.knn_label_agreement(vectors, good) == 1.0 and plots.knn_label_agreement(vectors, shuffled) < 0.8
-    assert plots.silhouette(vectors, good) > 0.8 > plots.silhouette(vectors, shuffled)
-    assert math.isnan(plots.silhouette(vectors, ["a"] * 40))
+    assert maps.knn_label_agreement(vectors, good) == 1.0 and maps.knn_label_agreement(vectors, shuffled) < 0.8
+    assert maps.silhouette(vectors, good) > 0.8 > maps.silhouette(vectors, shuffled)
+    assert math.isnan(maps.silhouette(vectors, ["a"] * 40))
 
 
 def test_pair_similarities_and_triplet_accuracy():
@@ -34,9 +34,9 @@ def test_pair_similarities_and_triplet_accuracy():
     row_of = {"q": 0, "pos": 1, "neg": 2, "far": 3}
     rows = [{"anchor": "q", "positive": "pos", "negative_1": "neg", "negative_2": "far"},
             {"anchor": "q", "positive": "neg", "negative_1": "pos"}]
-    cosines = plots.pair_similarities(rows, vectors, row_of)
+    cosines = maps.pair_similarities(rows, vectors, row_of)
     assert cosines["positive"] == pytest.approx([0.8, 0.0]) and cosines["negative"] == pytest.approx([0.0, -1.0, 0.8])
-    assert plots.triplet_accuracy(rows, vectors, row_of) == 0.5
+    assert maps.triplet_accuracy(rows, vectors, row_of) == 0.5
 
 
 def test_item_names_with_dollars_are_drawn_as_text(tmp_path):

@@ -14,7 +14,7 @@
 # ---
 
 # %% [markdown]
-# # 05 · Evaluation
+# # 06 · Evaluation
 # **Purpose:** measure retrieval on held-out queries whose ground truth does not come from the teacher, each
 # category reported on its own. For D&D: (a) monster→spell from the SRD Spellcasting lists (the monster's text with
 # its spell names removed; only spells are candidates), (b) attribute queries whose relevant items come from
@@ -24,13 +24,13 @@
 # the test questions' categories; beir: the qrels; markdown: references, user). Also (d) stage 02's held-out
 # synthetic queries (labelled synthetic; not in the headline) and (e) any extra BEIR folder.
 # Systems side by side: BM25, the base student, the domain-adapted encoder, the fine-tuned student, a hybrid
-# (BM25 + fine-tuned by reciprocal rank fusion), the fine-tuned student exported to int8 ONNX, and the teacher.
+# (BM25 + fine-tuned by reciprocal rank fusion), stage 05's int8 ONNX graph of the fine-tuned student, and the teacher.
 # Every mean has a 95% bootstrap interval; every system is tested against the base student with a paired
 # randomisation test on the same queries.
 #
 # **Reads:** `00_corpus/`, `01_teacher/*.npy`, `02_pairs/train.jsonl`, `held_out_queries.jsonl`,
-# `03_domain_adapt/model/`, `04_finetune/model/`.
-# **Writes:** `05_evaluate/metrics.json`, `per_query.csv`, `summary.csv`, `metric_bars.png`.
+# `03_domain_adapt/model/`, `04_finetune/model/`, `05_export/model-int8.onnx`.
+# **Writes:** `06_evaluate/metrics.json`, `per_query.csv`, `summary.csv`, `metric_bars.png`.
 
 # %% tags=["parameters"]
 run_name: str = "dnd-default"  # run folder under data/runs: <domain>-<profile>
@@ -45,37 +45,31 @@ permutation_samples: int = 10000  # random sign flips for the paired randomisati
 rrf_k: int = 60  # reciprocal rank fusion constant of the hybrid system
 topic_coverage_k: int = 5  # top-k texts searched for a query's expected topics
 min_topic_coverage: float = 4.0  # a query "covers its topics" at this 1–5 score or above
-include_onnx: bool = True  # export the fine-tuned student to int8 ONNX (as stage 07 does) and score it
+include_onnx: bool = True  # score stage 05's int8 ONNX graph of the fine-tuned student as well
 beir_dir: str = ""  # a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) to score as well; empty skips
 beir_split: str = "test"  # the qrels file of the BEIR folder
 near_duplicate_threshold: float = 0.9  # leakage guard: word TF-IDF cosine from which a training text copies a query
 seed: int = 42  # seeds the bootstrap and the permutations
 # %%
-import tempfile
-from pathlib import Path
-
-import numpy as np
 import pandas as pd
 
-from lib import corpus, evaluate, export, pairs
-from lib.io import atomic_path, read_json, read_jsonl, write_metrics
-from lib.paths import resolve_model_path, stage_dir
+from lib import corpus, evaluate, pairs
+from lib.io import atomic_path, read_jsonl, write_metrics
+from lib.paths import Run, resolve_model_path
 from lib.plots import metric_bars
 
-ks = sorted(set(evaluate.KS) | set(recall_k_values))  # P@k, Recall@k and hit@k are computed at these k
-headline_metrics = headline_metrics + [f"recall@{k}" for k in recall_k_values if f"recall@{k}" not in headline_metrics]
-
-stage = lambda name, create=False: stage_dir(run_name, name, runs_root or None, create=create)
-out_dir = stage("05_evaluate", create=True)
-items = corpus.load_items(stage("00_corpus"))
-queries = corpus.load_queries(stage("00_corpus"), split=eval_split)
-synthetic = read_jsonl(stage("02_pairs") / "held_out_queries.jsonl", corpus.QUERY_FIELDS)
+scoring = evaluate.Scoring(ks=tuple(sorted(set(evaluate.KS) | set(recall_k_values))), rrf_k=rrf_k,
+                           coverage_k=topic_coverage_k, bootstrap_samples=bootstrap_samples,
+                           permutation_samples=permutation_samples, seed=seed)
+headline_metrics += [f"recall@{k}" for k in recall_k_values if f"recall@{k}" not in headline_metrics]
+run = Run(run_name, runs_root)
+out_dir = run.stage("06_evaluate", create=True)
+items = corpus.load_items(run.stage("00_corpus"))
+queries = corpus.load_queries(run.stage("00_corpus"), split=eval_split)
+synthetic = read_jsonl(run.stage("02_pairs") / "held_out_queries.jsonl", corpus.QUERY_FIELDS)
 independent = evaluate.headline_categories(queries)  # the headline pools these; synthetic and beside_headline apart
-students = {
-    "base": resolve_model_path(base_model),
-    "domain-adapted": stage("03_domain_adapt") / "model",
-    "fine-tuned": stage("04_finetune") / "model",
-}
+students = {"base": resolve_model_path(base_model), "domain-adapted": run.stage("03_domain_adapt") / "model",
+            "fine-tuned": run.stage("04_finetune") / "model"}
 print(f"{len(queries)} {eval_split} queries ({', '.join(independent)}) and {len(synthetic)} held-out synthetic "
       f"queries over {len(items)} items")
 
@@ -85,8 +79,8 @@ print(f"{len(queries)} {eval_split} queries ({', '.join(independent)}) and {len(
 # evaluation query's text — for the independent queries and for the held-out synthetic ones.
 
 # %%
-train_rows = read_jsonl(stage("02_pairs") / "train.jsonl")
-held_out = corpus.held_out_items(corpus.load_queries(stage("00_corpus")))
+train_rows = read_jsonl(run.stage("02_pairs") / "train.jsonl")
+held_out = corpus.held_out_items(corpus.load_queries(run.stage("00_corpus")))
 leakage_check = {
     "independent": pairs.check_leakage(train_rows, queries, held_out, near_duplicate_threshold, "02_pairs/train.jsonl"),
     "synthetic": pairs.check_leakage(train_rows, synthetic, set(), near_duplicate_threshold, "02_pairs/train.jsonl"),
@@ -97,45 +91,20 @@ leakage_check
 # ## Score every system
 
 # %%
-def encoders(onnx_path: Path | None) -> dict:
-    """texts → normalised vectors, per dense system."""
-    out = {name: (lambda texts, p=path: evaluate.encode(p, texts, max_seq_length=eval_max_seq_length))
-           for name, path in students.items()}
-    if onnx_path:
-        out["onnx-int8"] = export.OnnxEncoder(onnx_path, max_seq_length=eval_max_seq_length).encode
-    return out
-
-
-all_queries = queries + synthetic
-with tempfile.TemporaryDirectory() as tmp:
-    onnx_path = None
-    if include_onnx:
-        export.export_onnx(students["fine-tuned"], Path(tmp) / "model.onnx")
-        export.quantize_int8(Path(tmp) / "model.onnx", Path(tmp) / "model-int8.onnx")
-        onnx_path = Path(tmp) / "model-int8.onnx"
-    scores = evaluate.score_systems(encoders(onnx_path), [q["text"] for q in all_queries], [i["text"] for i in items], rrf_k)
-    if beir_dir:
-        beir_items, beir_queries = evaluate.load_beir(beir_dir, beir_split)
-        beir_scores = evaluate.score_systems(encoders(onnx_path), [q["text"] for q in beir_queries],
-                                             [i["text"] for i in beir_items], rrf_k)
-teacher_dir = stage("01_teacher")
-row_of = {qid: n for n, qid in enumerate(read_json(teacher_dir / "query_ids.json"))}
-teacher_q = np.load(teacher_dir / "queries.npy")[[row_of[q["qid"]] for q in queries]]
-teacher_scores = evaluate.dense_scores(teacher_q, np.load(teacher_dir / "items.npy"))  # corpus queries only
+encoders = evaluate.dense_encoders(students, run.stage("05_export") / "model-int8.onnx" if include_onnx else None,
+                                   eval_max_seq_length)
+scores = evaluate.score_systems(encoders, [q["text"] for q in queries + synthetic], [i["text"] for i in items], rrf_k)
+teacher_scores = evaluate.teacher_scores(run.stage("01_teacher"), queries, items)  # corpus queries only
 systems = ["bm25", *students, "hybrid", *(["onnx-int8"] if include_onnx else []), "teacher"]
-aliases = evaluate.topic_aliases(items)
-per_query = pd.concat(
-    [evaluate.evaluate_scores(s, scores[s], all_queries, items, topic_coverage_k, aliases, ks) for s in systems if s != "teacher"]
-    + [evaluate.evaluate_scores("teacher", teacher_scores, queries, items, topic_coverage_k, aliases, ks)],
-    ignore_index=True)
+per_query = evaluate.per_query_frame(scores, teacher_scores, queries, synthetic, items, systems, scoring)
 summary = evaluate.summarize(per_query, independent)
-coverage_metric = f"topic_coverage@{topic_coverage_k}"
 
 # %% [markdown]
 # ## Headline: every independent test query, 95% bootstrap intervals
 
 # %%
 n_headline = sum(q["category"] in independent for q in queries)
+coverage_metric = f"topic_coverage@{topic_coverage_k}"
 ci = evaluate.intervals(per_query, headline_metrics + [coverage_metric], bootstrap_samples, seed, independent)
 headline = evaluate.headline(summary, systems, headline_metrics)
 p_values = evaluate.paired_tests(per_query[per_query.category.isin(independent)], "base", ["ndcg@10", "mrr@10", "precision@1"],
@@ -143,7 +112,7 @@ p_values = evaluate.paired_tests(per_query[per_query.category.isin(independent)]
 fig = metric_bars(headline, headline_metrics, f"{eval_split} queries (n={n_headline}), 95% bootstrap intervals", ci["all"])
 with atomic_path(out_dir / "metric_bars.png") as tmp:
     fig.savefig(tmp, format="png", dpi=100)
-pd.DataFrame({s: {m: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for m, v in ci["all"][s].items()} for s in systems}).T
+evaluate.interval_table({s: ci["all"][s] for s in systems})
 
 # %% [markdown]
 # Paired randomisation test of each system against the base student (two-sided p-values, same queries):
@@ -159,15 +128,11 @@ pd.DataFrame(p_values).T
 # %%
 categories = sorted(per_query["category"].unique())
 by_category = {cat: evaluate.headline(summary, systems, headline_metrics, category=cat) for cat in categories}
-ndcg_ci = pd.DataFrame({cat: {s: f"{v['ndcg@10'][0]:.3f} [{v['ndcg@10'][1]:.3f}, {v['ndcg@10'][2]:.3f}]"
-                              for s, v in ci[cat].items()} for cat in categories}).T
-ndcg_ci.assign(n=per_query[per_query.system == "base"].category.value_counts())
+evaluate.interval_table({cat: ci[cat] for cat in categories}, "ndcg@10").assign(
+    n=per_query[per_query.system == "base"].category.value_counts())
 
 # %%
-p_by_category = {cat: evaluate.paired_tests(per_query[(per_query.category == cat) & per_query.system.isin(["base", "fine-tuned"])],
-                                            "base", ["ndcg@10"], permutation_samples, seed)["fine-tuned"]["ndcg@10"]
-                 for cat in categories}
-p_by_category_holm = evaluate.holm({c: p for c, p in p_by_category.items() if not c.startswith("synthetic:")})
+p_by_category, p_by_category_holm = evaluate.category_tests(per_query, scoring)
 pd.DataFrame({"p (fine-tuned vs base, NDCG@10)": p_by_category, "Holm-adjusted (independent categories)": p_by_category_holm})
 
 # %% [markdown]
@@ -178,20 +143,16 @@ pd.DataFrame({"p (fine-tuned vs base, NDCG@10)": p_by_category, "Holm-adjusted (
 # top-10 items and Spearman correlation of all candidate scores, per test query.
 
 # %%
-with_topics = per_query[per_query[coverage_metric].notna() & per_query.category.isin(independent)]
-topic_coverage = {s: {"mean": round(float(g[coverage_metric].mean()), 4),
-                      f"share_at_least_{min_topic_coverage:g}": round(float((g[coverage_metric] >= min_topic_coverage).mean()), 4),
-                      "queries": len(g)} for s, g in with_topics.groupby("system", sort=False)}
-mask = evaluate.candidate_mask(queries, [i["type"] for i in items], [i["id"] for i in items])
-teacher_agreement = {s: evaluate.teacher_agreement(scores[s][: len(queries)], teacher_scores, mask)
-                     for s in systems if s not in ("teacher", "hybrid")}
+topic_coverage = evaluate.topic_coverage_summary(per_query, independent, topic_coverage_k, min_topic_coverage)
+teacher_agreement = evaluate.teacher_agreement_by_system(scores, teacher_scores, queries, items, systems)
 pd.concat({"topic coverage": pd.DataFrame(topic_coverage).T, "teacher agreement": pd.DataFrame(teacher_agreement).T}, axis=1)
 
 # %% [markdown]
 # ## Per query: fine-tuned vs base, worst regressions first
 
 # %%
-text_of = {q["qid"]: q["text"][:90] for q in all_queries}
+text_of = {q["qid"]: q["text"][:90] for q in queries + synthetic}
+per_query.insert(2, "query", per_query["qid"].map(text_of))
 changes = evaluate.wins_and_losses(per_query[per_query.category.isin(independent)], "fine-tuned", "base", "ndcg@10")
 changes.insert(1, "query", changes["qid"].map(text_of))
 pd.concat([changes.head(10), changes.tail(5)])
@@ -202,19 +163,13 @@ pd.concat([changes.head(10), changes.tail(5)])
 # %%
 beir = {}
 if beir_dir:
-    beir_frame = pd.concat([evaluate.evaluate_scores(s, beir_scores[s], beir_queries, beir_items, topic_coverage_k, ks=ks)
-                            for s in beir_scores], ignore_index=True)
-    beir_ci = evaluate.intervals(beir_frame, headline_metrics, bootstrap_samples, seed)["all"]
-    text_of |= {q["qid"]: q["text"][:90] for q in beir_queries}
-    beir = {"folder": str(beir_dir), "split": beir_split, "queries": len(beir_queries), "documents": len(beir_items),
-            "headline_ci": beir_ci, "note": "no teacher row: stage 01 embeds the run's own corpus only"}
+    beir_frame, beir = evaluate.score_beir_folder(beir_dir, beir_split, encoders, headline_metrics, scoring)
     per_query = pd.concat([per_query, beir_frame], ignore_index=True)
-    display(pd.DataFrame({s: {m: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for m, v in beir_ci[s].items()} for s in beir_ci}).T)
+    display(evaluate.interval_table(beir["headline_ci"]))
 else:
     print("beir_dir is empty: no BEIR folder scored")
 
 # %%
-per_query.insert(2, "query", per_query["qid"].map(text_of).fillna(""))
 with atomic_path(out_dir / "per_query.csv") as tmp:
     per_query.to_csv(tmp, index=False)
 with atomic_path(out_dir / "summary.csv") as tmp:

@@ -1,0 +1,92 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 05 · Export, parity gate and local search
+# **Purpose:** export the fine-tuned student to ONNX (`torch.onnx.export`: transformer + mean pooling +
+# normalisation in one graph), quantise it to int8 with `onnxruntime.quantization`, and put every backend —
+# torch fp32, torch bf16 (on CPUs with native bf16), ONNX fp32, ONNX int8 — through a **parity gate**: every
+# item's cosine to the torch fp32 embedding at least `parity_min_cosine`, and NDCG@10 on the evaluation
+# queries within `parity_max_ndcg_delta` of torch fp32. The fastest backend that passes becomes the default of
+# the saved `Retriever` index that `python -m lib.search` uses.
+#
+# **Reads:** `04_finetune/model/`, `00_corpus/items.jsonl`, `00_corpus/queries.jsonl` (test split).
+# **Writes:** `05_export/model.onnx`, `model-int8.onnx`, `tokenizer/`, `index/` (the saved Retriever),
+# `bench.json`, `metrics.json`.
+
+# %% tags=["parameters"]
+run_name: str = "dnd-default"  # run folder under data/runs: <domain>-<profile>
+runs_root: str = ""  # where runs live; empty means <repo>/data/runs
+eval_max_seq_length: int = 256  # tokens per text when encoding
+parity_min_cosine: float = 0.99  # gate: every item's cosine to torch fp32 must reach this
+parity_max_ndcg_delta: float = 0.005  # gate: largest allowed change in NDCG@10 on the test queries
+int8_keep_fp32: str = r"layer\.\d+/output/dense/"  # regex of MatMul names int8 leaves in fp32 (empty: quantise all)
+hnsw_threshold: int = 50000  # the Retriever switches from exact numpy search to faiss HNSW at this many items
+example_queries: list = ["a creature that turns people to stone", "a spell that brings the dead back to life"]  # shown with results
+# %%
+from lib import corpus, cpu, export
+from lib.bench import machine
+from lib.io import write_json, write_metrics
+from lib.paths import Run
+from lib.search import Retriever
+
+run = Run(run_name, runs_root)
+model_dir = run.stage("04_finetune") / "model"
+out_dir = run.stage("05_export", create=True)
+corpus_dir = run.stage("00_corpus")
+items = corpus.load_items(corpus_dir)
+queries = corpus.load_queries(corpus_dir, split="test")
+
+# %% [markdown]
+# ## Export and quantise
+
+# %%
+export.export_onnx(model_dir, out_dir / "model.onnx")
+kept_fp32 = export.quantize_int8(out_dir / "model.onnx", out_dir / "model-int8.onnx", keep_fp32=int8_keep_fp32)
+print(f"int8: {len(kept_fp32)} MatMuls kept in fp32; 7-bit weights (for CPUs without VNNI): {not cpu.has_vnni()}")
+
+# %% [markdown]
+# ## Parity gate: every backend against torch fp32, on the items and on the evaluation queries
+
+# %%
+gate, item_vectors = export.parity_table(model_dir, out_dir, items, queries, eval_max_seq_length, parity_min_cosine,
+                                         parity_max_ndcg_delta)
+default_backend, skipped = export.fastest_passing(gate), export.native_backends()[1]
+print(f"default backend: {default_backend} (the fastest that passes); skipped: {skipped or 'none'}")
+gate.round(4)
+
+# %% [markdown]
+# ## The Retriever: saved index, search with the default backend
+
+# %%
+retriever = Retriever(export.load_encoder(default_backend, model_dir, out_dir, eval_max_seq_length), hnsw_threshold)
+retriever.set_vectors(items, item_vectors[default_backend])
+retriever.save(out_dir / "index", {"backend": default_backend, "model_dir": model_dir, "export_dir": out_dir})
+retriever.show_examples(example_queries)
+
+# %%
+self_hits = retriever.self_retrieval(items[:100])
+write_json(out_dir / "bench.json", {b: {"items_per_second": round(float(gate.loc[b, "items_per_second"]), 1)} for b in gate.index})
+metrics = {
+    "backends": export.gate_summary(gate),
+    "skipped_backends": skipped,
+    "default_backend": default_backend,
+    "machine": machine(),  # the speed figures above are this machine's (CPU model, ISA flags, cores, libraries)
+    "gate": {"min_cosine": parity_min_cosine, "max_ndcg_delta": parity_max_ndcg_delta, "queries": len(queries)},
+    "int8_fp32_matmuls": len(kept_fp32),
+    "self_retrieval_at_1": self_hits,
+}
+write_metrics(out_dir, metrics)
+metrics

@@ -1,0 +1,102 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 07 · Embedding maps
+# **Purpose:** see what fine-tuning did to the space. One UMAP of the items under the base student and one under
+# the fine-tuned student, the second Procrustes-aligned onto the first (same axes: a point that moved, moved),
+# coloured by type (monster / power) and by category (creature type / spell school), with labelled landmarks;
+# cluster quality per labelling before/after (kNN label agreement: share of each item's 10 nearest neighbours
+# with its label; cosine silhouette); how close related items (a monster and the spells it casts) sit; and the
+# cosines of held-out positive vs negative pairs (stage 02's dev rows) before/after.
+#
+# **Reads:** `00_corpus/`, `02_pairs/dev.jsonl`, `04_finetune/model/`.
+# **Writes:** `07_embedding_maps/umap_type.png`, `umap_category.png`, `pair_cosines.png`, `metrics.json`.
+
+# %% tags=["parameters"]
+run_name: str = "dnd-default"  # run folder under data/runs: <domain>-<profile>
+runs_root: str = ""  # where runs live; empty means <repo>/data/runs
+base_model: str = "all-MiniLM-L6-v2"  # the student before any training
+eval_max_seq_length: int = 256  # tokens per text when encoding
+umap_n_neighbors: int = 15  # UMAP neighbourhood size
+umap_min_dist: float = 0.1  # UMAP minimum distance between points
+landmark_items: list = []  # item names labelled on the maps; empty labels one item per category (up to 8)
+seed: int = 42  # seeds UMAP
+# %%
+import pandas as pd
+
+from lib import corpus, maps
+from lib.export import TorchEncoder
+from lib.io import atomic_path, read_jsonl, write_metrics
+from lib.paths import Run, resolve_model_path
+from lib.plots import before_after_maps, histograms
+
+run = Run(run_name, runs_root)
+out_dir = run.stage("07_embedding_maps", create=True)
+items = corpus.load_items(run.stage("00_corpus"))
+relations = corpus.load_relations(run.stage("00_corpus"))
+dev_rows = read_jsonl(run.stage("02_pairs") / "dev.jsonl")
+labels = {"type": [i["type"] for i in items], "category": [maps.category_label(i) for i in items]}
+texts = list(dict.fromkeys([i["text"] for i in items] + [r["anchor"] for r in dev_rows]))  # every text once
+row_of = {t: n for n, t in enumerate(texts)}
+vectors = {name: TorchEncoder(path, eval_max_seq_length).encode(texts) for name, path in
+           {"base": resolve_model_path(base_model), "fine-tuned": run.stage("04_finetune") / "model"}.items()}
+item_vectors = {name: v[: len(items)] for name, v in vectors.items()}
+landmarks = maps.landmarks(items, labels["category"], landmark_items)
+print(f"{len(items)} items, {len(dev_rows)} held-out rows; landmarks: {', '.join(landmarks.values())}")
+
+# %% [markdown]
+# ## Maps (the fine-tuned map aligned onto the base map)
+
+# %%
+points_before = maps.umap_2d(item_vectors["base"], seed, umap_n_neighbors, umap_min_dist)
+points_after = maps.align_2d(points_before, maps.umap_2d(item_vectors["fine-tuned"], seed, umap_n_neighbors, umap_min_dist))
+for name, lab in labels.items():
+    with atomic_path(out_dir / f"umap_{name}.png") as tmp:
+        before_after_maps(points_before, points_after, lab, f"items by {name}", landmarks).savefig(tmp, format="png", dpi=110)
+quality = {name: maps.cluster_quality(item_vectors, lab) for name, lab in labels.items()}
+pd.DataFrame(quality).T
+
+# %% [markdown]
+# ## Did related items move together?
+# Mean cosine of the corpus's related pairs (D&D: a monster and each spell it casts; markdown: a page and the pages
+# it references), against all pairs of the same item types. Domains without relations show none.
+
+# %%
+related = {model: maps.related_pair_cosines(items, relations, v) for model, v in item_vectors.items()}
+pd.DataFrame(related).T
+
+# %% [markdown]
+# ## Held-out positive vs negative pairs (stage 02's dev rows, never trained on)
+
+# %%
+pair_cosines = {model: maps.pair_similarities(dev_rows, v, row_of) for model, v in vectors.items()}
+with atomic_path(out_dir / "pair_cosines.png") as tmp:
+    histograms(pair_cosines, "cosine of anchor to positive vs to negatives", "cosine").savefig(tmp, format="png", dpi=110)
+separation = {model: maps.pair_separation(dev_rows, v, row_of) for model, v in vectors.items()}
+pd.DataFrame(separation).T
+
+# %%
+metrics = {
+    "items": len(items),
+    "knn10_label_agreement": {name: {"before": q["kNN-10 agreement base"], "after": q["kNN-10 agreement fine-tuned"]}
+                              for name, q in quality.items()},
+    "silhouette": {name: {"before": q["silhouette base"], "after": q["silhouette fine-tuned"]} for name, q in quality.items()},
+    "related_pair_cosine": {"before": related["base"], "after": related["fine-tuned"]},
+    "held_out_pairs": {"rows": len(dev_rows), "before": separation["base"], "after": separation["fine-tuned"]},
+    "landmarks": list(landmarks.values()),
+}
+write_metrics(out_dir, metrics)
+metrics
