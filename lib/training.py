@@ -98,7 +98,8 @@ def train_or_resume(trainer, checkpoints: Path, resume: bool, load_weights, labe
     weights through `load_weights(checkpoint)` (a resume would add a step). Under the runner, a progress line on the
     terminal every few seconds. Returns the run's facts and log history."""
     if on_terminal():
-        trainer.add_callback(TrainingProgress(label))
+        budget = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TimeBudget)), None)
+        trainer.add_callback(TrainingProgress(label, budget))
     last = last_complete_checkpoint(checkpoints) if resume else None
     state = finished_training_state(last)
     if state:
@@ -164,10 +165,12 @@ def shorten_linear_schedule(lr_scheduler, planned_steps: int) -> bool:
 
 
 class TrainingProgress(TrainerCallback):
-    """Step, loss, time per step and time left as a stderr line every few seconds (the runner's terminal)."""
+    """Step, loss, time per step and time left as a stderr line every few seconds (the runner's terminal). With a
+    TimeBudget, the end is its planned step (once planned) and the time left never exceeds the budget's."""
 
-    def __init__(self, label: str):
-        self.label, self.start, self.first_step, self.shown, self.loss = label, 0.0, 0, 0.0, None
+    def __init__(self, label: str, budget: TimeBudget | None = None):
+        self.label, self.budget = label, budget
+        self.start, self.first_step, self.shown, self.loss = 0.0, 0, 0.0, None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start, self.first_step = time.monotonic(), state.global_step
@@ -177,13 +180,17 @@ class TrainingProgress(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         now = time.monotonic()
-        if now - self.shown < REDRAW_SECONDS and state.global_step < state.max_steps:
+        end = (self.budget and self.budget.planned_steps) or state.max_steps
+        if now - self.shown < REDRAW_SECONDS and state.global_step < end:
             return
         self.shown = now
         per_step = (now - self.start) / max(state.global_step - self.first_step, 1)
+        left = per_step * max(end - state.global_step, 0)
+        if self.budget and self.budget.minutes > 0:
+            left = min(left, max(self.budget.minutes * 60 - (now - self.budget.start), 0))
         loss = f" · loss {self.loss:.4f}" if isinstance(self.loss, float) else ""
-        note(f"{self.label}: step {state.global_step}/{state.max_steps}{loss} · {per_step:.2f} s/step · "
-             f"{duration(now - self.start)} elapsed, ≤{duration(per_step * (state.max_steps - state.global_step))} left")
+        note(f"{self.label}: step {state.global_step}/{end}{loss} · {per_step:.2f} s/step · "
+             f"{duration(now - self.start)} elapsed, ≤{duration(left)} left")
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         shown = {k: round(v, 4) for k, v in (metrics or {}).items() if "ndcg" in k or k.endswith("eval_loss")}

@@ -292,3 +292,20 @@ def test_two_torchrun_processes_train_together_over_gloo(tmp_path, run, student_
     _, losses = training.loss_curve(json.loads((out / "log_history.json").read_text()))
     assert losses[-1] < losses[0]
     assert (out / "model" / "model.safetensors").exists()
+
+
+def test_the_progress_line_counts_to_the_planned_step_and_never_past_the_budget(capsys):
+    from types import SimpleNamespace
+
+    budget = training.TimeBudget(minutes=1.0)
+    budget.start, budget.planned_steps = time.monotonic() - 50, 40  # 50 s of a 60 s budget gone, 40 steps planned
+    progress = training.TrainingProgress("fine-tuning", budget)
+    state = SimpleNamespace(global_step=0, max_steps=302)
+    progress.on_train_begin(None, state, None)
+    progress.start -= 20  # 10 steps in 20 s: 2 s a step
+    state.global_step = 10
+    progress.on_log(None, state, None, logs={"loss": 0.75})
+    progress.on_step_end(None, state, None)
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("fine-tuning: step 10/40 · loss 0.7500 · 2.00 s/step · 20s elapsed, ≤")
+    assert line.endswith(" left") and line.split("≤")[1] in ("10s left", "9s left")  # 30 steps would take 60 s
