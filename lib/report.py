@@ -359,18 +359,21 @@ def run_facts(run: str, runs_root: str | None, reports_root: str | None) -> str:
     timings_file = Path(reports_root or REPORTS_DIR) / run / "timings.json"
     timings = read_json(timings_file) if timings_file.is_file() else {}
     stages = ", ".join(f"{STAGE_LABELS.get(s, s)} {timings[s]:.0f}" for s in STAGES if s in timings)
-    total = f" (total {sum(timings.get(s, 0) for s in STAGES) / 60:.1f} min: {stages} s)" if timings else ""
-    return (f"Run `{run}` at commit {git_commit()}, {bench.machine_label(export_metrics['machine'])}{total}; "
+    total = f" (stages {sum(timings.get(s, 0) for s in STAGES) / 60:.1f} min: {stages} s)" if timings else ""
+    finetune_file = stage_dir(run, "04_finetune", runs_root) / "metrics.json"
+    steps = read_json(finetune_file).get("steps") if finetune_file.is_file() else None
+    trained = f"; {steps} fine-tuning steps" if steps is not None else ""
+    return (f"Run `{run}` at commit {git_commit()}, {bench.machine_label(export_metrics['machine'])}{total}{trained}; "
             f"{headline_queries(evaluation)} held-out {evaluation['split']} queries.")
 
 
-GENERATED = re.compile(r"(<!-- make docs: (\w+) -->\n).*?(\n<!-- /make docs -->)", re.S)
+GENERATED = re.compile(r"(<!-- make docs: (\w+) -->\n)(?:.*?\n)??(<!-- /make docs -->)", re.S)
 
 
 def fill_generated(text: str, blocks: dict[str, str]) -> str:
     """`text` with each `<!-- make docs: NAME -->` … `<!-- /make docs -->` block replaced by blocks[NAME]."""
-    return GENERATED.sub(lambda m: m.group(1) + blocks[m.group(2)] + m.group(3) if m.group(2) in blocks else m.group(0),
-                         text)
+    return GENERATED.sub(lambda m: m.group(1) + blocks[m.group(2)] + "\n" + m.group(3) if m.group(2) in blocks
+                         else m.group(0), text)
 
 
 def write_docs(run: str, runs_root: str | None = None, reports_root: str | None = None) -> list[Path]:
