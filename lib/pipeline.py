@@ -151,13 +151,15 @@ class StageConsole:
         """Lines are printed as they come."""
 
     def _heartbeat(self) -> None:
-        while not self.stopped.wait(1.0):
+        while not self.stopped.is_set():
             with self.lock:
                 now = time.monotonic()
-                if now - self.last_line >= HEARTBEAT_SECONDS:
+                wait = self.last_line + HEARTBEAT_SECONDS - now
+                if wait <= 0:
                     where = f"cell {self.cell} of {self.cells}" if self.cell else "starting the kernel"
                     print(f"  {self.stage} | … working ({where}, {duration(now - self.start)})", file=self.out, flush=True)
-                    self.last_line = now
+                    self.last_line, wait = now, HEARTBEAT_SECONDS
+            self.stopped.wait(min(wait, 1.0))
 
 
 class CellTracker(logging.Handler):

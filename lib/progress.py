@@ -8,7 +8,7 @@ from typing import Iterable
 
 TERMINAL_ENV = "CODEX_FORGE_TERMINAL"  # set by the runner for the kernels it starts
 REDRAW_SECONDS = 5.0  # a text bar or training line at most this often
-HEARTBEAT_SECONDS = 10.0  # the runner says the stage is alive after this long without a line
+HEARTBEAT_SECONDS = 9.0  # the runner says the stage is alive after this long without a line (a line every <10 s)
 
 
 def on_terminal() -> bool:

@@ -248,7 +248,7 @@ def test_the_console_echoes_each_line_redacted_and_says_when_a_stage_is_quiet(mo
         console.write("loading\n")
         console.write("\r 10%|#    | 1/10\r 20%|##   | 2/10 token s3cret")  # a text bar redrawn, as tqdm writes it
         console.cell = 5
-        time.sleep(1.6)  # the heartbeat looks once a second
+        time.sleep(1.0)
     lines = out.getvalue().splitlines()
     assert lines[:3] == ["  04_finetune | loading", "  04_finetune |  10%|#    | 1/10",
                          "  04_finetune |  20%|##   | 2/10 token ***"]
