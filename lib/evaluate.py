@@ -332,10 +332,8 @@ def per_query_frame(scores: dict[str, np.ndarray], teacher: np.ndarray, queries:
     frames = []
     for system in systems:
         note(f"metrics of {system}")
-        frames.append(evaluate_scores(system, teacher, queries, items, scoring.coverage_k, aliases, scoring.ks)
-                      if system == "teacher" else
-                      evaluate_scores(system, scores[system], queries + synthetic, items, scoring.coverage_k, aliases,
-                                      scoring.ks))
+        matrix, asked = (teacher, queries) if system == "teacher" else (scores[system], queries + synthetic)
+        frames.append(evaluate_scores(system, matrix, asked, items, scoring.coverage_k, aliases, scoring.ks))
     return pd.concat(frames, ignore_index=True)
 
 

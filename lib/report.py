@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lib import bench
 from lib.config import redact, secret_values
+from lib.evaluate import format_interval
 from lib.io import read_json, write_text
 from lib.paths import REPO_ROOT, REPORTS_DIR, STAGES, run_dir, stage_dir
 
@@ -75,8 +76,6 @@ def verdict(headline: dict[str, dict[str, float]], metric: str = "ndcg@10", ci: 
 
 def interval_table(ci: dict[str, dict[str, list[float]]], columns: list[str]) -> str:
     """An HTML table of 'mean [low, high]' cells from {row: {column: [mean, low, high]}}."""
-    from lib.evaluate import format_interval
-
     rows = {name: {c: format_interval(v[c]) for c in columns if c in v} for name, v in ci.items()}
     return table(rows, columns)
 
@@ -306,19 +305,31 @@ SYSTEM_LABELS = {"bm25": "BM25 (bm25s, stemmed)", "base": "base all-MiniLM-L6-v2
                  "onnx-int8": "fine-tuned, int8 ONNX", "teacher": "teacher"}
 
 
+def table_systems(evaluation: dict) -> list[str]:
+    """The systems a result table shows: all but a domain-adapted row that is the base copied (domain_method none)."""
+    headline = evaluation["headline"]
+    return [s for s in evaluation["systems"] if not (s == "domain-adapted" and headline[s] == headline.get("base"))]
+
+
+def p_text(value: float | None) -> str:
+    """A p-value as the tables print it (two significant digits, — for none)."""
+    return "—" if value is None else f"{value:.2g}"
+
+
+def ndcg_with_interval(evaluation: dict, system: str) -> str:
+    """A system's headline NDCG@10 with its 95% interval."""
+    return format_interval([evaluation["headline"][system]["ndcg@10"], *evaluation["headline_ci"][system]["ndcg@10"][1:]])
+
+
 def markdown_results(evaluation: dict) -> str:
     """The README's result tables of one run: the headline per system (NDCG@10 with its 95% interval, MRR@10, P@1,
     Recall@10, p vs base) and NDCG@10 per kind of query with the fine-tuned-vs-base p-values (raw and Holm)."""
-    headline, ci, p = evaluation["headline"], evaluation["headline_ci"], evaluation.get("p_values_vs_base", {})
-    fmt_p = lambda v: "—" if v is None else f"{v:.2g}"
+    headline, p = evaluation["headline"], evaluation.get("p_values_vs_base", {})
     lines = ["| system | NDCG@10 | MRR@10 | P@1 | Recall@10 | p vs base |", "|---|---|---|---|---|---|"]
-    for s in evaluation["systems"]:
-        if s == "domain-adapted" and headline[s] == headline.get("base"):
-            continue  # domain_method none: stage 03 copied the base
-        low, high = ci[s]["ndcg@10"][1:]
-        lines.append(f"| {SYSTEM_LABELS.get(s, s)} | {headline[s]['ndcg@10']:.3f} [{low:.3f}, {high:.3f}] | "
+    for s in table_systems(evaluation):
+        lines.append(f"| {SYSTEM_LABELS.get(s, s)} | {ndcg_with_interval(evaluation, s)} | "
                      f"{headline[s]['mrr@10']:.3f} | {headline[s]['precision@1']:.3f} | {headline[s]['recall@10']:.3f} | "
-                     f"{fmt_p(p.get(s, {}).get('ndcg@10'))} |")
+                     f"{p_text(p.get(s, {}).get('ndcg@10'))} |")
     systems = [s for s in ("bm25", "base", "fine-tuned", "hybrid", "teacher") if s in evaluation["systems"]]
     beside = set(evaluation.get("beside_headline", []))
     lines += ["", "| kind of query (n) | " + " | ".join(systems) + " | p fine-tuned vs base | Holm |",
@@ -328,8 +339,8 @@ def markdown_results(evaluation: dict) -> str:
             continue
         label = f"{c}{' (beside the headline)' if c in beside else ''} ({evaluation['queries_by_category'].get(c, '?')})"
         cells = " | ".join(f"{rows[s]['ndcg@10']:.3f}" if s in rows else "—" for s in systems)
-        lines.append(f"| {label} | {cells} | {fmt_p(evaluation['p_values_by_category'].get(c))} | "
-                     f"{fmt_p(evaluation.get('p_values_by_category_holm', {}).get(c))} |")
+        lines.append(f"| {label} | {cells} | {p_text(evaluation['p_values_by_category'].get(c))} | "
+                     f"{p_text(evaluation.get('p_values_by_category_holm', {}).get(c))} |")
     return "\n".join(lines)
 
 
@@ -340,21 +351,14 @@ STAGE_LABELS = {"00_corpus": "corpus", "01_teacher": "teacher", "02_pairs": "tra
 
 def markdown_headline(evaluation: dict) -> str:
     """The README's short result table: NDCG@10 with its 95% interval and p vs base, per system."""
-    headline, ci, p = evaluation["headline"], evaluation["headline_ci"], evaluation.get("p_values_vs_base", {})
-    lines = ["| system | NDCG@10 [95% interval] | p vs base |", "|---|---|---|"]
-    for s in evaluation["systems"]:
-        if s == "domain-adapted" and headline[s] == headline.get("base"):
-            continue
-        low, high = ci[s]["ndcg@10"][1:]
-        value = p.get(s, {}).get("ndcg@10")
-        lines.append(f"| {SYSTEM_LABELS.get(s, s)} | {headline[s]['ndcg@10']:.3f} [{low:.3f}, {high:.3f}] | "
-                     f"{'—' if value is None else f'{value:.2g}'} |")
-    return "\n".join(lines)
+    p = evaluation.get("p_values_vs_base", {})
+    return "\n".join(["| system | NDCG@10 [95% interval] | p vs base |", "|---|---|---|"] + [
+        f"| {SYSTEM_LABELS.get(s, s)} | {ndcg_with_interval(evaluation, s)} | {p_text(p.get(s, {}).get('ndcg@10'))} |"
+        for s in table_systems(evaluation)])
 
 
-def run_facts(run: str, runs_root: str | None, reports_root: str | None) -> str:
+def run_facts(run: str, evaluation: dict, runs_root: str | None, reports_root: str | None) -> str:
     """One paragraph: which run, at which commit, on which machine, how many test queries, wall time per stage."""
-    evaluation = read_json(stage_dir(run, "06_evaluate", runs_root) / "metrics.json")
     export_metrics = read_json(stage_dir(run, "05_export", runs_root) / "metrics.json")
     timings_file = Path(reports_root or REPORTS_DIR) / run / "timings.json"
     timings = read_json(timings_file) if timings_file.is_file() else {}
@@ -379,7 +383,7 @@ def fill_generated(text: str, blocks: dict[str, str]) -> str:
 def write_docs(run: str, runs_root: str | None = None, reports_root: str | None = None) -> list[Path]:
     """Rewrite the generated blocks of README.md and docs/results.md from a finished run's metrics."""
     evaluation = read_json(stage_dir(run, "06_evaluate", runs_root) / "metrics.json")
-    blocks = {"facts": run_facts(run, runs_root, reports_root), "headline": markdown_headline(evaluation),
+    blocks = {"facts": run_facts(run, evaluation, runs_root, reports_root), "headline": markdown_headline(evaluation),
               "results": markdown_results(evaluation)}
     written = []
     for path in (REPO_ROOT / "README.md", REPO_ROOT / "docs" / "results.md"):

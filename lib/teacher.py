@@ -469,10 +469,10 @@ def embed_cached(
 
 def stage_vectors(teacher_dir: Path, kind: str, ids: list[str]) -> np.ndarray:
     """Stage 01's vectors of `kind` ("items" or "queries") as rows in the order of `ids`, matched by id."""
-    import json
+    from lib.io import read_json
 
     name = {"items": "item", "queries": "query"}[kind]
-    known = json.loads((Path(teacher_dir) / f"{name}_ids.json").read_text())
+    known = read_json(Path(teacher_dir) / f"{name}_ids.json")
     vectors = np.load(Path(teacher_dir) / f"{kind}.npy")
     if len(known) != len(vectors):
         raise ValueError(f"{teacher_dir}: {kind}.npy has {len(vectors)} rows but {name}_ids.json {len(known)} ids; "

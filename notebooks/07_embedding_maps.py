@@ -85,7 +85,8 @@ pd.DataFrame(related).T
 pair_cosines = {model: maps.pair_similarities(dev_rows, v, row_of) for model, v in vectors.items()}
 with atomic_path(out_dir / "pair_cosines.png") as tmp:
     histograms(pair_cosines, "cosine of anchor to positive vs to negatives", "cosine").savefig(tmp, format="png", dpi=110)
-separation = {model: maps.pair_separation(dev_rows, v, row_of) for model, v in vectors.items()}
+separation = {model: maps.pair_separation(pair_cosines[model], maps.triplet_accuracy(dev_rows, v, row_of))
+              for model, v in vectors.items()}
 pd.DataFrame(separation).T
 
 # %%
