@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lib.search import Bm25, fuse
+
 KS = (1, 3, 5, 10)
 
 
@@ -122,30 +124,8 @@ def dense_scores(query_vecs: np.ndarray, item_vecs: np.ndarray) -> np.ndarray:
 
 
 def bm25_scores(query_texts: list[str], item_texts: list[str]) -> np.ndarray:
-    """(queries × items) BM25 scores (bm25s, English stop words, Snowball stemming)."""
-    import bm25s
-    import Stemmer
-
-    stemmer = Stemmer.Stemmer("english")
-    index = bm25s.BM25()
-    index.index(bm25s.tokenize(item_texts, stopwords="en", stemmer=stemmer, show_progress=False), show_progress=False)
-    vocab = index.vocab_dict
-    tokens = bm25s.tokenize(query_texts, stopwords="en", stemmer=stemmer, return_ids=False, show_progress=False)
-    out = np.zeros((len(query_texts), len(item_texts)), dtype=np.float32)
-    for row, words in enumerate(tokens):
-        known = [w for w in words if w in vocab]
-        if known:
-            out[row] = index.get_scores(known)
-    return out
-
-
-def rrf_scores(score_matrices: list[np.ndarray], k: int = 60) -> np.ndarray:
-    """Reciprocal rank fusion: Σ 1 / (k + rank) over the systems' rankings of every item."""
-    fused = np.zeros_like(score_matrices[0], dtype=np.float64)
-    for scores in score_matrices:
-        ranks = np.argsort(np.argsort(-scores, axis=1, kind="stable"), axis=1) + 1
-        fused += 1.0 / (k + ranks)
-    return fused
+    """(queries × items) BM25 scores (lib.search.Bm25: bm25s, English stop words, Snowball stemming)."""
+    return Bm25(item_texts).scores(query_texts)
 
 
 def ensemble_scores(score_matrices: list[np.ndarray], mask: np.ndarray) -> np.ndarray:
@@ -171,15 +151,16 @@ def teacher_ceiling(vectors: dict[str, tuple[np.ndarray, np.ndarray]], queries: 
     return pd.concat(frames).groupby("system", sort=False)[list(metrics)].mean().round(4)
 
 
-def score_systems(encoders: dict, query_texts: list[str], item_texts: list[str], rrf_k: int = 60) -> dict[str, np.ndarray]:
+def score_systems(encoders: dict, query_texts: list[str], item_texts: list[str], rrf_k: int = 60, fusion: str = "rrf",
+                  dense_weight: float = 0.5) -> dict[str, np.ndarray]:
     """(queries × items) scores of BM25, of each dense encoder (name → texts → normalised vectors), and the hybrid:
-    reciprocal rank fusion of BM25 and the 'fine-tuned' encoder."""
+    BM25 and the 'fine-tuned' encoder fused as lib.search.fuse does (RRF, or weighted with `dense_weight`)."""
     scores = {"bm25": bm25_scores(query_texts, item_texts)}
     for name, encode_texts in encoders.items():
         vectors = encode_texts(query_texts + item_texts)
         scores[name] = dense_scores(vectors[: len(query_texts)], vectors[len(query_texts):])
     if "fine-tuned" in scores:
-        scores["hybrid"] = rrf_scores([scores["bm25"], scores["fine-tuned"]], rrf_k)
+        scores["hybrid"] = fuse(scores["fine-tuned"], scores["bm25"], fusion, dense_weight, rrf_k)
     return scores
 
 
@@ -282,14 +263,35 @@ def headline(summary: pd.DataFrame, systems: list[str], metrics: list[str], cate
 
 @dataclass(frozen=True)
 class Scoring:
-    """How stage 06 scores and summarises: the k of the metrics, the fusion constant, the statistics' samples."""
+    """How stage 06 scores and summarises: the k of the metrics, the hybrid's fusion, the statistics' samples."""
 
     ks: tuple[int, ...] = KS
     rrf_k: int = 60
+    fusion: str = "rrf"
+    dense_weight: float = 0.5
     coverage_k: int = 5
     bootstrap_samples: int = 2000
     permutation_samples: int = 10000
     seed: int = 42
+
+
+def hybrid_setting(index_dir: str | Path, rrf_k: int = 60) -> dict:
+    """The hybrid stage 06 scores: the saved index's fusion (chosen on dev by stage 05), else RRF with `rrf_k` (runs
+    without stage 05, e.g. ablation arms)."""
+    path = Path(index_dir) / "retriever.json"
+    if not path.exists():
+        return {"fusion": "rrf", "dense_weight": 0.5, "rrf_k": rrf_k, "from": "rrf_k parameter (no saved index)"}
+    from lib.io import read_json
+
+    saved = read_json(path)
+    return {"fusion": saved.get("fusion", "rrf"), "dense_weight": saved.get("dense_weight", 0.5),
+            "rrf_k": saved.get("rrf_k", rrf_k), "from": "05_export/index (chosen on dev)"}
+
+
+def hybrid_label(setting: dict) -> str:
+    """How tables name the hybrid: 'BM25 + fine-tuned, RRF' or '…, weighted 0.6 dense'."""
+    fusion = "RRF" if setting["fusion"] == "rrf" else f"weighted {setting['dense_weight']:g} dense"
+    return f"hybrid (BM25 + fine-tuned, {fusion})"
 
 
 def format_interval(interval: list[float]) -> str:
@@ -370,7 +372,8 @@ def score_beir_folder(folder: str | Path, split: str, encoders: dict, metrics: l
                       scoring: Scoring) -> tuple[pd.DataFrame, dict]:
     """A BEIR folder scored by BM25, the encoders and the hybrid: its per-query frame and its summary (95% intervals)."""
     items, queries = load_beir(folder, split)
-    scores = score_systems(encoders, [q["text"] for q in queries], [i["text"] for i in items], scoring.rrf_k)
+    scores = score_systems(encoders, [q["text"] for q in queries], [i["text"] for i in items], scoring.rrf_k,
+                           scoring.fusion, scoring.dense_weight)
     frame = pd.concat([evaluate_scores(s, scores[s], queries, items, scoring.coverage_k, ks=scoring.ks) for s in scores],
                       ignore_index=True)
     frame.insert(2, "query", frame["qid"].map({q["qid"]: q["text"][:90] for q in queries}))

@@ -97,8 +97,10 @@ class TorchEncoder:
         self.model = SentenceTransformer(str(model_dir), device="cpu" if bf16 else best_device())
         if max_seq_length:  # None keeps the model's own
             self.model.max_seq_length = max_seq_length
+        self.max_seq_length = self.model.max_seq_length
         if bf16:
             self.model.to(torch.bfloat16)
+        self.tokenizer = self.model.tokenizer
 
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """Normalised fp32 embeddings (the model sorts batches by length and runs in inference mode itself;
@@ -226,3 +228,39 @@ def gate_summary(gate: "pd.DataFrame") -> dict[str, dict]:
                 "items_per_second": round(float(r["items_per_second"]), 1),
                 "speed_vs_torch_fp32": round(float(r["speed_vs_torch_fp32"]), 2),
                 "passed": not r["failed"], "failed": r["failed"]} for b, r in gate.iterrows()}
+
+
+def search_settings(dense_weights: list[float]) -> list[dict]:
+    """The search settings stage 05 compares, in the order a tie is broken: dense, hybrid by RRF, hybrid weighted by
+    each of `dense_weights`, BM25."""
+    return ([{"mode": "dense", "fusion": "rrf", "dense_weight": 0.5}, {"mode": "hybrid", "fusion": "rrf", "dense_weight": 0.5}]
+            + [{"mode": "hybrid", "fusion": "weighted", "dense_weight": float(w)} for w in dense_weights]
+            + [{"mode": "bm25", "fusion": "rrf", "dense_weight": 0.5}])
+
+
+def search_settings_table(retriever, splits: dict[str, list[dict]], items: list[dict], dense_weights: list[float]) -> "pd.DataFrame":
+    """NDCG@10 of every search setting on each split's queries (e.g. dev to choose, test to report), scored as stage 06
+    scores (each query's candidates); the retriever's own mode is left as it was."""
+    import pandas as pd
+
+    from lib.evaluate import evaluate_scores
+
+    saved, rows = (retriever.mode, retriever.fusion, retriever.dense_weight, retriever.rrf_k), []
+    encoded = {split: ([q["text"] for q in qs], retriever.encoder.encode([q["text"] for q in qs])) for split, qs in splits.items() if qs}
+    try:
+        for setting in search_settings(dense_weights):
+            retriever.set_mode(setting["mode"], setting["fusion"], setting["dense_weight"], saved[3])
+            row = dict(setting)
+            for split, (texts, vectors) in encoded.items():
+                scores = retriever.score_matrix(texts, vectors)
+                row[f"{split} ndcg@10"] = float(evaluate_scores(split, scores, splits[split], items)["ndcg@10"].mean())
+            rows.append(row)
+    finally:
+        retriever.set_mode(*saved)
+    return pd.DataFrame(rows)
+
+
+def best_search_setting(table: "pd.DataFrame", split: str = "dev") -> dict:
+    """The setting with the highest NDCG@10 on `split` (the first of equals), as set_mode's arguments."""
+    best = table.loc[table[f"{split} ndcg@10"].idxmax()]
+    return {"mode": str(best["mode"]), "fusion": str(best["fusion"]), "dense_weight": float(best["dense_weight"])}

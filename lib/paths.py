@@ -57,6 +57,11 @@ class Run:
         """The stage's folder (created, with its parents, when `create`: a stage creates only its own)."""
         return stage_dir(self.name, stage, self.root or None, create=create)
 
+    @property
+    def path(self) -> Path:
+        """The run's folder (feedback.sqlite lives there, beside the stages)."""
+        return run_dir(self.name, self.root or None)
+
 def teacher_cache_path(cache_root: str | Path | None = None) -> Path:
     """The sqlite teacher cache shared across runs and domains (kept by `make clean`)."""
     return Path(cache_root or CACHE_DIR) / "teacher.sqlite"

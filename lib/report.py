@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lib import bench
 from lib.config import redact, secret_values
-from lib.evaluate import format_interval
+from lib.evaluate import format_interval, hybrid_label
 from lib.io import read_json, write_text
 from lib.paths import REPO_ROOT, REPORTS_DIR, STAGES, run_dir, stage_dir
 
@@ -301,8 +301,14 @@ def shown_path(path: str) -> str:
 # --- markdown tables for the README (generated from a run's metrics, never typed in) ----------------------------
 
 SYSTEM_LABELS = {"bm25": "BM25 (bm25s, stemmed)", "base": "base all-MiniLM-L6-v2", "domain-adapted": "domain-adapted",
-                 "fine-tuned": "fine-tuned (shipped)", "hybrid": "hybrid (BM25 + fine-tuned, RRF)",
-                 "onnx-int8": "fine-tuned, int8 ONNX", "teacher": "teacher"}
+                 "fine-tuned": "fine-tuned (shipped)", "onnx-int8": "fine-tuned, int8 ONNX", "teacher": "teacher"}
+
+
+def system_label(evaluation: dict, system: str) -> str:
+    """A system's name in the tables; the hybrid's says its fusion (runs before stage 05 chose one used RRF)."""
+    if system == "hybrid":
+        return hybrid_label(evaluation.get("hybrid", {"fusion": "rrf"}))
+    return SYSTEM_LABELS.get(system, system)
 
 
 def table_systems(evaluation: dict) -> list[str]:
@@ -327,7 +333,7 @@ def markdown_results(evaluation: dict) -> str:
     headline, p = evaluation["headline"], evaluation.get("p_values_vs_base", {})
     lines = ["| system | NDCG@10 | MRR@10 | P@1 | Recall@10 | p vs base |", "|---|---|---|---|---|---|"]
     for s in table_systems(evaluation):
-        lines.append(f"| {SYSTEM_LABELS.get(s, s)} | {ndcg_with_interval(evaluation, s)} | "
+        lines.append(f"| {system_label(evaluation, s)} | {ndcg_with_interval(evaluation, s)} | "
                      f"{headline[s]['mrr@10']:.3f} | {headline[s]['precision@1']:.3f} | {headline[s]['recall@10']:.3f} | "
                      f"{p_text(p.get(s, {}).get('ndcg@10'))} |")
     systems = [s for s in ("bm25", "base", "fine-tuned", "hybrid", "teacher") if s in evaluation["systems"]]
@@ -353,7 +359,7 @@ def markdown_headline(evaluation: dict) -> str:
     """The README's short result table: NDCG@10 with its 95% interval and p vs base, per system."""
     p = evaluation.get("p_values_vs_base", {})
     return "\n".join(["| system | NDCG@10 [95% interval] | p vs base |", "|---|---|---|"] + [
-        f"| {SYSTEM_LABELS.get(s, s)} | {ndcg_with_interval(evaluation, s)} | {p_text(p.get(s, {}).get('ndcg@10'))} |"
+        f"| {system_label(evaluation, s)} | {ndcg_with_interval(evaluation, s)} | {p_text(p.get(s, {}).get('ndcg@10'))} |"
         for s in table_systems(evaluation)])
 
 

@@ -23,13 +23,14 @@
 # training, in a wording no training query uses, scored among those entities only. Other domains bring their own categories (prompts: story, genre, themes, keywords; codex:
 # the test questions' categories; beir: the qrels; markdown: references, user). Also (d) stage 02's held-out
 # synthetic queries (labelled synthetic; not in the headline) and (e) any extra BEIR folder.
-# Systems side by side: BM25, the base student, the domain-adapted encoder, the fine-tuned student, a hybrid
-# (BM25 + fine-tuned by reciprocal rank fusion), stage 05's int8 ONNX graph of the fine-tuned student, and the teacher.
+# Systems side by side: BM25, the base student, the domain-adapted encoder, the fine-tuned student, the hybrid
+# (BM25 + fine-tuned, fused as stage 05's index does: the fusion it chose on the dev queries), stage 05's int8 ONNX
+# graph of the fine-tuned student, and the teacher.
 # Every mean has a 95% bootstrap interval; every system is tested against the base student with a paired
 # randomisation test on the same queries.
 #
 # **Reads:** `00_corpus/`, `01_teacher/*.npy`, `02_pairs/train.jsonl`, `held_out_queries.jsonl`,
-# `03_domain_adapt/model/`, `04_finetune/model/`, `05_export/model-int8.onnx`.
+# `03_domain_adapt/model/`, `04_finetune/model/`, `05_export/model-int8.onnx`, `05_export/index/retriever.json`.
 # **Writes:** `06_evaluate/metrics.json`, `per_query.csv`, `summary.csv`, `metric_bars.png`.
 
 # %% tags=["parameters"]
@@ -42,7 +43,7 @@ headline_metrics: list = ["precision@1", "precision@3", "precision@5", "recall@1
 recall_k_values: list = [10]  # k of the Recall@k columns in the headline (RECALL_K_VALUES of .env)
 bootstrap_samples: int = 2000  # resamples of the queries for the 95% confidence intervals
 permutation_samples: int = 10000  # random sign flips for the paired randomisation test vs base
-rrf_k: int = 60  # reciprocal rank fusion constant of the hybrid system
+rrf_k: int = 60  # reciprocal rank fusion constant of the hybrid system (when no stage 05 index says otherwise)
 topic_coverage_k: int = 5  # top-k texts searched for a query's expected topics
 min_topic_coverage: float = 4.0  # a query "covers its topics" at this 1–5 score or above
 include_onnx: bool = True  # score stage 05's int8 ONNX graph of the fine-tuned student as well
@@ -58,11 +59,12 @@ from lib.io import atomic_path, read_jsonl, write_metrics
 from lib.paths import Run, resolve_model_path
 from lib.plots import metric_bars
 
-scoring = evaluate.Scoring(ks=tuple(sorted(set(evaluate.KS) | set(recall_k_values))), rrf_k=rrf_k,
-                           coverage_k=topic_coverage_k, bootstrap_samples=bootstrap_samples,
-                           permutation_samples=permutation_samples, seed=seed)
-headline_metrics += [f"recall@{k}" for k in recall_k_values if f"recall@{k}" not in headline_metrics]
 run = Run(run_name, runs_root)
+hybrid = evaluate.hybrid_setting(run.stage("05_export") / "index", rrf_k)
+scoring = evaluate.Scoring(ks=tuple(sorted(set(evaluate.KS) | set(recall_k_values))), rrf_k=hybrid["rrf_k"],
+                           fusion=hybrid["fusion"], dense_weight=hybrid["dense_weight"], coverage_k=topic_coverage_k,
+                           bootstrap_samples=bootstrap_samples, permutation_samples=permutation_samples, seed=seed)
+headline_metrics += [f"recall@{k}" for k in recall_k_values if f"recall@{k}" not in headline_metrics]
 out_dir = run.stage("06_evaluate", create=True)
 items = corpus.load_items(run.stage("00_corpus"))
 queries = corpus.load_queries(run.stage("00_corpus"), split=eval_split)
@@ -71,7 +73,7 @@ independent = evaluate.headline_categories(queries)  # the headline pools these;
 students = {"base": resolve_model_path(base_model), "domain-adapted": run.stage("03_domain_adapt") / "model",
             "fine-tuned": run.stage("04_finetune") / "model"}
 print(f"{len(queries)} {eval_split} queries ({', '.join(independent)}) and {len(synthetic)} held-out synthetic "
-      f"queries over {len(items)} items")
+      f"queries over {len(items)} items; {evaluate.hybrid_label(hybrid)} from {hybrid['from']}")
 
 # %% [markdown]
 # ## Leakage guard
@@ -93,7 +95,8 @@ leakage_check
 # %%
 encoders = evaluate.dense_encoders(students, run.stage("05_export") / "model-int8.onnx" if include_onnx else None,
                                    eval_max_seq_length)
-scores = evaluate.score_systems(encoders, [q["text"] for q in queries + synthetic], [i["text"] for i in items], rrf_k)
+scores = evaluate.score_systems(encoders, [q["text"] for q in queries + synthetic], [i["text"] for i in items],
+                                scoring.rrf_k, scoring.fusion, scoring.dense_weight)
 teacher_scores = evaluate.teacher_scores(run.stage("01_teacher"), queries, items)  # corpus queries only
 systems = ["bm25", *students, "hybrid", *(["onnx-int8"] if include_onnx else []), "teacher"]
 per_query = evaluate.per_query_frame(scores, teacher_scores, queries, synthetic, items, systems, scoring)
@@ -180,6 +183,7 @@ metrics = {
     "queries_by_category": per_query[per_query.system == "base"]["category"].value_counts().sort_index().to_dict(),
     "headline_categories": independent,
     "systems": systems,
+    "hybrid": hybrid,
     "metrics": headline_metrics,
     "headline": headline,
     "headline_ci": {s: ci["all"][s] for s in systems},

@@ -83,11 +83,19 @@ def test_bm25_finds_an_item_by_its_own_words():
     assert not scores[2].any()
 
 
-def test_reciprocal_rank_fusion_by_hand():
-    a = np.array([[3.0, 2.0, 1.0]])  # ranks 1, 2, 3
-    b = np.array([[1.0, 3.0, 2.0]])  # ranks 3, 1, 2
-    fused = evaluate.rrf_scores([a, b], k=1)
-    assert fused[0] == pytest.approx([1 / 2 + 1 / 4, 1 / 3 + 1 / 2, 1 / 4 + 1 / 3])
+def test_stage_06s_hybrid_is_the_saved_indexs_fusion_or_rrf_without_one(tmp_path):
+    (tmp_path / "index").mkdir()
+    assert evaluate.hybrid_setting(tmp_path / "index", 30) == {"fusion": "rrf", "dense_weight": 0.5, "rrf_k": 30,
+                                                                "from": "rrf_k parameter (no saved index)"}
+    (tmp_path / "index" / "retriever.json").write_text('{"mode": "hybrid", "fusion": "weighted", "dense_weight": 0.6, "rrf_k": 60}')
+    setting = evaluate.hybrid_setting(tmp_path / "index", 30)
+    assert (setting["fusion"], setting["dense_weight"], setting["rrf_k"]) == ("weighted", 0.6, 60)
+    assert evaluate.hybrid_label(setting) == "hybrid (BM25 + fine-tuned, weighted 0.6 dense)"
+    vectors = lambda texts: np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # the query's vector is the fire item's
+    systems = lambda weight: evaluate.score_systems({"fine-tuned": vectors}, ["stone"], ["fire burns", "a gaze of stone"],
+                                                    60, "weighted", weight)
+    assert systems(0.6)["bm25"][0].argmax() == 1 and systems(0.6)["fine-tuned"][0].argmax() == 0
+    assert systems(0.6)["hybrid"][0] == pytest.approx([0.6, 0.4]) and systems(0.3)["hybrid"][0] == pytest.approx([0.3, 0.7])
 
 
 def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_queries():

@@ -9,7 +9,7 @@ import torch
 
 from lib import cpu, export
 from lib.paths import REPO_ROOT
-from lib.search import Retriever, exact_top_k
+from lib.search import Bm25, Retriever, exact_top_k, fuse, min_max, rrf_scores
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +97,74 @@ def test_saved_retriever_gives_identical_results(retriever, onnx_dir, student_pa
     assert loaded.retrieve_many(queries, 5, ["power"]) == retriever.retrieve_many(queries, 5, ["power"])
     with pytest.raises(FileNotFoundError, match="retriever.json not found"):
         Retriever.load(tmp_path / "nowhere")
+
+
+def test_reciprocal_rank_fusion_and_weighted_fusion_by_hand():
+    a = np.array([[3.0, 2.0, 1.0]])  # ranks 1, 2, 3
+    b = np.array([[1.0, 3.0, 2.0]])  # ranks 3, 1, 2
+    assert rrf_scores([a, b], k=1)[0] == pytest.approx([1 / 2 + 1 / 4, 1 / 3 + 1 / 2, 1 / 4 + 1 / 3])
+    assert fuse(a, b, "rrf", rrf_k=1)[0] == pytest.approx([1 / 2 + 1 / 4, 1 / 3 + 1 / 2, 1 / 4 + 1 / 3])
+    # min-max per row: a → [1, .5, 0], b → [0, 1, .5]; -inf (not reached by HNSW) counts as the row's minimum
+    assert fuse(a, b, "weighted", 0.8)[0] == pytest.approx([0.8, 0.6, 0.1])
+    assert min_max(np.array([[2.0, -np.inf, 4.0]]))[0] == pytest.approx([0.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="unknown fusion 'max'"):
+        fuse(a, b, "max")
+
+
+def test_every_search_mode_and_the_saved_bm25(retriever, onnx_dir, student_path, tmp_path):
+    name_query = "Acolyte"
+    for mode, score_type in [("dense", "cosine"), ("bm25", "bm25"), ("hybrid", "rrf")]:
+        hits = retriever.retrieve(name_query, 3, ["monster"], mode)
+        assert hits[0]["id"] == "monster:acolyte" and {h["score_type"] for h in hits} == {score_type}, mode
+        assert {h["type"] for h in hits} == {"monster"}
+    hybrid = retriever.retrieve(name_query, 3, mode="hybrid")[0]
+    assert hybrid["cosine"] == pytest.approx(retriever.retrieve(name_query, 1, mode="dense")[0]["score"], abs=1e-5)
+    assert hybrid["bm25"] == pytest.approx(retriever.retrieve(name_query, 1, mode="bm25")[0]["score"], abs=1e-5)
+    with pytest.raises(ValueError, match="unknown search mode 'fuzzy'"):
+        retriever.retrieve(name_query, mode="fuzzy")
+    weighted = Retriever(retriever.encoder, mode="hybrid", fusion="weighted", dense_weight=0.7)
+    weighted.set_vectors(retriever.items, retriever.vectors)
+    weighted.save(tmp_path / "index", {"backend": "onnx-fp32", "model_dir": student_path, "export_dir": onnx_dir})
+    assert (tmp_path / "index" / "bm25").is_dir()
+    loaded = Retriever.load(tmp_path / "index", max_seq_length=128)
+    assert (loaded.mode, loaded.fusion, loaded.dense_weight) == ("hybrid", "weighted", 0.7)
+    queries = ["a fire spell", "a creature that turns people to stone"]
+    assert loaded.retrieve_many(queries, 5) == weighted.retrieve_many(queries, 5)
+    assert loaded.retrieve(queries[0])[0]["score_type"] == "weighted"
+    assert Bm25.load(tmp_path / "index" / "bm25").scores(queries).shape == (2, len(retriever.items))
+
+
+def test_hybrid_over_hnsw_agrees_with_exact_at_the_top(retriever, srd_slice):
+    hnsw = Retriever(retriever.encoder, hnsw_threshold=1, mode="hybrid", fusion="weighted", dense_weight=0.6)
+    hnsw.set_vectors(retriever.items, retriever.vectors)
+    exact = Retriever(retriever.encoder, mode="hybrid", fusion="weighted", dense_weight=0.6)
+    exact.set_vectors(retriever.items, retriever.vectors)
+    queries = ["a fire spell", "a dragon", "a healing prayer"]
+    assert [[h["id"] for h in row] for row in hnsw.retrieve_many(queries, 5)] == \
+        [[h["id"] for h in row] for row in exact.retrieve_many(queries, 5)]
+
+
+def test_the_default_search_is_the_best_on_dev(retriever, srd_slice):
+    items, queries = srd_slice[0], srd_slice[1]
+    dev = [q for q in queries if q["split"] != "train"][:12]
+    table = export.search_settings_table(retriever, {"dev": dev, "test": dev[:4]}, items, [0.3, 0.7])
+    assert list(table["mode"]) == ["dense", "hybrid", "hybrid", "hybrid", "bm25"]
+    assert list(table["fusion"]) == ["rrf", "rrf", "weighted", "weighted", "rrf"]
+    assert table["dev ndcg@10"].between(0, 1).all() and "test ndcg@10" in table
+    best = export.best_search_setting(table)
+    assert table.loc[table["dev ndcg@10"].idxmax(), "mode"] == best["mode"]
+    assert retriever.mode == "dense"  # left as it was
+
+
+def test_the_server_keeps_the_indexs_backend_unless_this_cpu_cannot_run_it(monkeypatch):
+    from lib import serve
+
+    gate = {"torch-fp32": {"passed": True, "items_per_second": 10}, "onnx-int8": {"passed": True, "items_per_second": 30},
+            "onnx-fp32": {"passed": True, "items_per_second": 20}}
+    assert serve.serving_backend("onnx-int8", gate) == ("onnx-int8", "")
+    monkeypatch.setattr(export, "bf16_supported", lambda flags=None: False)
+    backend, note = serve.serving_backend("torch-bf16", gate)
+    assert backend == "onnx-int8" and "does not run natively here" in note
 
 
 def test_empty_retriever_says_what_to_do(onnx_dir):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 
+import pandas as pd
 import pytest
 from conftest import json_numbers
 
@@ -71,6 +72,36 @@ def test_the_terminal_shows_every_stage_working(smoke):
     for expected in ["mlm: step ", "fine-tuning: step ", "metrics of fine-tuned", "parity gate: onnx-int8"]:
         assert expected in log, expected
     assert re.search(r"fine-tuning: step \d+/\d+ · loss [\d.]+ · [\d.]+ s/step · \S+ elapsed, ≤\S+ left", log)
+
+
+@pytest.mark.slow
+def test_the_saved_index_reproduces_stage_06s_hybrid_and_its_choice_was_made_on_dev(smoke):
+    """The Retriever in hybrid mode (torch fp32, the index's fusion) scores the test queries as stage 06's hybrid does;
+    retrieve() with each query's target types returns the same top 10."""
+    from lib.evaluate import evaluate_scores, headline_categories
+    from lib.search import Retriever
+
+    runs = smoke["runs"]
+    evaluation = json.loads((stage_dir(RUN, "06_evaluate", runs) / "metrics.json").read_text())
+    search = json.loads((stage_dir(RUN, "05_export", runs) / "metrics.json").read_text())["search"]
+    retriever = Retriever.load(stage_dir(RUN, "05_export", runs) / "index", backend="torch-fp32")  # its 128 tokens
+    assert search["chosen_on"] == "dev" and search["queries"]["dev"] > 0 and retriever.mode == search["mode"]
+    best = max(search["settings"], key=lambda row: row["dev ndcg@10"])
+    assert (retriever.fusion, retriever.dense_weight) == (best["fusion"], best["dense_weight"]) or best["mode"] != "hybrid"
+    assert evaluation["hybrid"]["fusion"] == retriever.fusion and evaluation["hybrid"]["dense_weight"] == retriever.dense_weight
+    queries = corpus.load_queries(stage_dir(RUN, "00_corpus", runs), split="test")
+    queries = [q for q in queries if q["category"] in headline_categories(queries)]
+    texts = [q["text"] for q in queries]
+    scores = retriever.score_matrix(texts, retriever.encoder.encode(texts), "hybrid")
+    ndcg = evaluate_scores("hybrid", scores, queries, retriever.items)["ndcg@10"].mean()
+    assert abs(ndcg - evaluation["headline"]["hybrid"]["ndcg@10"]) <= 0.002
+    typed = [(q, row) for q, row in zip(queries, scores)
+             if q["meta"].get("target_types") and not {"candidates", "not_candidates"} & set(q["meta"])][:10]
+    assert typed
+    for q, row in typed:
+        allowed = pd.Series([i["type"] in q["meta"]["target_types"] for i in retriever.items])
+        expected = [retriever.items[i]["id"] for i in pd.Series(row).where(allowed).sort_values(ascending=False, kind="stable").index[:10]]
+        assert [h["id"] for h in retriever.retrieve(q["text"], 10, q["meta"]["target_types"], "hybrid")] == expected
 
 
 @pytest.mark.slow
