@@ -20,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lib import bench, corpus, cpu, export
+from lib.bench import mixed_vectors, percentiles_ms
 from lib.io import read_json
 from lib.paths import stage_dir
 from lib.search import Retriever
@@ -41,20 +42,6 @@ def cpu_peak_gflops() -> dict:
     return {"cores": cores, "ghz": round(ghz, 2), "flops_per_cycle": per_cycle, "gflops": round(cores * ghz * per_cycle, 1),
             "simd": "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "sse",
             "vnni": cpu.has_vnni(flags), "bf16": cpu.bf16_supported(flags)}
-
-
-def mixed_vectors(vectors: np.ndarray, n: int, seed: int, noise: float = 0.02) -> np.ndarray:
-    """n normalised vectors spread over the real ones: random blends of two real vectors, plus Gaussian noise."""
-    rng = np.random.default_rng(seed)
-    a, b = rng.integers(0, len(vectors), n), rng.integers(0, len(vectors), n)
-    weight = rng.uniform(0, 1, (n, 1)).astype(np.float32)
-    out = weight * vectors[a] + (1 - weight) * vectors[b] + rng.normal(0, noise, (n, vectors.shape[1])).astype(np.float32)
-    return out / np.linalg.norm(out, axis=1, keepdims=True)
-
-
-def percentiles_ms(seconds: list[float]) -> dict[str, float]:
-    """p50 and p95 in milliseconds."""
-    return {"p50": round(float(np.percentile(seconds, 50)) * 1000, 2), "p95": round(float(np.percentile(seconds, 95)) * 1000, 2)}
 
 
 def main() -> None:

@@ -8,6 +8,8 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
+
 from lib.cpu import cpu_flags, cpuinfo_field
 from lib.export import ENCODER_BACKENDS
 from lib.io import read_json, write_json, write_text
@@ -32,6 +34,20 @@ def median_seconds(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def mixed_vectors(vectors: np.ndarray, n: int, seed: int, noise: float = 0.02) -> np.ndarray:
+    """n normalised vectors spread over the real ones: random blends of two real vectors, plus Gaussian noise."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, len(vectors), n), rng.integers(0, len(vectors), n)
+    weight = rng.uniform(0, 1, (n, 1)).astype(np.float32)
+    out = weight * vectors[a] + (1 - weight) * vectors[b] + rng.normal(0, noise, (n, vectors.shape[1])).astype(np.float32)
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def percentiles_ms(seconds: list[float], levels: tuple[int, ...] = (50, 95)) -> dict[str, float]:
+    """Percentiles of durations in milliseconds: {"p50": …, "p95": …}."""
+    return {f"p{level}": round(float(np.percentile(seconds, level)) * 1000, 2) for level in levels}
 
 
 def installed(name: str) -> str:
@@ -79,9 +95,11 @@ def machine_label(info: dict) -> str:
 
 def write_result(name: str, summary: dict) -> Path:
     """Save one benchmark's summary with this machine's description under bench/results/<kind>/<name>.json."""
+    from lib.report import git_commit
+
     info = machine()
     path = RESULTS / machine_kind(info) / f"{name}.json"
-    write_json(path, {"machine": info, "machine_label": machine_label(info)} | summary)
+    write_json(path, {"machine": info, "machine_label": machine_label(info), "commit": git_commit()} | summary)
     return path
 
 
@@ -138,6 +156,9 @@ def markdown_tables() -> str:
                   f"{x['queries_ratio_to_torch_fp32']} | {min(x['passages_min_cosine'], x['queries_min_cosine'])} | "
                   f"{x['query_p50_ms']} |" for v, x in ((v, r["variants"][v]) for v in r.get("order", r["variants"]))]
         lines.append("")
+    for path in sorted(RESULTS.glob("*/serve*.json")):  # serve.json: the index's backend; serve-<backend>.json: another
+        r = read_json(path)
+        lines += [f"## Serving (`python -m lib.serve`, {r['backend']}) · {r['machine_label']}", "", markdown_serve(r), ""]
     for kind, r in results("finetune_speed").items():
         lines += [f"## Fine-tuning steps · {r['machine_label']}", "", f"Run `{r['run']}`, {r['steps']} steps of "
                   f"{r['batch_size']} rows.", "", "| variant | median step (s) | × fp32 | dev NDCG@10 |", "|---|---|---|---|"]
@@ -147,10 +168,40 @@ def markdown_tables() -> str:
     return "\n".join(lines)
 
 
+def markdown_serve(r: dict) -> str:
+    """The server's load test as a table: in-process beside HTTP at each number of concurrent clients."""
+    levels = sorted(r["http"]["search"], key=int)
+    cell = lambda x: f"{x['p50']} / {x['p95']} / {x['p99']} ms" + (f" · {x['requests_per_second']}/s" if "requests_per_second" in x else "")
+    lines = [f"`make bench` at commit {r.get('commit', '?')} on {r['machine_label']}: run `{r['run']}` grown to "
+             f"{r['items']} items, backend `{r['backend']}`, search `{r['mode']}`"
+             + (f" ({r['fusion']}{', dense weight ' + format(r['dense_weight'], 'g') if r['fusion'] == 'weighted' else ''})"
+                if r["mode"] == "hybrid" else "") + "; p50 / p95 / p99 latency · requests per second; the clients share "
+             "the machine with the server.", "",
+             "| request | in-process | " + " | ".join(f"HTTP, {c} client{'s' if c != '1' else ''}" for c in levels) + " |",
+             "|---|---|" + "---|" * len(levels),
+             f"| `/v1/search` (top 10) | {cell(r['in_process']['search'])} | " + " | ".join(cell(r["http"]["search"][c]) for c in levels) + " |",
+             f"| `/v1/embeddings`, 1 text | p50 {r['in_process']['embeddings_1_ms']} ms | "
+             + " | ".join(cell(r["http"]["embeddings_1"][c]) for c in levels) + " |",
+             f"| `/v1/embeddings`, 32 texts: texts/s | {r['in_process']['embeddings_32_texts_per_second']} | "
+             + " | ".join(str(round(r["http"]["embeddings_32"][c]["requests_per_second"] * 32, 1)) for c in levels) + " |"]
+    return "\n".join(lines)
+
+
 def main() -> None:
-    """`python -m lib.bench`: write docs/benchmarks.md from the results on disk."""
+    """`python -m lib.bench`: write docs/benchmarks.md from the results on disk, and the README's serving table."""
+    from lib.report import fill_generated
+
     write_text(DOC, markdown_tables() + "\n")
     print(f"wrote {DOC.relative_to(REPO_ROOT)}")
+    served = results("serve")
+    if served:
+        chosen = served.get(machine_kind(machine())) or next(iter(served.values()))
+        readme = REPO_ROOT / "README.md"
+        text = readme.read_text(encoding="utf-8")
+        filled = fill_generated(text, {"serve": markdown_serve(chosen)})
+        if filled != text:
+            write_text(readme, filled)
+            print("wrote README.md (serving table)")
 
 
 if __name__ == "__main__":
