@@ -278,14 +278,13 @@ class Scoring:
 def hybrid_setting(index_dir: str | Path, rrf_k: int = 60) -> dict:
     """The hybrid stage 06 scores: the saved index's fusion (chosen on dev by stage 05), else RRF with `rrf_k` (runs
     without stage 05, e.g. ablation arms)."""
-    path = Path(index_dir) / "retriever.json"
-    if not path.exists():
+    if not (Path(index_dir) / "retriever.json").exists():
         return {"fusion": "rrf", "dense_weight": 0.5, "rrf_k": rrf_k, "from": "rrf_k parameter (no saved index)"}
-    from lib.io import read_json
+    from lib.search import saved_settings
 
-    saved = read_json(path)
-    return {"fusion": saved.get("fusion", "rrf"), "dense_weight": saved.get("dense_weight", 0.5),
-            "rrf_k": saved.get("rrf_k", rrf_k), "from": "05_export/index (chosen on dev)"}
+    saved = saved_settings(index_dir)
+    return {"fusion": saved["fusion"], "dense_weight": saved["dense_weight"], "rrf_k": saved["rrf_k"],
+            "from": "05_export/index (chosen on dev)"}
 
 
 def hybrid_label(setting: dict) -> str:

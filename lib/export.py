@@ -240,23 +240,26 @@ def search_settings(dense_weights: list[float]) -> list[dict]:
 
 def search_settings_table(retriever, splits: dict[str, list[dict]], items: list[dict], dense_weights: list[float]) -> "pd.DataFrame":
     """NDCG@10 of every search setting on each split's queries (e.g. dev to choose, test to report), scored as stage 06
-    scores (each query's candidates); the retriever's own mode is left as it was."""
+    scores (each query's candidates): cosine and BM25 computed once per split, then fused per setting."""
     import pandas as pd
 
     from lib.evaluate import evaluate_scores
+    from lib.search import fuse
 
-    saved, rows = (retriever.mode, retriever.fusion, retriever.dense_weight, retriever.rrf_k), []
-    encoded = {split: ([q["text"] for q in qs], retriever.encoder.encode([q["text"] for q in qs])) for split, qs in splits.items() if qs}
-    try:
-        for setting in search_settings(dense_weights):
-            retriever.set_mode(setting["mode"], setting["fusion"], setting["dense_weight"], saved[3])
-            row = dict(setting)
-            for split, (texts, vectors) in encoded.items():
-                scores = retriever.score_matrix(texts, vectors)
-                row[f"{split} ndcg@10"] = float(evaluate_scores(split, scores, splits[split], items)["ndcg@10"].mean())
-            rows.append(row)
-    finally:
-        retriever.set_mode(*saved)
+    scored = {}
+    for split, queries in splits.items():
+        if queries:
+            texts = [q["text"] for q in queries]
+            scored[split] = (retriever.dense_scores(retriever.encoder.encode(texts)), retriever.bm25.scores(texts))
+    rows = []
+    for setting in search_settings(dense_weights):
+        row = dict(setting)
+        for split, (dense, keyword) in scored.items():
+            scores = {"dense": dense, "bm25": keyword}.get(setting["mode"])
+            if scores is None:
+                scores = fuse(dense, keyword, setting["fusion"], setting["dense_weight"], retriever.rrf_k)
+            row[f"{split} ndcg@10"] = float(evaluate_scores(split, scores, splits[split], items)["ndcg@10"].mean())
+        rows.append(row)
     return pd.DataFrame(rows)
 
 

@@ -4,6 +4,7 @@ command line `python -m lib.search --run dnd-default "a query"`."""
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from pathlib import Path
 from typing import Protocol
@@ -46,13 +47,13 @@ class Bm25:
 
         self.index = index if index is not None else bm25s.BM25()
         if texts is not None:
-            self.index.index(bm25s.tokenize(texts, stopwords="en", stemmer=self.stemmer(), show_progress=False),
+            self.index.index(bm25s.tokenize(texts, stopwords="en", stemmer=self.stemmer, show_progress=False),
                              show_progress=False)
         self.size = int(self.index.scores["num_docs"])
 
-    @staticmethod
-    def stemmer():
-        """The English Snowball stemmer (PyStemmer)."""
+    @functools.cached_property
+    def stemmer(self):
+        """The English Snowball stemmer (PyStemmer), built once per index (every search uses it)."""
         import Stemmer
 
         return Stemmer.Stemmer("english")
@@ -62,7 +63,7 @@ class Bm25:
         import bm25s
 
         vocab = self.index.vocab_dict
-        tokens = bm25s.tokenize(query_texts, stopwords="en", stemmer=self.stemmer(), return_ids=False, show_progress=False)
+        tokens = bm25s.tokenize(query_texts, stopwords="en", stemmer=self.stemmer, return_ids=False, show_progress=False)
         out = np.zeros((len(query_texts), self.size), dtype=np.float32)
         for row, words in enumerate(tokens):
             known = [w for w in words if w in vocab]
@@ -304,7 +305,7 @@ class Retriever:
         path = Path(path)
         if not (path / "retriever.json").exists():
             raise FileNotFoundError(f"{path}/retriever.json not found: save a Retriever there first (stage 05 does)")
-        settings = read_json(path / "retriever.json")
+        settings = saved_settings(path)
         spec = settings.get("encoder") or {}
         saved = spec.get("backend", "custom")
         max_seq_length = max_seq_length or spec.get("max_seq_length", 256)  # the tokens the items were embedded with
@@ -313,8 +314,8 @@ class Retriever:
                 raise ValueError(f"{path}/retriever.json: field 'encoder.backend' missing; pass an encoder to load()")
             encoder = load_encoder(backend or saved, path / spec.get("model_dir", "."), path / spec.get("export_dir", "."),
                                    max_seq_length)
-        retriever = cls(encoder, settings["hnsw_threshold"], settings["ef_search"], settings.get("mode", "dense"),
-                        settings.get("fusion", "rrf"), settings.get("dense_weight", 0.5), settings.get("rrf_k", 60))
+        retriever = cls(encoder, settings["hnsw_threshold"], settings["ef_search"], settings["mode"],
+                        settings["fusion"], settings["dense_weight"], settings["rrf_k"])
         items = read_jsonl(path / "items.jsonl", {"id": str, "type": str, "text": str})
         bm25 = Bm25.load(path / "bm25") if (path / "bm25").is_dir() else None  # indexes saved before BM25: rebuilt
         if backend and backend != saved:
@@ -323,6 +324,12 @@ class Retriever:
             retriever.set_vectors(items, np.load(path / "vectors.npy"), bm25)
         retriever.backend = backend or saved
         return retriever
+
+
+def saved_settings(index_dir: str | Path) -> dict:
+    """An index's retriever.json, with the Retriever's defaults for what an older index did not record."""
+    defaults = {"mode": "dense", "fusion": "rrf", "dense_weight": 0.5, "rrf_k": 60}
+    return defaults | read_json(Path(index_dir) / "retriever.json")
 
 
 def check_mode(mode: str) -> str:

@@ -154,6 +154,12 @@ def test_the_default_search_is_the_best_on_dev(retriever, srd_slice):
     best = export.best_search_setting(table)
     assert table.loc[table["dev ndcg@10"].idxmax(), "mode"] == best["mode"]
     assert retriever.mode == "dense"  # left as it was
+    weighted = Retriever(retriever.encoder, mode="hybrid", fusion="weighted", dense_weight=0.7)
+    weighted.set_vectors(retriever.items, retriever.vectors)
+    texts = [q["text"] for q in dev]
+    scores = weighted.score_matrix(texts, retriever.encoder.encode(texts))
+    from lib.evaluate import evaluate_scores
+    assert table.loc[3, "dev ndcg@10"] == pytest.approx(evaluate_scores("dev", scores, dev, items)["ndcg@10"].mean())
 
 
 def test_the_server_keeps_the_indexs_backend_unless_this_cpu_cannot_run_it(monkeypatch):
