@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,10 +21,9 @@ import httpx
 
 from lib import bench, corpus
 from lib.bench import mixed_vectors, percentiles_ms
-from lib.paths import REPO_ROOT, stage_dir
+from lib.paths import stage_dir
 from lib.search import Retriever
-from lib.serve import serving_backend, single_threaded_blas
-from lib.teacher import free_port
+from lib.serve import serving_backend, single_threaded_blas, start_server
 
 
 def big_index(run: str, runs_root: str | None, size: int, folder: Path, backend: str | None = None) -> Retriever:
@@ -113,22 +110,9 @@ def main() -> None:
         in_process["search"] = percentiles_ms(search_seconds, (50, 95, 99))
         retriever = None  # its memory back before the server loads its own
 
-        port = free_port()
-        with open(folder / "server.log", "w") as log:
-            server = subprocess.Popen([sys.executable, "-m", "lib.serve", "--run", args.run, "--runs-root", str(folder / "runs"),
-                                       "--index", str(folder / "index"), "--port", str(port)], cwd=REPO_ROOT,
-                                      stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
+        server, url = start_server(["--run", args.run, "--runs-root", str(folder / "runs"), "--index", str(folder / "index")],
+                                   folder / "server.log", timeout=300)
         try:
-            deadline = time.time() + 300
-            while True:
-                if server.poll() is not None or time.time() > deadline:
-                    raise SystemExit(f"the server did not start: {(folder / 'server.log').read_text()[-2000:]}")
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.5)
             model = args.run
             scenarios = {
                 "embeddings_1": ("/v1/embeddings", [{"input": q, "model": model} for q in (queries * 4)[:args.requests]]),

@@ -471,6 +471,33 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def start_server(args: list[str], log_path: str | Path, timeout: float = 180, env: dict | None = None):
+    """`python -m lib.serve <args>` on a free 127.0.0.1 port in a subprocess (output to `log_path`), returned with its
+    URL once /health answers; a RuntimeError with the log's tail if it exits or does not answer within `timeout`."""
+    import subprocess
+
+    import httpx
+
+    from lib.paths import REPO_ROOT
+    from lib.teacher import free_port
+
+    port = free_port()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "lib.serve", *args, "--port", str(port)], cwd=REPO_ROOT,
+                                   stdout=log, stderr=subprocess.STDOUT, env=env)
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + timeout
+    while process.poll() is None and time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.3)
+    process.kill()
+    process.wait()
+    raise RuntimeError(f"the server did not answer /health (exit code {process.returncode}): "
+                       f"{Path(log_path).read_text()[-2000:]}")
+
+
 def serve_main(argv: list[str]) -> None:
     """CLI: start the server."""
     import uvicorn

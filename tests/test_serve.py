@@ -9,7 +9,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import uuid
 
 import httpx
@@ -17,10 +16,10 @@ import numpy as np
 import psutil
 import pytest
 
+from lib import serve
 from lib.export import TorchEncoder
 from lib.paths import REPO_ROOT, stage_dir
 from lib.search import Retriever
-from lib.teacher import free_port
 
 RUN = "dnd-serve"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -31,22 +30,9 @@ class Server:
     """`python -m lib.serve` in a subprocess, waited for until /health answers."""
 
     def __init__(self, runs_root, log_path, extra: list[str] = (), env: dict | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        with open(log_path, "w") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "lib.serve", "--run", RUN, "--runs-root", str(runs_root),
-                                             "--port", str(self.port), *extra], cwd=REPO_ROOT, stdout=log,
-                                            stderr=subprocess.STDOUT, env=env or dict(os.environ))
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            assert self.process.poll() is None, f"server exited: {log_path.read_text()[-2000:]}"
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.3)
-        raise AssertionError(f"server did not answer /health in 180 s: {log_path.read_text()[-2000:]}")
+        self.process, self.url = serve.start_server(["--run", RUN, "--runs-root", str(runs_root), *extra], log_path, env=env)
+        self.port = int(self.url.rsplit(":", 1)[1])
 
     def stop(self) -> None:
         self.process.terminate()
