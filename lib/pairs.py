@@ -265,7 +265,7 @@ def query_rows(queries: list[dict], ids: list[str], types: list[str], vectors: n
 
 def drop_kinds(rows: list[dict], kinds: list[str]) -> list[dict]:
     """The rows whose kind (item, query:name, query:field, …) is not in `kinds`; an unknown kind is an error."""
-    unknown = set(kinds) - {r["kind"] for r in rows} - {"item", "query:field", *(f"query:{k}" for k in QUERY_KINDS)}
+    unknown = set(kinds) - {r["kind"] for r in rows} - {"item", "query:field", "query:feedback", *(f"query:{k}" for k in QUERY_KINDS)}
     if unknown:
         raise ValueError(f"drop_row_kinds: unknown row kinds {sorted(unknown)}; this run's kinds are "
                          f"{sorted({r['kind'] for r in rows})}")
@@ -279,11 +279,11 @@ def supervised_queries(train_queries: list[dict], eval_queries: list[dict], posi
     negatives kept. Those repeating or near-duplicating (word TF-IDF ≥ threshold) an evaluation query are dropped;
     returns the queries and how many were dropped."""
     close = {i for i, _, _ in near_duplicates([q["text"] for q in train_queries], [q["text"] for q in eval_queries], threshold)}
-    seen = {_normal(q["text"]) for q in eval_queries}
+    seen = {normal_text(q["text"]) for q in eval_queries}
     out = []
     for n, q in enumerate(train_queries):
         ranked = [i for i, _ in sorted(q["relevant"].items(), key=lambda kv: -kv[1]) if i not in exclude]
-        if n in close or _normal(q["text"]) in seen or not ranked:
+        if n in close or normal_text(q["text"]) in seen or not ranked:
             continue
         out.append({"qid": q["qid"], "text": q["text"], "kind": q["category"], "source_id": ranked[0],
                     "relevant": ranked[:positives_per_query], "matches": sorted(q["relevant"]),
@@ -475,7 +475,7 @@ def save_dataset(path: str | Path, rows: list[dict], num_negatives: int) -> None
         Dataset.from_dict(data).save_to_disk(str(tmp))
 
 
-def _normal(text: str) -> str:
+def normal_text(text: str) -> str:
     """Lower-case text with runs of whitespace and punctuation collapsed (for exact-match checks)."""
     return re.sub(r"[\W_]+", " ", text.lower()).strip()
 
@@ -500,11 +500,11 @@ def check_leakage(rows: list[dict], eval_queries: list[dict], held_out: set[str]
         if bad:
             raise LeakageError(f"{where} row {n} ({r['relation']}): item {bad[0]!r} is the source of an evaluation "
                                "query; it must stay out of training (check corpus.held_out_items and the exclude set)")
-    eval_text = {_normal(q["text"]): q["qid"] for q in eval_queries}
+    eval_text = {normal_text(q["text"]): q["qid"] for q in eval_queries}
     for n, r in enumerate(rows, start=1):
-        if _normal(r["anchor"]) in eval_text:
+        if normal_text(r["anchor"]) in eval_text:
             raise LeakageError(f"{where} row {n} ({r['relation']}): field 'anchor' repeats evaluation query "
-                               f"{eval_text[_normal(r['anchor'])]!r}; change the synthetic query templates")
+                               f"{eval_text[normal_text(r['anchor'])]!r}; change the synthetic query templates")
     texts = sorted({r[c] for r in rows for c in loss_columns(len(r.get("negative_ids", [])))})
     hits = near_duplicates(texts, [q["text"] for q in eval_queries], threshold)
     if hits:
@@ -522,10 +522,10 @@ def held_out_queries(queries: list[dict], train: list[dict], dev: list[dict], th
     candidates = [q for q in queries if q["qid"] in dev_qids]
     train_texts = sorted({r[c] for r in train for c in loss_columns(len(r.get("negative_ids", [])))})
     close = {j for _, j, _ in near_duplicates(train_texts, [q["text"] for q in candidates], threshold)}
-    seen = {_normal(t) for t in train_texts}
+    seen = {normal_text(t) for t in train_texts}
     return [{"qid": q["qid"], "text": q["text"], "relevant": {i: 1 for i in q["matches"]}, "expected_topics": [],
              "category": f"synthetic:{q['kind']}", "split": "dev", "meta": {"source_item": q["source_id"]}}
-            for j, q in enumerate(candidates) if j not in close and _normal(q["text"]) not in seen]
+            for j, q in enumerate(candidates) if j not in close and normal_text(q["text"]) not in seen]
 
 
 def cosines_by_relation(rows: list[dict]) -> dict[str, dict[str, list[float]]]:

@@ -364,6 +364,8 @@ def main(argv: list[str] | None = None) -> None:
     args.reports_root = str(Path(args.reports_root).resolve()) if args.reports_root else None
     if args.data:
         overrides["data_path"] = str(Path(args.data).expanduser().resolve())
+    if overrides.get("feedback_path"):  # a path from here, not from notebooks/
+        overrides["feedback_path"] = str(Path(overrides["feedback_path"]).expanduser().resolve())
     try:
         with run_lease(run_dir(run_name(args.domain, args.profile), args.runs_root)):
             run_command(args, overrides)

@@ -10,13 +10,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import hashlib
 import hmac
 import json
 import os
-import sqlite3
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from fastapi import Request  # at module level: the routes' annotations are resolved here
 
+from lib.feedback import FeedbackStore, model_version
 from lib.search import SEARCH_MODES, Retriever
 
 PAGE = Path(__file__).with_name("search_page.html")
@@ -54,16 +52,6 @@ class ApiError(Exception):
         kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}.get(self.status)
         return {"error": {"message": self.message, "type": kind or ("invalid_request_error" if self.status < 500 else "server_error"),
                           "param": self.param, "code": self.code}}
-
-
-def model_version(model_dir: str | Path) -> str:
-    """A short content hash of a model folder's weights (what a feedback row was judged against)."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(model_dir).glob("*.safetensors")) or sorted(Path(model_dir).glob("*.onnx")):
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:12]
 
 
 class MicroBatcher:
@@ -118,40 +106,6 @@ class MicroBatcher:
                 if not future.done():  # a client that went away leaves a cancelled future
                     future.set_result(vectors[start:start + len(job_texts)])
                 start += len(job_texts)
-
-
-class FeedbackStore:
-    """Judgements of search results in a sqlite file (WAL): what a later training step needs to learn from them."""
-
-    COLUMNS = ("created_at", "run", "model_version", "query", "item_id", "item_type", "judgement", "rank", "mode", "comment")
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.lock = threading.Lock()
-        self.db = sqlite3.connect(self.path, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS feedback (id INTEGER PRIMARY KEY, created_at TEXT NOT NULL, run TEXT NOT NULL, "
-                        "model_version TEXT NOT NULL, query TEXT NOT NULL, item_id TEXT NOT NULL, item_type TEXT, "
-                        "judgement INTEGER NOT NULL CHECK (judgement IN (-1, 1)), rank INTEGER, mode TEXT, comment TEXT)")
-        self.db.commit()
-
-    def add(self, row: dict) -> int:
-        """Store one judgement; return its id."""
-        with self.lock:
-            cursor = self.db.execute(f"INSERT INTO feedback ({', '.join(self.COLUMNS)}) VALUES ({', '.join('?' * len(self.COLUMNS))})",
-                                     [row.get(c) for c in self.COLUMNS])
-            self.db.commit()
-            return int(cursor.lastrowid)
-
-    def rows(self) -> list[dict]:
-        """Every judgement, oldest first."""
-        with self.lock:
-            cursor = self.db.execute(f"SELECT id, {', '.join(self.COLUMNS)} FROM feedback ORDER BY id")
-            return [dict(zip(("id", *self.COLUMNS), values)) for values in cursor.fetchall()]
-
-    def close(self) -> None:
-        self.db.close()
 
 
 def texts_of(payload: dict, limits: Limits) -> list[str]:
@@ -427,12 +381,20 @@ def serving_backend(saved: str, gate: dict) -> tuple[str, str]:
 def load_service(run: str, runs_root: str | None = None, index_dir: str | None = None, aliases: list[str] = (),
                  api_key_env: str | None = None, backend: str | None = None, limits: Limits = Limits(),
                  max_seq_length: int | None = None) -> Service:
-    """A Service over a run's saved index (05_export/index; or `index_dir`), feedback in <run>/feedback.sqlite."""
+    """A Service over a run's saved index (05_export/index; or `index_dir`), feedback in <run>/feedback.sqlite; or over
+    a release (`index_dir` = models/<domain>/<version> or …/current): its index, served as the model named by its
+    version, feedback in models/<domain>/feedback.sqlite (shared by the domain's versions, each row naming its own)."""
     from lib.io import read_json
     from lib.paths import Run
 
     folder = Run(run, runs_root).path
     index = Path(index_dir) if index_dir else folder / "05_export" / "index"
+    gate_file = index.parent / "metrics.json"
+    if (index / "manifest.json").exists() or index.name == "current":
+        from lib.release import resolve
+
+        release = resolve(index)
+        run, folder, index, gate_file = release.name, release.parent, release / "index", release / "evaluation" / "export.json"
     if not (index / "retriever.json").exists():
         raise SystemExit(f"{index}/retriever.json not found: run `make all` (stage 05) for run {run!r} first")
     api_key = None
@@ -442,8 +404,8 @@ def load_service(run: str, runs_root: str | None = None, index_dir: str | None =
             raise SystemExit(f"--api-key-env {api_key_env}: the environment variable {api_key_env} is empty or unset")
     spec = read_json(index / "retriever.json").get("encoder", {})
     if backend is None:
-        stage = index.parent / "metrics.json"
-        backend, note = serving_backend(spec.get("backend", "custom"), read_json(stage).get("backends", {}) if stage.exists() else {})
+        backend, note = serving_backend(spec.get("backend", "custom"),
+                                        read_json(gate_file).get("backends", {}) if gate_file.exists() else {})
         if note:
             print(note, file=sys.stderr)
     retriever = Retriever.load(index, backend=backend, max_seq_length=max_seq_length)
@@ -505,7 +467,8 @@ def serve_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m lib.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="dnd-default", help="run folder under the runs root, e.g. dnd-default")
     parser.add_argument("--runs-root", default=None, help="where runs live (default data/runs)")
-    parser.add_argument("--index", default=None, help="a saved Retriever folder instead of the run's 05_export/index")
+    parser.add_argument("--index", default=None, help="a saved Retriever folder instead of the run's 05_export/index, or "
+                        "a release (models/<domain>/current or models/<domain>/<version>)")
     parser.add_argument("--host", default=None, help="address to bind; without it 127.0.0.1 (this machine only). "
                         "0.0.0.0 opens it to the network: set --api-key-env too")
     parser.add_argument("--port", type=int, default=8000)
@@ -521,7 +484,7 @@ def serve_main(argv: list[str]) -> None:
     service = load_service(args.run, args.runs_root, args.index, args.model_alias, args.api_key_env, args.backend,
                            max_seq_length=args.max_seq_length)
     r = service.retriever
-    print(f"serving {args.run}: {len(r.items)} items, backend {r.backend}, search {r.mode}"
+    print(f"serving {service.run}: {len(r.items)} items, backend {r.backend}, search {r.mode}"
           f"{f' ({r.fusion})' if r.mode == 'hybrid' else ''}, model version {service.version}", flush=True)
     print(f"  page http://{host}:{args.port}/ · OpenAI base_url http://{host}:{args.port}/v1 · "
           f"API key {'required' if service.api_key else 'not required'}", flush=True)

@@ -26,12 +26,16 @@
 #    `teacher_query_scores`, the teacher embeds every training query (stage 01's backend, through its cache): a query
 #    row's negatives come from the query's own nearest items by the teacher, and every row keeps the teacher's
 #    scores of its positive and negatives (`label`, for `loss: mnrl+margin_mse` in stage 04).
-# 4. **Split** by entity group (seeded) and a **leakage check**: no item an evaluation query was built from, no
+# 4. **Search feedback** (`feedback_path`: the server's `feedback.sqlite` or its JSONL export): a 👍 item is a
+#    positive of that query, a 👎 item its hard negative (given negatives fill a row when there are enough for
+#    `num_hard_negatives`, else the row's negatives are mined). A judged query that repeats or near-duplicates an
+#    evaluation query is refused, as are items kept out of training.
+# 5. **Split** by entity group (seeded) and a **leakage check**: no item an evaluation query was built from, no
 #    evaluation query text and no near-duplicate of one in any training row — otherwise the stage fails.
 #
 # Nearest neighbours are computed a block at a time (memory-bounded); distributions are estimated from samples.
 #
-# **Reads:** `00_corpus/items.jsonl`, `queries.jsonl`, `relations.jsonl`, `01_teacher/items.npy`.
+# **Reads:** `00_corpus/items.jsonl`, `queries.jsonl`, `relations.jsonl`, `01_teacher/items.npy`, `feedback_path`.
 # **Writes:** `02_pairs/train/`, `dev/` (Hugging Face datasets with the loss columns), `train.jsonl`, `dev.jsonl`
 # (the same rows with ids, tiers and scores), `held_out_queries.jsonl` (the dev split's synthetic queries, for
 # stage 06), `stats.json`, `metrics.json`.
@@ -60,6 +64,7 @@ teacher_base_url: str = ""  # as stage 01 was given it (the key and the budget b
 teacher_api_key_env: str = ""  # the variable holding teacher_base_url's key; empty: none (OPENAI_API_KEY for OpenAI)
 teacher_max_tokens: int = 0  # the run's teacher budget in tokens, shared with stage 01 (0: no cap)
 teacher_max_cost_usd: float = 0.0  # the same in dollars (0: no cap)
+feedback_path: str = ""  # search judgements to train on: a feedback.sqlite from make serve or a JSONL export; empty: none
 drop_row_kinds: list = []  # row kinds left out of training: item, query:name, query:keywords, query:sentence, query:tags, query:field, …
 seed: int = 42  # seeds sampling, templates and the split
 # %%
@@ -67,7 +72,7 @@ import random
 
 import pandas as pd
 
-from lib import corpus, pairs, teacher
+from lib import corpus, feedback, pairs, teacher
 from lib.io import write_json, write_jsonl, write_metrics
 from lib.paths import Run, teacher_cache_path
 from lib.plots import histograms
@@ -126,6 +131,12 @@ supervised, dropped_supervised = pairs.supervised_queries(train_queries, eval_qu
 print(f"{len(supervised)} training queries from the corpus (beir train qrels, codex templates); {dropped_supervised} "
       "dropped as copies of an evaluation query or without a positive left")
 queries += supervised
+feedback_counts = {}
+if feedback_path:
+    judged, feedback_counts = feedback.training_queries(feedback.read_judgements(feedback_path), set(ids), exclude,
+                                                        eval_queries, near_duplicate_threshold, positives_per_query)
+    queries += judged
+    print(f"search feedback {feedback_counts}")
 rows = pairs.drop_kinds(item_pairs[threshold_mode] + pairs.query_rows(queries, ids, types, vectors), drop_row_kinds)
 pd.DataFrame([{"kind": q["kind"], "query": q["text"], "positives": ", ".join(names[i] for i in q["relevant"]),
                "items it fits": len(q["matches"])} for q in random.Random(seed).sample(queries, min(12, len(queries)))])
@@ -183,10 +194,12 @@ stats = {"rows": len(rows), "train": len(train), "dev": len(dev), "dropped_witho
          "held_out_items": len(held_out), "held_out_synthetic_queries": len(held_out_queries),
          "corpus_training_queries": len(supervised), "dropped_corpus_training_queries": dropped_supervised,
          "similarity_percentiles": summary, "leakage_check": checked,
-         "teacher_query_scores": teacher_query_scores, "teacher_query_usage": teacher_usage}
+         "teacher_query_scores": teacher_query_scores, "teacher_query_usage": teacher_usage,
+         "feedback": feedback_counts | ({"rows": sum(r["kind"] == "query:feedback" for r in rows),
+                                         "train_rows": sum(r["kind"] == "query:feedback" for r in train)} if feedback_path else {})}
 write_json(out_dir / "stats.json", stats)
 metrics = {k: stats[k] for k in ("rows", "train", "dev", "threshold_mode", "item_pairs_by_mode", "train_by_kind",
                                  "negatives_by_tier", "excluded_items", "held_out_synthetic_queries",
-                                 "corpus_training_queries", "teacher_query_scores")}
+                                 "corpus_training_queries", "teacher_query_scores", "feedback")}
 write_metrics(out_dir, metrics)
 metrics

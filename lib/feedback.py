@@ -1,0 +1,152 @@
+"""Judgements of search results (👍 +1 / 👎 −1 per query and item, from the search page or POST /v1/feedback): the
+sqlite store the server writes, reading it (or a JSONL export of the same rows), turning it into stage 02's training
+queries, and each model version's share of 👍 for the compare page."""
+from __future__ import annotations
+
+import hashlib
+import math
+import sqlite3
+import threading
+from pathlib import Path
+
+from lib.io import iter_jsonl
+from lib.pairs import near_duplicates, normal_text
+
+REQUIRED = {"query": str, "item_id": str, "judgement": int}
+
+
+def model_version(model_dir: str | Path) -> str:
+    """A short content hash of a model folder's weights (what a feedback row was judged against)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).glob("*.safetensors")) or sorted(Path(model_dir).glob("*.onnx")):
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+
+class FeedbackStore:
+    """Judgements of search results in a sqlite file (WAL): what a later training step needs to learn from them."""
+
+    COLUMNS = ("created_at", "run", "model_version", "query", "item_id", "item_type", "judgement", "rank", "mode", "comment")
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.Lock()
+        self.db = sqlite3.connect(self.path, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS feedback (id INTEGER PRIMARY KEY, created_at TEXT NOT NULL, run TEXT NOT NULL, "
+                        "model_version TEXT NOT NULL, query TEXT NOT NULL, item_id TEXT NOT NULL, item_type TEXT, "
+                        "judgement INTEGER NOT NULL CHECK (judgement IN (-1, 1)), rank INTEGER, mode TEXT, comment TEXT)")
+        self.db.commit()
+
+    def add(self, row: dict) -> int:
+        """Store one judgement; return its id."""
+        with self.lock:
+            cursor = self.db.execute(f"INSERT INTO feedback ({', '.join(self.COLUMNS)}) VALUES ({', '.join('?' * len(self.COLUMNS))})",
+                                     [row.get(c) for c in self.COLUMNS])
+            self.db.commit()
+            return int(cursor.lastrowid)
+
+    def rows(self) -> list[dict]:
+        """Every judgement, oldest first."""
+        with self.lock:
+            cursor = self.db.execute(f"SELECT id, {', '.join(self.COLUMNS)} FROM feedback ORDER BY id")
+            return [dict(zip(("id", *self.COLUMNS), values)) for values in cursor.fetchall()]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def read_judgements(path: str | Path) -> list[dict]:
+    """Every judgement of a feedback store: the server's sqlite file, or JSONL with one row per line ({query,
+    item_id, judgement: 1 or -1}, optionally model_version, rank, created_at); a bad row is an error naming the
+    file, line and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such feedback file; give the server's feedback.sqlite or a JSONL export "
+                                "(python -m lib.serve feedback --run <run> --export <path>)")
+    if path.suffix != ".jsonl":
+        store = FeedbackStore(path)
+        try:
+            return store.rows()
+        finally:
+            store.close()
+    rows = []
+    for line, row in iter_jsonl(path):
+        for field, kind in REQUIRED.items():
+            value = row.get(field)
+            if not isinstance(value, kind) or isinstance(value, bool) or (kind is str and not value.strip()):
+                raise ValueError(f"{path}:{line}: field {field!r} must be a non-empty {kind.__name__}, got {value!r}")
+        if row["judgement"] not in (1, -1):
+            raise ValueError(f"{path}:{line}: field 'judgement' must be 1 (a good result) or -1 (a wrong one), "
+                             f"got {row['judgement']!r}")
+        rows.append(row)
+    return rows
+
+
+def judged_queries(judgements: list[dict]) -> dict[str, dict]:
+    """Per query (by normalised text; its first spelling kept): the items judged good and wrong, the latest
+    judgement of an item counting."""
+    latest: dict[tuple[str, str], int] = {}
+    spelling: dict[str, str] = {}
+    for row in judgements:  # oldest first: a later click replaces an earlier one
+        key = normal_text(row["query"])
+        spelling.setdefault(key, row["query"].strip())
+        latest[(key, row["item_id"])] = int(row["judgement"])
+    out: dict[str, dict] = {}
+    for (key, item_id), judgement in latest.items():
+        entry = out.setdefault(key, {"text": spelling[key], "good": [], "wrong": []})
+        entry["good" if judgement > 0 else "wrong"].append(item_id)
+    return out
+
+
+def training_queries(judgements: list[dict], item_ids: set[str], exclude: set[str], eval_queries: list[dict],
+                     threshold: float, positives_per_query: int) -> tuple[list[dict], dict]:
+    """Stage 02's query form of the judgements: a 👍 item is a positive, a 👎 item a given hard negative of that
+    query. Refused, and counted: queries that repeat or near-duplicate (word TF-IDF ≥ threshold) an evaluation query,
+    items not in this corpus or kept out of training, queries with no 👍 left. Returns the queries and the counts."""
+    judged = judged_queries(judgements)
+    texts = [q["text"] for q in judged.values()]
+    seen = {normal_text(q["text"]) for q in eval_queries}
+    copies = {i for i, _, _ in near_duplicates(texts, [q["text"] for q in eval_queries], threshold)}
+    copies |= {i for i, text in enumerate(texts) if normal_text(text) in seen}
+    counts = {"judgements": len(judgements), "queries": len(judged), "refused_eval_copies": len(copies),
+              "unknown_or_held_out_items": 0, "without_positive": 0, "training_queries": 0}
+    out = []
+    for n, q in enumerate(judged.values()):
+        if n in copies:
+            continue
+        usable = lambda ids: [i for i in ids if i in item_ids and i not in exclude]
+        good, wrong = usable(q["good"]), usable(q["wrong"])
+        counts["unknown_or_held_out_items"] += len(q["good"]) + len(q["wrong"]) - len(good) - len(wrong)
+        if not good:
+            counts["without_positive"] += 1
+            continue
+        out.append({"qid": f"feedback:{n}", "text": q["text"], "kind": "feedback", "source_id": good[0],
+                    "relevant": good[:positives_per_query], "matches": sorted(good),
+                    "negatives": [[i, "hard"] for i in wrong]})
+    counts["training_queries"] = len(out)
+    return out, counts
+
+
+def wilson(positive: int, total: int, z: float = 1.96) -> list[float]:
+    """[share, low, high]: a proportion with its Wilson 95 % interval (NaNs for no data)."""
+    if total == 0:
+        return [math.nan, math.nan, math.nan]
+    share = positive / total
+    centre = (share + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(share * (1 - share) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return [share, max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def share_by_version(judgements: list[dict], versions: dict[str, str]) -> dict[str, dict]:
+    """{label: {version, judgements, positive, share [share, low, high]}} for each named model version."""
+    out = {}
+    for label, version in versions.items():
+        mine = [r for r in judgements if r.get("model_version") == version]
+        positive = sum(1 for r in mine if int(r["judgement"]) > 0)
+        out[label] = {"version": version, "judgements": len(mine), "positive": positive, "share": wilson(positive, len(mine))}
+    return out
