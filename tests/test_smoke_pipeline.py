@@ -1,5 +1,6 @@
 """Every notebook through papermill with the smoke profile, as `make smoke` runs them, with a fake
 OPENAI_API_KEY in the environment that must never show up in any artefact, report or log."""
+import html as html_module
 import json
 import math
 import os
@@ -13,7 +14,7 @@ import pandas as pd
 import pytest
 from conftest import json_numbers
 
-from lib import corpus, finetune, pairs, teacher
+from lib import corpus, feedback, finetune, pairs, release, teacher
 from lib.domains import dnd
 from lib.io import read_jsonl, write_jsonl
 from lib.paths import REPO_ROOT, STAGES, stage_dir
@@ -40,15 +41,35 @@ def _beir_folder(folder):
     return folder
 
 
+def _feedback_file(corpus_dir, path) -> dict:
+    """Search judgements as `python -m lib.serve feedback --export` writes them, on real items of the smoke corpus: per
+    monster a 👍 for it and a 👎 for the next one, and one 👍 on a test query's own text (the guard must refuse it)."""
+    items, queries = corpus.load_items(corpus_dir), corpus.load_queries(corpus_dir)
+    evaluation = [q for q in queries if q["split"] != "train"]
+    held_out, copies = pairs.kept_out_of_training(items, evaluation, 0.9)
+    monsters = [i for i in items if i["type"] == "monster" and i["id"] not in held_out | copies][:5]
+    rows = []
+    for monster, other in zip(monsters, monsters[1:]):
+        query = f"what is the {monster['name'].lower()} like in a fight"
+        rows += [{"query": query, "item_id": monster["id"], "judgement": 1}, {"query": query, "item_id": other["id"], "judgement": -1}]
+    test = next(q for q in evaluation if q["split"] == "test")
+    rows.append({"query": test["text"], "item_id": next(iter(test["relevant"])), "judgement": 1})
+    write_jsonl(path, rows)
+    return {"rows": rows, "copied_test_query": test["text"]}
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     root = tmp_path_factory.mktemp("smoke")
     env = dict(os.environ, OPENAI_API_KEY=FAKE_KEY)
     paths = {"runs": root / "runs", "reports": root / "reports", "cache": root / "cache", "log": root / "pipeline.log",
-             "beir": _beir_folder(root / "srd-spells-beir")}
+             "beir": _beir_folder(root / "srd-spells-beir"), "feedback_file": root / "feedback.jsonl"}
+    where = ["--profile", "smoke", "--runs-root", str(paths["runs"]), "--reports-root", str(paths["reports"])]
     with open(paths["log"], "w") as log:
-        _run(["all", "--profile", "smoke", "--runs-root", str(paths["runs"]), "--reports-root", str(paths["reports"]),
-              "--set", f"cache_root={paths['cache']}", "--set", f"beir_dir={paths['beir']}"], log, env)
+        _run(["stage", "00_corpus", *where], log, env)
+        paths["feedback"] = _feedback_file(stage_dir(RUN, "00_corpus", paths["runs"]), paths["feedback_file"])
+        _run(["all", *where, "--set", f"cache_root={paths['cache']}", "--set", f"beir_dir={paths['beir']}",
+              "--set", f"feedback_path={paths['feedback_file']}"], log, env)
     return paths
 
 
@@ -150,7 +171,8 @@ def test_before_and_after_are_both_reported(smoke):
 def test_training_data_has_every_kind_and_keeps_evaluation_sources_out(smoke):
     out = stage_dir(RUN, "02_pairs", smoke["runs"])
     stats = json.loads((out / "stats.json").read_text())
-    assert set(stats["train_by_kind"]) == {"item", "query:name", "query:keywords", "query:sentence", "query:tags", "query:field"}
+    assert set(stats["train_by_kind"]) - {"query:feedback"} == {"item", "query:name", "query:keywords", "query:sentence",
+                                                                "query:tags", "query:field"}
     assert stats["leakage_check"]["train"]["rows"] == stats["train"] > 0
     # the smoke profile has the teacher score every training query: the teacher's scores are the label column
     assert finetune.pairs_dataset(out / "train").column_names == pairs.loss_columns(stats["num_hard_negatives"]) + ["label"]
@@ -158,6 +180,127 @@ def test_training_data_has_every_kind_and_keeps_evaluation_sources_out(smoke):
     held_out = corpus.held_out_items(corpus.load_queries(stage_dir(RUN, "00_corpus", smoke["runs"])))
     used = {i for r in read_jsonl(out / "train.jsonl") for i in [r["anchor_id"], r["positive_id"], *r["negative_ids"]]}
     assert held_out and not held_out & used
+
+
+@pytest.mark.slow
+def test_search_feedback_becomes_training_rows_and_a_copy_of_a_test_query_is_refused(smoke):
+    """feedback file → stage 02 rows (👍 the positive, 👎 the hard negative) → stage 04 trains on them; the judged
+    query that repeats a test query makes no row, and the leakage check would refuse it if one slipped through."""
+    out = stage_dir(RUN, "02_pairs", smoke["runs"])
+    counts = json.loads((out / "metrics.json").read_text())["feedback"]
+    assert (counts["judgements"], counts["queries"], counts["refused_eval_copies"], counts["training_queries"]) == (9, 5, 1, 4)
+    judged = {(r["query"], r["item_id"]): r["judgement"] for r in smoke["feedback"]["rows"]}
+    train, dev = read_jsonl(out / "train.jsonl"), read_jsonl(out / "dev.jsonl")
+    rows = [r for r in train + dev if r["kind"] == "query:feedback"]
+    assert len(rows) == counts["rows"] == 4 and counts["train_rows"] == sum(r["kind"] == "query:feedback" for r in train) >= 1
+    for row in rows:
+        assert judged[(row["anchor"], row["positive_id"])] == 1
+        assert [judged.get((row["anchor"], n)) for n in row["negative_ids"]] == [-1] * len(row["negative_ids"])
+    copied = smoke["feedback"]["copied_test_query"]
+    assert all(pairs.normal_text(r["anchor"]) != pairs.normal_text(copied) for r in train + dev)
+    with pytest.raises(pairs.LeakageError, match="repeats evaluation query"):
+        pairs.check_leakage([rows[0] | {"anchor": copied}], corpus.load_queries(stage_dir(RUN, "00_corpus", smoke["runs"])),
+                            set(), 0.9, "feedback")
+    dataset = finetune.pairs_dataset(out / "train")
+    feedback_anchors = {r["anchor"] for r in train if r["kind"] == "query:feedback"}
+    assert feedback_anchors <= set(dataset["anchor"])
+    assert json.loads((stage_dir(RUN, "04_finetune", smoke["runs"]) / "metrics.json").read_text())["train_pairs"] == len(dataset)
+    assert "Search feedback:</b> 9 judgements on 5 queries" in (smoke["reports"] / RUN / "index.html").read_text()
+
+
+@pytest.fixture(scope="module")
+def released(smoke, tmp_path_factory):
+    """Two releases as a user makes them: the smoke run (v1), then the same run with stages 04–06 rerun under another
+    seed (v2); the two compared; then a rollback."""
+    root = tmp_path_factory.mktemp("releases")
+    models, runs2 = root / "models", root / "runs"
+    cli = lambda *args: subprocess.run([sys.executable, "-m", "lib.release", *map(str, args)], cwd=REPO_ROOT,
+                                       capture_output=True, text=True, timeout=900)
+    made = lambda runs: cli("make", "--domain", "dnd", "--profile", "smoke", "--runs-root", runs, "--root", models)
+    steps = {"first": made(smoke["runs"]), "again": made(smoke["runs"])}
+    shutil.copytree(smoke["runs"] / RUN, runs2 / RUN, ignore=shutil.ignore_patterns(".owner"))
+    with open(root / "pipeline.log", "w") as log:
+        for stage in ("04_finetune", "05_export", "06_evaluate"):
+            _run(["stage", stage, "--profile", "smoke", "--runs-root", str(runs2), "--reports-root", str(root / "reports"),
+                  "--set", f"cache_root={smoke['cache']}", "--set", "seed=7"], log, dict(os.environ))
+    steps["second"] = made(runs2)
+    versions = [p.name for p in sorted((models / "dnd").glob("v*"))]
+    steps["compare"] = subprocess.run([sys.executable, "-m", "lib.compare", str(models / "dnd" / versions[0]),
+                                       str(models / "dnd" / "current"), "--reports-root", str(smoke["reports"]),
+                                       "--samples", "2000"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    steps["list"] = cli("list", "--domain", "dnd", "--root", models)
+    steps["rollback"] = cli("rollback", "--domain", "dnd", "--root", models)
+    return {"models": models, "versions": versions, "steps": steps, "runs2": runs2}
+
+
+@pytest.mark.slow
+def test_two_releases_are_versioned_listed_compared_and_rolled_back(released, smoke):
+    steps, models, versions = released["steps"], released["models"], released["versions"]
+    for name, done in steps.items():
+        assert done.returncode == 0, f"{name}: {done.stdout[-1500:]} {done.stderr[-1500:]}"
+    assert len(versions) == 2 and versions[0].startswith("v1-") and versions[1].startswith("v2-")
+    assert "already released" in steps["again"].stdout  # the same weights are not released twice
+    assert steps["list"].stdout.splitlines()[-1].startswith(f"* {versions[1]}")
+    assert steps["rollback"].stdout.strip() == f"current: {versions[1]} → {versions[0]}"
+    assert (models / "dnd" / "current").read_text().strip() == versions[0]
+    for version in versions:
+        assert release.verify(models / "dnd" / version) == []
+        manifest = json.loads((models / "dnd" / version / "manifest.json").read_text())
+        assert manifest["headline"]["fine-tuned"]["ndcg@10"][1] <= manifest["headline"]["fine-tuned"]["ndcg@10"][0]
+        assert manifest["git_commit"] and manifest["corpus"]["fingerprint"] and manifest["packages"]["torch"]
+        assert manifest["feedback"]["rows"] == 4 and "model-int8.onnx" in " ".join(manifest["files"])
+    page = smoke["reports"] / "compare" / f"{versions[0]}-vs-{versions[1]}.html"
+    assert page.exists() and steps["compare"].stdout.splitlines()[0] in html_module.unescape(page.read_text())
+    assert re.search(rf"(No difference between {versions[1]} and {versions[0]}|{versions[1]} against {versions[0]}: )",
+                     steps["compare"].stdout)
+
+
+@pytest.mark.slow
+def test_a_release_loads_offline_serves_its_index_and_refuses_to_push_without_a_token(released, tmp_path):
+    """SentenceTransformer(<release>/model) in a clean process with every socket connection refused; the Retriever and
+    the search command from the release path; the hub push refuses without HF_TOKEN."""
+    release_dir = released["models"] / "dnd" / released["versions"][0]
+    blocked = ("import socket\n"
+               "def refuse(*a, **k): raise OSError('network blocked by the test')\n"
+               "socket.socket.connect = refuse; socket.create_connection = refuse\n"
+               "import json, sys, numpy as np\n"
+               "from sentence_transformers import SentenceTransformer\n"
+               "model = SentenceTransformer(sys.argv[1], device='cpu')\n"
+               "items = [json.loads(l) for l in open(sys.argv[2])][:20]\n"
+               "vectors = model.encode([i['text'] for i in items], normalize_embeddings=True)\n"
+               "saved = np.load(sys.argv[3])[:20]\n"
+               "print(float((vectors * saved).sum(axis=1).min()))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))} | {"HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", blocked, str(release_dir / "model"), str(release_dir / "index" / "items.jsonl"),
+                           str(release_dir / "index" / "vectors.npy")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.strip().splitlines()[-1]) > 0.99  # the index's vectors are this model's
+    from lib.search import Retriever
+
+    retriever = Retriever.load(released["models"] / "dnd" / "current")
+    assert retriever.retrieve("a creature that turns people to stone", 3) and retriever.backend
+    searched = subprocess.run([sys.executable, "-m", "lib.search", "--index", str(release_dir), "--types", "monster",
+                               "a dragon that breathes fire"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert searched.returncode == 0 and "[monster]" in searched.stdout, searched.stderr[-1500:]
+    pushed = subprocess.run([sys.executable, "-m", "lib.release", "push", str(release_dir), "--repo", "someone/codex-forge-dnd"],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert pushed.returncode != 0 and "HF_TOKEN" in pushed.stderr and "Traceback" not in pushed.stderr
+    import httpx
+
+    from lib.serve import start_server
+
+    server, url = start_server(["--index", str(released["models"] / "dnd" / "current")], tmp_path / "serve.log")
+    try:  # the server over a release: the model is named by its version, judgements go beside the releases
+        assert httpx.get(f"{url}/v1/index", timeout=30).json()["run"] == released["versions"][0]
+        hits = httpx.post(f"{url}/v1/search", json={"query": "a dragon", "top_k": 3}, timeout=60).json()["data"]
+        judged = httpx.post(f"{url}/v1/feedback", json={"query": "a dragon", "item_id": hits[0]["id"], "judgement": 1}, timeout=30)
+        assert len(hits) == 3 and judged.status_code == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert feedback.read_judgements(released["models"] / "dnd" / "feedback.sqlite")[-1]["query"] == "a dragon"
+    assert release.verify(release_dir) == []  # serving wrote nothing into the release
 
 
 @pytest.mark.slow
@@ -235,15 +378,17 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 
 @pytest.mark.slow
-def test_reports_render_in_a_real_browser(smoke, tmp_path):
-    """index.html and stage reports in headless Chromium: no console errors, no failed requests (nothing fetched
-    from a CDN: the pages open offline), no broken images; a screenshot of each."""
+def test_reports_render_in_a_real_browser(smoke, released, tmp_path):
+    """index.html, stage reports and the compare page of two releases in headless Chromium: no console errors, no
+    failed requests (nothing fetched from a CDN: the pages open offline), no broken images; a screenshot of each."""
     from playwright.sync_api import sync_playwright
 
     chromium = os.environ.get("CHROMIUM") or shutil.which("chromium")
     assert chromium, "Chromium not found: run `make setup-browser` (Debian package chromium) or set CHROMIUM"
     out = smoke["reports"] / RUN
-    pages = ["index.html", "06_evaluate.html", "07_embedding_maps.html", "04_finetune.code.html"]
+    versions = released["versions"]
+    pages = ["index.html", "06_evaluate.html", "07_embedding_maps.html", "04_finetune.code.html",
+             f"../compare/{versions[0]}-vs-{versions[1]}.html"]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         for name in pages:
@@ -264,6 +409,11 @@ def test_reports_render_in_a_real_browser(smoke, tmp_path):
         index = browser.new_page()
         index.goto((out / "index.html").as_uri(), wait_until="load")
         assert "Did it work?" in index.inner_text("body") and index.evaluate("document.images.length") >= 2
+        assert index.locator("#next").is_visible() and "lib/recommend.py" in index.inner_text("body")
+        compared = browser.new_page()
+        compared.goto((out / pages[-1]).resolve().as_uri(), wait_until="load")
+        assert versions[1] in compared.inner_text("#verdict") and compared.locator("table").count() >= 4
+        assert "Feedback from the search page (A/B)" in compared.inner_text("body")
         browser.close()
 
 
