@@ -19,10 +19,11 @@ import pandas as pd
 from lib import evaluate
 from lib.io import read_json, read_jsonl, write_text
 from lib.pairs import normal_text
-from lib.paths import PARAMS_DIR, REPORTS_DIR, Run
+from lib.paths import PARAMS_DIR, REPORTS_DIR, Run, resolve_model_path
 
 METRICS = ("ndcg@10", "mrr@10", "recall@10", "precision@1")
 MIN_QUERIES = 10
+BASE_MODELS = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "all-mpnet-base-v2")
 ALPHA = 0.05
 
 
@@ -36,12 +37,12 @@ class Side:
     settings, and when it was made."""
 
     name: str
-    domain: str
+    domain: str  # "" for a bare model (e.g. the base student): it takes the other side's queries
     model_dir: Path
-    corpus_dir: Path
+    corpus_dir: Path | None
     search: dict
     created: str
-    feedback: Path
+    feedback: Path | None
     evaluation: dict
     feedback_rows: int = 0  # training rows stage 02 made from search feedback
 
@@ -53,7 +54,8 @@ def run_domain(run: str) -> str:
 
 
 def load_side(spec: str, runs_root: str | Path | None = None) -> Side:
-    """A Side from a release path (or models/<domain>/current, or a version name) or a run name."""
+    """A Side from a release path (or models/<domain>/current, or a version name), a run name, or a bare model (the
+    base student's name, or a SentenceTransformer folder: scored on the other side's queries, base vs fine-tuned)."""
     from lib.release import ReleaseError, resolve
 
     try:
@@ -68,6 +70,8 @@ def load_side(spec: str, runs_root: str | Path | None = None) -> Side:
                     manifest.get("feedback", {}).get("rows", 0))
     run = Run(spec, runs_root)
     needed = [run.stage("04_finetune") / "model" / "modules.json", run.stage("06_evaluate") / "metrics.json"]
+    if (spec in BASE_MODELS and not run.path.is_dir()) or (Path(spec) / "modules.json").is_file():
+        return Side(Path(spec).name, "", resolve_model_path(spec), None, {"mode": "dense"}, "", None, {})
     if not all(p.exists() for p in needed):
         raise CompareError(f"{spec!r} is neither a release (models/<domain>/<version>) nor a finished run "
                            f"({', '.join(str(p) for p in needed if not p.exists())} missing): `make all` or `make releases`")
@@ -84,15 +88,18 @@ def load_side(spec: str, runs_root: str | Path | None = None) -> Side:
 def shared_queries(newer: Side, older: Side) -> tuple[list[dict], list[str]]:
     """The newer side's headline test queries that neither side trained on, and why any were dropped; a CompareError
     when fewer than MIN_QUERIES remain or the domains differ."""
-    if newer.domain != older.domain:
+    if newer.corpus_dir is None:
+        raise CompareError(f"{newer.name} and {older.name} are both bare models: one side must be a run or a release, "
+                           "whose held-out queries the two are scored on")
+    if older.domain and newer.domain != older.domain:
         raise CompareError(f"{older.name} is a {older.domain!r} model and {newer.name} a {newer.domain!r} one: they share "
                            "no evaluation queries; compare models of one domain")
     split = newer.evaluation.get("split", "test")
     categories = set(newer.evaluation.get("headline_categories", []))
     queries = [q for q in read_jsonl(newer.corpus_dir / "queries.jsonl")
                if q.get("split") == split and (not categories or q["category"] in categories)]
-    trained = {normal_text(q["text"]) for side in (newer, older) for q in read_jsonl(side.corpus_dir / "queries.jsonl")
-               if q.get("split") == "train"}
+    trained = {normal_text(q["text"]) for side in (newer, older) if side.corpus_dir
+               for q in read_jsonl(side.corpus_dir / "queries.jsonl") if q.get("split") == "train"}
     kept = [q for q in queries if normal_text(q["text"]) not in trained]
     notes = [f"{len(queries) - len(kept)} of {newer.name}'s {split} queries dropped: one side trained on them"] \
         if len(kept) < len(queries) else []
@@ -191,7 +198,8 @@ def compare(spec_a: str, spec_b: str, runs_root: str | Path | None = None, sampl
     result["wins"] = changed[changed.delta > 0].sort_values("delta", ascending=False).head(15).to_dict("records")
     result["wins_losses_ties"] = [int((changes.delta > 0).sum()), int((changes.delta < 0).sum()), int((changes.delta == 0).sum())]
     versions = {"A": model_version(a.model_dir), "B": model_version(b.model_dir)}
-    judgements = [row for path in dict.fromkeys([a.feedback, b.feedback]) if path.exists() for row in read_judgements(path)]
+    judgements = [row for path in dict.fromkeys([a.feedback, b.feedback]) if path and path.exists()
+                  for row in read_judgements(path)]
     result["feedback"] = share_by_version(judgements, versions)
     result["feedback_p"] = feedback_p(result["feedback"])
     result["trained_on_feedback"] = {"A": a.feedback_rows, "B": b.feedback_rows}

@@ -170,6 +170,16 @@ def test_the_verdict_names_what_is_better_worse_and_the_same():
     assert compare.run_domain("dnd-teacher-mpnet") == "dnd" and compare.run_domain("beir-default") == "beir"
 
 
+def test_a_bare_model_takes_the_other_sides_queries(tmp_path, student_path):
+    base = compare.load_side("all-MiniLM-L6-v2")
+    assert (base.domain, base.corpus_dir, base.created, base.model_dir) == ("", None, "", student_path)
+    tests = [{"qid": f"q{n}", "text": f"query number {n}", "category": "alias", "split": "test"} for n in range(12)]
+    run = side(tmp_path, "run", "dnd", tests)
+    assert len(compare.shared_queries(run, base)[0]) == 12  # base vs fine-tuned: the run's own held-out queries
+    with pytest.raises(compare.CompareError, match="both bare models"):
+        compare.shared_queries(base, compare.load_side(str(student_path)))
+
+
 # --- what to try next ------------------------------------------------------------------------------------------
 
 EVALUATION = {"headline": {"base": {"ndcg@10": 0.42}, "fine-tuned": {"ndcg@10": 0.60}, "teacher": {"ndcg@10": 0.50},
