@@ -200,7 +200,7 @@ def test_a_healthy_run_gets_only_the_bm25_note_it_earned():
     found = rules()
     assert set(found) == {"bm25_beats_student"}
     assert "alias" in found["bm25_beats_student"].advice and "keep the hybrid" in found["bm25_beats_student"].advice
-    assert found["bm25_beats_student"].evidence == "BM25 0.950 vs fine-tuned 0.800 NDCG@10 on alias (n = 15)"
+    assert found["bm25_beats_student"].evidence == "BM25 0.950 vs fine-tuned 0.800 and hybrid 0.970 NDCG@10 on alias (n = 15)"
     assert rules(evaluation=EVALUATION | {"queries_by_category": {"alias": 3}}) == {}  # too few queries to act on
 
 
@@ -219,3 +219,6 @@ def test_each_rule_fires_on_its_own_measurement():
     assert rules(finetune=far_apart)["dev_and_test_disagree"].evidence == "NDCG@10 gain +0.350 on dev vs +0.180 on test"
     no_hybrid = EVALUATION | {"by_category": {"alias": {"bm25": {"ndcg@10": 0.95}, "fine-tuned": {"ndcg@10": 0.80}}}}
     assert "search with the hybrid" in rules(evaluation=no_hybrid)["bm25_beats_student"].advice
+    short = EVALUATION | {"by_category": {"alias": {"bm25": {"ndcg@10": 0.95}, "fine-tuned": {"ndcg@10": 0.80},
+                                                    "hybrid": {"ndcg@10": 0.90}}}}
+    assert "does not close the gap" in rules(evaluation=short)["bm25_beats_student"].advice
