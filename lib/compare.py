@@ -229,7 +229,8 @@ def page(result: dict) -> str:
     w, l, t = result["wins_losses_ties"]
     parts.append(f"<h2>Queries that changed</h2><p>NDCG@10 per query: B wins {w}, loses {l}, ties {t}.</p>")
     for title, rows in (("B's largest wins", result["wins"]), ("B's largest losses", result["losses"])):
-        parts.append(f"<h3>{title}</h3>" + table({f"{r['qid']}": {"query": r["query"], "kind": r["category"], "A": r["A"],
+        short = lambda text: text if len(text) <= 120 else text[:119] + "…"  # stat-block queries run to a page
+        parts.append(f"<h3>{title}</h3>" + table({f"{r['qid']}": {"query": short(r["query"]), "kind": r["category"], "A": r["A"],
                                                                   "B": r["B"], "delta": r["delta"]} for r in rows},
                                                  ["query", "kind", "A", "B", "delta"]))
     feedback = result["feedback"]
