@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -51,19 +51,80 @@ def topk_by_block(rows: np.ndarray, cols: np.ndarray, k: int, block_elements: in
     return scores, index
 
 
-def neighbours_by_type(vectors: np.ndarray, types: list[str], k: int, block_elements: int = 1 << 24) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """For every item, its k nearest other items of each type: type → (cosines [n, k], item indices [n, k])."""
+def ann_top_k(rows: np.ndarray, vectors: np.ndarray, cols: np.ndarray, k: int, nprobe: int = 16, rerank: int = 4,
+              seed: int = 0, block: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Approximately the k highest cosines of every row among `vectors[cols]` (scores, positions in `cols`; best
+    first): a faiss IVF index with 4-bit product-quantised fast scan proposes k·`rerank` candidates per row, exact
+    cosines rank them. Memory: the index's codes (dims/8 bytes per column) and one block of candidates; the columns'
+    vectors are read in place, never copied whole."""
+    import faiss
+
+    dims = vectors.shape[1]
+    k = min(k, len(cols))
+    lists = int(np.clip(2 * np.sqrt(len(cols)), 16, 65536))
+    subquantizers = dims // 4 if dims % 4 == 0 else dims // 2 if dims % 2 == 0 else dims
+    index = faiss.index_factory(dims, f"IVF{lists},PQ{subquantizers}x4fs", faiss.METRIC_INNER_PRODUCT)
+    sample = np.random.default_rng(seed).choice(len(cols), min(len(cols), 40 * lists), replace=False)
+    index.train(np.ascontiguousarray(vectors[cols[np.sort(sample)]], dtype=np.float32))
+    for start in range(0, len(cols), 65536):
+        index.add(np.ascontiguousarray(vectors[cols[start:start + 65536]], dtype=np.float32))
+    faiss.extract_index_ivf(index).nprobe = min(nprobe, lists)
+    scores = np.empty((len(rows), k), np.float32)
+    positions = np.empty((len(rows), k), np.int32)
+    for start in bar(range(0, len(rows), block), desc=f"approximate neighbours among {len(cols):,}", leave=False):
+        part = np.ascontiguousarray(rows[start:start + block], dtype=np.float32)
+        _, candidates = index.search(part, min(len(cols), k * rerank))
+        exact = np.matmul(vectors[cols[np.maximum(candidates, 0)]], part[:, :, None])[:, :, 0]
+        exact[candidates < 0] = -np.inf  # fewer candidates than asked: the rest are empty
+        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        scores[start:start + block] = np.take_along_axis(exact, order, 1)
+        positions[start:start + block] = np.take_along_axis(candidates, order, 1)
+    return scores, positions
+
+
+def approximate_types(types: list[str], ann_threshold: int) -> list[str]:
+    """The item types whose nearest lists `neighbours_by_type` searches approximately (at least `ann_threshold` items)."""
+    counts = Counter(types)
+    return sorted(t for t, n in counts.items() if ann_threshold and n >= ann_threshold)
+
+
+def neighbours_by_type(vectors: np.ndarray, types: list[str], k: int, block_elements: int = 1 << 24,
+                       ann_threshold: int = 0, ann_nprobe: int = 16, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """For every item, its k nearest other items of each type: type → (cosines [n, k], item indices [n, k]). Exact,
+    except for a type with at least `ann_threshold` items (0: never), searched approximately (`ann_top_k`)."""
     types_arr = np.asarray(types)
+    approximate = approximate_types(types, ann_threshold)
     out = {}
     for t in bar(sorted(set(types)), desc="nearest neighbours per type", leave=False):
         cols = np.flatnonzero(types_arr == t)
-        scores, pos = topk_by_block(vectors, vectors[cols], min(k + 1, len(cols)), block_elements)
-        index = cols[pos]
+        if t in approximate:
+            scores, pos = ann_top_k(vectors, vectors, cols, min(k + 1, len(cols)), ann_nprobe, seed=seed)
+        else:
+            scores, pos = topk_by_block(vectors, vectors[cols], min(k + 1, len(cols)), block_elements)
+        index = cols.astype(np.int32)[pos]
+        del pos
         is_self = index == np.arange(len(vectors))[:, None]
         is_self[~is_self.any(axis=1), -1] = True  # drop self where present, else the last (k+1-th) neighbour
         width = index.shape[1] - 1
         out[t] = (scores[~is_self].reshape(-1, width), index[~is_self].reshape(-1, width).astype(np.int32))
     return out
+
+
+def ann_recall(vectors: np.ndarray, types: list[str], neighbours: dict[str, tuple[np.ndarray, np.ndarray]],
+               k: int = 10, sample: int = 1000, seed: int = 0) -> float:
+    """Recall@k of the nearest lists against exact search, on `sample` random items (mean over types)."""
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(vectors), min(sample, len(vectors)), replace=False))
+    types_arr = np.asarray(types)
+    recalls = []
+    for t, (_, index) in neighbours.items():
+        cols = np.flatnonzero(types_arr == t)
+        width = min(k, index.shape[1])
+        _, pos = topk_by_block(vectors[rows], vectors[cols], width + 1)
+        for row, exact in zip(rows, cols[pos]):
+            truth = [c for c in exact if c != row][:width]
+            recalls.append(len(set(truth) & set(index[row, :width].tolist())) / max(1, len(truth)))
+    return float(np.mean(recalls))
 
 
 def sampled_similarities(vectors: np.ndarray, types: list[str], type_a: str, type_b: str, n: int, seed: int) -> np.ndarray:
@@ -395,11 +456,12 @@ def choose_by_tiers(candidates: dict[str, list[int]], num_negatives: int) -> lis
 
 def with_negatives(row: dict, guard: set[str], chosen: list[tuple[int, str]], ids: list[str], vectors: np.ndarray,
                    anchor: np.ndarray) -> dict:
-    """The row with its guard and chosen negatives: ids, tiers and teacher cosines to the anchor's vector (the
-    source item's, or the query's own when the teacher embedded it)."""
-    return {**row, "guard_ids": sorted(guard), "negative_ids": [ids[c] for c, _ in chosen],
-            "negative_tiers": [t for _, t in chosen],
-            "negative_scores": [round(float(anchor @ vectors[c]), 4) for c, _ in chosen]}
+    """The row, given its guard and chosen negatives in place (a million rows are not copied): ids, tiers and teacher
+    cosines to the anchor's vector (the source item's, or the query's own when the teacher embedded it)."""
+    row.update({"guard_ids": sorted(guard), "negative_ids": [ids[c] for c, _ in chosen],
+                "negative_tiers": [t for _, t in chosen],
+                "negative_scores": [round(float(anchor @ vectors[c]), 4) for c, _ in chosen]})
+    return row
 
 
 def with_teacher_scores(rows: list[dict], query_vectors: dict[str, np.ndarray], ids: list[str],

@@ -56,6 +56,8 @@ num_hard_negatives: int = 3  # negatives per row, cycling hard, medium, easy
 hard_negative_min_rank: int = 3  # hard negatives start at this rank of the anchor's nearest list
 hard_negative_margin: float = 0.02  # a hard negative's cosine is at least this far below the positive's
 neighbours_k: int = 50  # length of each item's nearest list per type (positives and hard negatives)
+ann_threshold: int = 50000  # items of one type from which its nearest lists are approximate (faiss IVF, exact re-rank); 0: always exact
+ann_nprobe: int = 16  # approximate search: inverted lists visited per item (more: higher recall, slower)
 near_duplicate_threshold: float = 0.9  # word TF-IDF cosine at which a text counts as a copy of an evaluation query
 pairs_dev_fraction: float = 0.1  # entity groups whose rows go to dev (eval loss during training)
 teacher_query_scores: bool = False  # embed every training query with stage 01's teacher (same cache): negatives mined around the query, teacher scores saved for distillation
@@ -64,6 +66,9 @@ teacher_base_url: str = ""  # as stage 01 was given it (the key and the budget b
 teacher_api_key_env: str = ""  # the variable holding teacher_base_url's key; empty: none (OPENAI_API_KEY for OpenAI)
 teacher_max_tokens: int = 0  # the run's teacher budget in tokens, shared with stage 01 (0: no cap)
 teacher_max_cost_usd: float = 0.0  # the same in dollars (0: no cap)
+teacher_max_concurrency: int = 4  # requests in flight at once to the endpoint, as in stage 01
+teacher_requests_per_minute: int = 0  # the endpoint's rate limit in requests (0: none)
+teacher_tokens_per_minute: int = 0  # the endpoint's rate limit in tokens (0: none)
 feedback_path: str = ""  # search judgements to train on: a feedback.sqlite from make serve or a JSONL export; empty: none
 drop_row_kinds: list = []  # row kinds left out of training: item, query:name, query:keywords, query:sentence, query:tags, query:field, …
 seed: int = 42  # seeds sampling, templates and the split
@@ -113,7 +118,15 @@ pd.DataFrame(summary).T.join(pd.DataFrame({f"{mode} {side}": {rel: t[side] for r
 # ## Item pairs per relation, both modes
 
 # %%
-neighbours = pairs.neighbours_by_type(vectors, types, neighbours_k)
+neighbours = pairs.neighbours_by_type(vectors, types, neighbours_k, ann_threshold=ann_threshold, ann_nprobe=ann_nprobe,
+                                      seed=seed)
+approximate = pairs.approximate_types(types, ann_threshold)
+ann = {"types": approximate, "recall@10": round(pairs.ann_recall(vectors, types, {t: neighbours[t] for t in approximate},
+                                                                seed=seed), 4),
+       "sample": min(1000, len(ids))} if approximate else {}
+if ann:
+    print(f"nearest lists of {', '.join(approximate)} are approximate: recall@10 against exact {ann['recall@10']:.3f} "
+          f"on {ann['sample']} items" + (" — low: raise ann_nprobe" if ann["recall@10"] < 0.9 else ""))
 item_pairs = {mode: pairs.mine_item_pairs(ids, types, neighbours, th, positives_per_anchor, exclude)
               for mode, th in thresholds.items()}
 mode_counts = {mode: pairs.pair_counts(rows) for mode, rows in item_pairs.items()}
@@ -150,7 +163,9 @@ if teacher_query_scores:  # the teacher's own view of each training query: its v
     query_vectors, teacher_usage = teacher.run_teacher_query_vectors(
         teacher_dir, sorted({r["anchor"] for r in rows if r["anchor"]}), teacher_cache_path(cache_root or None),
         teacher_base_url, teacher_api_key_env,
-        teacher.Budget(max_tokens=teacher_max_tokens, max_cost_usd=teacher_max_cost_usd, run=run_name))
+        teacher.Budget(max_tokens=teacher_max_tokens, max_cost_usd=teacher_max_cost_usd, run=run_name),
+        max_concurrency=teacher_max_concurrency, requests_per_minute=teacher_requests_per_minute,
+        tokens_per_minute=teacher_tokens_per_minute)
 guards = pairs.row_guards(rows, pairs.related_items(ids, items, relations), queries)
 given, rows, guards = pairs.given_negatives(rows, guards, queries, ids, vectors, num_hard_negatives, exclude)
 rows, dropped = pairs.add_negatives(rows, guards, ids, types, vectors, neighbours, thresholds[threshold_mode],
@@ -193,13 +208,13 @@ stats = {"rows": len(rows), "train": len(train), "dev": len(dev), "dropped_witho
          "negatives_by_tier": tiers, "num_hard_negatives": num_hard_negatives, "excluded_items": len(exclude),
          "held_out_items": len(held_out), "held_out_synthetic_queries": len(held_out_queries),
          "corpus_training_queries": len(supervised), "dropped_corpus_training_queries": dropped_supervised,
-         "similarity_percentiles": summary, "leakage_check": checked,
+         "similarity_percentiles": summary, "leakage_check": checked, "approximate_neighbours": ann,
          "teacher_query_scores": teacher_query_scores, "teacher_query_usage": teacher_usage,
          "feedback": feedback_counts | ({"rows": sum(r["kind"] == "query:feedback" for r in rows),
                                          "train_rows": sum(r["kind"] == "query:feedback" for r in train)} if feedback_path else {})}
 write_json(out_dir / "stats.json", stats)
 metrics = {k: stats[k] for k in ("rows", "train", "dev", "threshold_mode", "item_pairs_by_mode", "train_by_kind",
                                  "negatives_by_tier", "excluded_items", "held_out_synthetic_queries",
-                                 "corpus_training_queries", "teacher_query_scores", "feedback")}
+                                 "corpus_training_queries", "teacher_query_scores", "feedback", "approximate_neighbours")}
 write_metrics(out_dir, metrics)
 metrics

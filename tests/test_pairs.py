@@ -53,6 +53,40 @@ def test_neighbours_by_type_never_lists_an_item_as_its_own_neighbour():
     assert list(near["power"][1][0]) == [1, 3, 5]  # item 0's nearest powers, by angle
 
 
+def _clustered(n: int, dims: int = 32, clusters: int = 200, seed: int = 0) -> np.ndarray:
+    """Unit vectors around `clusters` centres: neighbourhoods with structure, as real embeddings have."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dims))
+    return normalize((centres[rng.integers(0, clusters, n)] + 0.5 * rng.normal(size=(n, dims))).astype(np.float32))
+
+
+def test_approximate_neighbours_find_the_exact_ones_and_score_them_exactly():
+    vectors = _clustered(6000)
+    cols = np.arange(0, 6000, 2)
+    scores, pos = pairs.ann_top_k(vectors[:500], vectors, cols, k=10, nprobe=16)
+    exact_scores, exact_pos = pairs.topk_by_block(vectors[:500], vectors[cols], 10)
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(pos, exact_pos)])
+    assert recall >= 0.95
+    np.testing.assert_allclose(scores, np.einsum("qkd,qd->qk", vectors[cols[pos]], vectors[:500]), rtol=1e-5, atol=1e-6)
+    assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
+    assert (scores[:, 0] >= exact_scores[:, 0] - 1e-6).all() and (scores <= exact_scores + 1e-6).all()
+
+
+def test_neighbours_by_type_turns_approximate_at_the_threshold_only():
+    vectors = _clustered(3000)
+    types = ["monster"] * 2000 + ["power"] * 1000
+    assert pairs.approximate_types(types, 1500) == ["monster"]
+    assert pairs.approximate_types(types, 0) == []
+    near = pairs.neighbours_by_type(vectors, types, k=10, ann_threshold=1500)
+    exact = pairs.neighbours_by_type(vectors, types, k=10)
+    np.testing.assert_array_equal(near["power"][1], exact["power"][1])  # below the threshold: the exact lists
+    scores, index = near["monster"]
+    assert index.shape == (3000, 10) and not (index == np.arange(3000)[:, None]).any()
+    assert all(types[j] == "monster" for j in index.ravel())
+    assert pairs.ann_recall(vectors, types, {"monster": near["monster"]}, sample=300) >= 0.95
+    assert pairs.ann_recall(vectors, types, {"monster": exact["monster"]}, sample=300) == 1.0
+
+
 def test_calibrated_thresholds_are_percentiles_of_each_relation():
     vectors = normalize(np.random.default_rng(2).normal(size=(60, 8)).astype(np.float32))
     types = ["power"] * 60
