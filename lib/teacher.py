@@ -17,6 +17,7 @@ import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -414,6 +415,50 @@ def uncached(texts: list[str], cache: TeacherCache, key: tuple) -> tuple[dict[st
     return found, missing, [len(ids) for ids in token_encoding().encode_batch(missing)] if missing else []
 
 
+class RateLimiter:
+    """At most `requests_per_minute` requests and `tokens_per_minute` tokens in any `window` seconds (0: no limit):
+    `wait` blocks until one more request of so many tokens fits."""
+
+    def __init__(self, requests_per_minute: int = 0, tokens_per_minute: int = 0, window: float = 60.0):
+        self.requests_per_minute, self.tokens_per_minute, self.window = requests_per_minute, tokens_per_minute, window
+        self.sent: list[tuple[float, int]] = []  # (time, tokens) of the requests inside the window
+
+    def wait(self, tokens: int) -> float:
+        """Sleep until a request of `tokens` fits in the window, then count it; return the seconds slept."""
+        slept = 0.0
+        while True:
+            now = time.monotonic()
+            self.sent = [(t, n) for t, n in self.sent if t > now - self.window]
+            too_many = self.requests_per_minute and len(self.sent) >= self.requests_per_minute
+            too_long = self.tokens_per_minute and self.sent and sum(n for _, n in self.sent) + tokens > self.tokens_per_minute
+            if not (too_many or too_long):
+                self.sent.append((now, tokens))
+                return slept
+            pause = self.sent[0][0] + self.window - now + 1e-3  # until the oldest request leaves the window
+            time.sleep(pause)
+            slept += pause
+
+
+def commit_answered(in_flight: dict, key: tuple, missing: list[str], dim: int, cache: TeacherCache,
+                    budget: Budget) -> None:
+    """After a failure: wait for the requests still out and cache every good answer among them (counted in the
+    budget), so that a rerun asks only for what is still missing."""
+    for future in list(in_flight):
+        future.cancel()
+    for future, (batch, batch_tokens) in in_flight.items():
+        if future.cancelled() or future.exception() is not None:
+            continue
+        answer, usage = future.result()
+        try:
+            vectors = normalize(checked_vectors(answer, len(batch), dim, str(key[0])))
+        except TeacherError:
+            continue
+        cache.put(key, [missing[n] for n in batch], vectors)
+        counted = budget.spend(batch_tokens, usage["tokens"])
+        if budget.run:
+            cache.add_spent(budget.run, counted)
+
+
 def embed_cached(
     texts: list[str],
     embed: EmbedFn,
@@ -425,10 +470,13 @@ def embed_cached(
     max_input_tokens: int = 0,
     budget: Budget | None = None,
     plan: tuple[dict, list[str], list[int]] | None = None,
+    max_concurrency: int = 1,
+    limiter: RateLimiter | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Vectors for `texts` (normalised), asking `embed` only for cache misses in batches bounded by count and tokens,
-    committing each batch, checking the budget before each request. `plan` is uncached(texts, cache, key) when the
-    caller has it already.
+    up to `max_concurrency` requests at once within the `limiter`'s rate, committing each batch as it is answered,
+    checking the budget (with what is in flight) before each request. When a request fails, the answers of those still
+    in flight are committed before the error is raised. `plan` is uncached(texts, cache, key) when the caller has it.
 
     `max_input_tokens` > 0 truncates longer texts (cl100k tokens, with a counted warning); the cache keys on the full text."""
     budget = budget or Budget()
@@ -443,21 +491,36 @@ def embed_cached(
     reported, retries, requests = 0, 0, 0
     dim = next(iter(found.values())).shape[0] if found else 0  # the first answer fixes it when nothing is cached
     progress = bar(total=len(missing), desc=label, unit="text", disable=not missing)
-    for batch in token_batches(counts, batch_size, max_batch_tokens):
-        batch_tokens = sum(counts[n] for n in batch)
-        budget.check(batch_tokens, f"{label}: the next request")
-        answer, usage = embed([requested[n] for n in batch])
-        vectors = normalize(checked_vectors(answer, len(batch), dim, str(key[0])))
-        dim, originals = vectors.shape[1], [missing[n] for n in batch]
-        cache.put(key, originals, vectors)
-        found.update({text_hash(t): v for t, v in zip(originals, vectors)})
-        reported, retries, requests = reported + (usage["tokens"] or 0), retries + usage["retries"], requests + 1
-        counted = budget.spend(batch_tokens, usage["tokens"])
-        if budget.run:
-            cache.add_spent(budget.run, counted)
-        budget.refuse_past_cap(budget.spent_tokens, "the endpoint's reported usage passed the cap",
-                               "The last answer is cached; nothing more was requested")
-        progress.update(len(batch))
+    batches = token_batches(counts, batch_size, max_batch_tokens)
+    limiter = limiter or RateLimiter()
+    in_flight: dict = {}  # future → (batch, its tokens)
+    with ThreadPoolExecutor(max(1, max_concurrency), thread_name_prefix="teacher") as pool:
+        try:
+            while batches or in_flight:
+                while batches and len(in_flight) < max(1, max_concurrency):  # keep up to max_concurrency requests out
+                    batch = batches.pop(0)
+                    batch_tokens = sum(counts[n] for n in batch)
+                    budget.check(sum(t for _, t in in_flight.values()) + batch_tokens, f"{label}: the next request")
+                    limiter.wait(batch_tokens)
+                    in_flight[pool.submit(embed, [requested[n] for n in batch])] = (batch, batch_tokens)
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:  # each answer is checked and committed as it arrives, in any order
+                    batch, batch_tokens = in_flight.pop(future)
+                    answer, usage = future.result()
+                    vectors = normalize(checked_vectors(answer, len(batch), dim, str(key[0])))
+                    dim, originals = vectors.shape[1], [missing[n] for n in batch]
+                    cache.put(key, originals, vectors)
+                    found.update({text_hash(t): v for t, v in zip(originals, vectors)})
+                    reported, retries, requests = reported + (usage["tokens"] or 0), retries + usage["retries"], requests + 1
+                    counted = budget.spend(batch_tokens, usage["tokens"])
+                    if budget.run:
+                        cache.add_spent(budget.run, counted)
+                    budget.refuse_past_cap(budget.spent_tokens, "the endpoint's reported usage passed the cap",
+                                           "The last answer is cached; nothing more was requested")
+                    progress.update(len(batch))
+        except BaseException:
+            commit_answered(in_flight, key, missing, dim, cache, budget)
+            raise
     progress.close()
     stats = {"texts": len(texts), "cache_hits": len(set(texts)) - len(missing), "cache_misses": len(missing),
              "tokens_estimated": sum(counts), "tokens_reported": reported, "truncated": truncated,
@@ -577,8 +640,12 @@ def teacher_embeddings(
     passage_ids: list[str] | None = None,
     query_ids: list[str] | None = None,
     api_key_env: str = "",
+    max_concurrency: int = 1,
+    requests_per_minute: int = 0,
+    tokens_per_minute: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Passage and query vectors from the chosen teacher backend through the cache; plus counts, tokens and retries.
+    An endpoint gets up to `max_concurrency` requests at once within the rate limits (0: none); a local model one.
 
     Before any request it prints the tokens and cost of the uncached texts and refuses to start past the budget (which
     continues the run's spending kept in the cache when `budget.run` is set)."""
@@ -592,7 +659,9 @@ def teacher_embeddings(
     check_texts(queries, query_ids or [f"#{n}" for n in range(len(queries))], "query")
     max_input_tokens = OPENAI_MAX_INPUT_TOKENS if backend == "openai" else 0
     settings = {"batch_size": min(batch_size, OPENAI_MAX_BATCH_TEXTS), "max_batch_tokens": max_batch_tokens,
-                "max_input_tokens": max_input_tokens, "budget": budget}
+                "max_input_tokens": max_input_tokens, "budget": budget,
+                "max_concurrency": 1 if backend == "local" else max(1, max_concurrency),
+                "limiter": RateLimiter(requests_per_minute, tokens_per_minute)}
     cache = TeacherCache(cache_path)
     if budget.run:
         budget.spent_tokens = cache.spent(budget.run)
@@ -618,10 +687,12 @@ def teacher_embeddings(
 
 
 def run_teacher_query_vectors(teacher_dir: str | Path, texts: list[str], cache_path: str | Path, base_url: str = "",
-                              api_key_env: str = "", budget: Budget | None = None) -> tuple[dict[str, np.ndarray], dict]:
+                              api_key_env: str = "", budget: Budget | None = None,
+                              **requests: int) -> tuple[dict[str, np.ndarray], dict]:
     """Query vectors for `texts` from the teacher a run's stage 01 used (backend, model and dimensions from its
     metrics.json; `base_url` as stage 01 was given it, which metrics keep without credentials), through the same cache
-    and the run's `budget`; returns {text: vector} and the usage (tokens, cost, cache hits)."""
+    and the run's `budget`, `requests` as teacher_embeddings takes them (max_concurrency, requests_per_minute,
+    tokens_per_minute); returns {text: vector} and the usage (tokens, cost, cache hits)."""
     from lib.io import read_json
 
     used = read_json(Path(teacher_dir) / "metrics.json")
@@ -634,7 +705,7 @@ def run_teacher_query_vectors(teacher_dir: str | Path, texts: list[str], cache_p
     _, vectors, usage = teacher_embeddings(used["backend"], used["model"], passages=[], queries=texts,
                                            cache_path=cache_path, base_url=base_url or used.get("base_url", ""),
                                            dimensions=used.get("dimensions_requested", 0), budget=budget,
-                                           api_key_env=api_key_env)
+                                           api_key_env=api_key_env, **requests)
     return dict(zip(texts, vectors)), usage
 
 

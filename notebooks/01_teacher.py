@@ -42,6 +42,9 @@ teacher_max_tokens: int = 0  # budget: stop before requesting past this many tok
 teacher_max_cost_usd: float = 0.0  # budget: the same in dollars (0: no cap); make budget-reset starts the run's spending at 0
 teacher_price_per_million: float = -1.0  # USD per million tokens (-1: the OpenAI list price on api.openai.com, else 0)
 teacher_max_retries: int = 6  # per request, on 429/5xx/timeouts (exponential backoff with jitter, Retry-After honoured)
+teacher_max_concurrency: int = 4  # requests in flight at once to an endpoint (a local model takes one at a time)
+teacher_requests_per_minute: int = 0  # the endpoint's rate limit in requests (0: none)
+teacher_tokens_per_minute: int = 0  # the endpoint's rate limit in tokens (0: none)
 compare_teachers: list = []  # local SentenceTransformer folders or names scored beside the teacher on dev, e.g. [data/models/all-mpnet-base-v2]
 # %%
 import time
@@ -70,6 +73,8 @@ item_vecs, query_vecs, usage = teacher.teacher_embeddings(
     dimensions=teacher_dimensions, batch_size=teacher_batch_size, max_batch_tokens=teacher_max_batch_tokens,
     budget=budget, max_retries=teacher_max_retries,
     passage_ids=[i["id"] for i in items], query_ids=[q["qid"] for q in queries], api_key_env=teacher_api_key_env,
+    max_concurrency=teacher_max_concurrency, requests_per_minute=teacher_requests_per_minute,
+    tokens_per_minute=teacher_tokens_per_minute,
 )
 seconds = time.monotonic() - start
 print(f"{item_vecs.shape[0]} item and {query_vecs.shape[0]} query vectors of dimension {item_vecs.shape[1]} in {seconds:.0f}s")
@@ -132,6 +137,7 @@ metrics = {
     "items": int(item_vecs.shape[0]),
     "queries": int(query_vecs.shape[0]),
     "seconds": round(seconds, 1),
+    "max_concurrency": teacher_max_concurrency if teacher_backend != "local" else 1,
     "price_per_million_tokens": budget.price_per_million,
     **usage,
     "teacher_ceiling_dev": ceiling.to_dict(orient="index"),

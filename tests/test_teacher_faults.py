@@ -2,10 +2,12 @@
 keys go, answers that must never be cached (NaN, a wrong dimension, too few vectors), one-line errors that hold no key,
 and the budget on reported usage that a rerun continues."""
 import hashlib
+import importlib.util
 import json
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -15,6 +17,8 @@ from conftest import send_json
 from lib import teacher
 from lib.paths import REPO_ROOT
 
+LOOPBACK = REPO_ROOT / "bench" / "loopback_teacher.py"
+
 SECRET = "fake-test-key-0123456789abcdef"
 
 
@@ -23,8 +27,9 @@ class FaultyServer:
     `tokens_per_text` tokens a text; `fault` makes it answer NaN, a wrong dimension ("dim" from the second request on), too few vectors, a 401
     whose body echoes the request's Authorization header, or 429 forever. It records every request's header and texts."""
 
-    def __init__(self, fault: str = "", tokens_per_text: int = 4):
+    def __init__(self, fault: str = "", tokens_per_text: int = 4, latency: float = 0.0):
         self.fault, self.requests, self.tokens_per_text = fault, [], tokens_per_text
+        self.latency, self.in_flight, self.most_in_flight, self.lock = latency, 0, 0, threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -32,6 +37,12 @@ class FaultyServer:
                 pass
 
             def do_POST(self):
+                with server.lock:
+                    server.in_flight += 1
+                    server.most_in_flight = max(server.most_in_flight, server.in_flight)
+                time.sleep(server.latency)
+                with server.lock:
+                    server.in_flight -= 1
                 texts = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["input"]
                 server.requests.append({"authorization": self.headers.get("Authorization"), "texts": texts})
                 if server.fault == "401":
@@ -78,8 +89,8 @@ class FaultyServer:
 def server():
     made = []
 
-    def start(fault: str = "", tokens_per_text: int = 4) -> FaultyServer:
-        made.append(FaultyServer(fault, tokens_per_text))
+    def start(fault: str = "", tokens_per_text: int = 4, latency: float = 0.0) -> FaultyServer:
+        made.append(FaultyServer(fault, tokens_per_text, latency))
         return made[-1]
 
     yield start
@@ -202,3 +213,68 @@ def test_a_dollar_cap_at_price_zero_is_refused(server, tmp_path):
     with pytest.raises(ValueError, match="cannot work at a price of 0.*teacher_price_per_million"):
         embed(fake.url, tmp_path / "c.sqlite", budget=teacher.Budget(max_cost_usd=1.0))
     assert fake.requests == []
+
+
+def test_requests_go_out_concurrently_up_to_the_limit_and_give_the_same_vectors(server, tmp_path):
+    one, four = server(latency=0.2), server(latency=0.2)
+    sequential = embed(one.url, tmp_path / "one.sqlite")
+    concurrent = embed(four.url, tmp_path / "four.sqlite", max_concurrency=4)
+    assert one.most_in_flight == 1 and 2 <= four.most_in_flight <= 4  # 4 requests of 2 passages, then the query
+    np.testing.assert_array_equal(sequential[0], concurrent[0])
+    np.testing.assert_array_equal(sequential[1], concurrent[1])
+    assert sorted(four.texts()) == sorted(one.texts())  # each text asked once, in whatever order
+
+
+def test_the_rate_limiter_holds_requests_and_tokens_per_window():
+    by_requests = teacher.RateLimiter(requests_per_minute=2, window=0.3)
+    assert by_requests.wait(1) == 0 and by_requests.wait(1) == 0
+    assert by_requests.wait(1) > 0.2  # the third waits for the first to leave the window
+    by_tokens = teacher.RateLimiter(tokens_per_minute=10, window=0.3)
+    assert by_tokens.wait(6) == 0
+    assert by_tokens.wait(6) > 0.2
+    assert teacher.RateLimiter().wait(10**9) == 0  # no limits: never waits
+
+
+def start_loopback(latency: float, log, port: int = 0) -> tuple[subprocess.Popen, str]:
+    """bench/loopback_teacher.py in its own process (so that it can be killed), and its base_url."""
+    proc = subprocess.Popen([sys.executable, str(LOOPBACK), "--latency", str(latency), "--dim", "16", "--log", str(log),
+                             "--port", str(port)], stdout=subprocess.PIPE, text=True)
+    return proc, proc.stdout.readline().strip()
+
+
+def test_a_server_killed_mid_run_loses_no_answer_and_the_rerun_asks_only_for_the_rest(tmp_path):
+    texts, cache_path, log = [f"text number {n}" for n in range(80)], tmp_path / "c.sqlite", tmp_path / "answered.jsonl"
+    proc, url = start_loopback(0.25, log)
+    try:
+        threading.Timer(1.2, proc.kill).start()  # 40 requests of 2 texts, 4 at a time: about 2.5 s in all
+        with pytest.raises(teacher.TeacherError, match="did not answer"):
+            teacher.teacher_embeddings("openai", "fake", texts, [], cache_path, base_url=url, batch_size=2,
+                                       max_retries=0, max_concurrency=4)
+    finally:
+        proc.kill()
+        proc.wait()
+    answered = {t for line in log.read_text().splitlines() for t in json.loads(line)}
+    cache = teacher.TeacherCache(cache_path)
+    key = (teacher.endpoint_identity("openai", url), "fake", 0, "")
+    cached = cache.get(key, texts)
+    cache.close()
+    assert 0 < len(answered) < len(texts)
+    assert {teacher.text_hash(t) for t in answered} <= set(cached)  # every answer that left the server was kept
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    proc, url = start_loopback(0.0, tmp_path / "rerun.jsonl", port)  # the same endpoint, restarted
+    try:
+        vectors, _, usage = teacher.teacher_embeddings("openai", "fake", texts, [], cache_path, base_url=url,
+                                                       batch_size=2, max_retries=0, max_concurrency=4)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert usage["passages_cache_misses"] == len(texts) - len(cached)
+    np.testing.assert_allclose(vectors, np.stack([teacher_vector(t) for t in texts]), atol=1e-5)
+
+
+def teacher_vector(text: str) -> list[float]:
+    """What bench/loopback_teacher.py answers for `text` at 16 dimensions."""
+    spec = importlib.util.spec_from_file_location("loopback_teacher", LOOPBACK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.vector(text, 16)
