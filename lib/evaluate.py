@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pandas as pd
 from lib.search import Bm25, fuse
 
 KS = (1, 3, 5, 10)
+ScoreRows = Callable[[int, int], np.ndarray]  # (start, stop) → those queries' scores over every item
 
 
 def candidate_mask(queries: list[dict], item_types: list[str], item_ids: list[str] | None = None) -> np.ndarray:
@@ -51,10 +53,17 @@ def holm(p_values: dict[str, float]) -> dict[str, float]:
 
 
 def top_items(scores: np.ndarray, mask: np.ndarray, top_k: int) -> np.ndarray:
-    """Indices of the top_k items per query by score, masked items excluded (ties broken by item order)."""
+    """Indices of the top_k items per query by score, masked items excluded (ties broken by item order): a stable
+    sort of every row when top_k is a good part of it, else a partition and a sort of what reaches the k-th score."""
     scores = np.where(mask, scores, -np.inf)
     top_k = min(top_k, scores.shape[1])
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
+    if top_k * 8 >= scores.shape[1]:
+        return np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
+    kth = -np.partition(-scores, top_k - 1, axis=1)[:, top_k - 1]
+    top = np.empty((len(scores), top_k), dtype=np.int64)
+    for row, (values, floor) in enumerate(zip(scores, kth)):
+        reached = np.flatnonzero(values >= floor)  # with every item tied at the k-th score, in item order
+        top[row] = reached[np.argsort(-values[reached], kind="stable")[:top_k]]
     return top
 
 
@@ -103,18 +112,26 @@ def topic_coverage(topics: list[str], texts: list[str], aliases: dict[str, list[
     return 1 + 4 * found / len(topics)
 
 
-def evaluate_scores(system: str, scores: np.ndarray, queries: list[dict], items: list[dict], coverage_k: int = 5,
-                    aliases: dict[str, list[str]] | None = None, ks: tuple[int, ...] | list[int] = KS) -> pd.DataFrame:
-    """Per-query metrics (one row per query) of one system's (queries × items) score matrix."""
-    mask = candidate_mask(queries, [i["type"] for i in items], [i["id"] for i in items])
-    ranked = top_items(scores, mask, top_k=100)
+def evaluate_scores(system: str, scores: np.ndarray | ScoreRows, queries: list[dict], items: list[dict], coverage_k: int = 5,
+                    aliases: dict[str, list[str]] | None = None, ks: tuple[int, ...] | list[int] = KS,
+                    block_elements: int = 1 << 24) -> pd.DataFrame:
+    """Per-query metrics (one row per query) of one system's scores: a (queries × items) matrix, or a function
+    (start, stop) → those queries' rows, asked a block of queries at a time (at most `block_elements` scores) so that
+    no full matrix, nor its candidate mask, need ever exist."""
+    rows_of = scores if callable(scores) else (lambda start, stop: scores[start:stop])
+    types, ids = [i["type"] for i in items], [i["id"] for i in items]
     aliases = aliases if aliases is not None else topic_aliases(items)
+    step = max(1, block_elements // max(1, len(items)))
     rows = []
-    for q, idx, allowed in zip(queries, ranked, mask):
-        ranked_ids = [items[i]["id"] for i in idx[: int(allowed.sum())]]
-        coverage = topic_coverage(q.get("expected_topics", []), [items[i]["text"] for i in idx[:coverage_k]], aliases)
-        rows.append({"system": system, "qid": q["qid"], "category": q["category"], "top1": ranked_ids[0],
-                     **query_metrics(ranked_ids, q["relevant"], ks), f"topic_coverage@{coverage_k}": coverage})
+    for start in range(0, len(queries), step):
+        block = queries[start:start + step]
+        mask = candidate_mask(block, types, ids)
+        ranked = top_items(rows_of(start, start + len(block)), mask, top_k=100)
+        for q, idx, allowed in zip(block, ranked, mask):
+            ranked_ids = [items[i]["id"] for i in idx[: int(allowed.sum())]]
+            coverage = topic_coverage(q.get("expected_topics", []), [items[i]["text"] for i in idx[:coverage_k]], aliases)
+            rows.append({"system": system, "qid": q["qid"], "category": q["category"], "top1": ranked_ids[0],
+                         **query_metrics(ranked_ids, q["relevant"], ks), f"topic_coverage@{coverage_k}": coverage})
     return pd.DataFrame(rows)
 
 

@@ -2,7 +2,10 @@
 backends (torch fp32/bf16, onnxruntime fp32/int8) and the parity gate that decides which may be used."""
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -146,8 +149,9 @@ class OnnxEncoder:
         return np.concatenate(chunks)[np.argsort(order)]
 
 
-def load_encoder(backend: str, model_dir: str | Path, export_dir: str | Path, max_seq_length: int = 256):
-    """The encoder of one backend: torch on the SentenceTransformer folder, onnxruntime on the exported files."""
+def load_encoder(backend: str, model_dir: str | Path, export_dir: str | Path, max_seq_length: int = 256, threads: int = 0):
+    """The encoder of one backend: torch on the SentenceTransformer folder, onnxruntime on the exported files (on
+    `threads` threads; 0: onnxruntime's choice)."""
     if backend not in ENCODER_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(ENCODER_BACKENDS)}")
     if backend.startswith("torch"):
@@ -155,7 +159,79 @@ def load_encoder(backend: str, model_dir: str | Path, export_dir: str | Path, ma
     path = Path(export_dir) / ONNX_FILES[backend]
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run stage 05 (make all) first")
-    return OnnxEncoder(path, max_seq_length=max_seq_length)
+    return OnnxEncoder(path, max_seq_length=max_seq_length, threads=threads)
+
+
+_SHARD_ENCODER: dict = {}  # the encoder of a shard-encoding worker process, loaded once
+
+
+def _start_shard_worker(backend: str, model_dir: str, export_dir: str, max_seq_length: int, device: str,
+                        threads: int) -> None:
+    """Load one worker's encoder: on `device` (cpu, or cuda:N as the only GPU the process sees), `threads` CPU threads."""
+    if device.startswith("cuda:"):
+        os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+    torch.set_num_threads(threads)
+    _SHARD_ENCODER["encoder"] = load_encoder(backend, model_dir, export_dir, max_seq_length, threads)
+
+
+def _encode_shard(texts: list[str], path: str, batch_size: int) -> str:
+    """Encode one shard in a worker and save it (atomically: a killed worker leaves no partial shard)."""
+    from lib.io import atomic_path
+
+    vectors = _SHARD_ENCODER["encoder"].encode(texts, batch_size=batch_size)
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        np.save(out, vectors)
+    return path
+
+
+def shard_paths(texts: list[str], shard_dir: str | Path, shard_size: int) -> list[tuple[list[str], Path]]:
+    """The shards of `texts` and the file of each, named by position and by a hash of its texts (a shard saved for
+    other texts is never taken for these)."""
+    shards = [texts[start:start + shard_size] for start in range(0, len(texts), shard_size)]
+    digest = lambda chunk: hashlib.sha256("\x00".join(chunk).encode()).hexdigest()[:16]
+    return [(chunk, Path(shard_dir) / f"shard-{n:05d}-{digest(chunk)}.npy") for n, chunk in enumerate(shards)]
+
+
+def encode_in_shards(backend: str, model_dir: str | Path, export_dir: str | Path, texts: list[str],
+                     shard_dir: str | Path, devices: list[str], shard_size: int = 20_000, max_seq_length: int = 256,
+                     batch_size: int = 32) -> np.ndarray:
+    """Normalised embeddings of `texts` by one worker process per entry of `devices` ("cpu", or "cuda:N"), a shard of
+    `shard_size` texts at a time, each shard saved in `shard_dir` as it is done, then merged in order. A rerun takes
+    the shards already saved (a killed job resumes where it stopped); CPU workers share the cores."""
+    import multiprocessing
+
+    from lib.progress import bar
+
+    shards = shard_paths(texts, shard_dir, shard_size)
+    todo = [(chunk, path) for chunk, path in shards if not path.exists()]
+    if todo:
+        Path(shard_dir).mkdir(parents=True, exist_ok=True)
+        threads = max(1, (os.cpu_count() or 1) // sum(d == "cpu" for d in devices)) if "cpu" in devices else 1
+        context = multiprocessing.get_context("spawn")  # no forked torch or onnxruntime state
+        pools = [ProcessPoolExecutor(1, mp_context=context, initializer=_start_shard_worker,
+                                     initargs=(backend, str(model_dir), str(export_dir), max_seq_length, device, threads))
+                 for device in devices]
+        try:
+            futures = [pools[n % len(pools)].submit(_encode_shard, chunk, str(path), batch_size)
+                       for n, (chunk, path) in enumerate(todo)]
+            for future in bar(as_completed(futures), total=len(futures), desc=f"encoding {len(todo)} shards"):
+                future.result()
+        finally:
+            for pool in pools:
+                pool.shutdown(cancel_futures=True)
+    return np.concatenate([np.load(path) for _, path in shards]) if shards else np.zeros((0, 0), np.float32)
+
+
+def parity_items(items: list[dict], queries: list[dict], most: int, seed: int) -> list[dict]:
+    """The items the parity gate encodes with every backend: all of them, or above `most` a sample stratified by type
+    together with every item a query is relevant to (so that NDCG compares like with like)."""
+    from lib.maps import stratified_sample
+
+    if len(items) <= most:
+        return items
+    needed = {item_id for q in queries for item_id in q["relevant"]}
+    chosen = set(stratified_sample([i["type"] for i in items], most, seed).tolist())
+    return [item for n, item in enumerate(items) if n in chosen or item["id"] in needed]
 
 
 def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
@@ -202,7 +278,8 @@ def parity_table(model_dir: str | Path, export_dir: str | Path, items: list[dict
         start = time.perf_counter()
         vectors[backend] = encoder.encode(item_texts)
         seconds = time.perf_counter() - start
-        scores = dense_scores(encoder.encode(query_texts), vectors[backend])
+        query_vectors, item_vectors = encoder.encode(query_texts), vectors[backend]
+        scores = lambda start, stop: dense_scores(query_vectors[start:stop], item_vectors)  # a block at a time
         rows[backend] = {**parity(vectors["torch-fp32"], vectors[backend]),
                          "ndcg@10": float(evaluate_scores(backend, scores, queries, items)["ndcg@10"].mean()),
                          "items_per_second": len(items) / seconds}
@@ -240,27 +317,28 @@ def search_settings(dense_weights: list[float]) -> list[dict]:
 
 def search_settings_table(retriever, splits: dict[str, list[dict]], items: list[dict], dense_weights: list[float]) -> "pd.DataFrame":
     """NDCG@10 of every search setting on each split's queries (e.g. dev to choose, test to report), scored as stage 06
-    scores (each query's candidates): cosine and BM25 computed once per split, then fused per setting."""
+    scores (each query's candidates): cosine and BM25 computed once per block of queries, then fused per setting."""
     import pandas as pd
 
     from lib.evaluate import evaluate_scores
     from lib.search import fuse
 
-    scored = {}
+    settings = search_settings(dense_weights)
+    ndcg: dict[tuple[int, str], list] = {(n, split): [] for n in range(len(settings)) for split in splits}
+    step = max(1, (1 << 24) // max(1, len(items)))  # queries a block: at most 16 M scores held per matrix
     for split, queries in splits.items():
-        if queries:
-            texts = [q["text"] for q in queries]
-            scored[split] = (retriever.dense_scores(retriever.encoder.encode(texts)), retriever.bm25.scores(texts))
-    rows = []
-    for setting in search_settings(dense_weights):
-        row = dict(setting)
-        for split, (dense, keyword) in scored.items():
-            scores = {"dense": dense, "bm25": keyword}.get(setting["mode"])
-            if scores is None:
-                scores = fuse(dense, keyword, setting["fusion"], setting["dense_weight"], retriever.rrf_k)
-            row[f"{split} ndcg@10"] = float(evaluate_scores(split, scores, splits[split], items)["ndcg@10"].mean())
-        rows.append(row)
-    return pd.DataFrame(rows)
+        for start in range(0, len(queries), step):
+            block = queries[start:start + step]
+            texts = [q["text"] for q in block]
+            dense, keyword = retriever.dense_scores(retriever.encoder.encode(texts)), retriever.bm25.scores(texts)
+            for n, setting in enumerate(settings):
+                scores = {"dense": dense, "bm25": keyword}.get(setting["mode"])
+                if scores is None:
+                    scores = fuse(dense, keyword, setting["fusion"], setting["dense_weight"], retriever.rrf_k)
+                ndcg[n, split] += list(evaluate_scores(split, scores, block, items)["ndcg@10"])
+    return pd.DataFrame([dict(setting) | {f"{split} ndcg@10": float(np.mean(ndcg[n, split]))
+                                          for split in splits if splits[split]}
+                         for n, setting in enumerate(settings)])
 
 
 def best_search_setting(table: "pd.DataFrame", split: str = "dev") -> dict:

@@ -22,7 +22,9 @@
 # queries within `parity_max_ndcg_delta` of torch fp32. The fastest backend that passes becomes the default of
 # the saved `Retriever` index that `python -m lib.search` and `python -m lib.serve` use. The index's default search
 # (dense, BM25, or the hybrid of both by RRF or by a weighted sum of normalised scores) is the one with the best
-# NDCG@10 on the **dev** queries; its test figure is shown beside, never used to choose.
+# NDCG@10 on the **dev** queries; its test figure is shown beside, never used to choose. A corpus of more than
+# `parity_max_items` items is gated on a sample (by type, with every item a query needs) and then encoded once with
+# the chosen backend — by `encode_devices` worker processes in saved shards when given (a rerun resumes).
 #
 # **Reads:** `04_finetune/model/`, `00_corpus/items.jsonl`, `00_corpus/queries.jsonl` (dev and test splits).
 # **Writes:** `05_export/model.onnx`, `model-int8.onnx`, `tokenizer/`, `index/` (the saved Retriever),
@@ -42,8 +44,13 @@ fusion_dense_weights: list = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]  # we
 base_model: str = "all-MiniLM-L6-v2"  # the student the run started from, named on a release's model card
 model_license: str = "apache-2.0"  # the model card's licence (all-MiniLM-L6-v2's; set yours for another base model)
 data_license: str = "not stated"  # the corpus's licence, as a release's model card states it
+parity_max_items: int = 20000  # items every backend encodes for the parity gate; above it a sample by type plus every item a query needs
+encode_devices: list = []  # worker processes that encode the whole corpus for the index, one per device (e.g. cpu, cpu or cuda:0, cuda:1), in saved shards; empty: this process
+seed: int = 42  # seeds the parity sample of a large corpus
 example_queries: list = ["a creature that turns people to stone", "a spell that brings the dead back to life"]  # shown with results
 # %%
+import shutil
+
 from lib import corpus, cpu, evaluate, export
 from lib.bench import machine
 from lib.io import write_json, write_metrics
@@ -71,7 +78,10 @@ print(f"int8: {len(kept_fp32)} MatMuls kept in fp32; 7-bit weights (for CPUs wit
 # ## Parity gate: every backend against torch fp32, on the items and on the evaluation queries
 
 # %%
-gate, item_vectors = export.parity_table(model_dir, out_dir, items, queries, eval_max_seq_length, parity_min_cosine,
+parity_items = export.parity_items(items, queries, parity_max_items, seed)
+if len(parity_items) < len(items):
+    print(f"parity gate on {len(parity_items):,} of {len(items):,} items (a sample by type, with every item a query needs)")
+gate, item_vectors = export.parity_table(model_dir, out_dir, parity_items, queries, eval_max_seq_length, parity_min_cosine,
                                          parity_max_ndcg_delta)
 default_backend, skipped = export.fastest_passing(gate), export.native_backends()[1]
 print(f"default backend: {default_backend} (the fastest that passes); skipped: {skipped or 'none'}")
@@ -85,7 +95,14 @@ gate.round(4)
 # %%
 retriever = Retriever(export.load_encoder(default_backend, model_dir, out_dir, eval_max_seq_length), hnsw_threshold,
                       rrf_k=rrf_k)
-retriever.set_vectors(items, item_vectors[default_backend])
+if encode_devices:  # the whole corpus by worker processes, in shards a rerun resumes from
+    vectors = export.encode_in_shards(default_backend, model_dir, out_dir, [i["text"] for i in items],
+                                      out_dir / "item_shards", encode_devices, max_seq_length=eval_max_seq_length)
+elif len(parity_items) < len(items):
+    vectors = retriever.encoder.encode([i["text"] for i in items])
+else:
+    vectors = item_vectors[default_backend]
+retriever.set_vectors(items, vectors)
 settings = export.search_settings_table(retriever, headline_queries, items, fusion_dense_weights)
 if search_mode != "auto":
     chosen = {"mode": search_mode, "fusion": "rrf", "dense_weight": 0.5}
@@ -104,6 +121,7 @@ settings.round(4)
 # %%
 retriever.save(out_dir / "index", {"backend": default_backend, "model_dir": model_dir, "export_dir": out_dir,
                                    "max_seq_length": eval_max_seq_length})
+shutil.rmtree(out_dir / "item_shards", ignore_errors=True)  # merged into the index: no longer needed to resume
 retriever.show_examples(example_queries)
 
 # %%

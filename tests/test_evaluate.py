@@ -39,6 +39,30 @@ def test_target_types_mask_candidates():
     assert frame.loc[0, "recall@10"] == 1.0 and frame.loc[0, "map@100"] == 1.0  # the monster is never ranked
 
 
+def test_top_items_partitioned_or_sorted_give_the_same_ranking_ties_included():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, size=(40, 3000)).astype(np.float32)  # a great many ties
+    mask = rng.random((40, 3000)) > 0.3
+    mask[0, 50:] = False  # a query with fewer candidates than asked for
+    fast = evaluate.top_items(scores, mask, 100)  # 100 × 8 < 3000: the partition
+    full = np.argsort(-np.where(mask, scores, -np.inf), axis=1, kind="stable")[:, :100]
+    np.testing.assert_array_equal(fast, full)
+
+
+def test_scores_by_blocks_or_as_a_function_give_the_same_metrics():
+    rng = np.random.default_rng(1)
+    items = [{"id": f"i{n}", "type": "monster" if n % 3 else "power", "name": f"i{n}", "text": f"i{n}"} for n in range(300)]
+    queries = [{"qid": f"q{n}", "text": "", "category": "c", "relevant": {f"i{(7 * n) % 300}": 1, f"i{n}": 2},
+                "meta": {"target_types": ["monster"]} if n % 2 else {}} for n in range(25)]
+    scores = rng.normal(size=(25, 300)).astype(np.float32)
+    whole = evaluate.evaluate_scores("s", scores, queries, items)
+    asked = []
+    blocks = evaluate.evaluate_scores("s", lambda a, b: asked.append((a, b)) or scores[a:b], queries, items,
+                                      block_elements=300 * 4)
+    pd.testing.assert_frame_equal(whole, blocks)
+    assert asked[:2] == [(0, 4), (4, 8)] and asked[-1] == (24, 25)  # 4 queries a block: never the whole matrix
+
+
 def test_summarize_has_an_all_row_per_system():
     queries = [{"qid": f"q{i}", "text": "", "relevant": {"a": 1}, "category": "c1" if i else "c2"} for i in range(3)]
     items = [{"id": i, "type": "t", "name": i, "text": i} for i in "ab"]

@@ -190,3 +190,31 @@ def test_command_line_searches_a_run(retriever, onnx_dir, student_path, tmp_path
     assert "backend onnx-fp32" in done.stdout
     missing = subprocess.run([*cli[:-1], "dnd-nothing", "x"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and "run `make all`" in missing.stderr
+
+
+def test_shards_encoded_by_two_processes_match_one_and_a_rerun_resumes(tmp_path, student_path, srd_slice):
+    texts = [i["text"] for i in srd_slice[0]]  # 70
+    shard_dir = tmp_path / "shards"
+    vectors = export.encode_in_shards("torch-fp32", student_path, tmp_path, texts, shard_dir, ["cpu", "cpu"],
+                                      shard_size=30, max_seq_length=128)
+    np.testing.assert_allclose(vectors, export.TorchEncoder(student_path, 128).encode(texts), atol=1e-5)
+    shards = sorted(shard_dir.glob("shard-*.npy"))
+    assert [p.name[:11] for p in shards] == ["shard-00000", "shard-00001", "shard-00002"]
+    assert not list(shard_dir.glob(".*.tmp"))  # nothing half-written
+    kept = {p: p.stat().st_mtime_ns for p in shards[:2]}
+    shards[2].unlink()  # as if the job had been killed before the last shard
+    again = export.encode_in_shards("torch-fp32", student_path, tmp_path, texts, shard_dir, ["cpu"], shard_size=30,
+                                    max_seq_length=128)
+    np.testing.assert_array_equal(again[:60], vectors[:60])  # the saved shards were taken as they were
+    assert {p: p.stat().st_mtime_ns for p in shards[:2]} == kept and shards[2].exists()
+    changed = export.shard_paths(texts[:29] + ["another text"] + texts[30:], shard_dir, 30)
+    assert changed[0][1] not in shards and changed[1][1] == shards[1]  # a shard of other texts is never reused
+
+
+def test_a_large_corpus_is_gated_on_a_sample_that_keeps_every_item_a_query_needs(srd_slice):
+    items, queries = srd_slice[0], srd_slice[1]
+    assert export.parity_items(items, queries, len(items), seed=0) is items
+    sample = export.parity_items(items, queries, 10, seed=0)
+    needed = {i for q in queries for i in q["relevant"]}
+    assert needed <= {i["id"] for i in sample} and len(sample) < len(items)
+    assert {i["type"] for i in sample} == {i["type"] for i in items}
