@@ -24,6 +24,20 @@ def align_2d(reference: np.ndarray, moving: np.ndarray) -> np.ndarray:
     return mov @ rotation * (scale / (mov**2).sum()) + ref_mean
 
 
+def stratified_sample(labels: list[str], most: int, seed: int) -> np.ndarray:
+    """Sorted row numbers of at most `most` rows, each label keeping its share (at least one row each): all of them
+    when there are no more than `most`."""
+    if len(labels) <= most:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    labels_arr = np.asarray(labels)
+    rows = {label: np.flatnonzero(labels_arr == label) for label in sorted(set(labels))}
+    quota = {label: max(1, round(most * len(r) / len(labels))) for label, r in rows.items()}
+    while sum(quota.values()) > most and max(quota.values()) > 1:  # rounding up overshot: the largest gives way
+        quota[max(quota, key=quota.get)] -= 1
+    return np.sort(np.concatenate([rng.choice(r, quota[label], replace=False) for label, r in rows.items()]))
+
+
 def category_label(item: dict) -> str:
     """The label that colours an item on the category map: creature type, spell school, first genre, else its type."""
     meta = item.get("meta", {})
@@ -96,11 +110,12 @@ def cluster_quality(vectors: dict[str, np.ndarray], labels: list[str]) -> dict[s
 
 
 def related_pair_cosines(items: list[dict], relations: list[dict], vectors: np.ndarray) -> dict[str, float | None]:
-    """Mean cosine of the related pairs (head, tail) against all pairs of the same item types (None without
-    relations)."""
+    """Mean cosine of the related pairs (head, tail) among `items` against all pairs of the same item types (None
+    without relations)."""
+    row = {i["id"]: n for n, i in enumerate(items)}
+    relations = [r for r in relations if r["head"] in row and r["tail"] in row]  # both ends on the map
     if not relations:
         return {"related pairs": None, "all pairs of those types": None}
-    row = {i["id"]: n for n, i in enumerate(items)}
     heads, tails = [row[r["head"]] for r in relations], [row[r["tail"]] for r in relations]
     head_types, tail_types = {items[n]["type"] for n in heads}, {items[n]["type"] for n in tails}
     of_types = lambda types: [n for n, i in enumerate(items) if i["type"] in types]

@@ -20,7 +20,8 @@
 # coloured by type (monster / power) and by category (creature type / spell school), with labelled landmarks;
 # cluster quality per labelling before/after (kNN label agreement: share of each item's 10 nearest neighbours
 # with its label; cosine silhouette); how close related items (a monster and the spells it casts) sit; and the
-# cosines of held-out positive vs negative pairs (stage 02's dev rows) before/after.
+# cosines of held-out positive vs negative pairs (stage 02's dev rows) before/after. A corpus of more than
+# `map_max_items` items is mapped and measured on a sample stratified by category (the maps' titles say so).
 #
 # **Reads:** `00_corpus/`, `02_pairs/dev.jsonl`, `04_finetune/model/`.
 # **Writes:** `07_embedding_maps/umap_type.png`, `umap_category.png`, `pair_cosines.png`, `metrics.json`.
@@ -33,6 +34,7 @@ eval_max_seq_length: int = 256  # tokens per text when encoding
 umap_n_neighbors: int = 15  # UMAP neighbourhood size
 umap_min_dist: float = 0.1  # UMAP minimum distance between points
 landmark_items: list = []  # item names labelled on the maps; empty labels one item per category (up to 8)
+map_max_items: int = 20000  # most items (and held-out rows) encoded and mapped; above it a sample stratified by category, which the maps name
 seed: int = 42  # seeds UMAP
 # %%
 import pandas as pd
@@ -45,17 +47,21 @@ from lib.plots import before_after_maps, histograms
 
 run = Run(run_name, runs_root)
 out_dir = run.stage("07_embedding_maps", create=True)
-items = corpus.load_items(run.stage("00_corpus"))
+all_items = corpus.load_items(run.stage("00_corpus"))
+items = [all_items[n] for n in maps.stratified_sample([maps.category_label(i) for i in all_items], map_max_items, seed)]
 relations = corpus.load_relations(run.stage("00_corpus"))
-dev_rows = read_jsonl(run.stage("02_pairs") / "dev.jsonl")
+all_dev_rows = read_jsonl(run.stage("02_pairs") / "dev.jsonl")
+dev_rows = [all_dev_rows[n] for n in maps.stratified_sample(["row"] * len(all_dev_rows), map_max_items, seed)]
+sample_note = f" (a sample of {len(items):,} of {len(all_items):,}, stratified by category)" if len(items) < len(all_items) else ""
 labels = {"type": [i["type"] for i in items], "category": [maps.category_label(i) for i in items]}
-texts = list(dict.fromkeys([i["text"] for i in items] + [r["anchor"] for r in dev_rows]))  # every text once
+row_texts = [r[c] for r in dev_rows for c in r if c in ("anchor", "positive") or (c.startswith("negative_") and c[9:].isdigit())]
+texts = list(dict.fromkeys([i["text"] for i in items] + row_texts))  # every text once
 row_of = {t: n for n, t in enumerate(texts)}
 vectors = {name: TorchEncoder(path, eval_max_seq_length).encode(texts) for name, path in
            {"base": resolve_model_path(base_model), "fine-tuned": run.stage("04_finetune") / "model"}.items()}
 item_vectors = {name: v[: len(items)] for name, v in vectors.items()}
 landmarks = maps.landmarks(items, labels["category"], landmark_items)
-print(f"{len(items)} items, {len(dev_rows)} held-out rows; landmarks: {', '.join(landmarks.values())}")
+print(f"{len(items)} items{sample_note}, {len(dev_rows)} held-out rows; landmarks: {', '.join(landmarks.values())}")
 
 # %% [markdown]
 # ## Maps (the fine-tuned map aligned onto the base map)
@@ -65,7 +71,7 @@ points_before = maps.umap_2d(item_vectors["base"], seed, umap_n_neighbors, umap_
 points_after = maps.align_2d(points_before, maps.umap_2d(item_vectors["fine-tuned"], seed, umap_n_neighbors, umap_min_dist))
 for name, lab in labels.items():
     with atomic_path(out_dir / f"umap_{name}.png") as tmp:
-        before_after_maps(points_before, points_after, lab, f"items by {name}", landmarks).savefig(tmp, format="png", dpi=110)
+        before_after_maps(points_before, points_after, lab, f"items by {name}{sample_note}", landmarks).savefig(tmp, format="png", dpi=110)
 quality = {name: maps.cluster_quality(item_vectors, lab) for name, lab in labels.items()}
 pd.DataFrame(quality).T
 
@@ -91,7 +97,8 @@ pd.DataFrame(separation).T
 
 # %%
 metrics = {
-    "items": len(items),
+    "items": len(all_items),
+    "items_on_maps": len(items),  # a stratified sample when the corpus has more than map_max_items
     "knn10_label_agreement": {name: {"before": q["kNN-10 agreement base"], "after": q["kNN-10 agreement fine-tuned"]}
                               for name, q in quality.items()},
     "silhouette": {name: {"before": q["silhouette base"], "after": q["silhouette fine-tuned"]} for name, q in quality.items()},

@@ -48,3 +48,14 @@ def test_item_names_with_dollars_are_drawn_as_text(tmp_path):
     fig.savefig(tmp_path / "map.png")  # mathtext would raise on \badmacro
     assert [t.get_text() for t in ax.texts] == [r"$\badmacro$", "$5 or $10"]
     plt.close(fig)
+
+
+def test_a_stratified_sample_keeps_each_labels_share_and_every_label():
+    labels = ["dragon"] * 900 + ["undead"] * 90 + ["ooze"] * 10
+    assert list(maps.stratified_sample(labels, 1000, seed=0)) == list(range(1000))  # no more than asked: all, in order
+    rows = maps.stratified_sample(labels, 100, seed=0)
+    assert len(rows) == 100 and list(rows) == sorted(set(rows))
+    picked = [labels[n] for n in rows]
+    assert (picked.count("dragon"), picked.count("undead"), picked.count("ooze")) == (90, 9, 1)
+    assert set(maps.stratified_sample(labels + ["lich"], 100, seed=0)) & {1000}  # a label of one row still shows
+    assert list(maps.stratified_sample(labels, 100, seed=0)) == list(rows)  # seeded
