@@ -31,7 +31,7 @@ DONE     = $(RUNDIR)/$(1)/metrics.json
 export CODEX_FORGE_OWNER := $(shell echo $$PPID)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-browser setup-mpnet all smoke report release releases rollback compare serve test test-fast docs lab bench bench-avx2 clean clean-cache budget-reset ablation-domain ablation-finetune FORCE
+.PHONY: help setup setup-browser setup-mpnet all smoke report release releases rollback compare serve test test-fast docs lab bench bench-scale bench-avx2 clean clean-cache budget-reset ablation-domain ablation-finetune FORCE
 
 help: ## list the targets
 	@echo "codex-forge (DOMAIN=$(DOMAIN) PROFILE=$(PROFILE) → run $(RUN))"
@@ -146,6 +146,10 @@ bench: setup ## benchmarks → bench/results/<machine>/*.json and docs/benchmark
 	$(PY) bench/pair_mining.py
 	$(PY) bench/finetune_speed.py --run $(RUN) --runs-root "$(RUNS)"
 	$(PY) bench/serve_load.py --run $(RUN) --runs-root "$(RUNS)"
+	$(PY) -m lib.bench
+
+bench-scale: setup ## 100k and 1M synthetic items through stage 02 mining, teacher requests at 1-8 in flight → bench/results/<machine>/scale.json (~25 min)
+	$(PY) bench/scale.py
 	$(PY) -m lib.bench
 	$(PY) -m lib.pipeline report --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG)
 

