@@ -51,6 +51,18 @@ def topk_by_block(rows: np.ndarray, cols: np.ndarray, k: int, block_elements: in
     return scores, index
 
 
+def exact_top_k_among(rows: np.ndarray, vectors: np.ndarray, cols: np.ndarray, k: int,
+                      chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """topk_by_block among `vectors[cols]`, reading a chunk of columns at a time (never a copy of them all)."""
+    scores, positions = np.empty((len(rows), 0), np.float32), np.empty((len(rows), 0), np.int64)
+    for start in range(0, len(cols), chunk):
+        part_scores, part = topk_by_block(rows, vectors[cols[start:start + chunk]], k)
+        scores, positions = np.hstack([scores, part_scores]), np.hstack([positions, part + start])
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        scores, positions = np.take_along_axis(scores, order, 1), np.take_along_axis(positions, order, 1)
+    return scores, positions
+
+
 def ann_top_k(rows: np.ndarray, vectors: np.ndarray, cols: np.ndarray, k: int, nprobe: int = 16, rerank: int = 4,
               seed: int = 0, block: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Approximately the k highest cosines of every row among `vectors[cols]` (scores, positions in `cols`; best
@@ -69,17 +81,29 @@ def ann_top_k(rows: np.ndarray, vectors: np.ndarray, cols: np.ndarray, k: int, n
     for start in range(0, len(cols), 65536):
         index.add(np.ascontiguousarray(vectors[cols[start:start + 65536]], dtype=np.float32))
     faiss.extract_index_ivf(index).nprobe = min(nprobe, lists)
+    database = np.ascontiguousarray(vectors, dtype=np.float32)  # the same array when it is float32 already
     scores = np.empty((len(rows), k), np.float32)
     positions = np.empty((len(rows), k), np.int32)
     for start in bar(range(0, len(rows), block), desc=f"approximate neighbours among {len(cols):,}", leave=False):
         part = np.ascontiguousarray(rows[start:start + block], dtype=np.float32)
         _, candidates = index.search(part, min(len(cols), k * rerank))
-        exact = np.matmul(vectors[cols[np.maximum(candidates, 0)]], part[:, :, None])[:, :, 0]
+        exact = inner_products_by_index(part, database, cols[np.maximum(candidates, 0)])
         exact[candidates < 0] = -np.inf  # fewer candidates than asked: the rest are empty
         order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
         scores[start:start + block] = np.take_along_axis(exact, order, 1)
         positions[start:start + block] = np.take_along_axis(candidates, order, 1)
     return scores, positions
+
+
+def inner_products_by_index(queries: np.ndarray, database: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """[i, j] = queries[i] · database[index[i, j]], computed by faiss without gathering the rows (float32, C order)."""
+    import faiss
+
+    index = np.ascontiguousarray(index, dtype=np.int64)
+    out = np.empty(index.shape, np.float32)
+    faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(queries), faiss.swig_ptr(database),
+                                     faiss.swig_ptr(index), database.shape[1], index.shape[0], index.shape[1])
+    return out
 
 
 def approximate_types(types: list[str], ann_threshold: int) -> list[str]:
@@ -120,7 +144,7 @@ def ann_recall(vectors: np.ndarray, types: list[str], neighbours: dict[str, tupl
     for t, (_, index) in neighbours.items():
         cols = np.flatnonzero(types_arr == t)
         width = min(k, index.shape[1])
-        _, pos = topk_by_block(vectors[rows], vectors[cols], width + 1)
+        _, pos = exact_top_k_among(vectors[rows], vectors, cols, width + 1)
         for row, exact in zip(rows, cols[pos]):
             truth = [c for c in exact if c != row][:width]
             recalls.append(len(set(truth) & set(index[row, :width].tolist())) / max(1, len(truth)))
@@ -369,13 +393,17 @@ def related_items(ids: list[str], items: list[dict], relations: list[dict]) -> d
 
 def row_guards(rows: list[dict], related: dict[str, set[str]], queries: list[dict]) -> list[set[str]]:
     """Per row, the items that must never be its negatives: those related to the anchor's source item, the
-    source's other positives, and every item the row's synthetic query fits."""
+    source's other positives, and every item the row's synthetic query fits (read-only: rows may share a set)."""
     positives: dict[tuple, set[str]] = defaultdict(set)
     for r in rows:
         positives[(r["anchor_id"], r.get("qid"))].add(r["positive_id"])
     matches = {q["qid"]: set(q["matches"]) for q in queries}
-    return [related.get(r["anchor_id"], set()) | positives[(r["anchor_id"], r.get("qid"))] | matches.get(r.get("qid"), set())
-            for r in rows]
+    guards = []
+    for r in rows:
+        own = positives[(r["anchor_id"], r.get("qid"))]
+        more = related.get(r["anchor_id"], set()) | matches.get(r.get("qid"), set())
+        guards.append(own | more if more else own)  # rows of one anchor share one set (a million rows, not copies)
+    return guards
 
 
 def add_negatives(
@@ -414,7 +442,7 @@ def add_negatives(
     for n, (row, guard) in enumerate(zip(bar(rows, desc="hard negatives", leave=False), guards)):
         source, positive = index[row["anchor_id"]], index[row["positive_id"]]
         target_type = types[positive]
-        forbidden = {source, positive} | {index[i] for i in guard if i in index} | excluded
+        forbidden = {source, positive} | {index[i] for i in guard if i in index}
         query_vector = anchor_vectors[n] if anchor_vectors is not None else None
         anchor = vectors[source] if query_vector is None else query_vector
         if query_vector is None:
@@ -426,13 +454,15 @@ def add_negatives(
         positive_score = float(anchor @ vectors[positive])
         easy_max = thresholds[relation_name(types[source], target_type)]["negative"]
         floor = float(scores[-1]) if len(scores) else 1.0
-        hard = [int(c) for r, (s, c) in enumerate(zip(scores, near))
-                if r >= hard_negative_min_rank and s <= positive_score - hard_negative_margin and int(c) not in forbidden]
+        is_hard = scores <= positive_score - hard_negative_margin
+        is_hard[:hard_negative_min_rank] = False
         sample = rng.choice(pool[target_type], min(sample_size, len(pool[target_type])), replace=False)
         sample_scores = vectors[sample] @ anchor
-        medium = [int(c) for c, s in zip(sample, sample_scores) if easy_max < s < floor and int(c) not in forbidden]
-        easy = [int(c) for c, s in zip(sample, sample_scores) if s <= easy_max and int(c) not in forbidden]
-        chosen = choose_by_tiers({"hard": hard, "medium": medium, "easy": easy}, num_hard_negatives)
+        # only a tier's first num_hard_negatives allowed candidates can be chosen (choose_by_tiers)
+        tiers = {"hard": near[is_hard], "medium": sample[(easy_max < sample_scores) & (sample_scores < floor)],
+                 "easy": sample[sample_scores <= easy_max]}
+        chosen = choose_by_tiers({tier: first_allowed(candidates, forbidden, excluded, num_hard_negatives)
+                                  for tier, candidates in tiers.items()}, num_hard_negatives)
         if len(chosen) < num_hard_negatives:
             dropped += 1
             continue
@@ -440,16 +470,29 @@ def add_negatives(
     return kept, dropped
 
 
+def first_allowed(candidates: np.ndarray, forbidden: set[int], excluded: set[int], most: int) -> list[int]:
+    """The first `most` candidates in neither `forbidden` nor `excluded`, in order."""
+    out = []
+    for c in candidates.tolist():
+        if c not in forbidden and c not in excluded:
+            out.append(c)
+            if len(out) == most:
+                break
+    return out
+
+
 def choose_by_tiers(candidates: dict[str, list[int]], num_negatives: int) -> list[tuple[int, str]]:
     """Up to `num_negatives` (item, tier) picks cycling hard → medium → easy, the first unused candidate of each
     tier; a tier without one lends its turn to the next."""
     chosen: list[tuple[int, str]] = []
+    used: set[int] = set()
     for n in range(num_negatives):
         tier = TIERS[n % len(TIERS)]
         for option in TIERS[TIERS.index(tier):] + TIERS[:TIERS.index(tier)]:
-            options = [c for c in candidates.get(option, []) if c not in {x for x, _ in chosen}]
-            if options:
-                chosen.append((options[0], option))
+            pick = next((c for c in candidates.get(option, []) if c not in used), None)
+            if pick is not None:
+                chosen.append((pick, option))
+                used.add(pick)
                 break
     return chosen
 
