@@ -450,13 +450,20 @@ def commit_answered(in_flight: dict, key: tuple, missing: list[str], dim: int, c
             continue
         answer, usage = future.result()
         try:
-            vectors = normalize(checked_vectors(answer, len(batch), dim, str(key[0])))
+            commit_answer(answer, usage, batch, batch_tokens, key, missing, dim, cache, budget)
         except TeacherError:
             continue
-        cache.put(key, [missing[n] for n in batch], vectors)
-        counted = budget.spend(batch_tokens, usage["tokens"])
-        if budget.run:
-            cache.add_spent(budget.run, counted)
+
+
+def commit_answer(answer: list, usage: dict, batch: list[int], batch_tokens: int, key: tuple, missing: list[str],
+                  dim: int, cache: TeacherCache, budget: Budget) -> np.ndarray:
+    """Check one answer, cache its vectors (normalised) under the texts of `batch` and count its tokens in the budget."""
+    vectors = normalize(checked_vectors(answer, len(batch), dim, str(key[0])))
+    cache.put(key, [missing[n] for n in batch], vectors)
+    counted = budget.spend(batch_tokens, usage["tokens"])
+    if budget.run:
+        cache.add_spent(budget.run, counted)
+    return vectors
 
 
 def embed_cached(
@@ -507,14 +514,10 @@ def embed_cached(
                 for future in done:  # each answer is checked and committed as it arrives, in any order
                     batch, batch_tokens = in_flight.pop(future)
                     answer, usage = future.result()
-                    vectors = normalize(checked_vectors(answer, len(batch), dim, str(key[0])))
-                    dim, originals = vectors.shape[1], [missing[n] for n in batch]
-                    cache.put(key, originals, vectors)
-                    found.update({text_hash(t): v for t, v in zip(originals, vectors)})
+                    vectors = commit_answer(answer, usage, batch, batch_tokens, key, missing, dim, cache, budget)
+                    dim = vectors.shape[1]
+                    found.update({text_hash(missing[n]): v for n, v in zip(batch, vectors)})
                     reported, retries, requests = reported + (usage["tokens"] or 0), retries + usage["retries"], requests + 1
-                    counted = budget.spend(batch_tokens, usage["tokens"])
-                    if budget.run:
-                        cache.add_spent(budget.run, counted)
                     budget.refuse_past_cap(budget.spent_tokens, "the endpoint's reported usage passed the cap",
                                            "The last answer is cached; nothing more was requested")
                     progress.update(len(batch))
