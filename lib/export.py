@@ -222,6 +222,23 @@ def encode_in_shards(backend: str, model_dir: str | Path, export_dir: str | Path
     return np.concatenate([np.load(path) for _, path in shards]) if shards else np.zeros((0, 0), np.float32)
 
 
+ITEM_SHARDS = "item_shards"  # under the export folder: the corpus encoded by worker processes, kept until the index is saved
+
+
+def corpus_vectors(encoder: TorchEncoder | OnnxEncoder, backend: str, model_dir: str | Path, export_dir: str | Path, items: list[dict],
+                   gated: dict[str, np.ndarray], gated_items: list[dict], devices: list[str],
+                   max_seq_length: int) -> np.ndarray:
+    """The whole corpus encoded with the chosen backend: by one worker process per entry of `devices` in saved shards
+    when given, else the parity gate's vectors (`gated`) when the gate saw every item, else by `encoder` here."""
+    texts = [i["text"] for i in items]
+    if devices:
+        return encode_in_shards(backend, model_dir, export_dir, texts, Path(export_dir) / ITEM_SHARDS, devices,
+                                max_seq_length=max_seq_length)
+    if len(gated_items) == len(items):
+        return gated[backend]
+    return encoder.encode(texts)
+
+
 def parity_items(items: list[dict], queries: list[dict], most: int, seed: int) -> list[dict]:
     """The items the parity gate encodes with every backend: all of them, or above `most` a sample stratified by type
     together with every item a query is relevant to (so that NDCG compares like with like)."""

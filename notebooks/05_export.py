@@ -95,14 +95,8 @@ gate.round(4)
 # %%
 retriever = Retriever(export.load_encoder(default_backend, model_dir, out_dir, eval_max_seq_length), hnsw_threshold,
                       rrf_k=rrf_k)
-if encode_devices:  # the whole corpus by worker processes, in shards a rerun resumes from
-    vectors = export.encode_in_shards(default_backend, model_dir, out_dir, [i["text"] for i in items],
-                                      out_dir / "item_shards", encode_devices, max_seq_length=eval_max_seq_length)
-elif len(parity_items) < len(items):
-    vectors = retriever.encoder.encode([i["text"] for i in items])
-else:
-    vectors = item_vectors[default_backend]
-retriever.set_vectors(items, vectors)
+retriever.set_vectors(items, export.corpus_vectors(retriever.encoder, default_backend, model_dir, out_dir, items,
+                                                   item_vectors, parity_items, encode_devices, eval_max_seq_length))
 settings = export.search_settings_table(retriever, headline_queries, items, fusion_dense_weights)
 if search_mode != "auto":
     chosen = {"mode": search_mode, "fusion": "rrf", "dense_weight": 0.5}
@@ -121,7 +115,7 @@ settings.round(4)
 # %%
 retriever.save(out_dir / "index", {"backend": default_backend, "model_dir": model_dir, "export_dir": out_dir,
                                    "max_seq_length": eval_max_seq_length})
-shutil.rmtree(out_dir / "item_shards", ignore_errors=True)  # merged into the index: no longer needed to resume
+shutil.rmtree(out_dir / export.ITEM_SHARDS, ignore_errors=True)  # merged into the index: no longer needed to resume
 retriever.show_examples(example_queries)
 
 # %%

@@ -211,6 +211,17 @@ def test_shards_encoded_by_two_processes_match_one_and_a_rerun_resumes(tmp_path,
     assert changed[0][1] not in shards and changed[1][1] == shards[1]  # a shard of other texts is never reused
 
 
+def test_the_corpus_is_encoded_whole_when_the_gate_saw_a_sample(tmp_path, student_path, srd_slice):
+    items = srd_slice[0][:12]
+    encoder = export.TorchEncoder(student_path, 128)
+    gated = {"torch-fp32": encoder.encode([i["text"] for i in items[:5]])}
+    whole = export.corpus_vectors(encoder, "torch-fp32", student_path, tmp_path, items, gated, items[:5], [], 128)
+    assert whole.shape[0] == 12
+    np.testing.assert_allclose(whole[:5], gated["torch-fp32"], atol=1e-5)
+    all_gated = {"torch-fp32": whole}
+    assert export.corpus_vectors(encoder, "torch-fp32", student_path, tmp_path, items, all_gated, items, [], 128) is whole
+
+
 def test_a_large_corpus_is_gated_on_a_sample_that_keeps_every_item_a_query_needs(srd_slice):
     items, queries = srd_slice[0], srd_slice[1]
     assert export.parity_items(items, queries, len(items), seed=0) is items
