@@ -151,6 +151,20 @@ def ann_recall(vectors: np.ndarray, types: list[str], neighbours: dict[str, tupl
     return float(np.mean(recalls))
 
 
+def approximate_neighbours_check(vectors: np.ndarray, types: list[str], neighbours: dict, ann_threshold: int,
+                                 seed: int, sample: int = 1000) -> dict:
+    """For the types searched approximately: their names, recall@10 against exact search on `sample` items and that
+    sample's size (empty when every type was searched exactly); prints it, with a hint when recall is low."""
+    approximate = approximate_types(types, ann_threshold)
+    if not approximate:
+        return {}
+    recall = ann_recall(vectors, types, {t: neighbours[t] for t in approximate}, sample=sample, seed=seed)
+    checked = {"types": approximate, "recall@10": round(recall, 4), "sample": min(sample, len(vectors))}
+    print(f"nearest lists of {', '.join(approximate)} are approximate: recall@10 against exact {recall:.3f} "
+          f"on {checked['sample']} items" + (" — low: raise ann_nprobe" if recall < 0.9 else ""))
+    return checked
+
+
 def sampled_similarities(vectors: np.ndarray, types: list[str], type_a: str, type_b: str, n: int, seed: int) -> np.ndarray:
     """Cosines of `n` random distinct item pairs of two types: the relation's similarity distribution in O(n) memory."""
     rng = np.random.default_rng(seed)

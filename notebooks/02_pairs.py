@@ -120,13 +120,7 @@ pd.DataFrame(summary).T.join(pd.DataFrame({f"{mode} {side}": {rel: t[side] for r
 # %%
 neighbours = pairs.neighbours_by_type(vectors, types, neighbours_k, ann_threshold=ann_threshold, ann_nprobe=ann_nprobe,
                                       seed=seed)
-approximate = pairs.approximate_types(types, ann_threshold)
-ann = {"types": approximate, "recall@10": round(pairs.ann_recall(vectors, types, {t: neighbours[t] for t in approximate},
-                                                                seed=seed), 4),
-       "sample": min(1000, len(ids))} if approximate else {}
-if ann:
-    print(f"nearest lists of {', '.join(approximate)} are approximate: recall@10 against exact {ann['recall@10']:.3f} "
-          f"on {ann['sample']} items" + (" — low: raise ann_nprobe" if ann["recall@10"] < 0.9 else ""))
+ann = pairs.approximate_neighbours_check(vectors, types, neighbours, ann_threshold, seed)
 item_pairs = {mode: pairs.mine_item_pairs(ids, types, neighbours, th, positives_per_anchor, exclude)
               for mode, th in thresholds.items()}
 mode_counts = {mode: pairs.pair_counts(rows) for mode, rows in item_pairs.items()}

@@ -85,6 +85,9 @@ def test_neighbours_by_type_turns_approximate_at_the_threshold_only():
     assert all(types[j] == "monster" for j in index.ravel())
     assert pairs.ann_recall(vectors, types, {"monster": near["monster"]}, sample=300) >= 0.95
     assert pairs.ann_recall(vectors, types, {"monster": exact["monster"]}, sample=300) == 1.0
+    checked = pairs.approximate_neighbours_check(vectors, types, near, 1500, seed=0, sample=300)
+    assert checked["types"] == ["monster"] and checked["sample"] == 300 and checked["recall@10"] >= 0.95
+    assert pairs.approximate_neighbours_check(vectors, types, exact, 0, seed=0) == {}
 
 
 def test_calibrated_thresholds_are_percentiles_of_each_relation():
