@@ -30,9 +30,7 @@ def mining(sizes: list[int], exact_up_to: int, ann_threshold: int) -> list[dict]
     results = []
     for n in sizes:
         for threshold in ([0] if n <= exact_up_to else []) + [ann_threshold]:
-            done = subprocess.run([sys.executable, str(BENCH / "pair_mining.py"), "--one", str(n), "--ann-threshold",
-                                   str(threshold)], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
-            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            results.append(in_own_process("pair_mining.py", "--one", str(n), "--ann-threshold", str(threshold)))
             print(json.dumps(results[-1]), flush=True)
     return results
 
@@ -142,10 +140,10 @@ def loopback_teacher(latency: float, texts: list[str], levels: list[int], repeat
 STEPS = ("teacher", "mining", "scoring", "retriever")
 
 
-def in_own_process(flag: str, n: int) -> dict:
-    """One step of this file for `n` items in a fresh process (its own peak RSS), as the JSON it prints last."""
-    done = subprocess.run([sys.executable, str(BENCH / "scale.py"), flag, str(n)], capture_output=True, text=True,
-                          check=True, cwd=REPO_ROOT)
+def in_own_process(script: str, *args: str) -> dict:
+    """A script beside this file run with `args` in a fresh process (its own peak RSS), as the JSON it prints last."""
+    done = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, check=True,
+                          cwd=REPO_ROOT)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -187,7 +185,7 @@ def main() -> None:
         if step in steps:
             out[step] = []
             for n in sizes:
-                out[step].append(in_own_process(f"--{step}", n))
+                out[step].append(in_own_process("scale.py", f"--{step}", str(n)))
                 print(json.dumps(out[step][-1]), flush=True)
     path = bench.write_result("scale", out)
     print(f"wrote {path}")
