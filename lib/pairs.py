@@ -125,13 +125,28 @@ def neighbours_by_type(vectors: np.ndarray, types: list[str], k: int, block_elem
             scores, pos = ann_top_k(vectors, vectors, cols, min(k + 1, len(cols)), ann_nprobe, seed=seed)
         else:
             scores, pos = topk_by_block(vectors, vectors[cols], min(k + 1, len(cols)), block_elements)
-        index = cols.astype(np.int32)[pos]
-        del pos
-        is_self = index == np.arange(len(vectors))[:, None]
-        is_self[~is_self.any(axis=1), -1] = True  # drop self where present, else the last (k+1-th) neighbour
-        width = index.shape[1] - 1
-        out[t] = (scores[~is_self].reshape(-1, width), index[~is_self].reshape(-1, width).astype(np.int32))
+        out[t] = without_self(scores, pos, cols.astype(np.int32))
     return out
+
+
+def without_self(scores: np.ndarray, positions: np.ndarray, cols: np.ndarray,
+                 chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Row i's k+1 nearest (scores, positions in `cols`) as its k nearest other items (scores, item indices): item i
+    dropped where present, else the last. Rewritten in place a chunk of rows at a time (at 1M items a copy is 400 MB);
+    the returned arrays are views of the given ones."""
+    scores, positions = np.ascontiguousarray(scores), np.ascontiguousarray(positions)  # so that reshape(-1) is a view
+    rows, width = positions.shape[0], positions.shape[1] - 1
+    flat_scores, flat_index = scores.reshape(-1), positions.reshape(-1)
+    for start in range(0, rows, chunk):
+        index = cols[positions[start:start + chunk]]
+        is_self = index == np.arange(start, start + len(index))[:, None]
+        is_self[~is_self.any(axis=1), -1] = True
+        kept_scores = scores[start:start + chunk][~is_self]  # copies, read before the writes below
+        kept_index = index[~is_self]
+        # row r's k entries go to flat[r·k:(r+1)·k], never past the rows still to be read (which start at r·(k+1))
+        flat_scores[start * width:start * width + kept_scores.size] = kept_scores
+        flat_index[start * width:start * width + kept_index.size] = kept_index
+    return flat_scores[:rows * width].reshape(rows, width), flat_index[:rows * width].reshape(rows, width)
 
 
 def ann_recall(vectors: np.ndarray, types: list[str], neighbours: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -172,7 +187,9 @@ def sampled_similarities(vectors: np.ndarray, types: list[str], type_a: str, typ
     a = rng.choice(np.flatnonzero(types_arr == type_a), n)
     b = rng.choice(np.flatnonzero(types_arr == type_b), n)
     keep = a != b
-    return np.einsum("ij,ij->i", vectors[a[keep]], vectors[b[keep]])
+    a, b = a[keep], b[keep]
+    return np.concatenate([np.einsum("ij,ij->i", vectors[a[start:start + 16384]], vectors[b[start:start + 16384]])
+                           for start in range(0, len(a), 16384)] or [np.empty(0, vectors.dtype)])
 
 
 def relation_similarities(vectors: np.ndarray, types: list[str], seed: int, n: int = 200_000) -> dict[str, np.ndarray]:
@@ -226,7 +243,7 @@ def mine_item_pairs(
 ) -> list[dict]:
     """For each anchor and type pair: its nearest items of the other type with cosine ≥ the relation's positive
     threshold (at most `positives_per_anchor`; each unordered pair once). Items in `exclude` never appear."""
-    seen: set[frozenset] = set()
+    seen: set[int] = set()  # each unordered pair once, as low·n + high (a million frozensets would take 300 MB)
     out = []
     types_arr = np.asarray(types)
     for type_a, type_b in type_pairs(types):
@@ -239,7 +256,8 @@ def mine_item_pairs(
             for score, other in zip(scores[anchor], index[anchor]):
                 if score < thresholds[relation]["positive"] or taken >= positives_per_anchor:
                     break
-                key = frozenset((int(anchor), int(other)))
+                low, high = sorted((int(anchor), int(other)))
+                key = low * len(ids) + high
                 if ids[other] in exclude or key in seen:
                     continue
                 seen.add(key)
@@ -405,24 +423,24 @@ def related_items(ids: list[str], items: list[dict], relations: list[dict]) -> d
     return out
 
 
-def row_guards(rows: list[dict], related: dict[str, set[str]], queries: list[dict]) -> list[set[str]]:
-    """Per row, the items that must never be its negatives: those related to the anchor's source item, the
-    source's other positives, and every item the row's synthetic query fits (read-only: rows may share a set)."""
+def row_guards(rows: list[dict], related: dict[str, set[str]], queries: list[dict]) -> list[tuple[str, ...]]:
+    """Per row, the items that must never be its negatives, sorted: those related to the anchor's source item, the
+    source's other positives, and every item the row's synthetic query fits. Rows of one anchor share one tuple
+    (a million rows: no copies, and a tuple is a quarter of a set)."""
     positives: dict[tuple, set[str]] = defaultdict(set)
     for r in rows:
         positives[(r["anchor_id"], r.get("qid"))].add(r["positive_id"])
     matches = {q["qid"]: set(q["matches"]) for q in queries}
-    guards = []
-    for r in rows:
-        own = positives[(r["anchor_id"], r.get("qid"))]
-        more = related.get(r["anchor_id"], set()) | matches.get(r.get("qid"), set())
-        guards.append(own | more if more else own)  # rows of one anchor share one set (a million rows, not copies)
-    return guards
+    guards: dict[tuple, tuple[str, ...]] = {}
+    for key, own in positives.items():
+        guards[key] = tuple(sorted(own | related.get(key[0], set()) | matches.get(key[1], set())))
+    del positives
+    return [guards[(r["anchor_id"], r.get("qid"))] for r in rows]
 
 
 def add_negatives(
     rows: list[dict],
-    guards: list[set[str]],
+    guards: list[tuple[str, ...]],
     ids: list[str],
     types: list[str],
     vectors: np.ndarray,
@@ -511,11 +529,11 @@ def choose_by_tiers(candidates: dict[str, list[int]], num_negatives: int) -> lis
     return chosen
 
 
-def with_negatives(row: dict, guard: set[str], chosen: list[tuple[int, str]], ids: list[str], vectors: np.ndarray,
+def with_negatives(row: dict, guard: tuple[str, ...], chosen: list[tuple[int, str]], ids: list[str], vectors: np.ndarray,
                    anchor: np.ndarray) -> dict:
     """The row, given its guard and chosen negatives in place (a million rows are not copied): ids, tiers and teacher
     cosines to the anchor's vector (the source item's, or the query's own when the teacher embedded it)."""
-    row.update({"guard_ids": sorted(guard), "negative_ids": [ids[c] for c, _ in chosen],
+    row.update({"guard_ids": list(guard), "negative_ids": [ids[c] for c, _ in chosen],
                 "negative_tiers": [t for _, t in chosen],
                 "negative_scores": [round(float(anchor @ vectors[c]), 4) for c, _ in chosen]})
     return row
@@ -534,8 +552,9 @@ def with_teacher_scores(rows: list[dict], query_vectors: dict[str, np.ndarray], 
     return out
 
 
-def given_negatives(rows: list[dict], guards: list[set[str]], queries: list[dict], ids: list[str], vectors: np.ndarray,
-                    num_hard_negatives: int, exclude: set[str]) -> tuple[list[dict], list[dict], list[set[str]]]:
+def given_negatives(rows: list[dict], guards: list[tuple[str, ...]], queries: list[dict], ids: list[str],
+                    vectors: np.ndarray, num_hard_negatives: int,
+                    exclude: set[str]) -> tuple[list[dict], list[dict], list[tuple[str, ...]]]:
     """Rows whose query brought its own negatives ([id, tier] pairs, e.g. the codex miner's) take them, cycling
     hard → medium → easy and skipping guarded or excluded items. Returns those rows (complete, as add_negatives
     makes them) and the other rows with their guards, for add_negatives."""
@@ -543,7 +562,7 @@ def given_negatives(rows: list[dict], guards: list[set[str]], queries: list[dict
     index = {item_id: n for n, item_id in enumerate(ids)}
     done, rest, rest_guards = [], [], []
     for row, guard in zip(rows, guards):
-        skip = guard | exclude | {row["anchor_id"], row["positive_id"]}
+        skip = exclude.union(guard, (row["anchor_id"], row["positive_id"]))
         candidates: dict[str, list[int]] = {}
         for item_id, tier in given.get(row.get("qid"), []):
             if item_id in index and item_id not in skip:

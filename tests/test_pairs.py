@@ -53,6 +53,28 @@ def test_neighbours_by_type_never_lists_an_item_as_its_own_neighbour():
     assert list(near["power"][1][0]) == [1, 3, 5]  # item 0's nearest powers, by angle
 
 
+def test_without_self_rewrites_in_place_what_a_mask_would_copy():
+    vectors = _clustered(700)
+    cols = np.arange(0, 700, 3, dtype=np.int32)
+    scores, pos = pairs.topk_by_block(vectors, vectors[cols], 9)
+    index = cols[pos]
+    is_self = index == np.arange(700)[:, None]
+    is_self[~is_self.any(axis=1), -1] = True  # rows not in cols drop their 9th
+    expected_scores, expected_index = scores[~is_self].reshape(700, 8), index[~is_self].reshape(700, 8)
+    kept_scores, kept_index = pairs.without_self(scores, pos, cols, chunk=64)
+    np.testing.assert_array_equal(kept_scores, expected_scores)
+    np.testing.assert_array_equal(kept_index, expected_index)
+    assert np.shares_memory(kept_scores, scores)  # no second copy of a million rows
+
+
+def test_row_guards_are_sorted_and_shared_by_the_rows_of_one_anchor():
+    rows = [{"anchor_id": "a", "positive_id": "c"}, {"anchor_id": "a", "positive_id": "b"},
+            {"anchor_id": "d", "positive_id": "a"}, {"anchor_id": "e", "positive_id": "f", "qid": "q"}]
+    guards = pairs.row_guards(rows, {"a": {"z"}}, [{"qid": "q", "matches": ["g"]}])
+    assert guards[0] == ("b", "c", "z") and guards[0] is guards[1]
+    assert guards[2] == ("a",) and guards[3] == ("f", "g")
+
+
 def _clustered(n: int, dims: int = 32, clusters: int = 200, seed: int = 0) -> np.ndarray:
     """Unit vectors around `clusters` centres: neighbourhoods with structure, as real embeddings have."""
     rng = np.random.default_rng(seed)
