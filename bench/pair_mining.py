@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from lib import bench, pairs
+from lib import pairs  # only: lib.bench brings torch (190 MB) into the measured process
 from lib.paths import REPO_ROOT
 
 
@@ -95,6 +95,8 @@ def main() -> None:
                               capture_output=True, text=True, check=True, cwd=REPO_ROOT)
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
+    from lib import bench
+
     path = bench.write_result("pair_mining", {"neighbours_k": args.neighbours_k, "goal": "100k items within 2 GB peak RSS",
                                               "results": results})
     print(f"wrote {path}")
