@@ -188,22 +188,23 @@ def markdown_scale(r: dict) -> str:
     if r.get("mining"):
         lines += ["Stage 02 mining of synthetic 384-d items (two types; `bench/pair_mining.py`), each size in its own "
                   "process; approximate = faiss IVF-PQ fast scan with exact re-ranking, recall@10 against exact search "
-                  "on 1,000 items.", "",
+                  "on 1,000 items; peak RSS of a process that imports numpy and faiss only (stage 02's notebook kernel "
+                  "adds about 115 MB: pandas, matplotlib, ipykernel).", "",
                   "| items | nearest lists | recall@10 | neighbours s | thresholds s | item pairs s | hard negatives s | "
-                  "total s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+                  "total s | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {m['items']:,} | {m.get('neighbours', 'exact')} | {m.get('ann_recall@10', '—')} | "
                   f"{m['seconds']['neighbours']} | {m['seconds']['calibrated_thresholds']} | {m['seconds']['item_pairs']} | "
                   f"{m['seconds']['hard_negatives']} | {m['seconds']['total']} | {m['peak_rss_mb']} |" for m in r["mining"]]
         lines.append("")
     if r.get("scoring"):
         lines += ["Stage 05's scoring of 1,000 queries among synthetic items by blocks of queries (`lib.evaluate`), each "
-                  "size in its own process.", "", "| items | seconds | peak RSS MB |", "|---|---|---|"]
+                  "size in its own process.", "", "| items | seconds | peak RSS MiB |", "|---|---|---|"]
         lines += [f"| {s['items']:,} | {s['seconds']} | {s['peak_rss_mb']} |" for s in r["scoring"]]
         lines.append("")
     if r.get("retriever"):
         lines += ["The `Retriever`'s index of synthetic items (faiss HNSW from 50,000 items, and BM25), each size in its "
                   "own process: build seconds, median latency of one dense query (top 10), recall@10 against exact "
-                  "search on 1,000 queries.", "", "| items | index | build s | query ms | recall@10 | peak RSS MB |",
+                  "search on 1,000 queries.", "", "| items | index | build s | query ms | recall@10 | peak RSS MiB |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {x['items']:,} | {x['index']} | {x['build_seconds']} | {x['search_ms_median']} | {x['recall@10']} | "
                   f"{x['peak_rss_mb']} |" for x in r["retriever"]]
