@@ -225,8 +225,8 @@ def encode_in_shards(backend: str, model_dir: str | Path, export_dir: str | Path
 ITEM_SHARDS = "item_shards"  # under the export folder: the corpus encoded by worker processes, kept until the index is saved
 
 
-def corpus_vectors(encoder: TorchEncoder | OnnxEncoder, backend: str, model_dir: str | Path, export_dir: str | Path, items: list[dict],
-                   gated: dict[str, np.ndarray], gated_items: list[dict], devices: list[str],
+def corpus_vectors(encoder: TorchEncoder | OnnxEncoder, backend: str, model_dir: str | Path, export_dir: str | Path,
+                   items: list[dict], gated: dict[str, np.ndarray], gated_items: list[dict], devices: list[str],
                    max_seq_length: int) -> np.ndarray:
     """The whole corpus encoded with the chosen backend: by one worker process per entry of `devices` in saved shards
     when given, else the parity gate's vectors (`gated`) when the gate saw every item, else by `encoder` here."""
