@@ -40,9 +40,10 @@ def check_corpus(items: list[dict], queries: list[dict], relations: list[dict]) 
 
 
 def assign_splits(queries: list[dict], dev_fraction: float, seed: int) -> list[dict]:
-    """Give each evaluation query a seeded 'dev' or 'test' split, stratified by category; training queries (split
-    'train') keep theirs. Headline categories draw first, those beside the headline (meta.beside_headline) after
-    them, so adding one of those never changes the headline's split."""
+    """Give each evaluation query a seeded 'dev' or 'test' split, stratified by category (a category whose queries
+    carry meta.dev_fraction uses its own); training queries (split 'train') keep theirs. Headline categories draw
+    first, those beside the headline (meta.beside_headline) after them, so adding one of those never changes the
+    headline's split."""
     rng = random.Random(seed)
     out = [q for q in queries if q["split"] == "train"]
     evaluation = [q for q in queries if q["split"] != "train"]
@@ -50,7 +51,7 @@ def assign_splits(queries: list[dict], dev_fraction: float, seed: int) -> list[d
     for category in sorted({q["category"] for q in evaluation}, key=lambda c: (c in beside, c)):
         group = sorted((q for q in evaluation if q["category"] == category), key=lambda q: q["qid"])
         rng.shuffle(group)
-        n_dev = round(len(group) * dev_fraction)
+        n_dev = round(len(group) * group[0].get("meta", {}).get("dev_fraction", dev_fraction))
         out += [{**q, "split": "dev" if i < n_dev else "test"} for i, q in enumerate(group)]
     return sorted(out, key=lambda q: q["qid"])
 

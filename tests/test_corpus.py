@@ -70,7 +70,8 @@ def test_splits_are_seeded_and_stratified(srd_slice):
     assert all(q["split"] == "train" for q in a if q["category"] == "field")  # training queries keep their split
     for category in {q["category"] for q in a} - {"field"}:
         group = [q for q in a if q["category"] == category]
-        assert abs(sum(q["split"] == "dev" for q in group) - round(0.3 * len(group))) == 0
+        fraction = group[0].get("meta", {}).get("dev_fraction", 0.3)  # the player questions: half and half
+        assert abs(sum(q["split"] == "dev" for q in group) - round(fraction * len(group))) == 0
 
 
 def test_write_and_load_corpus(tmp_path, srd_slice):
@@ -148,7 +149,34 @@ def test_held_out_entities_are_never_trained_on_and_are_the_only_candidates_of_t
 
 def test_a_category_beside_the_headline_leaves_the_headline_split_as_it_was(full_srd):
     _, queries, _, _ = full_srd
-    without = [q for q in queries if q["category"] not in ("attribute_unseen", "field")]
+    without = [q for q in queries if q["category"] not in ("attribute_unseen", "question", "field")]
     split = {q["qid"]: q["split"] for q in corpus.assign_splits(queries, 0.3, seed=42)}
     assert {q["qid"]: q["split"] for q in corpus.assign_splits(without, 0.3, seed=42)}.items() <= split.items()
     assert {"dev", "test"} == {split[q["qid"]] for q in queries if q["category"] == "attribute_unseen"}
+
+
+def test_player_questions_name_real_items_split_half_and_half_and_stay_out_of_training(full_srd):
+    from lib import pairs
+    from lib.evaluate import headline_categories
+
+    items, queries, _, _ = full_srd
+    names = {i["name"] for i in items}
+    rows = dnd.read_questions()
+    assert len(rows) >= 80 and all(set(r["relevant"]) <= names for r in rows)  # every graded name is an SRD item
+    queries = corpus.assign_splits(queries, 0.3, seed=42)
+    questions = [q for q in queries if q["category"] == "question"]
+    assert len(questions) == len(rows) and sum(q["split"] == "dev" for q in questions) == round(len(rows) / 2)
+    assert "question" not in headline_categories(queries)
+    held_out = corpus.held_out_items(queries)
+    assert {i for q in questions for i in q["relevant"]} <= held_out
+    train = [q for q in queries if q["split"] == "train"]
+    supervised, _ = pairs.supervised_queries(train, [q for q in queries if q["split"] != "train"], 3, 0.9, held_out)
+    assert not {i for q in supervised for i in q["relevant"]} & held_out
+
+
+def test_a_slice_keeps_the_questions_whose_items_it_has(srd_slice):
+    items, queries, _, _ = srd_slice
+    ids = {i["id"] for i in items}
+    questions = [q for q in queries if q["category"] == "question"]
+    assert 0 < len(questions) < len(dnd.read_questions())
+    assert all(q["relevant"] and set(q["relevant"]) <= ids for q in questions)

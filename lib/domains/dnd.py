@@ -24,6 +24,8 @@ ALIASES = {
     "power:tiny-hut": ["Leomund's Tiny Hut"],
     "monster:deep-gnome-svirfneblin": ["Svirfneblin", "Deep Gnome"], "monster:succubus-incubus": ["Succubus", "Incubus"],
 }
+# Hand-written player questions ("a winged horse I could ride"), graded by item name: 2 the answer, 1 also fits.
+QUESTIONS = Path(__file__).with_name("dnd_questions.jsonl")
 BACKGROUND_SOURCES = ("rule-sections", "rules", "conditions", "features", "traits", "magic-items", "damage-types", "magic-schools")
 
 
@@ -397,6 +399,32 @@ def held_out_entity_queries(items: list[dict], held_out: set[str], per_type: int
     return out
 
 
+def read_questions(path: Path = QUESTIONS) -> list[dict]:
+    """The question file's rows ({qid, text, relevant: {item name: grade}}), one JSON object per line."""
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        row = json.loads(line)
+        if not row.get("text") or not row.get("relevant"):
+            raise ValueError(f"{path}:{n}: a question needs 'text' and 'relevant' ({{item name: grade}})")
+        rows.append(row)
+    return rows
+
+
+def natural_questions(items: list[dict], path: Path = QUESTIONS) -> list[dict]:
+    """Player-style questions as evaluation queries (category 'question', beside the headline, half dev and half
+    test) over every item; names not in this corpus (a slice) are dropped, and a question left without one too.
+    Their items are source items: stage 02 keeps them out of training."""
+    by_name = {i["name"]: i["id"] for i in items}
+    out = []
+    for row in read_questions(path):
+        relevant = {by_name[name]: grade for name, grade in row["relevant"].items() if name in by_name}
+        if relevant:
+            out.append({"qid": row["qid"], "text": row["text"], "relevant": relevant, "expected_topics": [],
+                        "category": "question", "split": "test",
+                        "meta": {"source_items": sorted(relevant), "beside_headline": True, "dev_fraction": 0.5}})
+    return out
+
+
 def _plain(value) -> str:
     """Flatten a SRD 'desc' (string or list of strings) to text."""
     return "\n\n".join(value) if isinstance(value, list) else str(value or "")
@@ -452,6 +480,7 @@ def build_corpus(
     if held_out_entity_fraction > 0:
         unseen = held_out_entities(items, held_out_items(queries), held_out_entity_fraction, seed)
         queries += held_out_entity_queries(items, unseen, held_out_entity_queries_per_type, seed)
+    queries += natural_questions(items)  # after the held-out entities are drawn: those stay as they were
     if field_query_wordings > 0:
         queries += field_training_queries(items, held_out_items(queries), field_query_wordings, seed)
     return items, queries, relations, background_documents(max_docs_per_source=max_background_docs)
