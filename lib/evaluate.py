@@ -168,6 +168,22 @@ def teacher_ceiling(vectors: dict[str, tuple[np.ndarray, np.ndarray]], queries: 
     return pd.concat(frames).groupby("system", sort=False)[list(metrics)].mean().round(4)
 
 
+def teacher_against_student(teacher: pd.Series, student: pd.Series, metric: str = "ndcg@10") -> dict:
+    """The teacher's and the base student's dev `metric`, the gap, and a sentence on what it means for the run."""
+    t, s = float(teacher[metric]), float(student[metric])
+    gap = round(t - s, 4)
+    if gap >= 0:
+        message = (f"the teacher ranks the dev queries above the base student ({metric} {t:.3f} vs {s:.3f}, {gap:+.3f}): "
+                   "the pairs and negatives it mines can teach the student")
+    else:
+        message = (f"the teacher ranks the dev queries below the base student ({metric} {t:.3f} vs {s:.3f}, {gap:+.3f}): "
+                   "the pairs it mines and the negatives it picks carry little the student does not already know, so "
+                   "expect little from them; a stronger teacher (an OpenAI-compatible endpoint, PROFILE=teacher-mpnet) "
+                   "or training queries of your own (BEIR train qrels, codex questions) are where gains come from")
+    return {"metric": metric, "teacher": round(t, 4), "base_student": round(s, 4), "gap": gap, "teacher_weaker": gap < 0,
+            "message": message}
+
+
 def score_systems(encoders: dict, query_texts: list[str], item_texts: list[str], rrf_k: int = 60, fusion: str = "rrf",
                   dense_weight: float = 0.5) -> dict[str, np.ndarray]:
     """(queries × items) scores of BM25, of each dense encoder (name → texts → normalised vectors), and the hybrid:

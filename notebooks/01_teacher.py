@@ -25,7 +25,8 @@
 # of what is not cached are printed before any request, and a budget cap stops the stage before it spends past it.
 #
 # **Reads:** `00_corpus/items.jsonl`, `queries.jsonl`. **Writes:** `01_teacher/items.npy`, `queries.npy`,
-# `item_ids.json`, `query_ids.json`, `metrics.json` (with the teacher ceiling on dev); the cache `data/cache/teacher.sqlite`.
+# `item_ids.json`, `query_ids.json`, `metrics.json` (with the teacher ceiling on dev and the teacher against the base
+# student there); the cache `data/cache/teacher.sqlite`.
 
 # %% tags=["parameters"]
 run_name: str = "dnd-default"  # run folder under data/runs: <domain>-<profile>
@@ -46,13 +47,14 @@ teacher_max_concurrency: int = 4  # requests in flight at once to an openai endp
 teacher_requests_per_minute: int = 0  # the endpoint's rate limit in requests (0: none)
 teacher_tokens_per_minute: int = 0  # the endpoint's rate limit in tokens (0: none)
 compare_teachers: list = []  # local SentenceTransformer folders or names scored beside the teacher on dev, e.g. [data/models/all-mpnet-base-v2]
+base_model: str = "all-MiniLM-L6-v2"  # the student: scored on dev beside the teacher (through the same cache)
 # %%
 import time
 from pathlib import Path
 
 from lib import corpus, teacher
 from lib.io import save_npy, write_json, write_metrics
-from lib.paths import Run, teacher_cache_path
+from lib.paths import Run, resolve_model_path, teacher_cache_path
 
 run = Run(run_name, runs_root)
 corpus_dir = run.stage("00_corpus")
@@ -126,6 +128,22 @@ if dev_queries:
     ceiling = evaluate.teacher_ceiling(teachers, dev_queries, items)
 ceiling
 
+# %% [markdown]
+# ## The teacher against the student it teaches
+# A teacher that ranks the dev queries below the untrained student has little to teach it: this says so before any
+# training is spent (the student's vectors go through the same cache, keyed by its folder).
+
+# %%
+versus = {}
+if dev_queries:
+    student_items, student_queries, _ = teacher.teacher_embeddings(
+        "local", str(resolve_model_path(base_model)), passages=[i["text"] for i in items],
+        queries=[q["text"] for q in dev_queries], cache_path=teacher_cache_path(cache_root or None),
+        passage_ids=[i["id"] for i in items], query_ids=[q["qid"] for q in dev_queries])
+    student_row = evaluate.teacher_ceiling({"base student": (student_queries, student_items)}, dev_queries, items)
+    versus = evaluate.teacher_against_student(ceiling.loc[teacher_model], student_row.loc["base student"])
+    print(versus["message"])
+
 # %%
 metrics = {
     "backend": teacher_backend,
@@ -141,6 +159,7 @@ metrics = {
     "price_per_million_tokens": budget.price_per_million,
     **usage,
     "teacher_ceiling_dev": ceiling.to_dict(orient="index"),
+    "teacher_vs_base_student_dev": versus,  # the teacher's dev NDCG@10 against the untrained student's
     "dev_queries": len(dev_queries),
 }
 write_metrics(out_dir, metrics)

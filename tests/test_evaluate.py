@@ -239,3 +239,11 @@ def test_the_teacher_ceiling_ensemble_weighs_teachers_on_different_scales_alike(
     table = evaluate.teacher_ceiling({"a": (a_scores, eye), "b": (b_scores, eye)}, queries, items)
     assert list(table.index) == ["a", "b", "ensemble (a + b)"]
     assert table.loc["a", "mrr@10"] == 0.75 and table.loc["b", "mrr@10"] == 0.75
+
+
+def test_a_teacher_below_the_base_student_on_dev_is_called_weaker_and_told_why():
+    weak = evaluate.teacher_against_student(pd.Series({"ndcg@10": 0.373}), pd.Series({"ndcg@10": 0.412}))
+    assert weak["teacher_weaker"] and weak["gap"] == -0.039 and "below the base student" in weak["message"]
+    assert "stronger teacher" in weak["message"]
+    strong = evaluate.teacher_against_student(pd.Series({"ndcg@10": 0.6}), pd.Series({"ndcg@10": 0.5}))
+    assert not strong["teacher_weaker"] and strong["gap"] == 0.1 and "above the base student" in strong["message"]
