@@ -186,14 +186,16 @@ def teacher_against_student(teacher: pd.Series, student: pd.Series, metric: str 
 
 def score_systems(encoders: dict, query_texts: list[str], item_texts: list[str], rrf_k: int = 60, fusion: str = "rrf",
                   dense_weight: float = 0.5) -> dict[str, np.ndarray]:
-    """(queries × items) scores of BM25, of each dense encoder (name → texts → normalised vectors), and the hybrid:
-    BM25 and the 'fine-tuned' encoder fused as lib.search.fuse does (RRF, or weighted with `dense_weight`)."""
+    """(queries × items) scores of BM25, of each dense encoder (name → texts → normalised vectors), the hybrid: BM25
+    and the 'fine-tuned' encoder fused as lib.search.fuse does (RRF, or weighted with `dense_weight`), and the same
+    fusion of BM25 and the 'base' encoder ('base-hybrid': what the served search is to beat)."""
     scores = {"bm25": bm25_scores(query_texts, item_texts)}
     for name, encode_texts in encoders.items():
         vectors = encode_texts(query_texts + item_texts)
         scores[name] = dense_scores(vectors[: len(query_texts)], vectors[len(query_texts):])
-    if "fine-tuned" in scores:
-        scores["hybrid"] = fuse(scores["fine-tuned"], scores["bm25"], fusion, dense_weight, rrf_k)
+    for hybrid, dense in (("hybrid", "fine-tuned"), ("base-hybrid", "base")):
+        if dense in scores:
+            scores[hybrid] = fuse(scores[dense], scores["bm25"], fusion, dense_weight, rrf_k)
     return scores
 
 
@@ -372,10 +374,10 @@ def per_query_frame(scores: dict[str, np.ndarray], teacher: np.ndarray, queries:
 
 
 def category_tests(per_query: pd.DataFrame, scoring: Scoring, system: str = "fine-tuned",
-                   metric: str = "ndcg@10") -> tuple[dict[str, float], dict[str, float]]:
-    """p of `system` against the base student per category, and the Holm-adjusted p over the independent
+                   metric: str = "ndcg@10", baseline: str = "base") -> tuple[dict[str, float], dict[str, float]]:
+    """p of `system` against `baseline` (the base student) per category, and the Holm-adjusted p over the independent
     (non-synthetic) categories."""
-    p = {cat: paired_tests(frame[frame.system.isin(["base", system])], "base", [metric], scoring.permutation_samples,
+    p = {cat: paired_tests(frame[frame.system.isin([baseline, system])], baseline, [metric], scoring.permutation_samples,
                            scoring.seed)[system][metric]
          for cat, frame in per_query.groupby("category")}
     return p, holm({c: v for c, v in p.items() if not c.startswith("synthetic:")})

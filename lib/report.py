@@ -325,7 +325,8 @@ def shown_path(path: str) -> str:
 # --- markdown tables for the README (generated from a run's metrics, never typed in) ----------------------------
 
 SYSTEM_LABELS = {"bm25": "BM25 (bm25s, stemmed)", "base": "base all-MiniLM-L6-v2", "domain-adapted": "domain-adapted",
-                 "fine-tuned": "fine-tuned (shipped)", "onnx-int8": "fine-tuned, int8 ONNX", "teacher": "teacher"}
+                 "fine-tuned": "fine-tuned (shipped)", "onnx-int8": "fine-tuned, int8 ONNX", "teacher": "teacher",
+                 "base-hybrid": "base + BM25 (the hybrid's fusion)"}
 
 
 def system_label(evaluation: dict, system: str) -> str:

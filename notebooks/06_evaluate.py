@@ -20,14 +20,16 @@
 # its spell names removed; only spells are candidates), (b) attribute queries whose relevant items come from
 # structured fields (size, creature type, immunities, school, level, damage type, class), (c) aliases and
 # catalogue-form names; beside the headline, (b′) `attribute_unseen`: field queries on entities held out of all
-# training, in a wording no training query uses, scored among those entities only. Other domains bring their own categories (prompts: story, genre, themes, keywords; codex:
+# training, in a wording no training query uses, scored among those entities only, and (b″) `question`: hand-written
+# player questions ("a winged horse I could ride"), every item a candidate. Other domains bring their own categories (prompts: story, genre, themes, keywords; codex:
 # the test questions' categories; beir: the qrels; markdown: references, user). Also (d) stage 02's held-out
 # synthetic queries (labelled synthetic; not in the headline) and (e) any extra BEIR folder.
 # Systems side by side: BM25, the base student, the domain-adapted encoder, the fine-tuned student, the hybrid
-# (BM25 + fine-tuned, fused as stage 05's index does: the fusion it chose on the dev queries), stage 05's int8 ONNX
-# graph of the fine-tuned student, and the teacher.
+# (BM25 + fine-tuned, fused as stage 05's index does: the fusion it chose on the dev queries), base-hybrid (BM25 + the
+# base student, the same fusion: what the served search has to beat), stage 05's int8 ONNX graph of the fine-tuned
+# student, and the teacher.
 # Every mean has a 95% bootstrap interval; every system is tested against the base student with a paired
-# randomisation test on the same queries.
+# randomisation test on the same queries, and per kind of query the hybrid against base-hybrid.
 #
 # **Reads:** `00_corpus/`, `01_teacher/*.npy`, `02_pairs/train.jsonl`, `held_out_queries.jsonl`,
 # `03_domain_adapt/model/`, `04_finetune/model/`, `05_export/model-int8.onnx`, `05_export/index/retriever.json`.
@@ -98,7 +100,7 @@ encoders = evaluate.dense_encoders(students, run.stage("05_export") / "model-int
 scores = evaluate.score_systems(encoders, [q["text"] for q in queries + synthetic], [i["text"] for i in items],
                                 scoring.rrf_k, scoring.fusion, scoring.dense_weight)
 teacher_scores = evaluate.teacher_scores(run.stage("01_teacher"), queries, items)  # corpus queries only
-systems = ["bm25", *students, "hybrid", *(["onnx-int8"] if include_onnx else []), "teacher"]
+systems = ["bm25", *students, "hybrid", "base-hybrid", *(["onnx-int8"] if include_onnx else []), "teacher"]
 per_query = evaluate.per_query_frame(scores, teacher_scores, queries, synthetic, items, systems, scoring)
 summary = evaluate.summarize(per_query, independent)
 
@@ -136,7 +138,9 @@ evaluate.interval_table({cat: ci[cat] for cat in categories}, "ndcg@10").assign(
 
 # %%
 p_by_category, p_by_category_holm = evaluate.category_tests(per_query, scoring)
-pd.DataFrame({"p (fine-tuned vs base, NDCG@10)": p_by_category, "Holm-adjusted (independent categories)": p_by_category_holm})
+p_served_by_category, _ = evaluate.category_tests(per_query, scoring, system="hybrid", baseline="base-hybrid")
+pd.DataFrame({"p (fine-tuned vs base, NDCG@10)": p_by_category, "Holm-adjusted (independent categories)": p_by_category_holm,
+              "p (hybrid vs base-hybrid)": p_served_by_category})
 
 # %% [markdown]
 # ## Topic coverage and agreement with the teacher
@@ -192,6 +196,7 @@ metrics = {
     "by_category_ci": {cat: ci[cat] for cat in categories},
     "p_values_by_category": p_by_category,
     "p_values_by_category_holm": p_by_category_holm,
+    "p_values_hybrid_vs_base_hybrid_by_category": p_served_by_category,  # the served search against base + BM25
     "beside_headline": sorted({q["category"] for q in queries} - set(independent)),
     "topic_coverage": topic_coverage,
     "teacher_agreement": teacher_agreement,

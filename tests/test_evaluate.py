@@ -120,6 +120,10 @@ def test_stage_06s_hybrid_is_the_saved_indexs_fusion_or_rrf_without_one(tmp_path
                                                     60, "weighted", weight)
     assert systems(0.6)["bm25"][0].argmax() == 1 and systems(0.6)["fine-tuned"][0].argmax() == 0
     assert systems(0.6)["hybrid"][0] == pytest.approx([0.6, 0.4]) and systems(0.3)["hybrid"][0] == pytest.approx([0.3, 0.7])
+    flipped = lambda texts: np.array([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])  # the base finds the stone item
+    both = evaluate.score_systems({"base": flipped, "fine-tuned": vectors}, ["stone"], ["fire burns", "a gaze of stone"],
+                                  60, "weighted", 0.6)
+    assert both["base-hybrid"][0] == pytest.approx([0.0, 1.0]) and both["hybrid"][0] == pytest.approx([0.6, 0.4])
 
 
 def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_queries():
