@@ -31,6 +31,7 @@ from lib import corpus, pairs  # noqa: E402
 from lib.bench import write_result  # noqa: E402
 from lib.domains import beir  # noqa: E402
 from lib.evaluate import evaluate_scores  # noqa: E402
+from lib.finetune import blend_weights  # noqa: E402
 from lib.paths import resolve_model_path  # noqa: E402
 from lib.search import Bm25, fuse  # noqa: E402
 
@@ -43,9 +44,12 @@ def encode(model, texts: list[str], max_seq_length: int) -> np.ndarray:
     return model.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
 
 
-def dev_scores(model, items: list[dict], dev: list[dict], bm25: Bm25) -> dict[str, float]:
-    """Dev NDCG@10: dense, RRF with BM25, and weighted 0.8 dense (as stage 05 may choose)."""
-    dense = encode(model, [q["text"] for q in dev], 256) @ encode(model, [i["text"] for i in items], 256).T
+def dev_scores(model, items: list[dict], dev: list[dict], bm25: Bm25, item_vecs=None) -> dict[str, float]:
+    """Dev NDCG@10: dense, RRF with BM25, and weighted 0.8 dense (as stage 05 may choose); `item_vecs` when the
+    model's item vectors are already at hand."""
+    if item_vecs is None:
+        item_vecs = encode(model, [i["text"] for i in items], 256)
+    dense = encode(model, [q["text"] for q in dev], 256) @ item_vecs.T
     keyword = bm25.scores([q["text"] for q in dev])
     systems = {"dense": dense, "rrf": fuse(dense, keyword, "rrf"), "weighted_0.8": fuse(dense, keyword, "weighted", 0.8)}
     return {name: round(float(evaluate_scores(name, s, dev, items)["ndcg@10"].mean()), 4) for name, s in systems.items()}
@@ -114,9 +118,8 @@ def train(start: str, rows: list[dict], steps: int, batch_size: int, seed: int):
 
 
 def averaged(model, start_state: dict, trained_state: dict, alpha: float):
-    """The model with (1 − α)·start + α·trained weights."""
-    model.load_state_dict({k: (1 - alpha) * start_state[k] + alpha * v if v.is_floating_point() else v
-                           for k, v in trained_state.items()})
+    """The model with (1 − α)·start + α·trained weights (lib.finetune.blend_weights), returned for scoring."""
+    blend_weights(model, start_state, trained_state, alpha)
     return model
 
 
@@ -138,7 +141,7 @@ def main() -> None:
     base = SentenceTransformer(start, device="cpu")
     item_vecs = encode(base, texts, 256)
     out = {"data": Path(args.data).name, "dev_queries": len(dev), "steps": args.steps,
-           "batch_size": args.batch_size, "seed": args.seed, "base": dev_scores(base, items, dev, bm25), "arms": {}}
+           "batch_size": args.batch_size, "seed": args.seed, "base": dev_scores(base, items, dev, bm25, item_vecs), "arms": {}}
     print("base", out["base"], flush=True)
     for arm in args.arms.split(","):
         made = training_queries(items, arm, args.seed)

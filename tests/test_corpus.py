@@ -180,3 +180,13 @@ def test_a_slice_keeps_the_questions_whose_items_it_has(srd_slice):
     questions = [q for q in queries if q["category"] == "question"]
     assert 0 < len(questions) < len(dnd.read_questions())
     assert all(q["relevant"] and set(q["relevant"]) <= ids for q in questions)
+
+
+def test_a_question_without_graded_items_names_its_file_and_line(tmp_path):
+    from lib.domains.records import DataError
+
+    path = tmp_path / "questions.jsonl"
+    path.write_text('{"qid": "q1", "text": "a winged horse", "relevant": {"Pegasus": 2}}\n'
+                    '{"qid": "q2", "text": "a cloak that hides me"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"questions\.jsonl:2: .*'relevant'"):
+        dnd.read_questions(path)

