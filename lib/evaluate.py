@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,8 +284,12 @@ def load_beir(folder: str | Path, split: str = "test") -> tuple[list[dict], list
     """Items and the `split` queries of a BEIR-format folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv),
     read and validated by the beir domain adapter."""
     from lib.domains import beir
+    from lib.domains.records import skipped_line
 
-    docs, texts, qrels = beir.read_beir(folder, split)
+    skipped = Counter()
+    docs, texts, qrels = beir.read_beir(folder, split, skipped)
+    if skipped:
+        print(f"{folder}: {skipped_line(skipped)}")
     queries = [{"qid": qid, "text": texts[qid], "relevant": rel, "expected_topics": [], "category": f"beir:{Path(folder).name}",
                 "split": split, "meta": {}} for qid, rel in sorted(qrels[split].items())]
     return [beir.document_item(d) for d in docs], queries

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lib import bench
 from lib.config import redact, secret_values
+from lib.domains.records import skipped_line
 from lib.evaluate import format_interval, hybrid_label
 from lib.io import read_json, write_text
 from lib.paths import REPO_ROOT, REPORTS_DIR, STAGES, run_dir, stage_dir
@@ -242,6 +243,9 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
     evaluation = metrics.get("06_evaluate", {})
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>codex-forge · {html.escape(run)}</title>"
              f"<style>{STYLE}</style></head><body><h1>codex-forge · {html.escape(run)}</h1>"]
+    if skipped := metrics.get("00_corpus", {}).get("skipped"):
+        parts.append(f"<p id='skipped'><b>Data:</b> {html.escape(skipped_line(skipped))} (counted by stage 00; the "
+                     "rest of the run uses what remains).</p>")
     if evaluation:
         columns = evaluation["metrics"]
         ci = evaluation.get("headline_ci", {})

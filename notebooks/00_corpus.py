@@ -56,6 +56,7 @@ from collections import Counter
 import pandas as pd
 
 from lib import corpus, domains
+from lib.domains.records import skipped_line
 from lib.io import write_metrics
 from lib.paths import Run
 
@@ -66,6 +67,7 @@ out_dir = run.stage("00_corpus", create=True)
 # ## Items, relations, queries
 
 # %%
+skipped = Counter()  # what DATA holds but the run cannot use (e.g. a BEIR download's empty documents), counted
 items, queries, relations, background = domains.build_corpus(
     domain, data_path, max_items=max_items, max_monsters=max_monsters, max_spells=max_spells,
     max_background_docs=max_background_docs, attribute_queries_per_category=attribute_queries_per_category,
@@ -74,8 +76,10 @@ items, queries, relations, background = domains.build_corpus(
     eval_label_fraction=eval_label_fraction,
     keyword_query_fraction=keyword_query_fraction, split_level=split_level, reference_query_fraction=reference_query_fraction,
     min_topic_coverage=min_topic_coverage, synthetic_expansion_factor=synthetic_expansion_factor,
-    positives_per_query=positives_per_query, seed=seed,
+    positives_per_query=positives_per_query, seed=seed, skipped=skipped,
 )
+if skipped:
+    print(skipped_line(skipped))
 if not any(q["split"] == "dev" for q in queries):  # beir's dev.tsv gives its own dev split
     queries = corpus.assign_splits(queries, dev_fraction, seed)
 corpus.write_corpus(out_dir, items, queries, relations, background)
@@ -104,6 +108,7 @@ metrics = {
     "queries_by_category": dict(Counter(q["category"] for q in queries)),
     "queries_by_split": dict(Counter(q["split"] for q in queries)),
     "background_chars": sum(len(t) for t in background.values()),
+    "skipped": {what: n for what, n in sorted(skipped.items()) if n},
 }
 write_metrics(out_dir, metrics)
 metrics

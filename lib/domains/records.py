@@ -169,6 +169,12 @@ def unique_ids(path: Path, ids: list[tuple[int, str]], field: str) -> None:
         first[value] = lineno
 
 
+def skipped_line(skipped: dict[str, int]) -> str:
+    """'skipped from DATA: empty documents 2, qrels unknown document 1', or '' when nothing was skipped."""
+    counts = [f"{what.replace('_', ' ')} {n}" for what, n in sorted(skipped.items()) if n]
+    return f"skipped from DATA: {', '.join(counts)}" if counts else ""
+
+
 def slug(text: str) -> str:
     """Lower-case words joined by '-', for ids."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
