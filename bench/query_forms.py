@@ -11,6 +11,9 @@ Arms (queries come from every document; a document's title, when it has one, is 
                  document in its top 3; one negative from the hybrid's ranks 3+, skipping any scored within 0.05 of
                  the source (a likely false negative)
   plain_inbatch  the plain, filtered queries, in-batch negatives only
+  plain_distill  the plain, filtered queries; the hybrid is the teacher: its scores over the source and four of its
+                 top 12 (ranks 1, 2, 4, 8 after the source) are distilled listwise (DistillKLDivLoss, teacher and
+                 student temperature 0.05), GPL-style with the hybrid in the cross-encoder's place
 
   .venv/bin/python bench/query_forms.py --data <BEIR folder> [--arms template,plain_hybrid] [--steps 50]
 writes bench/results/<machine>/query_forms.json.
@@ -35,7 +38,8 @@ from lib.finetune import blend_weights  # noqa: E402
 from lib.paths import resolve_model_path  # noqa: E402
 from lib.search import Bm25, fuse  # noqa: E402
 
-ARMS = ("template", "template_inbatch", "plain_hybrid", "plain_inbatch")
+ARMS = ("template", "template_inbatch", "plain_hybrid", "plain_inbatch", "plain_distill")
+DISTILL_RANKS = (0, 1, 3, 7)  # which of the hybrid's top candidates (after the source) a distilled row carries
 
 
 def encode(model, texts: list[str], max_seq_length: int) -> np.ndarray:
@@ -89,6 +93,12 @@ def training_rows(arm: str, queries: list[tuple[str, int, str]], ranker: np.ndar
         if keep_top and source not in order[k, :keep_top]:
             continue
         row = {"anchor": query, "positive": positive}
+        if arm.endswith("distill"):
+            others = [int(c) for c in order[k, :12] if c != source]
+            picked = [others[r] for r in DISTILL_RANKS if r < len(others)]
+            rows.append({**row, **{f"negative_{j + 1}": texts[c] for j, c in enumerate(picked)},
+                         "label": [float(ranker[k, c]) for c in [source, *picked]]})
+            continue
         if not arm.endswith("inbatch"):
             allowed = [int(c) for c in order[k, 3:40]
                        if c != source and (not keep_top or ranker[k, c] <= ranker[k, source] - margin)]
@@ -100,10 +110,11 @@ def training_rows(arm: str, queries: list[tuple[str, int, str]], ranker: np.ndar
 
 
 def train(start: str, rows: list[dict], steps: int, batch_size: int, seed: int):
-    """MNRL for `steps` steps from the start model; returns the trained model."""
+    """MNRL (or, for rows with a teacher's 'label', listwise KL distillation) for `steps` steps from the start model;
+    returns the trained model."""
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.losses import DistillKLDivLoss, MultipleNegativesRankingLoss
 
     model = SentenceTransformer(start, device="cpu")
     model.max_seq_length = 128
@@ -113,7 +124,8 @@ def train(start: str, rows: list[dict], steps: int, batch_size: int, seed: int):
         seed=seed, batch_sampler="no_duplicates")
     random.Random(seed).shuffle(rows)
     SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                               loss=MultipleNegativesRankingLoss(model)).train()
+                               loss=DistillKLDivLoss(model, student_temperature=0.05, teacher_temperature=0.05)
+                               if "label" in rows[0] else MultipleNegativesRankingLoss(model)).train()
     return model
 
 
