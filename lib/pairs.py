@@ -629,9 +629,26 @@ def near_duplicates(texts: list[str], others: list[str], threshold: float) -> li
     return [(int(i), int(j), float(s)) for i, j, s in zip(sims.row, sims.col, sims.data) if s >= threshold]
 
 
+def drop_leaking_rows(rows: list[dict], eval_queries: list[dict], threshold: float) -> tuple[list[dict], dict[str, int]]:
+    """The rows (with texts) without those whose anchor repeats an evaluation query or whose text near-duplicates one
+    (word TF-IDF cosine ≥ threshold), e.g. a document that happens to read like a test question; and how many were
+    dropped of each kind."""
+    eval_text = {normal_text(q["text"]) for q in eval_queries}
+    texts = sorted({r[c] for r in rows for c in loss_columns(len(r.get("negative_ids", [])))})
+    close = {texts[i] for i, _, _ in near_duplicates(texts, [q["text"] for q in eval_queries], threshold)}
+    kept, dropped = [], Counter()
+    for r in rows:
+        if normal_text(r["anchor"]) in eval_text or any(r[c] in close for c in loss_columns(len(r.get("negative_ids", [])))):
+            dropped[r["kind"]] += 1
+        else:
+            kept.append(r)
+    return kept, dict(sorted(dropped.items()))
+
+
 def check_leakage(rows: list[dict], eval_queries: list[dict], held_out: set[str], threshold: float, where: str) -> dict:
     """Raise LeakageError if a training row uses an item an evaluation query was built from, repeats an evaluation
-    query's text, or holds a near-duplicate (word TF-IDF cosine ≥ threshold) of one; else return what was checked."""
+    query's text, or holds a near-duplicate (word TF-IDF cosine ≥ threshold) of one; else return what was checked.
+    After drop_leaking_rows only the first can fire, and only on a bug: the exclude set is the pipeline's own."""
     for n, r in enumerate(rows, start=1):
         used = [r["anchor_id"], r["positive_id"], *r.get("negative_ids", [])]
         bad = [i for i in used if i in held_out]

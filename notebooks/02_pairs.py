@@ -30,8 +30,10 @@
 #    positive of that query, a 👎 item its hard negative (given negatives fill a row when there are enough for
 #    `num_hard_negatives`, else the row's negatives are mined). A judged query that repeats or near-duplicates an
 #    evaluation query is refused, as are items kept out of training.
-# 5. **Split** by entity group (seeded) and a **leakage check**: no item an evaluation query was built from, no
-#    evaluation query text and no near-duplicate of one in any training row — otherwise the stage fails.
+# 5. **Split** by entity group (seeded) and a **leakage check**: a row whose text repeats or nearly repeats an
+#    evaluation query (a document that happens to read like a test question) is dropped and counted
+#    (`leakage_dropped`, per kind); then no item an evaluation query was built from, no evaluation query text and no
+#    near-duplicate of one may remain in any training row — otherwise the stage fails (a bug, not your data).
 #
 # Nearest neighbours are computed a block at a time (memory-bounded); distributions are estimated from samples.
 #
@@ -168,7 +170,12 @@ rows, dropped = pairs.add_negatives(rows, guards, ids, types, vectors, neighbour
 rows = given + rows
 if teacher_query_scores:
     rows = pairs.with_teacher_scores(rows, query_vectors, ids, vectors)
-train, dev = pairs.split_by_group(pairs.with_texts(rows, texts), pairs_dev_fraction, seed)
+# a row whose text nearly repeats an evaluation query (a document that reads like a test question) is dropped, counted
+rows, leaking = pairs.drop_leaking_rows(pairs.with_texts(rows, texts), eval_queries, near_duplicate_threshold)
+if leaking:
+    print(f"dropped {sum(leaking.values())} training rows whose text nearly repeats an evaluation query "
+          f"(cosine ≥ {near_duplicate_threshold}), by kind: {leaking}")
+train, dev = pairs.split_by_group(rows, pairs_dev_fraction, seed)
 checked = {name: pairs.check_leakage(part, eval_queries, exclude, near_duplicate_threshold, f"02_pairs/{name}")
            for name, part in (("train", train), ("dev", dev))}
 for name, part in (("train", train), ("dev", dev)):
@@ -202,13 +209,14 @@ stats = {"rows": len(rows), "train": len(train), "dev": len(dev), "dropped_witho
          "negatives_by_tier": tiers, "num_hard_negatives": num_hard_negatives, "excluded_items": len(exclude),
          "held_out_items": len(held_out), "held_out_synthetic_queries": len(held_out_queries),
          "corpus_training_queries": len(supervised), "dropped_corpus_training_queries": dropped_supervised,
-         "similarity_percentiles": summary, "leakage_check": checked, "approximate_neighbours": ann,
+         "similarity_percentiles": summary, "leakage_check": checked, "leakage_dropped": leaking, "approximate_neighbours": ann,
          "teacher_query_scores": teacher_query_scores, "teacher_query_usage": teacher_usage,
          "feedback": feedback_counts | ({"rows": sum(r["kind"] == "query:feedback" for r in rows),
                                          "train_rows": sum(r["kind"] == "query:feedback" for r in train)} if feedback_path else {})}
 write_json(out_dir / "stats.json", stats)
 metrics = {k: stats[k] for k in ("rows", "train", "dev", "threshold_mode", "item_pairs_by_mode", "train_by_kind",
                                  "negatives_by_tier", "excluded_items", "held_out_synthetic_queries",
-                                 "corpus_training_queries", "teacher_query_scores", "feedback", "approximate_neighbours")}
+                                 "corpus_training_queries", "teacher_query_scores", "feedback", "approximate_neighbours",
+                                 "leakage_dropped")}
 write_metrics(out_dir, metrics)
 metrics

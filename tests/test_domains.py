@@ -69,14 +69,19 @@ def test_beir_example_is_supervised_and_test_queries_never_train():
     assert test[0]["relevant"]["reset-password"] == 2  # graded qrels kept
 
 
+ECHO = "API rate limits?"  # a test question that repeats a document's title (a training query), about another document
+
+
 def with_download_quirks(folder: Path) -> Path:
     """A BEIR folder as real downloads come: a title-only document, an empty one, a qrels line for a missing document
-    and one for a missing query."""
+    and one for a missing query; and a test question that repeats a document's title."""
+    with (folder / "queries.jsonl").open("a") as fh:
+        fh.write(json.dumps({"_id": "t-echo", "text": ECHO}) + "\n")
     with (folder / "corpus.jsonl").open("a") as fh:
         fh.write(json.dumps({"_id": "service-status", "title": "Service status: status.example.com", "text": ""}) + "\n")
         fh.write(json.dumps({"_id": "blank-export", "title": "", "text": "  "}) + "\n")
     with (folder / "qrels" / "test.tsv").open("a") as fh:
-        fh.write("t1\tretired-article\t1\nt99\treset-password\t1\n")
+        fh.write("t1\tretired-article\t1\nt99\treset-password\t1\nt-echo\tapi-tokens\t1\n")
     return folder
 
 
@@ -379,6 +384,8 @@ def test_make_all_smoke_runs_every_adapter(domain, tmp_path):
         assert json.loads((run / "00_corpus" / "metrics.json").read_text())["skipped"] == {
             "empty_documents": 1, "qrels_unknown_document": 1, "qrels_unknown_query": 1}
         assert line in (tmp_path / "reports" / f"{domain}-smoke" / "index.html").read_text()
+        dropped = json.loads((run / "02_pairs" / "metrics.json").read_text())["leakage_dropped"]
+        assert sum(dropped.values()) >= 1 and "training rows whose text nearly repeats an evaluation query" in result.stdout
     again = make("all", f"DOMAIN={domain}", "PROFILE=smoke", f"DATA={data}", root=tmp_path)
     assert again.returncode == 0 and "[codex-forge]" not in again.stdout  # up to date: no stage reruns
 

@@ -269,6 +269,19 @@ def test_leakage_check_passes_clean_data_and_fails_each_leak():
         pairs.check_leakage(rows, near_copy, set(), 0.9, "train")
 
 
+def test_rows_that_nearly_repeat_an_evaluation_query_are_dropped_and_counted():
+    rows = _training_rows()
+    eval_queries = [{"qid": "q1", "text": "a creature immune to fire"}]
+    assert pairs.drop_leaking_rows(rows, eval_queries, 0.9) == (rows, {})
+    near_copy = eval_queries + [{"qid": "q4", "text": rows[0]["anchor"].replace("Spellcasting: none.", "")},
+                                {"qid": "q3", "text": "A spell about barrier, and force!"}]
+    kept, dropped = pairs.drop_leaking_rows(rows, near_copy, 0.9)
+    assert kept == [] and dropped == {"item": 1, "query:keywords": 1}
+    kept, dropped = pairs.drop_leaking_rows(rows, near_copy[:2], 0.9)
+    assert kept == rows[1:] and dropped == {"item": 1}
+    assert pairs.check_leakage(kept, near_copy[:2], set(), 0.9, "train")["rows"] == 1  # the guard is silent after
+
+
 def test_saved_dataset_has_exactly_the_loss_columns(tmp_path):
     rows = _training_rows()
     pairs.save_dataset(tmp_path / "train", rows, num_negatives=1)
