@@ -119,6 +119,46 @@ def test_codex_positive_finder_uses_aliases_and_mentions():
     assert codex.chunk_coverage(chunk, {"Ilsa Varn": warden}, None) == 5.0
 
 
+def as_upstream_documents_it(folder: Path) -> Path:
+    """The codex example in the shapes the seed framework's README shows: {"questions": [...]} with question_id and
+    temporal_limit (null or a number), a question without difficulty, an index as a mapping whose entries lack
+    primary_name, chunks with temporal_order."""
+    questions = json.loads((folder / "test_questions.json").read_text())
+    for n, q in enumerate(questions, start=1):
+        q["question_id"] = n
+        q["temporal_limit"] = None
+    del questions[2]["difficulty"]
+    questions[0]["temporal_limit"] = 10  # the first question sees the chunks up to temporal_order 10
+    (folder / "test_questions.json").write_text(json.dumps({"questions": questions}))
+    index_path = folder / "indexes" / "character_index.json"
+    index = {e.pop("primary_name"): e for e in json.loads(index_path.read_text())}
+    index_path.write_text(json.dumps(index))
+    chunk_path = folder / "chunks" / "wiki.jsonl"
+    rows = [json.loads(line) for line in chunk_path.read_text().splitlines()]
+    chunk_path.write_text("".join(json.dumps(r | {"temporal_order": n}) + "\n" for n, r in enumerate(rows, start=1)))
+    return folder
+
+
+def test_codex_reads_the_upstream_shapes_and_honours_temporal_limit(tmp_path):
+    folder = as_upstream_documents_it(copy_example("codex", tmp_path))
+    items, queries, _, _ = build("codex", folder)
+    original, _, _, _ = build("codex", EXAMPLES / "codex")
+    assert [i["name"] for i in items] == [i["name"] for i in original]  # primary_name: the mapping's key
+    questions = {q["qid"]: q for q in queries if q["split"] == "test"}
+    assert set(questions) <= {f"question:{n}" for n in range(1, 9)} and "question:1" in questions
+    assert questions["question:3"]["meta"]["difficulty"] == "unspecified"
+    assert questions["question:2"]["meta"]["difficulty"] == "hard"
+    limited = questions["question:1"]
+    later = {i["id"] for i in items if i["meta"]["temporal_order"] > 10}
+    assert limited["meta"]["temporal_limit"] == 10 and set(limited["meta"]["not_candidates"]) == later
+    assert not set(limited["relevant"]) & later  # its positives are chunks it may see
+    assert "not_candidates" not in questions["question:2"]["meta"]
+    bad = copy_example("codex", tmp_path / "bad")
+    (bad / "test_questions.json").write_text(json.dumps({"questions": [{"question": "Who?", "expected_topics": ["Ilsa Varn"],
+                                                                        "temporal_limit": "book 3"}]}))
+    assert "question 1: field 'temporal_limit' must be a number" in error_of("codex", bad)
+
+
 def test_codex_synthetic_queries_and_negative_tiers():
     items, queries, _, _ = build("codex", EXAMPLES / "codex")
     train = [q for q in queries if q["split"] == "train"]

@@ -1,8 +1,11 @@
 """The `codex` domain: wiki chunks with entity indexes and test questions (a fandom wiki, a company's documents).
 
-Reads `chunks/*.jsonl` ({"text", "filename", "<type>_mentions": [...]}), `indexes/*_index.json` (entries with
-"primary_name", "filename", "aliases"; a list or a mapping) and `test_questions.json` ([{"question",
-"expected_topics", "category", "difficulty"}]). Items are the chunks; an item's type is the index its file belongs to.
+Reads `chunks/*.jsonl` ({"text", "filename", "<type>_mentions": [...]}, optional "source", "wiki_type",
+"temporal_order"), `indexes/*_index.json` (entries with "filename", "aliases" and "primary_name" — in a mapping the
+key when it is absent) and `test_questions.json` ({"questions": [...]} or the bare list of {"question",
+"expected_topics"}, optional "category", "difficulty", "question_id", "temporal_limit"). Items are the chunks; an
+item's type is the index its file belongs to. A question with a temporal_limit is scored only over the chunks whose
+temporal_order is at most that limit (its positives too): later chunks are not its candidates.
 - Positive finder: a question's relevant chunks are those whose topic coverage (the 1–5 rubric of stage 06: 1 + 4 ×
   the share of expected topics the chunk names, by index aliases, its mentions or its own entity) reaches
   `min_topic_coverage`; a chunk covering every topic has grade 2. The questions and these labels never train: the
@@ -49,11 +52,14 @@ def read_indexes(folder: Path) -> list[dict]:
         entries = list(data.values()) if isinstance(data, dict) else data
         if not isinstance(entries, list):
             raise DataError(f"{path}: expected a list (or a mapping) of entries with 'primary_name' and 'filename'")
+        keys = list(data) if isinstance(data, dict) else [None] * len(entries)
         kind = path.name.removesuffix("_index.json")
-        for n, entry in enumerate(entries, start=1):
-            where = f"entry {n}"
+        for n, (key, entry) in enumerate(zip(keys, entries), start=1):
+            where = f"entry {n}" if key is None else f"entry {key!r}"
             if not isinstance(entry, dict):
                 raise DataError(f"{path}: {where} is not an object")
+            if key is not None and not str(entry.get("primary_name") or "").strip():
+                entry = {**entry, "primary_name": key}  # a mapping's key is the name unless primary_name says otherwise
             for field in ("primary_name", "filename"):
                 if not isinstance(entry.get(field), str) or not entry[field].strip():
                     raise DataError(f"{path}: {where}: missing or empty field {field!r}")
@@ -79,35 +85,64 @@ def read_chunks(folder: Path) -> list[dict]:
     for path in files:
         for n, row in read_jsonl_rows(path):
             mentions = {key.removesuffix("_mentions"): list_field(path, n, row, key) for key in row if key.endswith("_mentions")}
+            order = row.get("temporal_order")
+            if order is not None and (isinstance(order, bool) or not isinstance(order, (int, float))):
+                raise DataError(f"{path}:{n}: field 'temporal_order' must be a number (where the chunk sits in the "
+                                f"story's time) or null, got {order!r}")
             chunks.append({"id": f"{path.stem}:{n}", "text": text_field(path, n, row, "text"),
                            "filename": text_field(path, n, row, "filename"), "mentions": mentions,
                            "source_type": row.get("wiki_type") if isinstance(row.get("wiki_type"), str) else "",
-                           "path": path, "line": n})
+                           "source": row.get("source") if isinstance(row.get("source"), str) else "",
+                           "temporal_order": order, "path": path, "line": n})
     if not chunks:
         raise DataError(f"{chunk_dir}: the chunk files hold no lines")
     return chunks
 
 
+def optional_text(q: dict, field: str, where: str) -> str:
+    """An optional string field of a question ("" when absent or null); a non-string is a DataError."""
+    value = q.get(field)
+    if value is None:
+        return ""
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise DataError(f"{where}: field {field!r} must be text, got {type(value).__name__}")
+    return str(value).strip()
+
+
 def read_questions(folder: Path) -> list[dict]:
-    """test_questions.json: a list of {question, expected_topics, category, difficulty}."""
-    path = require_path(folder / "test_questions.json", "test_questions.json: a list of {\"question\", \"expected_topics\", "
-                        "\"category\", \"difficulty\"}")
+    """test_questions.json — a list of questions, or {"questions": [...]} — each {question, expected_topics} with
+    optional category, difficulty, question_id (kept as the query id) and temporal_limit (a number or null)."""
+    path = require_path(folder / "test_questions.json", "test_questions.json: {\"questions\": [{\"question\", "
+                        "\"expected_topics\", \"category\", ...}]} or the bare list")
     data = read_json_file(path)
+    if isinstance(data, dict) and "questions" in data:
+        data = data["questions"]
     if not isinstance(data, list) or not data:
-        raise DataError(f"{path}: expected a non-empty JSON list of question objects")
+        raise DataError(f"{path}: expected {{\"questions\": [...]}} or a JSON list, non-empty, of question objects")
     questions = []
     for n, q in enumerate(data, start=1):
         where = f"{path}: question {n}"
         if not isinstance(q, dict):
             raise DataError(f"{where} is not an object")
-        for field in ("question", "category", "difficulty"):
-            if not isinstance(q.get(field), str) or not q[field].strip():
-                raise DataError(f"{where}: missing or empty field {field!r}")
+        if not isinstance(q.get("question"), str) or not q["question"].strip():
+            raise DataError(f"{where}: missing or empty field 'question'")
         topics = q.get("expected_topics")
         if not isinstance(topics, list) or not topics or not all(isinstance(t, str) and t.strip() for t in topics):
             raise DataError(f"{where}: field 'expected_topics' must be a non-empty list of names")
-        questions.append({"n": n, "question": q["question"].strip(), "topics": [t.strip() for t in topics],
-                          "category": q["category"].strip(), "difficulty": q["difficulty"].strip()})
+        limit = q.get("temporal_limit")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))):
+            raise DataError(f"{where}: field 'temporal_limit' must be a number (the last temporal_order the question "
+                            f"may see) or null, got {limit!r}")
+        questions.append({"n": n, "id": optional_text(q, "question_id", where) or str(n),
+                          "question": q["question"].strip(), "topics": [t.strip() for t in topics],
+                          "category": optional_text(q, "category", where) or "question",
+                          "difficulty": optional_text(q, "difficulty", where), "temporal_limit": limit})
+    first: dict[str, int] = {}
+    for q in questions:
+        if q["id"] in first:
+            raise DataError(f"{path}: question {q['n']}: question_id {q['id']!r} is also question {first[q['id']]}'s; "
+                            "ids must be unique")
+        first[q["id"]] = q["n"]
     repeated = [q for i, q in enumerate(questions) if q["question"].lower() in {p["question"].lower() for p in questions[:i]}]
     if repeated:
         raise DataError(f"{path}: question {repeated[0]['n']} repeats an earlier question: {repeated[0]['question']!r}")
@@ -157,13 +192,22 @@ def find_positives(question: dict, chunks: list[dict], entities_by_file: dict[st
     return out
 
 
+def later_chunks(chunks: list[dict], temporal_limit: float | None) -> set[str]:
+    """Ids of the chunks a question with `temporal_limit` may not see: those whose temporal_order is past it (a
+    chunk without one is always visible; no limit hides nothing)."""
+    if temporal_limit is None:
+        return set()
+    return {c["id"] for c in chunks if c["temporal_order"] is not None and c["temporal_order"] > temporal_limit}
+
+
 def chunk_item(chunk: dict, entity: dict | None) -> dict:
     """A chunk as a canonical item: named after its entity (or file); its mentions are its tags."""
     mentions = list(dict.fromkeys(m for values in chunk["mentions"].values() for m in values))
     return {"id": chunk["id"], "type": entity["type"] if entity else slug(chunk["source_type"]) or "chunk",
             "name": entity["name"] if entity else Path(chunk["filename"]).stem.replace("_", " "),
             "text": chunk["text"], "aliases": entity["aliases"] if entity else [], "tags": mentions,
-            "meta": {"filename": chunk["filename"], "mentions": chunk["mentions"], "file": chunk["path"].name, "line": chunk["line"]}}
+            "meta": {"filename": chunk["filename"], "mentions": chunk["mentions"], "file": chunk["path"].name, "line": chunk["line"],
+                     **{k: chunk[k] for k in ("source", "temporal_order") if chunk[k] not in ("", None)}}}
 
 
 def mine_negatives(positives: list[str], entity: dict, items: dict[str, dict], rng: random.Random,
@@ -225,11 +269,14 @@ def build_corpus(data_path: str | Path, max_items: int = 0, min_topic_coverage: 
     items = {c["id"]: chunk_item(c, by_file.get(c["filename"])) for c in chunks}
     queries = []
     for q in questions:
-        relevant = find_positives(q, chunks, by_file, entities, min_topic_coverage)
+        hidden = later_chunks(chunks, q["temporal_limit"])
+        relevant = find_positives(q, [c for c in chunks if c["id"] not in hidden], by_file, entities, min_topic_coverage)
         if relevant:
-            queries.append({"qid": f"question:{q['n']}", "text": q["question"], "relevant": relevant,
+            queries.append({"qid": f"question:{q['id']}", "text": q["question"], "relevant": relevant,
                             "expected_topics": q["topics"], "category": q["category"], "split": "test",
-                            "meta": {"difficulty": q["difficulty"]}})
+                            "meta": {"difficulty": q["difficulty"] or "unspecified", "question_id": q["id"],
+                                     **({"temporal_limit": q["temporal_limit"], "not_candidates": sorted(hidden)}
+                                        if q["temporal_limit"] is not None else {})}})
     if not queries:
         raise DataError(f"{folder / 'test_questions.json'}: no question found a chunk covering its expected topics "
                         f"(min_topic_coverage {min_topic_coverage}); check the topic names against the chunks and indexes")
