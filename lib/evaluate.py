@@ -295,6 +295,18 @@ def load_beir(folder: str | Path, split: str = "test") -> tuple[list[dict], list
     return [beir.document_item(d) for d in docs], queries
 
 
+def by_meta(per_query: pd.DataFrame, queries: list[dict], field: str, metric: str = "ndcg@10") -> dict[str, dict]:
+    """{value: {"n": queries, system: mean `metric`}} per value of the queries' meta[field] (e.g. codex's difficulty);
+    {} when no query has one."""
+    value = {q["qid"]: str(q["meta"][field]) for q in queries if q.get("meta", {}).get(field) not in (None, "")}
+    rows = per_query[per_query.qid.isin(value)]
+    out = {}
+    for group, part in rows.assign(group=rows.qid.map(value)).groupby("group"):
+        means = part.groupby("system")[metric].mean()
+        out[str(group)] = {"n": int(part.qid.nunique())} | {system: round(float(v), 4) for system, v in means.items()}
+    return out
+
+
 def headline(summary: pd.DataFrame, systems: list[str], metrics: list[str], category: str = "all") -> dict[str, dict[str, float]]:
     """{system: {metric: value}} for one category ('all' = the numbers the report leads with)."""
     return {s: {m: round(float(summary.loc[(s, category), m]), 4) for m in metrics} for s in systems

@@ -136,6 +136,13 @@ by_category = {cat: evaluate.headline(summary, systems, headline_metrics, catego
 evaluate.interval_table({cat: ci[cat] for cat in categories}, "ndcg@10").assign(
     n=per_query[per_query.system == "base"].category.value_counts())
 
+# %% [markdown]
+# NDCG@10 per difficulty, where the queries carry one (codex's test questions; empty elsewhere):
+
+# %%
+by_difficulty = evaluate.by_meta(per_query, queries, "difficulty")
+pd.DataFrame(by_difficulty).T
+
 # %%
 p_by_category, p_by_category_holm = evaluate.category_tests(per_query, scoring)
 p_served_by_category, _ = evaluate.category_tests(per_query, scoring, system="hybrid", baseline="base-hybrid")
@@ -193,6 +200,7 @@ metrics = {
     "headline_ci": {s: ci["all"][s] for s in systems},
     "p_values_vs_base": p_values,
     "by_category": by_category,
+    "by_difficulty": by_difficulty,
     "by_category_ci": {cat: ci[cat] for cat in categories},
     "p_values_by_category": p_by_category,
     "p_values_by_category_holm": p_by_category_holm,

@@ -407,7 +407,8 @@ def make(*args: str, root: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 @pytest.mark.parametrize("domain", ["prompts", "codex", "beir", "markdown"])
 def test_make_all_smoke_runs_every_adapter(domain, tmp_path):
-    data = with_download_quirks(copy_example("beir", tmp_path)) if domain == "beir" else f"examples/{domain}"
+    shaped = {"beir": with_download_quirks, "codex": as_upstream_documents_it}  # data as users' files come
+    data = shaped[domain](copy_example(domain, tmp_path)) if domain in shaped else f"examples/{domain}"
     result = make("all", f"DOMAIN={domain}", "PROFILE=smoke", f"DATA={data}", root=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run = tmp_path / "runs" / f"{domain}-smoke"
@@ -426,6 +427,10 @@ def test_make_all_smoke_runs_every_adapter(domain, tmp_path):
         assert line in (tmp_path / "reports" / f"{domain}-smoke" / "index.html").read_text()
         dropped = json.loads((run / "02_pairs" / "metrics.json").read_text())["leakage_dropped"]
         assert sum(dropped.values()) >= 1 and "training rows whose text nearly repeats an evaluation query" in result.stdout
+    if domain == "codex":  # the seed framework's shapes: a question without difficulty, results per difficulty
+        by_difficulty = json.loads((run / "06_evaluate" / "metrics.json").read_text())["by_difficulty"]
+        assert {"unspecified", "hard"} <= set(by_difficulty) and "fine-tuned" in by_difficulty["hard"]
+        assert "NDCG@10 per difficulty" in (tmp_path / "reports" / f"{domain}-smoke" / "index.html").read_text()
     again = make("all", f"DOMAIN={domain}", "PROFILE=smoke", f"DATA={data}", root=tmp_path)
     assert again.returncode == 0 and "[codex-forge]" not in again.stdout  # up to date: no stage reruns
 

@@ -251,3 +251,13 @@ def test_a_teacher_below_the_base_student_on_dev_is_called_weaker_and_told_why()
     assert "stronger teacher" in weak["message"]
     strong = evaluate.teacher_against_student(pd.Series({"ndcg@10": 0.6}), pd.Series({"ndcg@10": 0.5}))
     assert not strong["teacher_weaker"] and strong["gap"] == 0.1 and "above the base student" in strong["message"]
+
+
+def test_by_meta_averages_each_system_per_difficulty():
+    frame = pd.DataFrame({"system": ["base"] * 3 + ["ft"] * 3, "qid": ["a", "b", "c"] * 2,
+                          "ndcg@10": [0.2, 0.4, 1.0, 0.6, 0.8, 1.0]})
+    queries = [{"qid": "a", "meta": {"difficulty": "hard"}}, {"qid": "b", "meta": {"difficulty": "hard"}},
+               {"qid": "c", "meta": {"difficulty": "easy"}}]
+    assert evaluate.by_meta(frame, queries, "difficulty") == {"easy": {"n": 1, "base": 1.0, "ft": 1.0},
+                                                              "hard": {"n": 2, "base": 0.3, "ft": 0.7}}
+    assert evaluate.by_meta(frame, [{"qid": "a", "meta": {}}], "difficulty") == {}
