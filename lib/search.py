@@ -158,22 +158,31 @@ class Retriever:
             raise ValueError(f"{len(items)} items but {len(vectors)} vectors")
         self.items = items
         self.types = np.array([i["type"] for i in items], dtype=object)
+        self.temporal_order = np.array([float(order) if (order := (i.get("meta") or {}).get("temporal_order")) is not None
+                                        else np.nan for i in items], dtype=np.float64)
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self.hnsw = hnsw_index(self.vectors) if len(items) >= self.hnsw_threshold else None
         self.bm25 = bm25 if bm25 is not None else Bm25([i["text"] for i in items])
 
-    def allowed(self, types: list[str] | None) -> np.ndarray:
-        """Which items have one of `types` (all when None or empty)."""
+    def allowed(self, types: list[str] | None, max_temporal_order: float | None = None) -> np.ndarray:
+        """Which items have one of `types` (all when None or empty) and, with `max_temporal_order`, a temporal_order
+        (meta) at most that (an item without one is always allowed): e.g. chunks up to where a reader has got."""
         if not self.items:
             raise RuntimeError("Retriever is empty: call index(items) first")
         allowed = np.isin(self.types, types) if types else np.ones(len(self.items), dtype=bool)
         if not allowed.any():
             raise ValueError(f"no indexed item has a type in {types}; indexed types: {sorted(set(self.types))}")
+        if max_temporal_order is not None:
+            allowed &= ~(self.temporal_order > max_temporal_order)  # NaN (no temporal_order) compares False: kept
+            if not allowed.any():
+                raise ValueError(f"no indexed item{' of those types' if types else ''} has a temporal_order at or "
+                                 f"below {max_temporal_order}")
         return allowed
 
-    def search(self, query_vectors: np.ndarray, top_k: int = 5, types: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, query_vectors: np.ndarray, top_k: int = 5, types: list[str] | None = None,
+               max_temporal_order: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Dense search: (indices, cosines) of the top-k items per query vector; -1 pads rows with fewer hits."""
-        allowed = self.allowed(types)
+        allowed = self.allowed(types, max_temporal_order)
         k = min(top_k, int(allowed.sum()))
         if self.hnsw is not None:
             return self._search_hnsw(query_vectors, k, None if allowed.all() else np.flatnonzero(allowed))
@@ -219,13 +228,13 @@ class Retriever:
         return fuse(self.dense_scores(query_vectors), keyword, self.fusion, self.dense_weight, self.rrf_k), keyword
 
     def hits(self, query_texts: list[str], query_vectors: np.ndarray, top_k: int = 5, types: list[str] | None = None,
-             mode: str | None = None) -> list[list[dict]]:
+             mode: str | None = None, max_temporal_order: float | None = None) -> list[list[dict]]:
         """Top-k hits per query, best first: id, type, name, text, `score` and `score_type` (cosine, bm25, rrf or
-        weighted), and in hybrid mode the item's `cosine` and `bm25` beside the fused score."""
+        weighted), and in hybrid mode the item's `cosine` and `bm25` beside the fused score; only items `allowed`."""
         mode = check_mode(mode or self.mode)
-        allowed = self.allowed(types)
+        allowed = self.allowed(types, max_temporal_order)
         if mode == "dense":
-            top, scores = self.search(query_vectors, top_k, types)
+            top, scores = self.search(query_vectors, top_k, types, max_temporal_order)
         else:
             scores, keyword = self._scores(query_texts, query_vectors, mode)
             scores = np.where(allowed, scores, -np.inf)
@@ -248,16 +257,18 @@ class Retriever:
         return out
 
     def retrieve_many(self, queries: list[str], top_k: int = 5, types: list[str] | None = None,
-                      mode: str | None = None) -> list[list[dict]]:
-        """Top-k hits per query (see hits()), optionally only some item types; mode defaults to the index's."""
+                      mode: str | None = None, max_temporal_order: float | None = None) -> list[list[dict]]:
+        """Top-k hits per query (see hits()), optionally only some item types or items up to a temporal_order; mode
+        defaults to the index's."""
         if not self.items:
             raise RuntimeError("Retriever is empty: call index(items) first")
         vectors = self.encoder.encode(queries) if (mode or self.mode) != "bm25" else np.zeros((len(queries), 0))
-        return self.hits(queries, vectors, top_k, types, mode)
+        return self.hits(queries, vectors, top_k, types, mode, max_temporal_order)
 
-    def retrieve(self, query: str, top_k: int = 5, types: list[str] | None = None, mode: str | None = None) -> list[dict]:
+    def retrieve(self, query: str, top_k: int = 5, types: list[str] | None = None, mode: str | None = None,
+                 max_temporal_order: float | None = None) -> list[dict]:
         """Top-k hits for one query."""
-        return self.retrieve_many([query], top_k, types, mode)[0]
+        return self.retrieve_many([query], top_k, types, mode, max_temporal_order)[0]
 
     def self_retrieval(self, items: list[dict]) -> float:
         """Share of `items` whose own text retrieves them first by dense search (a sanity check of index and encoder)."""

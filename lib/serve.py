@@ -214,10 +214,18 @@ class Service:
         known = sorted(set(self.retriever.types))
         if types and not set(types) & set(known):
             raise ApiError(400, f"field 'types': no item has a type in {types}; the index has {known}", "types")
+        limit = payload.get("max_temporal_order")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))):
+            raise ApiError(400, "field 'max_temporal_order' must be a number: only items whose temporal_order is at "
+                           "most that are searched", "max_temporal_order")
+        try:
+            self.retriever.allowed(types, limit)
+        except ValueError as err:
+            raise ApiError(400, f"field 'max_temporal_order': {err}", "max_temporal_order") from None
         await self.on_compute(self.token_counts, [query])
         vectors = await self.batcher.encode([query]) if mode != "bm25" else np.zeros((1, 0), dtype=np.float32)
         self.texts.inc()
-        hits = await self.on_compute(self.retriever.hits, [query], vectors, top_k, types, mode)
+        hits = await self.on_compute(self.retriever.hits, [query], vectors, top_k, types, mode, limit)
         return {"object": "list", "query": query, "mode": mode, "model": self.run, "model_version": self.version,
                 "data": [{"rank": rank, **hit} for rank, hit in enumerate(hits[0], 1)]}
 

@@ -78,6 +78,25 @@ def test_retriever_finds_items_by_their_own_text_and_filters_types(retriever, sr
         retriever.retrieve("x", types=["vehicle"])
 
 
+def test_max_temporal_order_hides_later_items_in_every_mode_and_over_hnsw(retriever):
+    """Items with meta.temporal_order (codex chunks) past the limit are not searched; items without one always are."""
+    items = [dict(i, meta={**i.get("meta", {}), **({"temporal_order": n} if n % 3 else {})})
+             for n, i in enumerate(retriever.items)]
+    later = {i["id"] for i in items if i["meta"].get("temporal_order", -1) > 20}
+    for threshold in (50_000, 1):  # exact, then HNSW
+        timed = Retriever(retriever.encoder, hnsw_threshold=threshold)
+        timed.set_vectors(items, retriever.vectors)
+        for mode in ("dense", "bm25", "hybrid"):
+            target = next(i for i in items if i["id"] in later)
+            assert timed.retrieve(target["text"], top_k=1, mode=mode)[0]["id"] == target["id"]
+            hits = timed.retrieve(target["text"], top_k=10, mode=mode, max_temporal_order=20)
+            assert len(hits) == 10 and not {h["id"] for h in hits} & later
+    every_timed = Retriever(retriever.encoder)
+    every_timed.set_vectors([dict(i, meta={"temporal_order": n}) for n, i in enumerate(retriever.items)], retriever.vectors)
+    with pytest.raises(ValueError, match="no indexed item of those types has a temporal_order at or below -1"):
+        every_timed.retrieve("x", types=["monster"], max_temporal_order=-1)
+
+
 def test_hnsw_search_agrees_with_exact_search(retriever, srd_slice):
     hnsw = Retriever(retriever.encoder, hnsw_threshold=1)
     hnsw.set_vectors(retriever.items, retriever.vectors)

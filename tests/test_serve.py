@@ -126,6 +126,7 @@ def test_embeddings_errors_say_what_to_change(server, body, status, says):
     ({"query": "a dragon", "mode": "fuzzy"}, "'mode' must be one of"),
     ({"query": "a dragon", "types": ["vehicle"]}, "the index has ['monster', 'power']"),
     ({"query": "a dragon", "types": "monster"}, "'types' must be a list"),
+    ({"query": "a dragon", "max_temporal_order": "book 3"}, "'max_temporal_order' must be a number"),
 ])
 def test_search_errors_say_what_to_change(server, body, says):
     answer = post(server, "/v1/search", body)
@@ -145,6 +146,8 @@ def test_search_in_every_mode_with_type_filters_and_scores_that_say_what_they_ar
         assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
     default = post(server, "/v1/search", {"query": target["name"]}).json()
     assert default["mode"] == "hybrid" and len(default["data"]) == 10 and {"cosine", "bm25"} <= set(default["data"][0])
+    untimed = post(server, "/v1/search", {"query": target["name"], "max_temporal_order": 3}).json()
+    assert untimed["data"] == default["data"]  # D&D items carry no temporal_order: every one stays searchable
 
 
 @pytest.mark.slow
