@@ -17,8 +17,8 @@ import torch
 from sentence_transformers.base.sampler import DefaultBatchSampler
 from sentence_transformers.sentence_transformer.losses import EmbedDistillLoss
 
-from lib.training import (TimeBudget, best_device, checkpoint_key, is_main_process, resumable_checkpoints,
-                          train_or_resume, use_bf16)
+from lib.training import (ResourceMonitor, TimeBudget, best_device, checkpoint_key, is_main_process,
+                          resumable_checkpoints, train_or_resume, use_bf16)
 
 LOSSES = ("mnrl", "cached_mnrl", "gist", "mnrl+margin_mse")
 BATCH_SAMPLERS = ("entity", "no_duplicates", "random")
@@ -429,16 +429,17 @@ def finetune(start_model: str | Path, train_dataset, eval_dataset, evaluator, ou
         max_length={"query": config.query_max_seq_length, "document": config.max_seq_length},
     )
     # 5. Train, evaluating on the dev queries before, during and after; resume from the last checkpoint if allowed
-    budget = TimeBudget(config.max_train_minutes)
+    budget, monitor = TimeBudget(config.max_train_minutes), ResourceMonitor()
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, loss=loss,
         evaluator=evaluator if config.ndcg_during_training else None, data_collator=collator,
-        callbacks=[*(callbacks or []), budget],
+        callbacks=[*(callbacks or []), budget, monitor],
     )
     load = lambda last: model.load_state_dict(SentenceTransformer(last, device=model.device).state_dict())
     run = train_or_resume(trainer, checkpoints, resume, load, "fine-tuning")
     run["planned_steps_in_budget"] = budget.planned_steps
     run["stopped_by_time_limit_at_step"] = budget.stopped_at_step
+    run["resources"] = monitor.summary()
     # 6. Weight averaging with the start model (α chosen on dev), then save the model (with its card), main process only
     if trainer.is_world_process_zero():
         if config.blend_alphas and evaluator is not None and getattr(evaluator, "evaluators", [evaluator]):

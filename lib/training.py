@@ -164,6 +164,71 @@ def shorten_linear_schedule(lr_scheduler, planned_steps: int) -> bool:
     return True
 
 
+class ResourceMonitor(TrainerCallback):
+    """What training uses: wall time per epoch, and every `every_seconds` the process's CPU utilisation (its CPU time
+    over the wall time, as a share of all cores) and its resident memory; peak RSS (the kernel's, whole process) and,
+    on CUDA, peak GPU memory."""
+
+    def __init__(self, every_seconds: float = 5.0):
+        self.every = every_seconds
+        self.samples: list[dict] = []
+        self.epoch_seconds: list[float] = []
+        self.process, self.last, self.last_cpu, self.epoch_start = None, 0.0, 0.0, 0.0
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of this process so far."""
+        times = self.process.cpu_times()
+        return times.user + times.system
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import psutil
+
+        self.process = psutil.Process()
+        self.last = self.epoch_start = time.monotonic()
+        self.last_cpu = self.cpu_seconds()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.epoch_start = time.monotonic()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.epoch_seconds.append(round(time.monotonic() - self.epoch_start, 1))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.monotonic() - self.last >= self.every:
+            self.sample(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.sample(state.global_step)
+
+    def sample(self, step: int) -> None:
+        """One sample since the last: CPU % of all cores, RSS in MiB, and GPU memory in MiB on CUDA."""
+        now, cpu = time.monotonic(), self.cpu_seconds()
+        share = (cpu - self.last_cpu) / max(now - self.last, 1e-6) / (os.cpu_count() or 1)
+        row = {"step": step, "cpu_percent": round(100 * share, 1), "rss_mib": round(self.process.memory_info().rss / 2**20)}
+        if torch.cuda.is_available():
+            row["gpu_mib"] = round(torch.cuda.memory_allocated() / 2**20)
+        self.samples.append(row)
+        self.last, self.last_cpu = now, cpu
+
+    def summary(self) -> dict:
+        """Epoch times, mean CPU %, peak RSS (MiB) and peak GPU memory (MiB, CUDA only), and the samples; {} when
+        nothing was trained."""
+        if not self.samples:
+            return {}
+        import resource
+
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        out = {"epoch_seconds": self.epoch_seconds,
+               "cpu_percent_mean": round(statistics.mean(s["cpu_percent"] for s in self.samples), 1),
+               "peak_rss_mib": round(max(peak_rss, *(s["rss_mib"] for s in self.samples))),
+               "cores": os.cpu_count(), "samples": self.samples}
+        if torch.cuda.is_available():
+            out["gpu_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+        return out
+
+
 class TrainingProgress(TrainerCallback):
     """Step, loss, time per step and time left as a stderr line every few seconds (the runner's terminal). With a
     TimeBudget, the end is its planned step (once planned) and the time left never exceeds the budget's."""

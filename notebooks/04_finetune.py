@@ -150,6 +150,23 @@ distill_steps, distill_losses = training.loss_curve(history, "distill")
 if distill_steps:
     line_plot(distill_steps, distill_losses, "distillation loss (1 − cosine to the teacher)", "step", "loss");
 
+# %% [markdown]
+# ## What training used
+# Wall time per epoch, the process's CPU use (share of all cores) and resident memory over the steps; GPU memory on
+# CUDA.
+
+# %%
+resources = facts.get("resources") or {}
+if resources:
+    samples = resources["samples"]
+    print(f"epochs: {resources['epoch_seconds']} s; CPU {resources['cpu_percent_mean']} % of {resources['cores']} "
+          f"cores on average; peak RSS {resources['peak_rss_mib']} MiB"
+          + (f"; peak GPU memory {resources['gpu_peak_mib']} MiB" if "gpu_peak_mib" in resources else ""))
+    line_plot([r["step"] for r in samples], [r["cpu_percent"] for r in samples], "CPU use during training",
+              "step", "% of all cores");
+    line_plot([r["step"] for r in samples], [r["rss_mib"] for r in samples], "resident memory during training",
+              "step", "RSS (MiB)");
+
 # %%
 score_key = "sequential_score"  # NDCG@10 over all dev queries (per-query mean)
 dev_steps, dev_scores = training.loss_curve(history, f"eval_{score_key}")
@@ -173,6 +190,10 @@ metrics = {
     "bf16": facts["bf16"],
     "resumed_from_step": facts["resumed_from_step"],
     "train_runtime_s": facts["train_runtime_s"],
+    "epoch_seconds": resources.get("epoch_seconds"),
+    "cpu_percent_mean": resources.get("cpu_percent_mean"),
+    "peak_rss_mib": resources.get("peak_rss_mib"),
+    "gpu_peak_mib": resources.get("gpu_peak_mib"),
     "max_train_minutes": max_train_minutes,
     "planned_steps_in_budget": facts["planned_steps_in_budget"],
     "stopped_by_time_limit_at_step": facts["stopped_by_time_limit_at_step"],

@@ -76,6 +76,10 @@ def test_mnrl_steps_lower_the_loss_with_entity_batches_and_bf16(tmp_path, run, s
     assert (tmp_path / "model" / "README.md").exists()
     assert any(k.startswith("eval_dev-") and k.endswith("ndcg@10") for h in history for k in h)
     assert facts["global_step"] == 12 and facts["bf16"] == training.use_bf16(True) and facts["resumed_from_step"] == 0
+    used = facts["resources"]  # what training used, sampled by ResourceMonitor
+    assert len(used["epoch_seconds"]) >= 1 and all(t > 0 for t in used["epoch_seconds"])
+    assert used["samples"][-1]["step"] == 12 and 0 < used["cpu_percent_mean"] <= 100
+    assert used["peak_rss_mib"] >= max(s["rss_mib"] for s in used["samples"]) > 90
 
 
 @pytest.mark.slow

@@ -155,6 +155,9 @@ def test_before_and_after_are_both_reported(smoke):
     assert finetune["dev_loss_last"] < finetune["dev_loss_first"] or after > before + 0.01, (finetune["dev_loss_first"],
                                                                                               finetune["dev_loss_last"], before, after)
     assert finetune["dev_before"].keys() == finetune["dev_after"].keys()
+    # what training used: an epoch time, CPU use within the machine, a resident set at least the model's size
+    assert finetune["epoch_seconds"] and all(t > 0 for t in finetune["epoch_seconds"])
+    assert 0 < finetune["cpu_percent_mean"] <= 100 and finetune["peak_rss_mib"] > 90
     alphas = {float(a): score for a, score in finetune["dev_by_alpha"].items()}
     tried = sorted(set(alphas) - {0.0}, reverse=True)  # from α = 1 down, stopping at the first drop; α = 0 is "before"
     assert 0.0 in alphas and tried == [1.0, 0.75, 0.5, 0.25][: len(tried)] and alphas[finetune["blend_alpha"]] == max(alphas.values())
