@@ -149,9 +149,11 @@ docs: setup ## write the result blocks of README.md and docs/results.md from thi
 	$(PY) -m lib.report --run $(RUN) --runs-root "$(RUNS)" --reports-root "$(REPORTS)" --write-docs
 	$(PY) -m lib.bench
 
-lab: setup ## JupyterLab on notebooks/ with the Jupytext .py files paired to .ipynb
+lab: setup ## JupyterLab on notebooks/ (Jupytext-paired .ipynb); a notebook run there uses this DOMAIN/PROFILE/DATA's parameters
 	$(VENV)/bin/jupytext --sync notebooks/[0-9]*.py
-	JUPYTER_PATH=$(VENV)/share/jupyter $(VENV)/bin/jupyter lab notebooks/
+	DOMAIN=$(DOMAIN) PROFILE=$(PROFILE) DATA="$(if $(DATA),$(abspath $(DATA)))" RUNS="$(abspath $(RUNS))" \
+		CACHE="$(if $(CACHE),$(abspath $(CACHE)))" \
+		JUPYTER_PATH=$(VENV)/share/jupyter $(VENV)/bin/jupyter lab notebooks/
 
 bench: setup ## benchmarks → bench/results/<machine>/*.json and docs/benchmarks.md (needs a finished run: make all); the index page shows them
 	$(PY) bench/encode_throughput.py --run $(RUN) --runs-root "$(RUNS)"

@@ -60,6 +60,29 @@ def stage_parameters(stage: str, params: dict, files: list[Path]) -> dict:
     return {k: v for k, v in params.items() if k in declared}
 
 
+LAB_ENV = ("DOMAIN", "PROFILE", "DATA", "RUNS", "CACHE")  # what `make lab` hands the notebooks it opens
+
+
+def lab_parameters(stage: str, environ: dict | None = None) -> dict:
+    """For a stage notebook opened in JupyterLab (no runner, so papermill injected nothing): the parameters `make all`
+    gives this stage — its DOMAIN, PROFILE, DATA, RUNS and CACHE from the environment `make lab` sets (else dnd,
+    default) through the same layers (.env included) — and the run's lease, held while the kernel lives, as `make`
+    holds it. Under the runner: {} (its parameters are already injected)."""
+    environ = os.environ if environ is None else environ
+    if environ.get(PENDING_MARKER_ENV):
+        return {}
+    domain, profile = environ.get("DOMAIN") or "dnd", environ.get("PROFILE") or "default"
+    runs_root = str(Path(environ["RUNS"]).expanduser().resolve()) if environ.get("RUNS") else ""
+    overrides = ({"data_path": str(Path(environ["DATA"]).expanduser().resolve())} if environ.get("DATA") else {}) | (
+        {"cache_root": environ["CACHE"]} if environ.get("CACHE") else {})
+    params = stage_parameters(stage, layered_parameters(domain, profile, overrides), param_files(domain, profile))
+    run = run_name(domain, profile)
+    run_lease(run_dir(run, runs_root or None)).__enter__()  # never left: the lease ends with this kernel
+    print(f"run {run}: this stage's parameters as `make all DOMAIN={domain} PROFILE={profile}` sets them "
+          f"({len(params)} from the parameter files, .env and DATA; the cell above is replaced)")
+    return params | {"run_name": run, "runs_root": runs_root}
+
+
 def kernel_environment() -> None:
     """Environment the kernels inherit: offline hubs, this venv's kernelspec first, .env's OPENAI_*/HF_* keys."""
     for key, value in env_passthrough().items():

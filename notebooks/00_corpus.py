@@ -51,6 +51,13 @@ positives_per_query: int = 3  # codex: most positive chunks per training query
 dev_fraction: float = 0.3  # share of evaluation queries used as dev (the rest is the held-out test) when not given
 seed: int = 42  # seeds the query split and the sampling of the adapters
 # %%
+# Opened in JupyterLab rather than run by `make`? Then the run's own parameters replace the cell above (DOMAIN,
+# PROFILE and DATA as `make lab` was given them), and the run is held as `make` holds it. Under `make`: nothing.
+from lib.pipeline import lab_parameters
+
+globals().update(lab_parameters("00_corpus"))
+
+# %%
 from collections import Counter
 
 import pandas as pd

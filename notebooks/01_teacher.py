@@ -49,6 +49,13 @@ teacher_tokens_per_minute: int = 0  # the endpoint's rate limit in tokens (0: no
 compare_teachers: list = []  # local SentenceTransformer folders or names scored beside the teacher on dev, e.g. [data/models/all-mpnet-base-v2]
 base_model: str = "all-MiniLM-L6-v2"  # the student: scored on dev beside the teacher (through the same cache)
 # %%
+# Opened in JupyterLab rather than run by `make`? Then the run's own parameters replace the cell above (DOMAIN,
+# PROFILE and DATA as `make lab` was given them), and the run is held as `make` holds it. Under `make`: nothing.
+from lib.pipeline import lab_parameters
+
+globals().update(lab_parameters("01_teacher"))
+
+# %%
 import time
 from pathlib import Path
 

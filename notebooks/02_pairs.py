@@ -75,6 +75,13 @@ feedback_path: str = ""  # search judgements to train on: a feedback.sqlite from
 drop_row_kinds: list = []  # row kinds left out of training: item, query:name, query:keywords, query:sentence, query:tags, query:field, …
 seed: int = 42  # seeds sampling, templates and the split
 # %%
+# Opened in JupyterLab rather than run by `make`? Then the run's own parameters replace the cell above (DOMAIN,
+# PROFILE and DATA as `make lab` was given them), and the run is held as `make` holds it. Under `make`: nothing.
+from lib.pipeline import lab_parameters
+
+globals().update(lab_parameters("02_pairs"))
+
+# %%
 import random
 
 import pandas as pd

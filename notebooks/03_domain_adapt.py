@@ -56,6 +56,13 @@ domain_bf16: bool = True  # bf16 autocast where the CPU (AVX512-BF16/AMX) or GPU
 max_chunks: int = 0  # cap on background chunks (0 for all)
 seed: int = 42  # seeds the split, the masks, the noise and training
 # %%
+# Opened in JupyterLab rather than run by `make`? Then the run's own parameters replace the cell above (DOMAIN,
+# PROFILE and DATA as `make lab` was given them), and the run is held as `make` holds it. Under `make`: nothing.
+from lib.pipeline import lab_parameters
+
+globals().update(lab_parameters("03_domain_adapt"))
+
+# %%
 import pandas as pd
 from transformers import AutoTokenizer, set_seed
 

@@ -63,6 +63,13 @@ bf16: bool = True  # bf16 autocast where the hardware computes bf16 natively; fp
 distill: bool = False  # also distil the teacher's cached item vectors (EmbedDistillLoss) on batches of items
 seed: int = 42  # seeds data order and initialisation
 # %%
+# Opened in JupyterLab rather than run by `make`? Then the run's own parameters replace the cell above (DOMAIN,
+# PROFILE and DATA as `make lab` was given them), and the run is held as `make` holds it. Under `make`: nothing.
+from lib.pipeline import lab_parameters
+
+globals().update(lab_parameters("04_finetune"))
+
+# %%
 import pandas as pd
 from sentence_transformers import SentenceTransformer
 from transformers import set_seed

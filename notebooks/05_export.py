@@ -49,6 +49,13 @@ encode_devices: list = []  # worker processes that encode the whole corpus for t
 seed: int = 42  # seeds the parity sample of a large corpus
 example_queries: list = ["a creature that turns people to stone", "a spell that brings the dead back to life"]  # shown with results
 # %%
+# Opened in JupyterLab rather than run by `make`? Then the run's own parameters replace the cell above (DOMAIN,
+# PROFILE and DATA as `make lab` was given them), and the run is held as `make` holds it. Under `make`: nothing.
+from lib.pipeline import lab_parameters
+
+globals().update(lab_parameters("05_export"))
+
+# %%
 import shutil
 
 from lib import corpus, cpu, evaluate, export

@@ -54,6 +54,13 @@ beir_split: str = "test"  # the qrels file of the BEIR folder
 near_duplicate_threshold: float = 0.9  # leakage guard: word TF-IDF cosine from which a training text copies a query
 seed: int = 42  # seeds the bootstrap and the permutations
 # %%
+# Opened in JupyterLab rather than run by `make`? Then the run's own parameters replace the cell above (DOMAIN,
+# PROFILE and DATA as `make lab` was given them), and the run is held as `make` holds it. Under `make`: nothing.
+from lib.pipeline import lab_parameters
+
+globals().update(lab_parameters("06_evaluate"))
+
+# %%
 import pandas as pd
 
 from lib import corpus, evaluate, pairs

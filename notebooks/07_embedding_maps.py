@@ -37,6 +37,13 @@ landmark_items: list = []  # item names labelled on the maps; empty labels one i
 map_max_items: int = 20000  # most items (and held-out rows) encoded and mapped; above it a sample stratified by category, which the maps name
 seed: int = 42  # seeds UMAP
 # %%
+# Opened in JupyterLab rather than run by `make`? Then the run's own parameters replace the cell above (DOMAIN,
+# PROFILE and DATA as `make lab` was given them), and the run is held as `make` holds it. Under `make`: nothing.
+from lib.pipeline import lab_parameters
+
+globals().update(lab_parameters("07_embedding_maps"))
+
+# %%
 import pandas as pd
 
 from lib import corpus, maps

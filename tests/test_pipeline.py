@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -254,3 +255,27 @@ def test_the_console_echoes_each_line_redacted_and_says_when_a_stage_is_quiet(mo
                          "  04_finetune |  20%|##   | 2/10 token ***"]
     assert any(line.startswith("  04_finetune | … working (cell 5 of 9, ") for line in lines[3:]), lines
     assert "s3cret" not in out.getvalue()
+
+
+@pytest.mark.slow
+def test_a_notebook_run_in_jupyterlab_gets_the_parameters_make_gives_it(tmp_path):
+    """Stage 00 run by the runner and as JupyterLab runs it (`jupyter execute` on the Jupytext-synced notebook, no
+    papermill parameters; DOMAIN/PROFILE/RUNS as `make lab` sets them) writes the same corpus and metrics.json, and
+    the notebook holds the run's lease."""
+    bin_dir = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if k not in pipeline.LAB_ENV and k != "CODEX_FORGE_PENDING_MARKER"}
+    made = subprocess.run([sys.executable, "-m", "lib.pipeline", "stage", "00_corpus", "--profile", "smoke",
+                           "--runs-root", str(tmp_path / "make"), "--reports-root", str(tmp_path / "reports")],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr[-2000:]
+    notebook = tmp_path / "00_corpus.ipynb"
+    subprocess.run([str(bin_dir / "jupytext"), "--to", "ipynb", "-o", str(notebook), str(NOTEBOOKS_DIR / "00_corpus.py")],
+                   check=True, capture_output=True)
+    lab = subprocess.run([str(bin_dir / "jupyter-execute"), str(notebook)], cwd=tmp_path, capture_output=True, text=True,
+                         env=env | {"DOMAIN": "dnd", "PROFILE": "smoke", "RUNS": str(tmp_path / "lab"),
+                                    "JUPYTER_PATH": str(Path(sys.prefix) / "share" / "jupyter")})
+    assert lab.returncode == 0, lab.stderr[-2000:]
+    by_make, by_lab = (tmp_path / where / "dnd-smoke" / "00_corpus" for where in ("make", "lab"))
+    for name in ("items.jsonl", "queries.jsonl", "relations.jsonl", "metrics.json"):
+        assert (by_lab / name).read_bytes() == (by_make / name).read_bytes(), name
+    assert (tmp_path / "lab" / "dnd-smoke" / ".owner").read_text().strip()  # the kernel held the run
