@@ -87,6 +87,9 @@ item_vecs, query_vecs, usage = teacher.teacher_embeddings(
 )
 seconds = time.monotonic() - start
 print(f"{item_vecs.shape[0]} item and {query_vecs.shape[0]} query vectors of dimension {item_vecs.shape[1]} in {seconds:.0f}s")
+if teacher_dimensions and item_vecs.shape[1] != teacher_dimensions:
+    print(f"warning: teacher_dimensions (EMBEDDING_DIM) asked for {teacher_dimensions}, the server returned "
+          f"{item_vecs.shape[1]}: it ignores `dimensions`; the run uses {item_vecs.shape[1]} (set 0 to ask for the model's own)")
 usage
 
 # %%

