@@ -1,8 +1,8 @@
-"""Make a BEIR folder from ../shared/data/writingprompts-sample: a prompt → the story written for it.
+"""Make a BEIR folder from the WritingPrompts sample (a writingprompts-sample/ folder): a prompt → its story.
 
 corpus.jsonl = the 600 human stories, queries.jsonl = their prompts, qrels/train.tsv = the 500 pairs of the sample's
 train split, qrels/test.tsv = the 100 of its test split (real ground truth: who wrote which story for which prompt).
-Usage: python examples/writingprompts_beir.py ../shared/data/writingprompts-sample data/raw/writingprompts-beir"""
+Usage: python examples/writingprompts_beir.py <writingprompts-sample folder> data/raw/writingprompts-beir"""
 from __future__ import annotations
 
 import json
