@@ -1,4 +1,4 @@
-"""The merged configuration of a run: parameter files, the seed project's `.env` keys (docs/parameters.md), overrides.
+"""The merged configuration of a run: parameter files, the seed project's `.env` keys (docs/domains.md), overrides.
 
 Layers, later ones winning: params/default.yaml → params/domains/<domain>.yaml → `.env` (and the same keys in the
 environment) → params/<profile>.yaml → `--set NAME=VALUE`. This module and lib/pipeline.py are the only readers of
@@ -151,7 +151,7 @@ def env_value(key: str, raw: str, where: str) -> object:
 
 
 def env_parameters(env_file: Path | None = ENV_FILE, environ: dict | None = None, has_gpu: bool | None = None) -> dict:
-    """Notebook parameters from the .env keys (the seed project's, see docs/parameters.md): the file's values,
+    """Notebook parameters from the .env keys (the seed project's, see docs/domains.md): the file's values,
     overridden by the same keys in the environment; BATCH_SIZE_GPU applies when a GPU is present, else
     BATCH_SIZE_CPU. MODEL_BACKEND=ollama or openai makes BASE_MODEL the teacher's model (ollama: at OLLAMA_URL). An
     unknown key is one warning line naming it."""
