@@ -219,10 +219,10 @@ class ResourceMonitor(TrainerCallback):
             return {}
         import resource
 
-        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; ≥ every sample
         out = {"epoch_seconds": self.epoch_seconds,
                "cpu_percent_mean": round(statistics.mean(s["cpu_percent"] for s in self.samples), 1),
-               "peak_rss_mib": round(max(peak_rss, *(s["rss_mib"] for s in self.samples))),
+               "peak_rss_mib": round(peak_rss),
                "cores": os.cpu_count(), "samples": self.samples}
         if torch.cuda.is_available():
             out["gpu_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
