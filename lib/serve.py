@@ -218,10 +218,11 @@ class Service:
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))):
             raise ApiError(400, "field 'max_temporal_order' must be a number: only items whose temporal_order is at "
                            "most that are searched", "max_temporal_order")
-        try:
-            self.retriever.allowed(types, limit)
-        except ValueError as err:
-            raise ApiError(400, f"field 'max_temporal_order': {err}", "max_temporal_order") from None
+        if limit is not None:  # nothing left to search is the caller's to change, said before any work
+            try:
+                self.retriever.allowed(types, limit)
+            except ValueError as err:
+                raise ApiError(400, f"field 'max_temporal_order': {err}", "max_temporal_order") from None
         await self.on_compute(self.token_counts, [query])
         vectors = await self.batcher.encode([query]) if mode != "bm25" else np.zeros((1, 0), dtype=np.float32)
         self.texts.inc()
