@@ -6,6 +6,29 @@ import pytest
 from lib.domains import dnd
 from lib.paths import base_student_path
 
+# The seed framework's example .env (its README; PROJECT_ROOT left out): an Ollama teacher and its training settings.
+SEED_DOTENV = """# Model settings
+BASE_MODEL=nomic-embed-text
+MODEL_BACKEND=ollama  # ollama, huggingface, openai
+EMBEDDING_DIM=768
+
+# Training hyperparameters
+LEARNING_RATE=2e-5
+BATCH_SIZE_GPU=32
+BATCH_SIZE_CPU=8
+NUM_EPOCHS=3
+MAX_SEQ_LENGTH=512
+
+# Training pair generation
+NUM_HARD_NEGATIVES=3
+POSITIVES_PER_QUERY=3
+SYNTHETIC_EXPANSION_FACTOR=5
+MIN_TOPIC_COVERAGE=0.5
+
+# Evaluation
+RECALL_K_VALUES=[1,3,5,10]
+"""
+
 
 @pytest.fixture(scope="session")
 def student_path():

@@ -3,6 +3,7 @@ import os
 import subprocess
 
 import pytest
+from conftest import SEED_DOTENV
 
 from lib import config, pipeline
 from lib.config import ConfigError
@@ -58,30 +59,7 @@ def test_layers_default_domain_env_profile_overrides(tmp_path):
 def test_the_seed_projects_example_env_runs_as_written(tmp_path, capsys):
     root = tmp_path / "project"
     root.mkdir()
-    path = env_file(tmp_path, f"""# Project paths
-PROJECT_ROOT={root}
-
-# Model settings
-BASE_MODEL=nomic-embed-text
-MODEL_BACKEND=ollama  # ollama, huggingface, openai
-EMBEDDING_DIM=768
-
-# Training hyperparameters
-LEARNING_RATE=2e-5
-BATCH_SIZE_GPU=32
-BATCH_SIZE_CPU=8
-NUM_EPOCHS=3
-MAX_SEQ_LENGTH=512
-
-# Training pair generation
-NUM_HARD_NEGATIVES=3
-POSITIVES_PER_QUERY=3
-SYNTHETIC_EXPANSION_FACTOR=5
-MIN_TOPIC_COVERAGE=0.5
-
-# Evaluation
-RECALL_K_VALUES=[1,3,5,10]
-""")
+    path = env_file(tmp_path, f"# Project paths\nPROJECT_ROOT={root}\n\n" + SEED_DOTENV)
     params = config.env_parameters(path, environ={}, has_gpu=False)
     assert params["teacher_backend"] == "openai" and params["teacher_base_url"] == "http://localhost:11434/v1"
     assert params["teacher_model"] == "nomic-embed-text" and "base_model" not in params  # Ollama's model, not the student

