@@ -103,7 +103,7 @@ def main() -> None:
             seconds.append(time.perf_counter() - start)
         encode_latency[backend] = percentiles_ms(seconds)
     base_vectors = encoders[default].encode([i["text"] for i in items])
-    query_vectors = encoders[default].encode(latency_queries)
+    query_vectors = encoders[default].encode(latency_queries, role="query")
     search = {}
     for size in args.sizes:
         vectors = mixed_vectors(base_vectors, size, seed=size)
@@ -124,7 +124,7 @@ def main() -> None:
                 seconds = []
                 for q in latency_queries:
                     start = time.perf_counter()
-                    retriever.search(encoder.encode([q]), top_k=10)
+                    retriever.search(encoder.encode([q], role="query"), top_k=10)
                     seconds.append(time.perf_counter() - start)
                 total[backend] = percentiles_ms(seconds)
             search[f"{size}/{method}"] = {"items": size, "method": method, "build_seconds": round(build, 2),

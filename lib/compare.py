@@ -115,7 +115,7 @@ def side_scores(side: Side, label: str, queries: list[dict], items: list[dict], 
     from lib.search import fuse
 
     encoder = TorchEncoder(side.model_dir, side.search.get("encoder", {}).get("max_seq_length", 256))
-    dense = encoder.encode([q["text"] for q in queries]) @ encoder.encode([i["text"] for i in items]).T
+    dense = encoder.encode([q["text"] for q in queries], role="query") @ encoder.encode([i["text"] for i in items]).T
     out = {label: dense}
     mode = side.search.get("mode", "dense")
     if mode == "hybrid":

@@ -187,12 +187,13 @@ def teacher_against_student(teacher: pd.Series, student: pd.Series, metric: str 
 
 def score_systems(encoders: dict, query_texts: list[str], item_texts: list[str], rrf_k: int = 60, fusion: str = "rrf",
                   dense_weight: float = 0.5) -> dict[str, np.ndarray]:
-    """(queries × items) scores of BM25, of each dense encoder (name → texts → normalised vectors), the hybrid: BM25
+    """(queries × items) scores of BM25, of each dense encoder (name → (query texts, item texts) → normalised vectors
+    of both, stacked: see dense_encoders), the hybrid: BM25
     and the 'fine-tuned' encoder fused as lib.search.fuse does (RRF, or weighted with `dense_weight`), and the same
     fusion of BM25 and the 'base' encoder ('base-hybrid': what the served search is to beat)."""
     scores = {"bm25": bm25_scores(query_texts, item_texts)}
     for name, encode_texts in encoders.items():
-        vectors = encode_texts(query_texts + item_texts)
+        vectors = encode_texts(query_texts, item_texts)
         scores[name] = dense_scores(vectors[: len(query_texts)], vectors[len(query_texts):])
     for hybrid, dense in (("hybrid", "fine-tuned"), ("base-hybrid", "base")):
         if dense in scores:
@@ -358,13 +359,23 @@ def interval_table(rows: dict[str, dict], metric: str | None = None) -> pd.DataF
 
 
 def dense_encoders(students: dict[str, Path], onnx_path: Path | None, max_seq_length: int) -> dict:
-    """{system: texts → normalised vectors}: each student folder with torch, and the int8 graph when given."""
+    """{system: (query texts, item texts) → their normalised vectors}: each student folder with torch, and the int8
+    graph when given."""
     from lib.export import OnnxEncoder, TorchEncoder
 
-    out = {name: TorchEncoder(path, max_seq_length).encode for name, path in students.items()}
+    encoders = {name: TorchEncoder(path, max_seq_length) for name, path in students.items()}
     if onnx_path:
-        out["onnx-int8"] = OnnxEncoder(onnx_path, max_seq_length=max_seq_length).encode
-    return out
+        encoders["onnx-int8"] = OnnxEncoder(onnx_path, max_seq_length=max_seq_length)
+    return {name: queries_and_items(encoder) for name, encoder in encoders.items()}
+
+
+def queries_and_items(encoder) -> Callable[[list[str], list[str]], np.ndarray]:
+    """(query texts, item texts) → their vectors stacked, queries first, in one encoder call (one length-sorted
+    batching), each text with the prompt of its role."""
+    from lib.search import with_prompt
+
+    return lambda queries, items: encoder.encode(with_prompt(queries, encoder.prompts, "query")
+                                                 + with_prompt(items, encoder.prompts, "document"), role="text")
 
 
 def teacher_scores(teacher_dir: Path, queries: list[dict], items: list[dict]) -> np.ndarray:

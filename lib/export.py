@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 from lib.cpu import bf16_supported, has_vnni
+from lib.io import read_json
+from lib.search import with_prompt
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -22,45 +24,70 @@ ONNX_FILES = {"onnx-fp32": "model.onnx", "onnx-int8": "model-int8.onnx"}
 FFN_OUTPUT = r"layer\.\d+/output/dense/"  # the feed-forward down-projections: int8 there costs the most quality
 
 
-class MeanPooledEncoder(torch.nn.Module):
-    """Transformer + attention-masked mean pooling + L2 normalisation, as one exportable module."""
+POOLING_MODES = ("mean", "cls")  # what the exported graph can pool with
+PROMPTS_FILE = "prompts.json"  # beside the exported tokenizer: the prefixes queries and documents get
 
-    def __init__(self, transformer: torch.nn.Module):
+
+class PooledEncoder(torch.nn.Module):
+    """Transformer + pooling (attention-masked mean, or the first token's state) + L2 normalisation, as one
+    exportable module."""
+
+    def __init__(self, transformer: torch.nn.Module, pooling: str = "mean"):
         super().__init__()
-        self.transformer = transformer
+        self.transformer, self.pooling = transformer, pooling
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Sentence embeddings for a padded batch."""
         hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         return torch.nn.functional.normalize(pooled, dim=-1)
 
 
-def check_mean_pooled(model) -> None:
-    """Refuse models whose pipeline is not transformer → mean pooling (→ normalise): the export assumes it."""
-    pooling = model[1]
-    mode = getattr(pooling, "pooling_mode", None) or pooling.get_config_dict().get("pooling_mode")
-    if mode not in (None, "mean"):
-        raise ValueError(f"export supports mean pooling only; this model pools with {mode!r}")
+def model_pooling(model) -> str:
+    """The pooling of a transformer → pooling (→ normalise) SentenceTransformer, refused with the reason when the
+    export could not reproduce it (another mode, or prompts kept out of the pooling)."""
+    config = model[1].get_config_dict() if len(model) > 1 and hasattr(model[1], "get_config_dict") else {}
+    mode = config.get("pooling_mode", "mean")
+    if mode not in POOLING_MODES:
+        raise ValueError(f"this student pools with {mode!r}; the project exports and serves {' or '.join(POOLING_MODES)} "
+                         "pooling: re-pool it (sentence_transformers Pooling) or choose another base_model")
+    if not config.get("include_prompt", True):
+        raise ValueError("this student's pooling leaves its prompt out (include_prompt: false); the project serves "
+                         "prompts as text prefixes: choose a model whose pooling includes them")
+    return mode
+
+
+def model_prompts(model) -> dict[str, str]:
+    """The prefixes a SentenceTransformer puts before queries and documents, chosen as its encode_query and
+    encode_document choose them ("query"; the first of "document", "passage", "corpus"; else the default prompt);
+    "" where it has none."""
+    prompts, default = model.prompts or {}, (model.prompts or {}).get(model.default_prompt_name or "", "")
+    document = next((prompts[name] for name in ("document", "passage", "corpus") if prompts.get(name)), default)
+    return {"query": prompts.get("query") or default, "document": document}
 
 
 def export_onnx(model_dir: str | Path, onnx_path: str | Path, opset: int = 17) -> None:
-    """Export a mean-pooling SentenceTransformer folder to ONNX with dynamic batch and sequence axes."""
+    """Export a mean- or CLS-pooling SentenceTransformer folder to ONNX with dynamic batch and sequence axes; its
+    tokenizer and prompts go beside it (tokenizer/)."""
     from sentence_transformers import SentenceTransformer
 
-    from lib.io import atomic_path
+    from lib.io import atomic_path, write_json
 
     model = SentenceTransformer(str(model_dir), device="cpu")
-    check_mean_pooled(model)
-    wrapper = MeanPooledEncoder(model[0].auto_model).eval()
+    wrapper = PooledEncoder(model[0].auto_model, model_pooling(model)).eval()
     sample = model.tokenizer(["a sample sentence", "another one, a bit longer"], padding=True, return_tensors="pt")
     dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}, "embedding": {0: "batch"}}
     with atomic_path(onnx_path) as tmp, torch.no_grad():
         torch.onnx.export(wrapper, (sample["input_ids"], sample["attention_mask"]), str(tmp),
                           input_names=["input_ids", "attention_mask"], output_names=["embedding"],
                           dynamic_axes=dynamic, opset_version=opset, dynamo=False)
-    model.tokenizer.save_pretrained(str(Path(onnx_path).parent / "tokenizer"))
+    tokenizer_dir = Path(onnx_path).parent / "tokenizer"
+    model.tokenizer.save_pretrained(str(tokenizer_dir))
+    write_json(tokenizer_dir / PROMPTS_FILE, model_prompts(model))
 
 
 def quantize_int8(onnx_path: str | Path, int8_path: str | Path, keep_fp32: str = FFN_OUTPUT,
@@ -104,17 +131,19 @@ class TorchEncoder:
         if bf16:
             self.model.to(torch.bfloat16)
         self.tokenizer = self.model.tokenizer
+        self.prompts = model_prompts(self.model)
 
-    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        """Normalised fp32 embeddings (the model sorts batches by length and runs in inference mode itself;
-        normalising after the cast to fp32 keeps bf16 vectors at unit length). Long calls show progress."""
+    def encode(self, texts: list[str], batch_size: int = 32, role: str = "document") -> np.ndarray:
+        """Normalised fp32 embeddings of `texts` as documents, or as queries (role="query"), each with the model's
+        prompt for its role (the model sorts batches by length and runs in inference mode itself; normalising after
+        the cast to fp32 keeps bf16 vectors at unit length). Long calls show progress."""
         from lib.progress import note, on_terminal
 
         long_call = len(texts) > 256
         if long_call and on_terminal():
             note(f"encoding {len(texts)} texts with {self.name}")
-        vectors = self.model.encode(texts, batch_size=batch_size, convert_to_tensor=True,
-                                    show_progress_bar=long_call and not on_terminal())
+        vectors = self.model.encode(with_prompt(texts, self.prompts, role), prompt="", batch_size=batch_size,
+                                    convert_to_tensor=True, show_progress_bar=long_call and not on_terminal())
         return torch.nn.functional.normalize(vectors.float(), dim=1).cpu().numpy()
 
 
@@ -131,11 +160,15 @@ class OnnxEncoder:
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir or Path(onnx_path).parent / "tokenizer"))
+        tokenizer_dir = Path(tokenizer_dir or Path(onnx_path).parent / "tokenizer")
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        self.prompts = read_json(tokenizer_dir / PROMPTS_FILE) if (tokenizer_dir / PROMPTS_FILE).exists() else {}
         self.max_seq_length = max_seq_length
 
-    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        """Normalised embeddings, batches sorted by length to waste less padding."""
+    def encode(self, texts: list[str], batch_size: int = 32, role: str = "document") -> np.ndarray:
+        """Normalised embeddings of `texts` as documents, or as queries (role="query"), each with the model's prompt
+        for its role; batches sorted by length to waste less padding."""
+        texts = with_prompt(texts, self.prompts, role)
         order = np.argsort([len(t) for t in texts])
         chunks = []
         for start in range(0, len(texts), batch_size):
@@ -295,7 +328,7 @@ def parity_table(model_dir: str | Path, export_dir: str | Path, items: list[dict
         start = time.perf_counter()
         vectors[backend] = encoder.encode(item_texts)
         seconds = time.perf_counter() - start
-        query_vectors, item_vectors = encoder.encode(query_texts), vectors[backend]
+        query_vectors, item_vectors = encoder.encode(query_texts, role="query"), vectors[backend]
         scores = lambda start, stop: dense_scores(query_vectors[start:stop], item_vectors)  # a block at a time
         rows[backend] = {**parity(vectors["torch-fp32"], vectors[backend]),
                          "ndcg@10": float(evaluate_scores(backend, scores, queries, items)["ndcg@10"].mean()),

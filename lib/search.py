@@ -19,9 +19,18 @@ SCORE_TYPES = {"dense": "cosine", "bm25": "bm25", "rrf": "rrf", "weighted": "wei
 
 
 class Encoder(Protocol):
-    """Anything with encode(texts) -> normalised (n, d) array (lib.export.OnnxEncoder, TorchEncoder)."""
+    """Anything with encode(texts, role=) -> normalised (n, d) array, role "document", "query" or "text" (as given)
+    (lib.export.OnnxEncoder, TorchEncoder)."""
 
-    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray: ...
+    def encode(self, texts: list[str], batch_size: int = 32, role: str = "document") -> np.ndarray: ...
+
+
+def with_prompt(texts: list[str], prompts: dict[str, str], role: str) -> list[str]:
+    """`texts` as the encoder sees them in `role` ("query", "document"; "text": as given, already prefixed)."""
+    if role not in ("query", "document", "text"):
+        raise ValueError(f"unknown role {role!r}; choose query, document or text")
+    prefix = prompts.get(role, "")
+    return [prefix + t for t in texts] if prefix else list(texts)
 
 
 def hnsw_index(vectors: np.ndarray, neighbours: int = 32, ef_construction: int = 80):
@@ -262,7 +271,8 @@ class Retriever:
         defaults to the index's."""
         if not self.items:
             raise RuntimeError("Retriever is empty: call index(items) first")
-        vectors = self.encoder.encode(queries) if (mode or self.mode) != "bm25" else np.zeros((len(queries), 0))
+        vectors = (self.encoder.encode(queries, role="query") if (mode or self.mode) != "bm25"
+                   else np.zeros((len(queries), 0)))
         return self.hits(queries, vectors, top_k, types, mode, max_temporal_order)
 
     def retrieve(self, query: str, top_k: int = 5, types: list[str] | None = None, mode: str | None = None,

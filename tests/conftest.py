@@ -36,6 +36,28 @@ def student_path():
     return base_student_path()
 
 
+E5_PROMPTS = {"query": "query: ", "document": "passage: "}  # e5's prompts, given to the CLS-pooled fixture
+
+
+def cls_student(folder):
+    """A CLS-pooled student with e5's query/passage prompts: the bundled MiniLM's transformer re-pooled (a stand-in for
+    bge/e5 folders, which are not on this machine), saved as a SentenceTransformer folder."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
+
+    base = SentenceTransformer(str(base_student_path()), device="cpu")
+    model = SentenceTransformer(modules=[base[0], Pooling(base.get_embedding_dimension(), "cls"), Normalize()],
+                                device="cpu", prompts=E5_PROMPTS)
+    model.save(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def cls_student_path(tmp_path_factory):
+    """The CLS-pooled, prompted fixture student (see cls_student)."""
+    return cls_student(tmp_path_factory.mktemp("cls-student") / "model")
+
+
 @pytest.fixture(scope="session")
 def srd_slice():
     """Items, queries, relations and background of a 30-monster / 40-spell slice of the SRD."""

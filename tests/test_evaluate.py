@@ -115,12 +115,12 @@ def test_stage_06s_hybrid_is_the_saved_indexs_fusion_or_rrf_without_one(tmp_path
     setting = evaluate.hybrid_setting(tmp_path / "index", 30)
     assert (setting["fusion"], setting["dense_weight"], setting["rrf_k"]) == ("weighted", 0.6, 60)
     assert evaluate.hybrid_label(setting) == "hybrid (BM25 + fine-tuned, weighted 0.6 dense)"
-    vectors = lambda texts: np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # the query's vector is the fire item's
+    vectors = lambda queries, items: np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # the query's vector is the fire item's
     systems = lambda weight: evaluate.score_systems({"fine-tuned": vectors}, ["stone"], ["fire burns", "a gaze of stone"],
                                                     60, "weighted", weight)
     assert systems(0.6)["bm25"][0].argmax() == 1 and systems(0.6)["fine-tuned"][0].argmax() == 0
     assert systems(0.6)["hybrid"][0] == pytest.approx([0.6, 0.4]) and systems(0.3)["hybrid"][0] == pytest.approx([0.3, 0.7])
-    flipped = lambda texts: np.array([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])  # the base finds the stone item
+    flipped = lambda queries, items: np.array([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])  # the base finds the stone item
     both = evaluate.score_systems({"base": flipped, "fine-tuned": vectors}, ["stone"], ["fire burns", "a gaze of stone"],
                                   60, "weighted", 0.6)
     assert both["base-hybrid"][0] == pytest.approx([0.0, 1.0]) and both["hybrid"][0] == pytest.approx([0.6, 0.4])

@@ -248,3 +248,39 @@ def test_a_large_corpus_is_gated_on_a_sample_that_keeps_every_item_a_query_needs
     needed = {i for q in queries for i in q["relevant"]}
     assert needed <= {i["id"] for i in sample} and len(sample) < len(items)
     assert {i["type"] for i in sample} == {i["type"] for i in items}
+
+
+def test_a_cls_pooled_student_with_prompts_exports_and_encodes_like_sentence_transformers(cls_student_path, tmp_path):
+    """Pooling and prompts travel: the ONNX graph pools the first token, each role gets the model's prompt, and torch,
+    ONNX and SentenceTransformer's own encode_query/encode_document agree."""
+    from sentence_transformers import SentenceTransformer
+
+    export.export_onnx(cls_student_path, tmp_path / "model.onnx")
+    assert (tmp_path / "tokenizer" / export.PROMPTS_FILE).is_file()
+    texts = ["a creature whose gaze turns people to stone", "Medusa: her gaze petrifies those who meet it."]
+    model = SentenceTransformer(str(cls_student_path), device="cpu")
+    torch_encoder, onnx_encoder = export.TorchEncoder(cls_student_path, 128), export.OnnxEncoder(tmp_path / "model.onnx", max_seq_length=128)
+    for role, own in (("query", model.encode_query), ("document", model.encode_document)):
+        reference = own(texts, normalize_embeddings=True)
+        assert export.parity(reference, torch_encoder.encode(texts, role=role))["min_cosine"] > 0.9999
+        assert export.parity(reference, onnx_encoder.encode(texts, role=role))["min_cosine"] > 0.999
+    as_query, as_document = onnx_encoder.encode(texts, role="query"), onnx_encoder.encode(texts)
+    assert export.parity(as_query, as_document)["min_cosine"] < 0.999  # the prompts change the vectors
+    assert export.parity(onnx_encoder.encode(["query: " + t for t in texts], role="text"), as_query)["min_cosine"] > 0.9999
+
+
+def test_a_pooling_the_export_cannot_reproduce_is_refused_with_the_reason(student_path):
+    assert export.TorchEncoder(student_path).prompts == {"query": "", "document": ""}  # the default student has none
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    model = SentenceTransformer(str(student_path), device="cpu")
+    assert export.model_pooling(model) == "mean"
+    max_pooled = SentenceTransformer(modules=[model[0], Pooling(384, "max")], device="cpu")
+    with pytest.raises(ValueError, match="pools with 'max'; the project exports and serves mean or cls pooling"):
+        export.model_pooling(max_pooled)
+    without_prompt = SentenceTransformer(modules=[model[0], Pooling(384, "mean", include_prompt=False)], device="cpu")
+    with pytest.raises(ValueError, match="include_prompt: false"):
+        export.model_pooling(without_prompt)
+    with pytest.raises(ValueError, match="unknown role 'passage'"):
+        export.TorchEncoder(student_path).encode(["x"], role="passage")
