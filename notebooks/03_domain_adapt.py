@@ -29,7 +29,8 @@
 # effect. `make ablation-domain` runs stages 03, 04 and 06 for every method and picks the default.
 #
 # **Reads:** `00_corpus/background/*.md` (+ `background_dir` if given). **Writes:** `03_domain_adapt/model/`
-# (a SentenceTransformer: adapted encoder + mean pooling + normalisation), `checkpoints/` (while training), `metrics.json`.
+# (a SentenceTransformer: adapted encoder + the student's own pooling and prompts), `checkpoints/` (while training),
+# `metrics.json`.
 
 # %% tags=["parameters"]
 run_name: str = "dnd-default"  # run folder under data/runs: <domain>-<profile>

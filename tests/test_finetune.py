@@ -313,3 +313,14 @@ def test_the_progress_line_counts_to_the_planned_step_and_never_past_the_budget(
     line = capsys.readouterr().err.strip()
     assert line.startswith("fine-tuning: step 10/40 · loss 0.7500 · 2.00 s/step · 20s elapsed, ≤")
     assert line.endswith(" left") and line.split("≤")[1] in ("10s left", "9s left")  # 30 steps would take 60 s
+
+
+def test_each_training_column_gets_the_models_prompt_for_its_role():
+    routes = finetune.column_routes(["anchor", "positive", "negative_1", "label"])
+    assert finetune.column_prompts(routes, {"query": "", "document": ""}) == {}  # the default student: no prompts
+    e5 = {"query": "query: ", "document": "passage: "}
+    assert finetune.column_prompts(routes, e5) == {"anchor": "query: ", "positive": "passage: ", "negative_1": "passage: "}
+    nested = {"pairs": routes, "distill": {"text": "document"}}  # with distillation: per dataset
+    assert finetune.column_prompts(nested, e5)["distill"] == {"text": "passage: "}
+    bge = {"query": "Represent this sentence for searching relevant passages: ", "document": ""}
+    assert finetune.column_prompts(routes, bge) == {"anchor": bge["query"]}

@@ -314,3 +314,15 @@ def test_model_backend_ollama_in_env_reaches_a_server_on_ollamas_port(tmp_path):
     cache = teacher.TeacherCache(tmp_path / "cache.sqlite")
     assert {row[0] for row in cache.db.execute("SELECT endpoint FROM vectors")} == {"http://localhost:11434/v1"}
     cache.close()
+
+
+def test_a_local_teacher_with_prompts_embeds_each_kind_with_its_prompt(cls_student_path, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    _, kinds, embed = teacher.embed_functions("local", str(cls_student_path), "", 0, 0, "")
+    assert kinds == ("passage", "query")
+    model = SentenceTransformer(str(cls_student_path), device="cpu")
+    text = ["a creature whose gaze turns people to stone"]
+    assert np.allclose(embed["query"](text)[0], model.encode_query(text), atol=1e-5)
+    assert np.allclose(embed["passage"](text)[0], model.encode_document(text), atol=1e-5)
+    assert teacher.embed_functions("local", "all-MiniLM-L6-v2", "", 0, 0, "")[1] == ("", "")  # none: one kind, as before
