@@ -155,8 +155,11 @@ The search this release serves: **{manifest['search']['mode']}** ({manifest['sea
 ```python
 from sentence_transformers import SentenceTransformer
 model = SentenceTransformer("path/to/{manifest['version']}/model")
-vectors = model.encode(["a creature that turns people to stone"], normalize_embeddings=True)
+queries = model.encode_query(["a creature that turns people to stone"], normalize_embeddings=True)
+documents = model.encode_document(["Medusa: a gaze that turns flesh to stone."], normalize_embeddings=True)
 ```
+
+`encode_query` and `encode_document` put the model's own prompts (if it has any) before the texts.
 
 Search with the release's index: `python -m lib.search --index path/to/{manifest['version']} "your query"`, or serve
 it: `python -m lib.serve --index path/to/{manifest['version']}`.

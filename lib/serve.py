@@ -24,7 +24,7 @@ import numpy as np
 from fastapi import Request  # at module level: the routes' annotations are resolved here
 
 from lib.feedback import FeedbackStore, model_version
-from lib.search import SEARCH_MODES, Retriever
+from lib.search import SEARCH_MODES, Retriever, with_prompt
 
 PAGE = Path(__file__).with_name("search_page.html")
 OPEN_ROUTES = ("/health", "/")  # no API key needed: the liveness probe and the page's own HTML (its calls need it)
@@ -142,7 +142,8 @@ class Service:
         # every computation (token counts, encoding, search) on one thread: a fast tokenizer used by two threads at
         # once fails ("Already borrowed"), and torch's OpenMP pool belongs to the thread that calls it
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
-        self.batcher = MicroBatcher(retriever.encoder.encode, self.on_compute)
+        self.prompts = getattr(retriever.encoder, "prompts", {})  # the model's query and document prefixes
+        self.batcher = MicroBatcher(lambda texts: retriever.encoder.encode(texts, role="text"), self.on_compute)
         self.registry = CollectorRegistry()
         self.requests = Counter("codex_forge_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry)
         self.latency = Histogram("codex_forge_request_seconds", "Request latency by route", ["route"], registry=self.registry,
@@ -183,6 +184,10 @@ class Service:
         encoding = payload.get("encoding_format", "float")
         if encoding not in ("float", "base64"):
             raise ApiError(400, f"field 'encoding_format' must be 'float' or 'base64', got {encoding!r}", "encoding_format")
+        role = payload.get("input_type", "document")
+        if role not in ("query", "document"):
+            raise ApiError(400, f"field 'input_type' must be 'query' or 'document' (the default), got {role!r}", "input_type")
+        texts = with_prompt(texts, self.prompts, role)
         dimensions = payload.get("dimensions")
         width = int(self.retriever.vectors.shape[1])
         if dimensions is not None and dimensions != width:
@@ -223,8 +228,9 @@ class Service:
                 self.retriever.allowed(types, limit)
             except ValueError as err:
                 raise ApiError(400, f"field 'max_temporal_order': {err}", "max_temporal_order") from None
-        await self.on_compute(self.token_counts, [query])
-        vectors = await self.batcher.encode([query]) if mode != "bm25" else np.zeros((1, 0), dtype=np.float32)
+        prompted = with_prompt([query], self.prompts, "query")
+        await self.on_compute(self.token_counts, prompted)
+        vectors = await self.batcher.encode(prompted) if mode != "bm25" else np.zeros((1, 0), dtype=np.float32)
         self.texts.inc()
         hits = await self.on_compute(self.retriever.hits, [query], vectors, top_k, types, mode, limit)
         return {"object": "list", "query": query, "mode": mode, "model": self.run, "model_version": self.version,

@@ -109,6 +109,7 @@ def test_concurrent_requests_share_encoder_calls_and_each_gets_its_own_vectors(s
     ({"input": "hello", "model": "gpt-9"}, 404, "is not served here"),
     ({"input": "hello", "model": RUN, "encoding_format": "int8"}, 400, "'encoding_format'"),
     ({"input": "hello", "model": RUN, "dimensions": 64}, 400, "384-dimensional"),
+    ({"input": "hello", "model": RUN, "input_type": "passage"}, 400, "'input_type' must be 'query' or 'document'"),
     (b"{not json", 400, "not valid JSON"),
     (b"[1, 2]", 400, "JSON object"),
 ])
