@@ -6,11 +6,13 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import SEED_DOTENV, json_numbers
+from conftest import E5_PROMPTS, SEED_DOTENV, cls_student, json_numbers
 
 from lib import config, corpus, domains, teacher
 from lib.domains import beir, codex, markdown, prompts
@@ -486,3 +488,48 @@ def test_writingprompts_sample_reads_as_a_prompt_library():
     assert len(items) == 600 and {q["category"] for q in queries} == {"story"} and len(queries) == 600
     assert not any("WP" in i["tags"] for i in items)  # r/WritingPrompts' post type on 517 of 600: not a training tag
     assert any("EU" in i["tags"] for i in items)
+
+
+@pytest.mark.slow
+def test_make_all_with_a_cls_pooled_prompted_student_folder_gates_releases_and_serves(tmp_path):
+    """MODEL_BACKEND=huggingface with BASE_MODEL a local SentenceTransformer folder that pools CLS and has e5's
+    prompts: it trains, exports (CLS pooling in the graph), passes the parity gate, is released and served, and every
+    step puts the model's prompt before queries and documents."""
+    import httpx
+    from sentence_transformers import SentenceTransformer
+
+    from lib import release
+    from lib.serve import start_server
+
+    student = cls_student(tmp_path / "cls-student")
+    env = {"MODEL_BACKEND": "huggingface", "BASE_MODEL": str(student)}  # the seed project's .env keys
+    result = make("all", "DOMAIN=prompts", "PROFILE=smoke", "DATA=examples/prompts", root=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = tmp_path / "runs" / "prompts-smoke"
+    trained = run / "04_finetune" / "model"
+    assert json.loads((trained / "1_Pooling" / "config.json").read_text())["pooling_mode"] == "cls"
+    assert SentenceTransformer(str(trained), device="cpu").prompts == E5_PROMPTS
+    exported = json.loads((run / "05_export" / "metrics.json").read_text())
+    assert exported["backends"]["onnx-fp32"]["passed"] and exported["backends"]["onnx-fp32"]["min_cosine"] >= 0.999
+    assert json.loads((run / "05_export" / "tokenizer" / "prompts.json").read_text()) == E5_PROMPTS
+    made = subprocess.run([sys.executable, "-m", "lib.release", "make", "--domain", "prompts", "--profile", "smoke",
+                           "--runs-root", str(tmp_path / "runs"), "--root", str(tmp_path / "models")],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert made.returncode == 0, made.stderr[-2000:]
+    current = release.resolve(tmp_path / "models" / "prompts" / "current")  # the version folder `current` names
+    assert release.verify(current) == [] and (current / "onnx" / "tokenizer" / "prompts.json").is_file()
+    server, url = start_server(["--index", str(current)], tmp_path / "serve.log")
+    try:
+        query = "a dragon who has to pay taxes on its hoard"
+        name = httpx.get(f"{url}/v1/index", timeout=30).json()["run"]
+        answer = httpx.post(f"{url}/v1/embeddings", json={"model": name, "input": query, "input_type": "query"}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        served = np.array(answer.json()["data"][0]["embedding"])
+        model = SentenceTransformer(str(current / "model"), device="cpu")
+        assert float(served @ model.encode_query([query], normalize_embeddings=True)[0]) > 0.98  # the query prompt
+        assert float(served @ model.encode_document([query], normalize_embeddings=True)[0]) < 0.9999  # not the passage one
+        hits = httpx.post(f"{url}/v1/search", json={"query": query, "top_k": 3}, timeout=60).json()["data"]
+        assert "prompt:dragon-tax" in [hit["id"] for hit in hits], hits
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

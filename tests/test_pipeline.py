@@ -257,25 +257,49 @@ def test_the_console_echoes_each_line_redacted_and_says_when_a_stage_is_quiet(mo
     assert "s3cret" not in out.getvalue()
 
 
+def lab_execute(stage: str, tmp_path: Path, runs: Path) -> None:
+    """Run a stage's notebook as JupyterLab would: the Jupytext-synced .ipynb by `jupyter execute`, no papermill
+    parameters, DOMAIN/PROFILE/RUNS in the environment as `make lab` sets them (smoke profile, dnd)."""
+    bin_dir = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if k not in pipeline.LAB_ENV and k != "CODEX_FORGE_PENDING_MARKER"}
+    notebook = tmp_path / f"{stage}.ipynb"
+    subprocess.run([str(bin_dir / "jupytext"), "--to", "ipynb", "-o", str(notebook), str(NOTEBOOKS_DIR / f"{stage}.py")],
+                   check=True, capture_output=True)
+    lab = subprocess.run([str(bin_dir / "jupyter-execute"), str(notebook)], cwd=tmp_path, capture_output=True, text=True,
+                         env=env | {"DOMAIN": "dnd", "PROFILE": "smoke", "RUNS": str(runs),
+                                    "JUPYTER_PATH": str(Path(sys.prefix) / "share" / "jupyter")})
+    assert lab.returncode == 0, lab.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_a_notebook_run_in_jupyterlab_gets_the_parameters_make_gives_it(tmp_path):
     """Stage 00 run by the runner and as JupyterLab runs it (`jupyter execute` on the Jupytext-synced notebook, no
     papermill parameters; DOMAIN/PROFILE/RUNS as `make lab` sets them) writes the same corpus and metrics.json, and
     the notebook holds the run's lease."""
-    bin_dir = Path(sys.executable).parent
     env = {k: v for k, v in os.environ.items() if k not in pipeline.LAB_ENV and k != "CODEX_FORGE_PENDING_MARKER"}
     made = subprocess.run([sys.executable, "-m", "lib.pipeline", "stage", "00_corpus", "--profile", "smoke",
                            "--runs-root", str(tmp_path / "make"), "--reports-root", str(tmp_path / "reports")],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert made.returncode == 0, made.stderr[-2000:]
-    notebook = tmp_path / "00_corpus.ipynb"
-    subprocess.run([str(bin_dir / "jupytext"), "--to", "ipynb", "-o", str(notebook), str(NOTEBOOKS_DIR / "00_corpus.py")],
-                   check=True, capture_output=True)
-    lab = subprocess.run([str(bin_dir / "jupyter-execute"), str(notebook)], cwd=tmp_path, capture_output=True, text=True,
-                         env=env | {"DOMAIN": "dnd", "PROFILE": "smoke", "RUNS": str(tmp_path / "lab"),
-                                    "JUPYTER_PATH": str(Path(sys.prefix) / "share" / "jupyter")})
-    assert lab.returncode == 0, lab.stderr[-2000:]
+    lab_execute("00_corpus", tmp_path, tmp_path / "lab")
     by_make, by_lab = (tmp_path / where / "dnd-smoke" / "00_corpus" for where in ("make", "lab"))
     for name in ("items.jsonl", "queries.jsonl", "relations.jsonl", "metrics.json"):
         assert (by_lab / name).read_bytes() == (by_make / name).read_bytes(), name
     assert (tmp_path / "lab" / "dnd-smoke" / ".owner").read_text().strip()  # the kernel held the run
+
+
+@pytest.mark.slow
+def test_make_reruns_the_stages_after_a_notebook_run_in_jupyterlab(tmp_path):
+    """A stage run in JupyterLab writes the done-marker make reads (its metrics.json): the next make reruns the stages
+    after it, and only those."""
+    runs = tmp_path / "runs"
+    make = lambda: subprocess.run(["make", "stage-03", "PROFILE=smoke", f"RUNS={runs}", f"REPORTS={tmp_path / 'reports'}",
+                                   f"CACHE={tmp_path / 'cache'}"], cwd=REPO_ROOT, capture_output=True, text=True)
+    first = make()
+    assert first.returncode == 0 and "stage 00_corpus" in first.stdout and "stage 03_domain_adapt" in first.stdout, \
+        first.stdout[-2000:] + first.stderr[-2000:]
+    assert "lib.pipeline stage" not in make().stdout  # up to date
+    lab_execute("00_corpus", tmp_path, runs)
+    again = make()
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "stage 03_domain_adapt" in again.stdout and "stage 00_corpus" not in again.stdout, again.stdout[-2000:]
