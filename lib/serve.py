@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import hmac
 import json
 import os
@@ -109,21 +110,61 @@ class MicroBatcher:
 
 
 def texts_of(payload: dict, limits: Limits) -> list[str]:
-    """The texts of an embeddings request's `input` (a string or a list of strings), or an ApiError saying what to change."""
+    """The texts of an embeddings request's `input` (a string, a list of strings, or cl100k_base token ids as OpenAI
+    clients such as LangChain's send them: a list of ints or a list of such lists, decoded here), or an ApiError saying
+    what to change."""
     if "input" not in payload:
         raise ApiError(400, "field 'input' is required: a string or a list of strings", "input")
     value = payload["input"]
     texts = [value] if isinstance(value, str) else value
-    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-        raise ApiError(400, "field 'input' must be a string or a list of strings (token arrays are not supported: send the text)", "input")
+    if isinstance(texts, list) and texts and all(is_token_id(t) for t in texts):
+        texts = [texts]  # one text as token ids
+    if not isinstance(texts, list) or not all(isinstance(t, str) or is_token_array(t) for t in texts):
+        raise ApiError(400, "field 'input' must be a string, a list of strings, or cl100k_base token ids (a list of "
+                       "integers, or a list of such lists)", "input")
     if not texts:
         raise ApiError(400, "field 'input' is an empty list: send at least one text", "input")
+    if len(texts) > limits.max_inputs:
+        raise ApiError(400, f"field 'input' has {len(texts)} texts; at most {limits.max_inputs} per request: split it", "input")
+    if any(not isinstance(t, str) and len(t) > limits.max_input_tokens for t in texts):
+        raise ApiError(400, f"field 'input' holds more than {limits.max_input_tokens} token ids in one text: shorten it", "input")
+    texts = [t if isinstance(t, str) else decode_token_ids(t, n) for n, t in enumerate(texts)]
     if any(not t.strip() for t in texts):
         raise ApiError(400, f"field 'input' holds an empty text (index {next(i for i, t in enumerate(texts) if not t.strip())}): "
                        "every text needs at least one non-space character", "input")
-    if len(texts) > limits.max_inputs:
-        raise ApiError(400, f"field 'input' has {len(texts)} texts; at most {limits.max_inputs} per request: split it", "input")
     return texts
+
+
+def is_token_id(value) -> bool:
+    """An int that is not a bool (JSON true/false are not token ids)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_token_array(value) -> bool:
+    """A non-empty list of token ids."""
+    return isinstance(value, list) and bool(value) and all(is_token_id(t) for t in value)
+
+
+@functools.cache
+def cl100k_base():
+    """OpenAI's cl100k_base encoding (bundled by bpe-openai: no download), loaded once."""
+    from lib.teacher import token_encoding
+
+    return token_encoding()
+
+
+def decode_token_ids(ids: list[int], index: int) -> str:
+    """The text of cl100k_base token ids, or an ApiError naming the text whose ids are not cl100k_base's."""
+    encoding = cl100k_base()
+    bad = next((t for t in ids if not 0 <= t < encoding.n_vocab), None)
+    if bad is not None:
+        raise ApiError(400, f"field 'input': text {index} holds token id {bad}, outside cl100k_base (0 to "
+                       f"{encoding.n_vocab - 1}); send the text, or ids from tiktoken's cl100k_base", "input")
+    try:
+        return encoding.decode(ids)
+    except Exception as err:  # ids of special tokens or bytes that are not UTF-8
+        raise ApiError(400, f"field 'input': text {index}'s token ids do not decode with cl100k_base ({err}); send the text",
+                       "input") from None
 
 
 class Service:
@@ -235,6 +276,42 @@ class Service:
         hits = await self.on_compute(self.retriever.hits, [query], vectors, top_k, types, mode, limit)
         return {"object": "list", "query": query, "mode": mode, "model": self.run, "model_version": self.version,
                 "data": [{"rank": rank, **hit} for rank, hit in enumerate(hits[0], 1)]}
+
+    async def rerank(self, payload: dict) -> dict:
+        """The documents of a request ordered by the student's cosine to the query, in the shape Cohere's and Jina's
+        rerank APIs answer (and TEI, vLLM and infinity serve): results of index, relevance_score (and document)."""
+        model = self.check_model(payload, required=False)
+        query = payload.get("query")
+        if not isinstance(query, str) or not query.strip():
+            raise ApiError(400, "field 'query' must be a non-empty string", "query")
+        documents = payload.get("documents")
+        if not isinstance(documents, list) or not documents:
+            raise ApiError(400, "field 'documents' must be a non-empty list of strings (or of {\"text\": ...} objects)",
+                           "documents")
+        texts = [d.get("text") if isinstance(d, dict) else d for d in documents]
+        wrong = next((n for n, t in enumerate(texts) if not isinstance(t, str) or not t.strip()), None)
+        if wrong is not None:
+            raise ApiError(400, f"field 'documents': document {wrong} is not a non-empty string or {{\"text\": ...}}",
+                           "documents")
+        if len(texts) + 1 > self.limits.max_inputs:
+            raise ApiError(400, f"field 'documents' has {len(texts)} documents; at most {self.limits.max_inputs - 1} per "
+                           "request: split it", "documents")
+        top_n = payload.get("top_n", len(texts))
+        if not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 1:
+            raise ApiError(400, "field 'top_n' must be a positive integer", "top_n")
+        return_documents = payload.get("return_documents", False)
+        if not isinstance(return_documents, bool):
+            raise ApiError(400, "field 'return_documents' must be true or false", "return_documents")
+        prompted = with_prompt([query], self.prompts, "query") + with_prompt(texts, self.prompts, "document")
+        counts = await self.on_compute(self.token_counts, prompted)
+        vectors = await self.batcher.encode(prompted)
+        self.texts.inc(len(prompted))
+        scores = vectors[1:] @ vectors[0]
+        order = np.argsort(-scores, kind="stable")[:top_n]
+        results = [{"index": int(n), "relevance_score": float(scores[n]),
+                    **({"document": {"text": texts[n]}} if return_documents else {})} for n in order]
+        used = sum(min(n, self.max_seq_length) for n in counts)
+        return {"object": "list", "model": model, "results": results, "usage": {"total_tokens": used}}
 
     def add_feedback(self, payload: dict) -> dict:
         """Store one judgement of a shown result."""
@@ -370,6 +447,10 @@ def create_app(service: Service):
     async def search(request: Request):
         return JSONResponse(await service.search(await json_body(request)))
 
+    @app.post("/v1/rerank")
+    async def rerank(request: Request):
+        return JSONResponse(await service.rerank(await json_body(request)))
+
     @app.post("/v1/feedback")
     async def feedback(request: Request):
         return JSONResponse(service.add_feedback(await json_body(request)))
@@ -377,7 +458,8 @@ def create_app(service: Service):
     return app
 
 
-KNOWN_ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/index", "/v1/embeddings", "/v1/search", "/v1/feedback")
+KNOWN_ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/index", "/v1/embeddings", "/v1/search", "/v1/rerank",
+                "/v1/feedback")
 
 
 def serving_backend(saved: str, gate: dict) -> tuple[str, str]:

