@@ -369,6 +369,20 @@ def dense_encoders(students: dict[str, Path], onnx_path: Path | None, max_seq_le
     return {name: queries_and_items(encoder) for name, encoder in encoders.items()}
 
 
+def ndcg_at_dimensions(encode_pair: Callable[[list[str], list[str]], np.ndarray], queries: list[dict],
+                       items: list[dict], dimensions: list[int]) -> dict[int, float]:
+    """Mean NDCG@10 on `queries` of one encoder's vectors (see dense_encoders) cut to each size, largest first."""
+    from lib.search import truncate
+
+    vectors = encode_pair([q["text"] for q in queries], [i["text"] for i in items])
+    out = {}
+    for size in sorted({int(d) for d in dimensions}, reverse=True):
+        cut = truncate(vectors, size)
+        scores = dense_scores(cut[: len(queries)], cut[len(queries):])
+        out[size] = round(float(evaluate_scores(str(size), scores, queries, items)["ndcg@10"].mean()), 4)
+    return out
+
+
 def queries_and_items(encoder) -> Callable[[list[str], list[str]], np.ndarray]:
     """(query texts, item texts) → their vectors stacked, queries first, in one encoder call (one length-sorted
     batching), each text with the prompt of its role."""

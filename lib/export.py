@@ -284,6 +284,12 @@ def parity_items(items: list[dict], queries: list[dict], most: int, seed: int) -
     return [item for n, item in enumerate(items) if n in chosen or item["id"] in needed]
 
 
+def served_dimensions(matryoshka_dims: list[int], width: int) -> list[int]:
+    """The sizes the index's vectors may be cut to when served (`dimensions`): those stage 04 trained with
+    MatryoshkaLoss, below the model's width, and the width itself."""
+    return sorted({int(d) for d in matryoshka_dims if 0 < int(d) < width} | {width})
+
+
 def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     """Row-wise cosine agreement between two sets of normalised embeddings."""
     cos = (reference * candidate).sum(axis=1)

@@ -204,7 +204,8 @@ def copy_index(source: Path, target: Path, backend: str, max_seq_length: int) ->
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("retriever.json"))
     settings = read_json(source / "retriever.json")
     settings["encoder"] = {"backend": backend, "model_dir": "../model", "export_dir": "../onnx",
-                           "max_seq_length": max_seq_length}
+                           "max_seq_length": max_seq_length,
+                           **{k: v for k, v in settings.get("encoder", {}).items() if k == "dimensions"}}
     write_json(target / "retriever.json", settings)
 
 

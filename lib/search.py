@@ -33,6 +33,14 @@ def with_prompt(texts: list[str], prompts: dict[str, str], role: str) -> list[st
     return [prefix + t for t in texts] if prefix else list(texts)
 
 
+def truncate(vectors: np.ndarray, dimensions: int) -> np.ndarray:
+    """Matryoshka vectors cut to their first `dimensions` and renormalised (unchanged at full width)."""
+    if dimensions >= vectors.shape[1]:
+        return vectors
+    cut = vectors[:, :dimensions]
+    return cut / np.maximum(np.linalg.norm(cut, axis=1, keepdims=True), 1e-12)
+
+
 def hnsw_index(vectors: np.ndarray, neighbours: int = 32, ef_construction: int = 80):
     """A faiss HNSW index (inner product) over normalised vectors."""
     import faiss
@@ -349,6 +357,7 @@ class Retriever:
         else:
             retriever.set_vectors(items, np.load(path / "vectors.npy"), bm25)
         retriever.backend = backend or saved
+        retriever.dimensions = sorted({int(d) for d in spec.get("dimensions") or []} | {int(retriever.vectors.shape[1])})
         return retriever
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from fastapi import Request  # at module level: the routes' annotations are resolved here
 
 from lib.feedback import FeedbackStore, model_version
-from lib.search import SEARCH_MODES, Retriever, with_prompt
+from lib.search import SEARCH_MODES, Retriever, truncate, with_prompt
 
 PAGE = Path(__file__).with_name("search_page.html")
 OPEN_ROUTES = ("/health", "/")  # no API key needed: the liveness probe and the page's own HTML (its calls need it)
@@ -231,10 +231,13 @@ class Service:
         texts = with_prompt(texts, self.prompts, role)
         dimensions = payload.get("dimensions")
         width = int(self.retriever.vectors.shape[1])
-        if dimensions is not None and dimensions != width:
-            raise ApiError(400, f"field 'dimensions': this model gives {width}-dimensional vectors only; leave it out", "dimensions")
+        sizes = getattr(self.retriever, "dimensions", None) or [width]
+        if dimensions is not None and (isinstance(dimensions, bool) or dimensions not in sizes):
+            raise ApiError(400, f"field 'dimensions': this model gives {width}-dimensional vectors only; leave it out"
+                           if sizes == [width] else f"field 'dimensions': this model was trained (Matryoshka) for "
+                           f"{', '.join(map(str, sizes))} dimensions; choose one of them or leave it out", "dimensions")
         counts = await self.on_compute(self.token_counts, texts)
-        vectors = await self.batcher.encode(texts)
+        vectors = truncate(await self.batcher.encode(texts), dimensions or width)
         self.texts.inc(len(texts))
         data = [{"object": "embedding", "index": i,
                  "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if encoding == "base64" else v.tolist()}

@@ -47,6 +47,7 @@ data_license: str = "not stated"  # the corpus's licence, as a release's model c
 parity_max_items: int = 20000  # items every backend encodes for the parity gate; above it a sample by type plus every item a query needs
 encode_devices: list = []  # worker processes that encode the whole corpus for the index, one per device (e.g. cpu, cpu or cuda:0, cuda:1), in saved shards; empty: this process
 seed: int = 42  # seeds the parity sample of a large corpus
+matryoshka_dims: list = []  # the sizes stage 04 trained with MatryoshkaLoss: the server's `dimensions` may ask for them
 example_queries: list = ["a creature that turns people to stone", "a spell that brings the dead back to life"]  # shown with results
 # %%
 # Opened in JupyterLab rather than run by `make`? Then the run's own parameters replace the cell above (DOMAIN,
@@ -121,7 +122,9 @@ settings.round(4)
 
 # %%
 retriever.save(out_dir / "index", {"backend": default_backend, "model_dir": model_dir, "export_dir": out_dir,
-                                   "max_seq_length": eval_max_seq_length})
+                                   "max_seq_length": eval_max_seq_length,
+                                   **({"dimensions": export.served_dimensions(matryoshka_dims, retriever.vectors.shape[1])}
+                                      if matryoshka_dims else {})})
 shutil.rmtree(out_dir / export.ITEM_SHARDS, ignore_errors=True)  # merged into the index: no longer needed to resume
 retriever.show_examples(example_queries)
 

@@ -53,6 +53,7 @@ beir_dir: str = ""  # a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.
 beir_split: str = "test"  # the qrels file of the BEIR folder
 near_duplicate_threshold: float = 0.9  # leakage guard: word TF-IDF cosine from which a training text copies a query
 seed: int = 42  # seeds the bootstrap and the permutations
+matryoshka_dims: list = []  # the sizes stage 04 trained with MatryoshkaLoss: the fine-tuned student is scored at each
 # %%
 # Opened in JupyterLab rather than run by `make`? Then the run's own parameters replace the cell above (DOMAIN,
 # PROFILE and DATA as `make lab` was given them), and the run is held as `make` holds it. Under `make`: nothing.
@@ -179,6 +180,19 @@ changes.insert(1, "query", changes["qid"].map(text_of))
 pd.concat([changes.head(10), changes.tail(5)])
 
 # %% [markdown]
+# ## Matryoshka: the fine-tuned student's vectors cut to each trained size (when `matryoshka_dims` is set)
+# NDCG@10 on the headline queries; a smaller index (and `dimensions` in the server's answers) costs this much.
+
+# %%
+ndcg_at_dimensions = {}
+if matryoshka_dims:
+    ndcg_at_dimensions = evaluate.ndcg_at_dimensions(encoders["fine-tuned"], [q for q in queries if q["category"] in independent],
+                                                     items, matryoshka_dims)
+    display(pd.Series(ndcg_at_dimensions, name="ndcg@10").rename_axis("dimensions").to_frame())
+else:
+    print("matryoshka_dims is empty: the student was trained at its full width only")
+
+# %% [markdown]
 # ## BEIR folder (when `beir_dir` is set)
 
 # %%
@@ -221,6 +235,7 @@ metrics = {
     "bootstrap_samples": bootstrap_samples,
     "permutation_samples": permutation_samples,
     "beir": beir,
+    "ndcg_at_dimensions": ndcg_at_dimensions,
 }
 write_metrics(out_dir, metrics)
 {s: metrics["headline_ci"][s]["ndcg@10"] for s in systems}

@@ -261,3 +261,18 @@ def test_by_meta_averages_each_system_per_difficulty():
     assert evaluate.by_meta(frame, queries, "difficulty") == {"easy": {"n": 1, "base": 1.0, "ft": 1.0},
                                                               "hard": {"n": 2, "base": 0.3, "ft": 0.7}}
     assert evaluate.by_meta(frame, [{"qid": "a", "meta": {}}], "difficulty") == {}
+
+
+def test_matryoshka_sizes_are_scored_on_cut_vectors_and_only_trained_sizes_are_served():
+    from lib.export import served_dimensions
+
+    items = [{"id": "fire", "type": "power", "name": "Fire", "text": "fire"},
+             {"id": "stone", "type": "power", "name": "Stone", "text": "stone"}]
+    queries = [{"qid": "q", "text": "stone", "category": "c", "relevant": {"stone": 1}, "split": "test"}]
+    # rows: the query, the fire item, the stone item; cut to one value all three tie and the fire item comes first
+    vectors = np.array([[0.6, 0.8, 0.0, 0.0], [0.1, 0.0, 0.99, 0.0], [0.6, 0.8, 0.0, 0.0]])
+    by_size = evaluate.ndcg_at_dimensions(lambda q, i: vectors / np.linalg.norm(vectors, axis=1, keepdims=True),
+                                          queries, items, [4, 1])
+    assert list(by_size) == [4, 1] and by_size[4] == 1.0 and by_size[1] < 1.0
+    assert served_dimensions([384, 256, 128, 64, 1024], 384) == [64, 128, 256, 384]
+    assert served_dimensions([], 384) == [384]

@@ -145,6 +145,29 @@ def test_rerank_errors_say_what_to_change(server, body, says):
 
 
 @pytest.mark.slow
+def test_dimensions_cuts_the_vectors_to_a_trained_matryoshka_size_and_refuses_others(index, student_path, tmp_path):
+    """An index whose student was trained with MatryoshkaLoss (stage 05 then lists the sizes in retriever.json):
+    `dimensions` returns the first n values renormalised, for the trained sizes only."""
+    from lib.search import truncate
+
+    retriever = Retriever(TorchEncoder(student_path))
+    retriever.index(index["items"][:40])
+    retriever.save(stage_dir(RUN, "05_export", tmp_path / "runs") / "index",
+                   {"backend": "torch-fp32", "model_dir": student_path, "dimensions": [128, 384]})
+    srv = Server(tmp_path / "runs", tmp_path / "server.log")
+    try:
+        full = post(srv, "/v1/embeddings", {"input": "a fire spell", "model": RUN}).json()["data"][0]["embedding"]
+        cut = post(srv, "/v1/embeddings", {"input": "a fire spell", "model": RUN, "dimensions": 128}).json()["data"][0]["embedding"]
+        assert len(full) == 384 and len(cut) == 128
+        assert np.allclose(cut, truncate(np.array([full]), 128)[0], atol=1e-6) and abs(np.linalg.norm(cut) - 1) < 1e-5
+        refused = post(srv, "/v1/embeddings", {"input": "a fire spell", "model": RUN, "dimensions": 64})
+        assert refused.status_code == 400
+        assert "trained (Matryoshka) for 128, 384 dimensions" in refused.json()["error"]["message"]
+    finally:
+        srv.stop()
+
+
+@pytest.mark.slow
 def test_concurrent_requests_share_encoder_calls_and_each_gets_its_own_vectors(server, index):
     import asyncio
 
