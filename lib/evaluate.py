@@ -297,10 +297,10 @@ def load_beir(folder: str | Path, split: str = "test") -> tuple[list[dict], list
 
 
 def by_meta(per_query: pd.DataFrame, queries: list[dict], field: str, metric: str = "ndcg@10") -> dict[str, dict]:
-    """{value: {"n": queries, system: mean `metric`}} per value of the queries' meta[field] (e.g. codex's difficulty);
-    {} when no query has one."""
+    """{value: {"n": queries, system: mean `metric`}} per value of the queries' meta[field] (e.g. codex's difficulty),
+    over the queries that have the metric (topic coverage needs expected topics); {} when no query has both."""
     value = {q["qid"]: str(q["meta"][field]) for q in queries if q.get("meta", {}).get(field) not in (None, "")}
-    rows = per_query[per_query.qid.isin(value)]
+    rows = per_query[per_query.qid.isin(value)].dropna(subset=[metric])
     out = {}
     for group, part in rows.assign(group=rows.qid.map(value)).groupby("group"):
         means = part.groupby("system")[metric].mean()

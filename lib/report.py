@@ -280,10 +280,12 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
                      "base on that kind, Holm-corrected across kinds. Every metric per kind is in the evaluation "
                      "report.</p>" + table(by_category, systems + (["p fine-tuned vs base (Holm)"] if holm else []),
                                            highlight_vs=""))
-        if by_difficulty := evaluation.get("by_difficulty"):
-            rows = {f"{d} (n={v['n']})": {s: v[s] for s in systems if s in v} for d, v in by_difficulty.items()}
-            parts.append("<h3>NDCG@10 per difficulty</h3>" + table(rows, [s for s in systems
-                                                                        if any(s in r for r in rows.values())], highlight_vs=""))
+        for key, title in (("by_difficulty", "NDCG@10 per difficulty"),
+                           ("topic_coverage_by_difficulty", "Topic coverage (1–5) per difficulty")):
+            if per_difficulty := evaluation.get(key):
+                rows = {f"{d} (n={v['n']})": {s: v[s] for s in systems if s in v} for d, v in per_difficulty.items()}
+                parts.append(f"<h3>{title}</h3>" + table(rows, [s for s in systems if any(s in r for r in rows.values())],
+                                                         highlight_vs=""))
         parts.append(next_steps_section(metrics, stage_dir(run, "04_finetune", runs_root) / "log_history.json"))
     else:
         parts.append("<p><b>No evaluation yet</b>: stage 06 has not finished for this run.</p>")

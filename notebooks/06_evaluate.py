@@ -145,11 +145,13 @@ evaluate.interval_table({cat: ci[cat] for cat in categories}, "ndcg@10").assign(
     n=per_query[per_query.system == "base"].category.value_counts())
 
 # %% [markdown]
-# NDCG@10 per difficulty, where the queries carry one (codex's test questions; empty elsewhere):
+# NDCG@10 and topic coverage per difficulty, where the queries carry one (codex's test questions; empty elsewhere):
 
 # %%
 by_difficulty = evaluate.by_meta(per_query, queries, "difficulty")
-pd.DataFrame(by_difficulty).T
+topic_coverage_by_difficulty = evaluate.by_meta(per_query, queries, "difficulty", coverage_metric)
+display(pd.DataFrame(by_difficulty).T)
+pd.DataFrame(topic_coverage_by_difficulty).T
 
 # %%
 p_by_category, p_by_category_holm = evaluate.category_tests(per_query, scoring)
@@ -222,6 +224,7 @@ metrics = {
     "p_values_vs_base": p_values,
     "by_category": by_category,
     "by_difficulty": by_difficulty,
+    "topic_coverage_by_difficulty": topic_coverage_by_difficulty,
     "by_category_ci": {cat: ci[cat] for cat in categories},
     "p_values_by_category": p_by_category,
     "p_values_by_category_holm": p_by_category_holm,

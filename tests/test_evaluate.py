@@ -261,6 +261,8 @@ def test_by_meta_averages_each_system_per_difficulty():
     assert evaluate.by_meta(frame, queries, "difficulty") == {"easy": {"n": 1, "base": 1.0, "ft": 1.0},
                                                               "hard": {"n": 2, "base": 0.3, "ft": 0.7}}
     assert evaluate.by_meta(frame, [{"qid": "a", "meta": {}}], "difficulty") == {}
+    coverage = frame.assign(**{"topic_coverage@5": [5.0, None, None, 3.0, None, None]})  # only query a has topics
+    assert evaluate.by_meta(coverage, queries, "difficulty", "topic_coverage@5") == {"hard": {"n": 1, "base": 5.0, "ft": 3.0}}
 
 
 def test_matryoshka_sizes_are_scored_on_cut_vectors_and_only_trained_sizes_are_served():
