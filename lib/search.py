@@ -326,9 +326,10 @@ class Retriever:
 
     @classmethod
     def load(cls, path: str | Path, encoder: Encoder | None = None, backend: str | None = None,
-             max_seq_length: int | None = None) -> Retriever:
+             max_seq_length: int | None = None, reuse_vectors: bool = False) -> Retriever:
         """A saved Retriever with its search defaults. Its encoder is rebuilt from the saved spec ({backend, model_dir,
-        export_dir, max_seq_length}) unless one is given; another `backend` re-embeds the items with that backend.
+        export_dir, max_seq_length}) unless one is given; another `backend` re-embeds the items with that backend,
+        unless `reuse_vectors` (both backends passed stage 05's parity gate: their vectors are interchangeable).
         `path` may also be a release (models/<domain>/<version> or models/<domain>/current)."""
         from lib.export import load_encoder
 
@@ -352,7 +353,7 @@ class Retriever:
                         settings["fusion"], settings["dense_weight"], settings["rrf_k"])
         items = read_jsonl(path / "items.jsonl", {"id": str, "type": str, "text": str})
         bm25 = Bm25.load(path / "bm25") if (path / "bm25").is_dir() else None  # indexes saved before BM25: rebuilt
-        if backend and backend != saved:
+        if backend and backend != saved and not reuse_vectors:
             retriever.set_vectors(items, encoder.encode([i["text"] for i in items]), bm25)
         else:
             retriever.set_vectors(items, np.load(path / "vectors.npy"), bm25)

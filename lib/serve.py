@@ -272,13 +272,20 @@ class Service:
                 self.retriever.allowed(types, limit)
             except ValueError as err:
                 raise ApiError(400, f"field 'max_temporal_order': {err}", "max_temporal_order") from None
-        prompted = with_prompt([query], self.prompts, "query")
-        await self.on_compute(self.token_counts, prompted)
-        vectors = await self.batcher.encode(prompted) if mode != "bm25" else np.zeros((1, 0), dtype=np.float32)
+        hits = await self.on_compute(self.search_on_compute, query, top_k, types, mode, limit)
         self.texts.inc()
-        hits = await self.on_compute(self.retriever.hits, [query], vectors, top_k, types, mode, limit)
         return {"object": "list", "query": query, "mode": mode, "model": self.run, "model_version": self.version,
                 "data": [{"rank": rank, **hit} for rank, hit in enumerate(hits[0], 1)]}
+
+    def search_on_compute(self, query: str, top_k: int, types: list[str] | None, mode: str,
+                          limit: float | None) -> list[list[dict]]:
+        """One search in one trip to the compute thread: count the query's tokens, embed it with the query prompt
+        (not in bm25 mode) and rank."""
+        prompted = with_prompt([query], self.prompts, "query")
+        self.token_counts(prompted)
+        vectors = (self.retriever.encoder.encode(prompted, role="text") if mode != "bm25"
+                   else np.zeros((1, 0), dtype=np.float32))
+        return self.retriever.hits([query], vectors, top_k, types, mode, limit)
 
     async def rerank(self, payload: dict) -> dict:
         """The documents of a request ordered by the student's cosine to the query, in the shape Cohere's and Jina's
@@ -465,6 +472,11 @@ KNOWN_ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/index", "/v1/embe
                 "/v1/feedback")
 
 
+def gate_passed(gate: dict, backend: str) -> bool:
+    """Whether stage 05's parity gate ({backend: {passed, ...}}) passed this backend."""
+    return bool(gate.get(backend, {}).get("passed"))
+
+
 def serving_backend(saved: str, gate: dict) -> tuple[str, str]:
     """The backend to serve with on this machine: the index's, if this CPU runs it natively; else the fastest other
     backend that passed stage 05's gate ({backend: {passed, items_per_second}}). Returns it and a note ("" if saved)."""
@@ -473,7 +485,7 @@ def serving_backend(saved: str, gate: dict) -> tuple[str, str]:
     native, why_not = native_backends()
     if saved in native or saved == "custom":
         return saved, ""
-    passed = [b for b in native if gate.get(b, {}).get("passed")] or ["onnx-fp32"]
+    passed = [b for b in native if gate_passed(gate, b)] or ["onnx-fp32"]
     chosen = max(passed, key=lambda b: gate.get(b, {}).get("items_per_second", 0))
     return chosen, f"the index's backend {saved} does not run natively here ({why_not.get(saved, 'not available')}): serving with {chosen}"
 
@@ -503,12 +515,17 @@ def load_service(run: str, runs_root: str | None = None, index_dir: str | None =
         if not api_key:
             raise SystemExit(f"--api-key-env {api_key_env}: the environment variable {api_key_env} is empty or unset")
     spec = read_json(index / "retriever.json").get("encoder", {})
+    gate = read_json(gate_file).get("backends", {}) if gate_file.exists() else {}
+    saved = spec.get("backend", "custom")
     if backend is None:
-        backend, note = serving_backend(spec.get("backend", "custom"),
-                                        read_json(gate_file).get("backends", {}) if gate_file.exists() else {})
+        backend, note = serving_backend(saved, gate)
         if note:
             print(note, file=sys.stderr)
-    retriever = Retriever.load(index, backend=backend, max_seq_length=max_seq_length)
+    reuse = backend != saved and gate_passed(gate, backend) and gate_passed(gate, saved)
+    if reuse:
+        print(f"serving with {backend} over the index's {saved} vectors: both passed stage 05's parity gate, so the "
+              "corpus is not embedded again", file=sys.stderr)
+    retriever = Retriever.load(index, backend=backend, max_seq_length=max_seq_length, reuse_vectors=reuse)
     version = model_version(index / spec.get("model_dir", "."))
     return Service(retriever, run, version, FeedbackStore(folder / "feedback.sqlite"), aliases, api_key, limits)
 

@@ -284,3 +284,26 @@ def test_a_pooling_the_export_cannot_reproduce_is_refused_with_the_reason(studen
         export.model_pooling(without_prompt)
     with pytest.raises(ValueError, match="unknown role 'passage'"):
         export.TorchEncoder(student_path).encode(["x"], role="passage")
+
+
+def test_the_server_reuses_the_indexs_vectors_for_another_backend_that_passed_the_gate(onnx_dir, srd_slice, tmp_path):
+    """Serving with another backend than the index's embeds the corpus again, unless stage 05's parity gate passed
+    both (their vectors agree to cosine 0.99): then the index's vectors are used as they are."""
+    from lib import serve
+    from lib.io import write_json
+    from lib.paths import stage_dir
+
+    items = srd_slice[0][:60]
+    saved = Retriever(export.OnnxEncoder(onnx_dir / "model.onnx", max_seq_length=128))
+    saved.index(items)
+    export_dir = stage_dir("dnd-gate", "05_export", tmp_path)
+    saved.save(export_dir / "index", {"backend": "onnx-fp32", "model_dir": onnx_dir, "export_dir": onnx_dir,
+                                      "max_seq_length": 128})
+    stored = np.load(export_dir / "index" / "vectors.npy")
+    for int8_passed, reused in ((True, True), (False, False)):
+        write_json(export_dir / "metrics.json", {"backends": {"onnx-fp32": {"passed": True},
+                                                              "onnx-int8": {"passed": int8_passed}}})
+        service = serve.load_service("dnd-gate", str(tmp_path), backend="onnx-int8")
+        assert service.retriever.backend == "onnx-int8"
+        assert np.array_equal(service.retriever.vectors, stored) is reused
+        assert service.retriever.retrieve(items[5]["text"], 1)[0]["id"] == items[5]["id"]
