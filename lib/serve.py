@@ -184,6 +184,9 @@ class Service:
         # once fails ("Already borrowed"), and torch's OpenMP pool belongs to the thread that calls it
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.prompts = getattr(retriever.encoder, "prompts", {})  # the model's query and document prefixes
+        self.latency_candidates: dict[str, tuple[Path, Path]] = {}  # gated backends to time against the served one
+        self.backend_latency_ms: dict[str, float] = {}
+        self.backend_chosen_by = "the caller"
         self.batcher = MicroBatcher(lambda texts: retriever.encoder.encode(texts, role="text"), self.on_compute)
         self.registry = CollectorRegistry()
         self.requests = Counter("codex_forge_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry)
@@ -346,10 +349,43 @@ class Service:
         return {"id": self.feedback.add(row), **row}
 
     def index_info(self) -> dict:
-        """What the page shows: the run, items, types, the default search and the backend."""
+        """What the page shows: the run, items, types, the default search and the backend (why it, and the
+        single-query times that chose it)."""
         r = self.retriever
         return {"run": self.run, "models": self.models, "model_version": self.version, "items": len(r.items),
-                "types": sorted(set(r.types)), "modes": list(SEARCH_MODES), "backend": r.backend, **r.settings()}
+                "types": sorted(set(r.types)), "modes": list(SEARCH_MODES), "backend": r.backend,
+                "backend_chosen_by": self.backend_chosen_by, "backend_latency_ms": self.backend_latency_ms, **r.settings()}
+
+    def choose_fastest_backend(self, repeats: int = 15) -> None:
+        """On the compute thread, once after start: time one query (median of `repeats`) with the served encoder and
+        each candidate backend that passed the parity gate (the index's vectors serve them all), and keep the fastest."""
+        import statistics
+
+        from lib.export import load_encoder
+
+        query = with_prompt(["a creature that turns people to stone"], self.prompts, "query")
+        encoders = {self.retriever.backend: self.retriever.encoder}
+        for backend, (model_dir, export_dir) in self.latency_candidates.items():
+            try:
+                encoders[backend] = load_encoder(backend, model_dir, export_dir, self.max_seq_length)
+            except (OSError, ValueError) as err:  # a graph a release did not ship: not a candidate
+                print(f"backend {backend} not timed: {err}", file=sys.stderr)
+        for backend, encoder in encoders.items():
+            for _ in range(3):
+                encoder.encode(query, role="text")  # warm-up
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                encoder.encode(query, role="text")
+                times.append(time.perf_counter() - start)
+            self.backend_latency_ms[backend] = round(statistics.median(times) * 1000, 2)
+        fastest = min(self.backend_latency_ms, key=self.backend_latency_ms.get)
+        if fastest != self.retriever.backend:
+            print(f"serving with {fastest}: one query in {self.backend_latency_ms[fastest]} ms here, against "
+                  f"{self.backend_latency_ms[self.retriever.backend]} ms with {self.retriever.backend}", file=sys.stderr)
+            self.retriever.encoder, self.retriever.backend = encoders[fastest], fastest
+            self.tokenizer = encoders[fastest].tokenizer
+        self.backend_chosen_by = "single-query latency on this machine, at start"
 
 
 class Guard:
@@ -395,6 +431,10 @@ def create_app(service: Service):
 
     async def lifespan(app):
         service.batcher.start()
+        if service.latency_candidates:  # /health answers meanwhile; requests wait for the compute thread
+            choice = asyncio.get_running_loop().run_in_executor(service.compute, service.choose_fastest_backend)
+            choice.add_done_callback(lambda f: not f.cancelled() and f.exception() and print(
+                f"the backend choice failed ({f.exception()}); serving with {service.retriever.backend}", file=sys.stderr))
         yield
         await service.batcher.stop()
         service.compute.shutdown(wait=False)
@@ -516,7 +556,7 @@ def load_service(run: str, runs_root: str | None = None, index_dir: str | None =
             raise SystemExit(f"--api-key-env {api_key_env}: the environment variable {api_key_env} is empty or unset")
     spec = read_json(index / "retriever.json").get("encoder", {})
     gate = read_json(gate_file).get("backends", {}) if gate_file.exists() else {}
-    saved = spec.get("backend", "custom")
+    saved, backend_given = spec.get("backend", "custom"), backend is not None
     if backend is None:
         backend, note = serving_backend(saved, gate)
         if note:
@@ -525,9 +565,18 @@ def load_service(run: str, runs_root: str | None = None, index_dir: str | None =
     if reuse:
         print(f"serving with {backend} over the index's {saved} vectors: both passed stage 05's parity gate, so the "
               "corpus is not embedded again", file=sys.stderr)
+    chosen_by = "--backend" if backend_given else ("the index" if backend == saved else "this CPU (the index's does not run here)")
     retriever = Retriever.load(index, backend=backend, max_seq_length=max_seq_length, reuse_vectors=reuse)
     version = model_version(index / spec.get("model_dir", "."))
-    return Service(retriever, run, version, FeedbackStore(folder / "feedback.sqlite"), aliases, api_key, limits)
+    service = Service(retriever, run, version, FeedbackStore(folder / "feedback.sqlite"), aliases, api_key, limits)
+    service.backend_chosen_by = chosen_by
+    if not backend_given and gate_passed(gate, backend):  # after start, the fastest gated backend for one query
+        from lib.export import native_backends
+
+        others = [b for b in native_backends()[0] if b != backend and gate_passed(gate, b)]
+        service.latency_candidates = {b: (index / spec.get("model_dir", "."), index / spec.get("export_dir", "."))
+                                      for b in others}
+    return service
 
 
 def single_threaded_blas() -> None:

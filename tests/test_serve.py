@@ -168,6 +168,38 @@ def test_dimensions_cuts_the_vectors_to_a_trained_matryoshka_size_and_refuses_ot
 
 
 @pytest.mark.slow
+def test_the_server_times_each_gated_backend_after_start_and_serves_the_fastest(index, student_path, tmp_path):
+    """Without --backend, the server times one query with every backend that passed stage 05's gate (on this
+    machine, after /health answers) and serves with the fastest, over the index's own vectors."""
+    import time
+
+    from lib import export
+    from lib.io import write_json
+
+    export_dir = stage_dir(RUN, "05_export", tmp_path / "runs")
+    export.export_onnx(student_path, export_dir / "model.onnx")
+    export.quantize_int8(export_dir / "model.onnx", export_dir / "model-int8.onnx")
+    retriever = Retriever(TorchEncoder(student_path), mode="hybrid")
+    retriever.index(index["items"][:40])
+    retriever.save(export_dir / "index", {"backend": "torch-fp32", "model_dir": student_path, "export_dir": export_dir})
+    write_json(export_dir / "metrics.json", {"backends": {b: {"passed": True} for b in ("torch-fp32", "onnx-fp32", "onnx-int8")}})
+    srv = Server(tmp_path / "runs", tmp_path / "server.log")
+    try:
+        for _ in range(120):
+            info = httpx.get(f"{srv.url}/v1/index", timeout=60).json()
+            if info["backend_chosen_by"].startswith("single-query latency"):
+                break
+            time.sleep(0.5)
+        times = info["backend_latency_ms"]
+        assert set(times) == {"torch-fp32", "onnx-fp32", "onnx-int8"}, info
+        assert info["backend"] == min(times, key=times.get)
+        hits = post(srv, "/v1/search", {"query": index["items"][7]["text"], "top_k": 1, "mode": "dense"}).json()["data"]
+        assert hits[0]["id"] == index["items"][7]["id"]
+    finally:
+        srv.stop()
+
+
+@pytest.mark.slow
 def test_concurrent_requests_share_encoder_calls_and_each_gets_its_own_vectors(server, index):
     import asyncio
 
