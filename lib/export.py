@@ -284,6 +284,14 @@ def parity_items(items: list[dict], queries: list[dict], most: int, seed: int) -
     return [item for n, item in enumerate(items) if n in chosen or item["id"] in needed]
 
 
+def check_index_dimensions(index_dimensions: int, matryoshka_dims: list[int]) -> None:
+    """Refuse an index size the student was not trained for (cut vectors of a model trained at full width only
+    lose far more)."""
+    if index_dimensions and index_dimensions not in [int(d) for d in matryoshka_dims]:
+        raise ValueError(f"index_dimensions: {index_dimensions} is not a size the student was trained for "
+                         f"(matryoshka_dims: {list(matryoshka_dims)}); set one of them, or 0 for the full width")
+
+
 def served_dimensions(matryoshka_dims: list[int], width: int) -> list[int]:
     """The sizes the index's vectors may be cut to when served (`dimensions`): those stage 04 trained with
     MatryoshkaLoss, below the model's width, and the width itself."""

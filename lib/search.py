@@ -201,6 +201,7 @@ class Retriever:
         """Dense search: (indices, cosines) of the top-k items per query vector; -1 pads rows with fewer hits."""
         allowed = self.allowed(types, max_temporal_order)
         k = min(top_k, int(allowed.sum()))
+        query_vectors = self.fit(query_vectors)
         if self.hnsw is not None:
             return self._search_hnsw(query_vectors, k, None if allowed.all() else np.flatnonzero(allowed))
         scores = query_vectors @ self.vectors.T
@@ -221,8 +222,14 @@ class Retriever:
         scores, top = self.hnsw.search(np.ascontiguousarray(query_vectors, dtype=np.float32), k, params=params)
         return top, scores
 
+    def fit(self, query_vectors: np.ndarray) -> np.ndarray:
+        """Query vectors cut to the index's width when the index holds Matryoshka vectors cut shorter (stage 05's
+        index_dimensions)."""
+        return truncate(query_vectors, self.vectors.shape[1]) if query_vectors.shape[1] > self.vectors.shape[1] else query_vectors
+
     def dense_scores(self, query_vectors: np.ndarray, depth: int = 1000) -> np.ndarray:
         """(queries × items) cosines: every item with exact search; with HNSW, its `depth` nearest, -inf elsewhere."""
+        query_vectors = self.fit(query_vectors)
         if self.hnsw is None:
             return query_vectors @ self.vectors.T
         top, cosines = self._search_hnsw(query_vectors, min(depth, len(self.items)), None)
@@ -354,7 +361,8 @@ class Retriever:
         items = read_jsonl(path / "items.jsonl", {"id": str, "type": str, "text": str})
         bm25 = Bm25.load(path / "bm25") if (path / "bm25").is_dir() else None  # indexes saved before BM25: rebuilt
         if backend and backend != saved and not reuse_vectors:
-            retriever.set_vectors(items, encoder.encode([i["text"] for i in items]), bm25)
+            width = np.load(path / "vectors.npy", mmap_mode="r").shape[1]  # a Matryoshka index keeps its cut width
+            retriever.set_vectors(items, truncate(encoder.encode([i["text"] for i in items]), width), bm25)
         else:
             retriever.set_vectors(items, np.load(path / "vectors.npy"), bm25)
         retriever.backend = backend or saved

@@ -233,8 +233,8 @@ class Service:
             raise ApiError(400, f"field 'input_type' must be 'query' or 'document' (the default), got {role!r}", "input_type")
         texts = with_prompt(texts, self.prompts, role)
         dimensions = payload.get("dimensions")
-        width = int(self.retriever.vectors.shape[1])
-        sizes = getattr(self.retriever, "dimensions", None) or [width]
+        sizes = getattr(self.retriever, "dimensions", None) or [int(self.retriever.vectors.shape[1])]
+        width = max(sizes)  # the model's own width (the index may hold its vectors cut shorter)
         if dimensions is not None and (isinstance(dimensions, bool) or dimensions not in sizes):
             raise ApiError(400, f"field 'dimensions': this model gives {width}-dimensional vectors only; leave it out"
                            if sizes == [width] else f"field 'dimensions': this model was trained (Matryoshka) for "

@@ -48,6 +48,7 @@ parity_max_items: int = 20000  # items every backend encodes for the parity gate
 encode_devices: list = []  # worker processes that encode the whole corpus for the index, one per device (e.g. cpu, cpu or cuda:0, cuda:1), in saved shards; empty: this process
 seed: int = 42  # seeds the parity sample of a large corpus
 matryoshka_dims: list = []  # the sizes stage 04 trained with MatryoshkaLoss: the server's `dimensions` may ask for them
+index_dimensions: int = 0  # store the index's vectors cut to this size, one of matryoshka_dims (0: the full width)
 example_queries: list = ["a creature that turns people to stone", "a spell that brings the dead back to life"]  # shown with results
 # %%
 # Opened in JupyterLab rather than run by `make`? Then the run's own parameters replace the cell above (DOMAIN,
@@ -63,8 +64,9 @@ from lib import corpus, cpu, evaluate, export
 from lib.bench import machine
 from lib.io import write_json, write_metrics
 from lib.paths import Run
-from lib.search import Retriever
+from lib.search import Retriever, truncate
 
+export.check_index_dimensions(index_dimensions, matryoshka_dims)
 run = Run(run_name, runs_root)
 model_dir = run.stage("04_finetune") / "model"
 out_dir = run.stage("05_export", create=True)
@@ -103,8 +105,9 @@ gate.round(4)
 # %%
 retriever = Retriever(export.load_encoder(default_backend, model_dir, out_dir, eval_max_seq_length), hnsw_threshold,
                       rrf_k=rrf_k)
-retriever.set_vectors(items, export.corpus_vectors(retriever.encoder, default_backend, model_dir, out_dir, items,
-                                                   item_vectors, parity_items, encode_devices, eval_max_seq_length))
+corpus_vectors = export.corpus_vectors(retriever.encoder, default_backend, model_dir, out_dir, items, item_vectors,
+                                       parity_items, encode_devices, eval_max_seq_length)
+retriever.set_vectors(items, truncate(corpus_vectors, index_dimensions) if index_dimensions else corpus_vectors)
 settings = export.search_settings_table(retriever, headline_queries, items, fusion_dense_weights)
 if search_mode != "auto":
     chosen = {"mode": search_mode, "fusion": "rrf", "dense_weight": 0.5}

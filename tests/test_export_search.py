@@ -307,3 +307,24 @@ def test_the_server_reuses_the_indexs_vectors_for_another_backend_that_passed_th
         assert service.retriever.backend == "onnx-int8"
         assert np.array_equal(service.retriever.vectors, stored) is reused
         assert service.retriever.retrieve(items[5]["text"], 1)[0]["id"] == items[5]["id"]
+
+
+def test_an_index_of_cut_matryoshka_vectors_cuts_the_queries_to_match(onnx_dir, srd_slice, tmp_path):
+    from lib.search import truncate
+
+    items = srd_slice[0][:50]
+    encoder = export.OnnxEncoder(onnx_dir / "model.onnx", max_seq_length=128)
+    full = encoder.encode([i["text"] for i in items])
+    cut = Retriever(encoder, mode="hybrid")
+    cut.set_vectors(items, truncate(full, 128))
+    query = encoder.encode([items[3]["text"]], role="query")
+    assert cut.vectors.shape[1] == 128 and cut.retrieve(items[3]["text"], 1, mode="dense")[0]["id"] == items[3]["id"]
+    expected = truncate(query, 128) @ truncate(full, 128).T
+    assert np.allclose(cut.dense_scores(query), expected, atol=1e-6)
+    cut.save(tmp_path / "index", {"backend": "onnx-fp32", "model_dir": onnx_dir, "export_dir": onnx_dir,
+                                  "max_seq_length": 128, "dimensions": [128, 384]})
+    again = Retriever.load(tmp_path / "index", backend="onnx-int8")  # another backend re-embeds, at the index's width
+    assert again.vectors.shape[1] == 128 and again.dimensions == [128, 384]
+    assert export.check_index_dimensions(128, [384, 128]) is None
+    with pytest.raises(ValueError, match="index_dimensions: 100 is not a size the student was trained for"):
+        export.check_index_dimensions(100, [384, 128])
