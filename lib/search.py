@@ -257,6 +257,7 @@ class Retriever:
         weighted), and in hybrid mode the item's `cosine` and `bm25` beside the fused score; only items `allowed`."""
         mode = check_mode(mode or self.mode)
         allowed = self.allowed(types, max_temporal_order)
+        query_vectors = self.fit(query_vectors)
         if mode == "dense":
             top, scores = self.search(query_vectors, top_k, types, max_temporal_order)
         else:

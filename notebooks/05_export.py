@@ -126,7 +126,7 @@ settings.round(4)
 # %%
 retriever.save(out_dir / "index", {"backend": default_backend, "model_dir": model_dir, "export_dir": out_dir,
                                    "max_seq_length": eval_max_seq_length,
-                                   **({"dimensions": export.served_dimensions(matryoshka_dims, retriever.vectors.shape[1])}
+                                   **({"dimensions": export.served_dimensions(matryoshka_dims, corpus_vectors.shape[1])}
                                       if matryoshka_dims else {})})
 shutil.rmtree(out_dir / export.ITEM_SHARDS, ignore_errors=True)  # merged into the index: no longer needed to resume
 retriever.show_examples(example_queries)

@@ -319,6 +319,10 @@ def test_an_index_of_cut_matryoshka_vectors_cuts_the_queries_to_match(onnx_dir, 
     cut.set_vectors(items, truncate(full, 128))
     query = encoder.encode([items[3]["text"]], role="query")
     assert cut.vectors.shape[1] == 128 and cut.retrieve(items[3]["text"], 1, mode="dense")[0]["id"] == items[3]["id"]
+    position = {item["id"]: n for n, item in enumerate(items)}
+    cosines = (truncate(query, 128) @ truncate(full, 128).T)[0]
+    for hit in cut.retrieve(items[3]["text"], 3):  # hybrid hits carry the cosine at the index's width
+        assert hit["cosine"] == pytest.approx(float(cosines[position[hit["id"]]]), abs=1e-5)
     expected = truncate(query, 128) @ truncate(full, 128).T
     assert np.allclose(cut.dense_scores(query), expected, atol=1e-6)
     cut.save(tmp_path / "index", {"backend": "onnx-fp32", "model_dir": onnx_dir, "export_dir": onnx_dir,
