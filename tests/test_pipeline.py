@@ -2,6 +2,7 @@
 lifetime when a stage is killed mid-run."""
 import ast
 import base64
+import contextlib
 import os
 import re
 import signal
@@ -269,6 +270,10 @@ def lab_execute(stage: str, tmp_path: Path, runs: Path) -> None:
                          env=env | {"DOMAIN": "dnd", "PROFILE": "smoke", "RUNS": str(runs),
                                     "JUPYTER_PATH": str(Path(sys.prefix) / "share" / "jupyter")})
     assert lab.returncode == 0, lab.stderr[-2000:]
+    owner = runs / "dnd-smoke" / ".owner"  # the kernel held the run; jupyter execute may return before it has exited
+    if owner.is_file():
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.TimeoutExpired):
+            psutil.Process(int(owner.read_text().split()[0])).wait(timeout=60)
 
 
 @pytest.mark.slow
