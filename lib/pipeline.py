@@ -77,7 +77,9 @@ def lab_parameters(stage: str, environ: dict | None = None) -> dict:
         {"cache_root": environ["CACHE"]} if environ.get("CACHE") else {})
     params = stage_parameters(stage, layered_parameters(domain, profile, overrides), param_files(domain, profile))
     run = run_name(domain, profile)
-    run_lease(run_dir(run, runs_root or None)).__enter__()  # never left: the lease ends with this kernel
+    # the kernel is the owner, not a `make lab` (or `make test`) above it that outlives the run: never left, it ends with
+    # this kernel
+    run_lease(run_dir(run, runs_root or None), owner_pid=os.getpid()).__enter__()
     print(f"run {run}: this stage's parameters as `make all DOMAIN={domain} PROFILE={profile}` sets them "
           f"({len(params)} from the parameter files, .env and DATA; the cell above is replaced)")
     return params | {"run_name": run, "runs_root": runs_root}
@@ -283,14 +285,14 @@ def process_identity(pid: int) -> str:
 
 
 @contextmanager
-def run_lease(folder: Path) -> Iterator[None]:
-    """Hold a run folder for this owner (the `make` that started the runner, else the runner): a RunInUse error at once
-    when another live owner holds it. The lease is the owner's identity in <run>/.owner, read and written under an
+def run_lease(folder: Path, owner_pid: int | None = None) -> Iterator[None]:
+    """Hold a run folder for this owner (owner_pid, else the `make` that started the runner, else the runner): a
+    RunInUse error at once when another live owner holds it. The lease is the owner's identity in <run>/.owner, read and written under an
     flock; it ends with its owner, so a killed run never blocks the next one."""
     import fcntl
 
     folder.mkdir(parents=True, exist_ok=True)
-    me = process_identity(int(os.environ.get(OWNER_ENV) or os.getpid())) or process_identity(os.getpid())
+    me = process_identity(owner_pid or int(os.environ.get(OWNER_ENV) or os.getpid())) or process_identity(os.getpid())
     with open(folder / ".owner", "a+", encoding="utf-8") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         fh.seek(0)

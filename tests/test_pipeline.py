@@ -266,8 +266,10 @@ def lab_execute(stage: str, tmp_path: Path, runs: Path) -> None:
     notebook = tmp_path / f"{stage}.ipynb"
     subprocess.run([str(bin_dir / "jupytext"), "--to", "ipynb", "-o", str(notebook), str(NOTEBOOKS_DIR / f"{stage}.py")],
                    check=True, capture_output=True)
+    # `make lab` exports its own pid as the run's owner, and lives longer than any run: the kernel must not take it
     lab = subprocess.run([str(bin_dir / "jupyter-execute"), str(notebook)], cwd=tmp_path, capture_output=True, text=True,
-                         env=env | {"DOMAIN": "dnd", "PROFILE": "smoke", "RUNS": str(runs),
+                         env=env | {pipeline.OWNER_ENV: str(os.getpid()),
+                                    "DOMAIN": "dnd", "PROFILE": "smoke", "RUNS": str(runs),
                                     "JUPYTER_PATH": str(Path(sys.prefix) / "share" / "jupyter")})
     assert lab.returncode == 0, lab.stderr[-2000:]
     owner = runs / "dnd-smoke" / ".owner"  # the kernel held the run; jupyter execute may return before it has exited
@@ -290,7 +292,8 @@ def test_a_notebook_run_in_jupyterlab_gets_the_parameters_make_gives_it(tmp_path
     by_make, by_lab = (tmp_path / where / "dnd-smoke" / "00_corpus" for where in ("make", "lab"))
     for name in ("items.jsonl", "queries.jsonl", "relations.jsonl", "metrics.json"):
         assert (by_lab / name).read_bytes() == (by_make / name).read_bytes(), name
-    assert (tmp_path / "lab" / "dnd-smoke" / ".owner").read_text().strip()  # the kernel held the run
+    holder = (tmp_path / "lab" / "dnd-smoke" / ".owner").read_text().split()
+    assert holder and int(holder[0]) != os.getpid()  # the kernel held the run, not the process that started the lab
 
 
 @pytest.mark.slow
