@@ -61,7 +61,7 @@ $(VENV)/.ray-installed: pyproject.toml | $(STAMP)
 	$(PY) -m pip install --quiet -e ".[ray]"
 	touch $@
 
-setup-clients: $(VENV)/.clients-installed ## the API clients the server's tests use (pip install -e .[clients]: LangChain, tiktoken)
+setup-clients: $(VENV)/.clients-installed ## the API clients the server's tests use (pip install -e .[clients]: LangChain, tiktoken, LlamaIndex, Chroma)
 
 $(VENV)/.clients-installed: pyproject.toml | $(STAMP)
 	$(PY) -m pip install --quiet -e ".[clients]"

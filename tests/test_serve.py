@@ -112,6 +112,32 @@ def test_langchains_openai_embeddings_with_its_defaults_get_the_texts_vectors(se
 
 
 @pytest.mark.slow
+def test_llamaindex_openai_embedding_gets_the_texts_vectors(server, index):
+    """LlamaIndex's OpenAIEmbedding (llama-index-embeddings-openai) with its defaults, only api_base and key set."""
+    from llama_index.embeddings.openai import OpenAIEmbedding
+
+    client = OpenAIEmbedding(model="text-embedding-3-small", api_base=f"{server.url}/v1", api_key="unused")
+    texts = [i["text"] for i in index["items"][:4]]
+    vectors = np.array(client.get_text_embedding_batch(texts))
+    reference = index["encoder"].encode(texts)
+    assert vectors.shape == reference.shape and float((vectors * reference).sum(axis=1).min()) > 0.999
+    query = "a creature that turns people to stone"
+    assert float(np.array(client.get_query_embedding(query)) @ index["encoder"].encode([query])[0]) > 0.999
+
+
+@pytest.mark.slow
+def test_chromas_openai_embedding_function_gets_the_texts_vectors(server, index):
+    """chromadb's OpenAIEmbeddingFunction, as a Chroma collection calls it, only api_base and key set."""
+    from chromadb.utils.embedding_functions import OpenAIEmbeddingFunction
+
+    embed = OpenAIEmbeddingFunction(api_key="unused", model_name="text-embedding-3-small", api_base=f"{server.url}/v1")
+    texts = [i["text"] for i in index["items"][:4]]
+    vectors = np.array(embed(texts))
+    reference = index["encoder"].encode(texts)
+    assert vectors.shape == reference.shape and float((vectors * reference).sum(axis=1).min()) > 0.999
+
+
+@pytest.mark.slow
 def test_rerank_orders_documents_by_the_students_cosine_in_coheres_shape(server, index):
     items = index["items"][:5]
     documents = [items[3]["text"], {"text": items[1]["text"]}, items[4]["text"]]
@@ -160,6 +186,11 @@ def test_dimensions_cuts_the_vectors_to_a_trained_matryoshka_size_and_refuses_ot
         cut = post(srv, "/v1/embeddings", {"input": "a fire spell", "model": RUN, "dimensions": 128}).json()["data"][0]["embedding"]
         assert len(full) == 384 and len(cut) == 128
         assert np.allclose(cut, truncate(np.array([full]), 128)[0], atol=1e-6) and abs(np.linalg.norm(cut) - 1) < 1e-5
+        from openai import OpenAI  # the official client asks the same way (and decodes its default base64)
+
+        by_client = OpenAI(base_url=f"{srv.url}/v1", api_key="unused").embeddings.create(
+            model=RUN, input=["a fire spell"], dimensions=128).data[0].embedding
+        assert len(by_client) == 128 and np.allclose(by_client, cut, atol=1e-6)
         refused = post(srv, "/v1/embeddings", {"input": "a fire spell", "model": RUN, "dimensions": 64})
         assert refused.status_code == 400
         assert "trained (Matryoshka) for 128, 384 dimensions" in refused.json()["error"]["message"]
