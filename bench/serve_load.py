@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -45,7 +46,15 @@ def big_index(run: str, runs_root: str | None, size: int, folder: Path, backend:
     grown.backend = backend
     grown.save(folder, {"backend": backend, "model_dir": index_dir / spec["model_dir"], "export_dir": index_dir / spec["export_dir"],
                         "max_seq_length": spec.get("max_seq_length", 256)})
+    shutil.copy(index_dir.parent / "metrics.json", folder.parent / "metrics.json")  # stage 05's gate, as the server reads it
     return grown
+
+
+def chosen_backend(url: str, model: str) -> dict:
+    """/v1/index once the server has chosen its backend: it times the gated backends on its compute thread once after
+    start, so a first embedding request answers after the choice."""
+    httpx.post(f"{url}/v1/embeddings", json={"input": "warm-up", "model": model}, timeout=300).raise_for_status()
+    return httpx.get(f"{url}/v1/index", timeout=30).json()
 
 
 async def load(url: str, path: str, bodies: list[dict], concurrency: int) -> dict:
@@ -83,8 +92,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=200, help="requests per level (a quarter of it with 32 texts)")
     parser.add_argument("--repeats", type=int, default=5, help="repeats of the in-process timings (medians)")
-    parser.add_argument("--backend", default=None, help="serve with this backend instead of the index's default "
-                        "(results then go to serve-<backend>.json)")
+    parser.add_argument("--backend", default=None, help="serve with this backend (--backend) instead of the server's "
+                        "own choice (results then go to serve-<backend>.json)")
     args = parser.parse_args()
     single_threaded_blas()  # as the server does
     corpus_dir = stage_dir(args.run, "00_corpus", args.runs_root)
@@ -97,7 +106,8 @@ def main() -> None:
         served = {"backend": retriever.backend, "mode": retriever.mode, "fusion": retriever.fusion,
                   "dense_weight": retriever.dense_weight}
         print(f"{args.items} items, {served}")
-        in_process = {  # the same work without HTTP, in this process before the server starts
+        in_process = {  # the same work without HTTP, in this process before the server starts, with the index's backend
+            "backend": retriever.backend,
             "embeddings_32_texts_per_second": round(32 / bench.median_seconds(lambda: retriever.encoder.encode(passages), args.repeats), 1),
             "embeddings_1_ms": round(bench.median_seconds(lambda: retriever.encoder.encode(queries[:1]), args.repeats * 10) * 1000, 2),
         }
@@ -110,9 +120,14 @@ def main() -> None:
         in_process["search"] = percentiles_ms(search_seconds, (50, 95, 99))
         retriever = None  # its memory back before the server loads its own
 
-        server, url = start_server(["--run", args.run, "--runs-root", str(folder / "runs"), "--index", str(folder / "index")],
-                                   folder / "server.log", timeout=300)
+        server, url = start_server(["--run", args.run, "--runs-root", str(folder / "runs"), "--index", str(folder / "index")]
+                                   + (["--backend", args.backend] if args.backend else []), folder / "server.log", timeout=300)
         try:
+            if args.backend is None:  # the server's own choice, made after start on this machine
+                info = chosen_backend(url, args.run)
+                served |= {"backend": info["backend"], "backend_chosen_by": info["backend_chosen_by"],
+                           "backend_latency_ms": info["backend_latency_ms"]}
+                print(f"the server chose {info['backend']} ({info['backend_chosen_by']}: {info['backend_latency_ms']})")
             model = args.run
             scenarios = {
                 "embeddings_1": ("/v1/embeddings", [{"input": q, "model": model} for q in (queries * 4)[:args.requests]]),

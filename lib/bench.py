@@ -211,12 +211,20 @@ def markdown_scale(r: dict) -> str:
     return "\n".join(lines).strip()
 
 
+def chosen_by(r: dict) -> str:
+    """Why a served benchmark ran with its backend: --backend, or the server's own timing of one query at start."""
+    if "backend_chosen_by" not in r:
+        return " (--backend)" if r.get("in_process", {}).get("backend") else ""  # older results did not say
+    times = ", ".join(f"{b} {ms} ms" for b, ms in sorted(r.get("backend_latency_ms", {}).items(), key=lambda x: x[1]))
+    return f" (chosen by {r['backend_chosen_by']}" + (f": one query {times})" if times else ")")
+
+
 def markdown_serve(r: dict) -> str:
     """The server's load test as a table: in-process beside HTTP at each number of concurrent clients."""
     levels = sorted(r["http"]["search"], key=int)
     cell = lambda x: f"{x['p50']} / {x['p95']} / {x['p99']} ms" + (f" · {x['requests_per_second']}/s" if "requests_per_second" in x else "")
     lines = [f"`make bench` at commit {r.get('commit', '?')} on {r['machine_label']}: run `{r['run']}` grown to "
-             f"{r['items']} items, backend `{r['backend']}`, search `{r['mode']}`"
+             f"{r['items']} items, backend `{r['backend']}`{chosen_by(r)}, search `{r['mode']}`"
              + (f" ({r['fusion']}{', dense weight ' + format(r['dense_weight'], 'g') if r['fusion'] == 'weighted' else ''})"
                 if r["mode"] == "hybrid" else "") + "; p50 / p95 / p99 latency · requests per second; the clients share "
              "the machine with the server.", "",
