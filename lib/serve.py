@@ -185,6 +185,7 @@ class Service:
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.prompts = getattr(retriever.encoder, "prompts", {})  # the model's query and document prefixes
         self.latency_candidates: dict[str, tuple[Path, Path]] = {}  # gated backends to time against the served one
+        self.allowed_hosts: set[str] | None = None  # Host names answered (None: any); serve_main sets them from --host
         self.backend_latency_ms: dict[str, float] = {}
         self.backend_chosen_by = "the caller"
         self.batcher = MicroBatcher(lambda texts: retriever.encoder.encode(texts, role="text"), self.on_compute)
@@ -210,7 +211,13 @@ class Service:
         return name
 
     def token_counts(self, texts: list[str]) -> list[int]:
-        """Tokens of each text (special tokens included, before truncation), checked against the limits."""
+        """Tokens of each text (special tokens included, before truncation), checked against the limits; a text too
+        long to be within them (over 8 characters per token allowed) is refused before it is tokenised."""
+        max_chars = self.limits.max_input_tokens * 8
+        too_big = next((i for i, t in enumerate(texts) if len(t) > max_chars), None)
+        if too_big is not None:
+            raise ApiError(400, f"text {too_big} of 'input' has {len(texts[too_big])} characters; at most {max_chars} "
+                           f"({self.limits.max_input_tokens} tokens) per text: shorten it", "input", "context_length_exceeded")
         counts = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
         too_long = [i for i, n in enumerate(counts) if n > self.limits.max_input_tokens]
         if too_long:
@@ -394,7 +401,27 @@ class Guard:
 
     def __init__(self, app, service: Service):
         self.app, self.service = app, service
-        self.expected = f"Bearer {service.api_key}".encode() if service.api_key else None
+        self.expected = service.api_key.encode() if service.api_key else None
+
+    def authorised(self, headers: dict) -> bool:
+        """Whether the request sends the API key as 'Authorization: Bearer <key>' (the scheme in any case)."""
+        scheme, _, token = headers.get(b"authorization", b"").strip().partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.expected)
+
+    def cross_site(self, method: str, headers: dict) -> ApiError | None:
+        """A request this server must not answer: a Host it does not go by (a DNS-rebinding page reading the API), or
+        a write sent by a web page of another origin (a form or fetch forging feedback)."""
+        host = headers.get(b"host", b"").decode("latin-1")
+        if self.service.allowed_hosts is not None and host_name(host) not in self.service.allowed_hosts:
+            return ApiError(421, f"Host {host!r} is not a name this server answers to ({sorted(self.service.allowed_hosts)}): "
+                            "start it with --allowed-host <name> for each name clients use")
+        origin = headers.get(b"origin")
+        if method not in ("GET", "HEAD", "OPTIONS") and origin is not None:
+            netloc = origin.decode("latin-1").partition("://")[2].rstrip("/")
+            if netloc.lower() != host.lower():
+                return ApiError(403, f"a {method} from the web page of {origin.decode('latin-1')!r} is refused: only this "
+                                "server's own page (or a client that sends no Origin) may write")
+        return None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -409,10 +436,12 @@ class Guard:
             await send(message)
 
         try:
-            sent = dict(scope["headers"]).get(b"authorization", b"")
-            if self.expected and route not in OPEN_ROUTES and not hmac.compare_digest(sent, self.expected):
-                error = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'")
-                await JSONResponse(error.body(), status_code=401)(scope, receive, send_and_note)
+            headers = dict(scope["headers"])
+            refused = self.cross_site(scope["method"], headers)
+            if refused is None and self.expected and route not in OPEN_ROUTES and not self.authorised(headers):
+                refused = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'")
+            if refused is not None:
+                await JSONResponse(refused.body(), status_code=refused.status)(scope, receive, send_and_note)
             else:
                 await self.app(scope, receive, send_and_note)
         except Exception as error:  # nothing a request sends may take the server down
@@ -443,9 +472,23 @@ def create_app(service: Service):
     app = FastAPI(title="codex-forge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
     async def json_body(request: Request) -> dict:
-        body = await request.body()
-        if len(body) > service.limits.max_body_bytes:
-            raise ApiError(413, f"the request body has {len(body)} bytes; at most {service.limits.max_body_bytes}: send fewer texts")
+        """The request's JSON object: refused (415) unless sent as application/json (what a web page cannot send to
+        another site without asking), and (413) past the size limit before more of it is read."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise ApiError(415, f"the body is sent as {kind or 'no content type'!r}: send it as JSON with the header "
+                           "'Content-Type: application/json'")
+        limit = service.limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"the request body has {declared} bytes; at most {limit}: send fewer texts")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"the request body has more than {limit} bytes: send fewer texts")
+            chunks.append(chunk)
+        body = b"".join(chunks)
         try:
             payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -587,6 +630,23 @@ def single_threaded_blas() -> None:
     threadpool_limits(1, user_api="blas")
 
 
+def host_name(header: str) -> str:
+    """The name in a Host header, without its port or IPv6 brackets, lower case."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def allowed_hosts(bind: str, names: list[str]) -> set[str] | None:
+    """The Host names the server answers to: the bound address (and localhost's names when it is loopback) and the
+    names the operator lists; None (any) when bound to every interface with no names listed."""
+    if bind in ("0.0.0.0", "::") and not names:
+        return None
+    hosts = {host_name(bind), *(host_name(n) for n in names)}
+    return hosts | {"127.0.0.1", "localhost", "::1"} if is_loopback(bind) else hosts
+
+
 def is_loopback(host: str) -> bool:
     """Whether `host` names this machine's loopback interface only."""
     import ipaddress
@@ -642,6 +702,9 @@ def serve_main(argv: list[str]) -> None:
                         "(e.g. text-embedding-3-small, to repoint an application unchanged); repeatable")
     parser.add_argument("--api-key-env", default=None, help="name of an environment variable holding the API key that "
                         "every route but /health and the page must send as 'Authorization: Bearer <key>'")
+    parser.add_argument("--allowed-host", action="append", default=[], help="a name clients reach the server by (the "
+                        "Host header) besides the bound address, e.g. a reverse proxy's; repeatable. Other names are refused "
+                        "(a web page rebinding its DNS to this machine)")
     parser.add_argument("--backend", default=None, help="override the index's backend: torch-fp32, torch-bf16, onnx-fp32, onnx-int8")
     parser.add_argument("--max-seq-length", type=int, default=None, help="tokens per text (default: the index's)")
     args = parser.parse_args(argv)
@@ -649,6 +712,7 @@ def serve_main(argv: list[str]) -> None:
     single_threaded_blas()
     service = load_service(args.run, args.runs_root, args.index, args.model_alias, args.api_key_env, args.backend,
                            max_seq_length=args.max_seq_length)
+    service.allowed_hosts = allowed_hosts(host, args.allowed_host)
     r = service.retriever
     print(f"serving {service.run}: {len(r.items)} items, backend {r.backend}, search {r.mode}"
           f"{f' ({r.fusion})' if r.mode == 'hybrid' else ''}, model version {service.version}", flush=True)

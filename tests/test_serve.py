@@ -304,6 +304,61 @@ def test_search_in_every_mode_with_type_filters_and_scores_that_say_what_they_ar
 
 
 @pytest.mark.slow
+def test_no_web_page_of_another_site_can_write_feedback_or_read_the_api(server, index):
+    """What a page on evil.example can make a browser send: a form-encoded or text/plain POST (no preflight), a
+    fetch carrying its Origin, or any request after rebinding its DNS name to 127.0.0.1 (its own Host). All are
+    refused, nothing is stored; the server's own page (its Origin) and clients that send no Origin still write."""
+    item = index["items"][0]
+    body = {"query": "forged judgement", "item_id": item["id"], "judgement": 1}
+    as_text = httpx.post(f"{server.url}/v1/feedback", content=json.dumps(body), headers={"Content-Type": "text/plain"})
+    assert as_text.status_code == 415 and "Content-Type: application/json" in as_text.json()["error"]["message"]
+    as_form = httpx.post(f"{server.url}/v1/feedback", data={"query": "forged", "item_id": item["id"], "judgement": "1"})
+    assert as_form.status_code == 415
+    other_origin = post(server, "/v1/feedback", body, headers={"Origin": "http://evil.example"})
+    assert other_origin.status_code == 403 and "evil.example" in other_origin.json()["error"]["message"]
+    rebound = httpx.post(f"{server.url}/v1/search", json={"query": "a dragon"}, headers={"Host": f"evil.example:{server.port}"})
+    assert rebound.status_code == 421 and "--allowed-host" in rebound.json()["error"]["message"]
+    assert httpx.get(f"{server.url}/v1/index", headers={"Host": "evil.example"}).status_code == 421
+    own_page = post(server, "/v1/feedback", body | {"query": "from the page"}, headers={"Origin": server.url})
+    assert own_page.status_code == 200, own_page.text
+    assert post(server, "/v1/feedback", body | {"query": "from a script"}).status_code == 200
+    assert httpx.get(f"http://localhost:{server.port}/health").status_code == 200  # localhost's own names
+    exported = subprocess.run([sys.executable, "-m", "lib.serve", "feedback", "--run", RUN, "--runs-root", str(index["runs"]),
+                               "--export", "-"], cwd=REPO_ROOT, capture_output=True, text=True)
+    queries = {json.loads(line)["query"] for line in exported.stdout.splitlines() if line.startswith("{")}
+    assert {"from the page", "from a script"} <= queries and "forged judgement" not in queries and "forged" not in queries, \
+        exported.stdout[-2000:] + exported.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_body_or_a_text_over_the_limits_is_refused_before_it_is_read_whole(server):
+    """A 200 MB chunked body stops at the 16 MB limit (413), a declared 200 MB one is refused on its Content-Length,
+    and a 15 MB text is refused before it is tokenised: the server stays under 1 GB and answers the next search."""
+    process = psutil.Process(server.process.pid)
+
+    def chunks(total: int = 200 * 2**20, size: int = 2**20):
+        for _ in range(total // size):
+            yield b" " * size
+
+    try:
+        streamed = httpx.post(f"{server.url}/v1/embeddings", content=chunks(), headers={"Content-Type": "application/json"},
+                              timeout=60)
+        assert streamed.status_code == 413 and "more than 16777216 bytes" in streamed.json()["error"]["message"]
+    except (httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadError):
+        pass  # the server answered 413 and closed the connection while the client was still sending
+    with socket.create_connection(("127.0.0.1", server.port)) as raw:  # the header alone: nothing is read after it
+        raw.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 209715200\r\n\r\n")
+        raw.settimeout(30)
+        assert raw.recv(65536).startswith(b"HTTP/1.1 413")
+    huge = post(server, "/v1/embeddings", {"input": "dragon " * (15 * 2**20 // 7), "model": RUN})
+    assert huge.status_code == 400 and huge.json()["error"]["code"] == "context_length_exceeded"
+    assert "characters" in huge.json()["error"]["message"]
+    assert process.memory_info().rss < 2**30
+    assert post(server, "/v1/search", {"query": "a dragon"}).status_code == 200
+
+
+@pytest.mark.slow
 def test_feedback_errors_health_metrics_and_no_crash(server, index):
     item = index["items"][0]
     for body, says in [({"query": "q", "item_id": "nope", "judgement": 1}, "no item 'nope'"),
@@ -382,7 +437,7 @@ def test_feedback_survives_a_restart_and_the_api_key_guards_every_route_but_heal
             refused = httpx.request(method, f"{again.url}{path}", json={"query": "x"}, headers={"Authorization": "Bearer wrong"})
             assert refused.status_code == 401 and "API key" in refused.json()["error"]["message"], path
         second = post(again, "/v1/feedback", {"query": "after the restart", "item_id": item["id"], "judgement": -1},
-                      headers={"Authorization": f"Bearer {key}"})
+                      headers={"Authorization": f"bearer {key}"})  # the scheme in any case, as RFC 7235 says
         assert second.status_code == 200 and second.json()["id"] == first.json()["id"] + 1
     finally:
         again.stop()
