@@ -109,6 +109,22 @@ class MicroBatcher:
                 start += len(job_texts)
 
 
+def utf8_encodable(value) -> bool:
+    """Whether a JSON value's strings are all valid Unicode (no lone surrogate, which JSON's \\u escapes can carry)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def blank(text: str) -> bool:
+    """Whether a text has nothing to embed: only spaces, control or invisible format characters (NUL, U+200B …)."""
+    import unicodedata
+
+    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in text)
+
+
 def texts_of(payload: dict, limits: Limits) -> list[str]:
     """The texts of an embeddings request's `input` (a string, a list of strings, or cl100k_base token ids as OpenAI
     clients such as LangChain's send them: a list of ints or a list of such lists, decoded here), or an ApiError saying
@@ -129,8 +145,8 @@ def texts_of(payload: dict, limits: Limits) -> list[str]:
     if any(not isinstance(t, str) and len(t) > limits.max_input_tokens for t in texts):
         raise ApiError(400, f"field 'input' holds more than {limits.max_input_tokens} token ids in one text: shorten it", "input")
     texts = [t if isinstance(t, str) else decode_token_ids(t, n) for n, t in enumerate(texts)]
-    if any(not t.strip() for t in texts):
-        raise ApiError(400, f"field 'input' holds an empty text (index {next(i for i, t in enumerate(texts) if not t.strip())}): "
+    if any(blank(t) for t in texts):
+        raise ApiError(400, f"field 'input' holds an empty text (index {next(i for i, t in enumerate(texts) if blank(t))}): "
                        "every text needs at least one non-space character", "input")
     return texts
 
@@ -259,7 +275,7 @@ class Service:
         """Hits for one query: ids, names, types, scores (and what they are), texts."""
         self.check_model(payload, required=False)
         query = payload.get("query")
-        if not isinstance(query, str) or not query.strip():
+        if not isinstance(query, str) or blank(query):
             raise ApiError(400, "field 'query' must be a non-empty string", "query")
         top_k = payload.get("top_k", 10)
         if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= self.limits.max_top_k:
@@ -302,14 +318,14 @@ class Service:
         rerank APIs answer (and TEI, vLLM and infinity serve): results of index, relevance_score (and document)."""
         model = self.check_model(payload, required=False)
         query = payload.get("query")
-        if not isinstance(query, str) or not query.strip():
+        if not isinstance(query, str) or blank(query):
             raise ApiError(400, "field 'query' must be a non-empty string", "query")
         documents = payload.get("documents")
         if not isinstance(documents, list) or not documents:
             raise ApiError(400, "field 'documents' must be a non-empty list of strings (or of {\"text\": ...} objects)",
                            "documents")
         texts = [d.get("text") if isinstance(d, dict) else d for d in documents]
-        wrong = next((n for n, t in enumerate(texts) if not isinstance(t, str) or not t.strip()), None)
+        wrong = next((n for n, t in enumerate(texts) if not isinstance(t, str) or blank(t)), None)
         if wrong is not None:
             raise ApiError(400, f"field 'documents': document {wrong} is not a non-empty string or {{\"text\": ...}}",
                            "documents")
@@ -336,7 +352,7 @@ class Service:
     def add_feedback(self, payload: dict) -> dict:
         """Store one judgement of a shown result."""
         query, item_id, judgement = payload.get("query"), payload.get("item_id"), payload.get("judgement")
-        if not isinstance(query, str) or not query.strip():
+        if not isinstance(query, str) or blank(query):
             raise ApiError(400, "field 'query' must be the non-empty query the result was shown for", "query")
         item = self.item_by_id.get(item_id) if isinstance(item_id, str) else None
         if item is None:
@@ -344,7 +360,7 @@ class Service:
         if judgement not in (1, -1) or isinstance(judgement, bool):
             raise ApiError(400, "field 'judgement' must be 1 (a good result) or -1 (a wrong one)", "judgement")
         rank, mode, comment = payload.get("rank"), payload.get("mode"), payload.get("comment")
-        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= 1_000_000):
             raise ApiError(400, "field 'rank' must be the 1-based rank the result was shown at", "rank")
         if mode is not None and mode not in SEARCH_MODES:
             raise ApiError(400, f"field 'mode' must be one of {list(SEARCH_MODES)}", "mode")
@@ -353,7 +369,13 @@ class Service:
         row = {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run": self.run,
                "model_version": self.version, "query": query, "item_id": item_id, "item_type": item["type"],
                "judgement": judgement, "rank": rank, "mode": mode or self.retriever.mode, "comment": comment}
-        return {"id": self.feedback.add(row), **row}
+        import sqlite3
+
+        try:
+            return {"id": self.feedback.add(row), **row}
+        except sqlite3.OperationalError as error:  # a full disk, a read-only folder: not the client's mistake, not a crash
+            raise ApiError(507, f"the judgement was not stored ({error}): the server's feedback store cannot be written; "
+                           "tell its operator (free disk space)") from None
 
     def index_info(self) -> dict:
         """What the page shows: the run, items, types, the default search and the backend (why it, and the
@@ -493,8 +515,16 @@ def create_app(service: Service):
             payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ApiError(400, f"the body is not valid JSON ({error}): send a JSON object") from None
+        except RecursionError:
+            raise ApiError(400, "the body nests JSON too deeply: send a flat JSON object") from None
+        except ValueError as error:  # a number with more digits than Python converts
+            raise ApiError(400, f"the body holds a number that cannot be read ({error})") from None
         if not isinstance(payload, dict):
             raise ApiError(400, "the body must be a JSON object")
+        unencodable = next((k for k, v in payload.items() if not utf8_encodable(v)), None)
+        if unencodable is not None:
+            raise ApiError(400, f"field {unencodable!r} holds a lone UTF-16 surrogate (\\ud800-\\udfff without its pair), "
+                           "which is not text: send valid Unicode", unencodable)
         return payload
 
     app.add_middleware(Guard, service=service)
@@ -710,8 +740,13 @@ def serve_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     host = args.host or "127.0.0.1"  # only --host opens the server beyond this machine
     single_threaded_blas()
-    service = load_service(args.run, args.runs_root, args.index, args.model_alias, args.api_key_env, args.backend,
-                           max_seq_length=args.max_seq_length)
+    from lib.release import ReleaseError
+
+    try:
+        service = load_service(args.run, args.runs_root, args.index, args.model_alias, args.api_key_env, args.backend,
+                               max_seq_length=args.max_seq_length)
+    except ReleaseError as error:
+        raise SystemExit(f"error: {error}") from None
     service.allowed_hosts = allowed_hosts(host, args.allowed_host)
     r = service.retriever
     print(f"serving {service.run}: {len(r.items)} items, backend {r.backend}, search {r.mode}"

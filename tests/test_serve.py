@@ -359,6 +359,26 @@ def test_a_body_or_a_text_over_the_limits_is_refused_before_it_is_read_whole(ser
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("path, body, field, says", [
+    ("/v1/embeddings", '{"input": "\\ud800 a fire spell", "model": "dnd-serve"}', "input", "lone UTF-16 surrogate"),
+    ("/v1/search", '{"query": "a dragon \\udc00"}', "query", "lone UTF-16 surrogate"),
+    ("/v1/feedback", '{"query": "\\ud800", "item_id": "ITEM", "judgement": 1}', "query", "lone UTF-16 surrogate"),
+    ("/v1/feedback", '{"query": "q", "item_id": "ITEM", "judgement": 1, "comment": "\\ud800"}', "comment", "surrogate"),
+    ("/v1/embeddings", "[" * 100_000 + "]" * 100_000, None, "nests JSON too deeply"),
+    ("/v1/embeddings", '{"input": "x", "model": "dnd-serve", "dimensions": 1' + "0" * 5000 + "}", None, "cannot be read"),
+    ("/v1/feedback", '{"query": "q", "item_id": "ITEM", "judgement": 1, "rank": ' + str(2**70) + "}", "rank", "'rank'"),
+    ("/v1/embeddings", '{"input": "\\u0000", "model": "dnd-serve"}', "input", "empty text"),
+    ("/v1/embeddings", '{"input": ["a", "\\u200b "], "model": "dnd-serve"}', "input", "empty text (index 1)"),
+    ("/v1/search", '{"query": "\\u200b"}', "query", "non-empty"),
+])
+def test_client_mistakes_that_answered_500_are_400s_naming_the_field(server, index, path, body, field, says):
+    answer = post(server, path, body.replace("ITEM", index["items"][0]["id"]))
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert says in error["message"] and error["param"] == field, error
+
+
+@pytest.mark.slow
 def test_feedback_errors_health_metrics_and_no_crash(server, index):
     item = index["items"][0]
     for body, says in [({"query": "q", "item_id": "nope", "judgement": 1}, "no item 'nope'"),
