@@ -59,10 +59,14 @@ def load_side(spec: str, runs_root: str | Path | None = None) -> Side:
     from lib.release import ReleaseError, resolve
 
     try:
-        release = resolve(spec)
+        release = resolve(spec, verified=False)
     except ReleaseError:
         release = None
     if release is not None:
+        try:
+            resolve(release)  # a tampered or damaged release is not scored
+        except ReleaseError as error:
+            raise CompareError(str(error)) from None
         manifest = read_json(release / "manifest.json")
         return Side(release.name, manifest["domain"], release / "model", release / "evaluation",
                     read_json(release / "index" / "retriever.json"), manifest["created"],

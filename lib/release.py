@@ -16,6 +16,8 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,10 +40,40 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+SEAL = "manifest.sha256"  # the manifest's own sha256, beside it: an edited manifest is caught like any other file
+
+
 def file_hashes(folder: Path) -> dict[str, str]:
-    """sha256 of every file under `folder` but the manifest, by relative POSIX path."""
+    """sha256 of every file under `folder` but the manifest and its seal, by relative POSIX path."""
     return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != "manifest.json"}
+            if p.is_file() and p.relative_to(folder).as_posix() not in ("manifest.json", SEAL)}
+
+
+def write_manifest(release: Path, manifest: dict) -> None:
+    """manifest.json with the sha256 of every file of the release, and the manifest's own sha256 beside it."""
+    write_json(release / "manifest.json", manifest | {"files": file_hashes(release)})
+    write_text(release / SEAL, f"{sha256_file(release / 'manifest.json')}  manifest.json\n")
+
+
+def manifest_intact(release: Path) -> bool:
+    """Whether a release's manifest.json still has the sha256 written beside it when it was released."""
+    seal = release / SEAL
+    return seal.is_file() and seal.read_text(encoding="utf-8").split()[:1] == [sha256_file(release / "manifest.json")]
+
+
+@contextmanager
+def domain_lock(folder: Path) -> Iterator[None]:
+    """Hold models/<domain>/ for one `make release` at a time (an flock; a second waits, saying so)."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".release.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"another `make release` is writing {folder}; waiting for it to finish", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def domain_dir(domain: str, root: str | Path | None = None) -> Path:
@@ -87,9 +119,10 @@ def set_current(folder: Path, version: str) -> None:
     write_text(folder / "current", version + "\n")
 
 
-def resolve(path: str | Path) -> Path:
+def resolve(path: str | Path, verified: bool = True) -> Path:
     """A release folder from its path, models/<domain>/current, models/<domain>/v<n> (its number), or a version name
-    under models/*/."""
+    under models/*/; `verified`: a ReleaseError unless every file matches its (sealed) manifest, so nothing loads a
+    tampered or damaged release."""
     path = Path(path)
     if path.name == "current" and path.is_file():
         path = path.parent / path.read_text(encoding="utf-8").strip()
@@ -102,6 +135,11 @@ def resolve(path: str | Path) -> Path:
     if not (path / "manifest.json").is_file():
         raise ReleaseError(f"{path}: not a release (no manifest.json); give models/<domain>/<version>, "
                            "models/<domain>/current or a version name (`make releases` lists them)")
+    problems = verify(path) if verified else []
+    if problems:
+        raise ReleaseError(f"{path}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                           + f" — its files differ from its manifest, so it is not used; `python -m lib.release verify "
+                           f"{path}` lists them; `make rollback` serves the release before it")
     return path
 
 
@@ -213,8 +251,6 @@ def make_release(run_name: str, domain: str, runs_root: str | Path | None = None
                  now: datetime | None = None) -> Path:
     """Package a finished run as the domain's next release and make it current; the existing release when these
     weights were released before (versions are immutable: nothing is overwritten)."""
-    from lib.report import git_commit, headline_queries, package_versions
-
     run = Run(run_name, runs_root)
     needed = [run.stage("04_finetune") / "model" / "modules.json", run.stage("05_export") / "index" / "retriever.json",
               run.stage("06_evaluate") / "metrics.json"]
@@ -222,6 +258,15 @@ def make_release(run_name: str, domain: str, runs_root: str | Path | None = None
     if missing:
         raise ReleaseError(f"run {run_name!r} is not finished ({', '.join(missing)} missing): `make all` first")
     folder = domain_dir(domain, root)
+    with domain_lock(folder):  # the version chosen, copied and made current by one release at a time
+        return release_locked(run, domain, folder, now)
+
+
+def release_locked(run: Run, domain: str, folder: Path, now: datetime | None) -> Path:
+    """make_release's work, with models/<domain>/ held."""
+    from lib.report import git_commit, headline_queries, package_versions
+
+    run_name = run.name
     model_dir = run.stage("04_finetune") / "model"
     fingerprint = model_fingerprint(model_dir)
     for manifest in releases(folder):
@@ -265,13 +310,17 @@ def make_release(run_name: str, domain: str, runs_root: str | Path | None = None
                 shutil.copy2(run.stage("00_corpus") / name, tmp / "evaluation" / name)
         if (run.stage("02_pairs") / "held_out_queries.jsonl").exists():
             shutil.copy2(run.stage("02_pairs") / "held_out_queries.jsonl", tmp / "evaluation" / "held_out_queries.jsonl")
-        write_json(tmp / "manifest.json", manifest | {"files": file_hashes(tmp)})
+        write_manifest(tmp, manifest)
     set_current(folder, version)
     return folder / version
 
 
 def verify(release: Path) -> list[str]:
-    """Files of a release whose sha256 differs from its manifest, or that are missing or extra (empty: intact)."""
+    """Files of a release whose sha256 differs from its manifest, or that are missing or extra, the manifest itself
+    first when it differs from its seal (empty: intact)."""
+    if not manifest_intact(release):
+        return [f"changed: manifest.json (its sha256 is not the one in {SEAL})" if (release / SEAL).is_file()
+                else f"missing: {SEAL} (the manifest's own sha256)"]
     listed = read_json(release / "manifest.json")["files"]
     found = file_hashes(release)
     return sorted([f"changed: {n}" for n in listed if n in found and found[n] != listed[n]]
@@ -296,6 +345,10 @@ def releases_table(folder: Path) -> str:
     now = current(folder)
     lines = [f"{'':2}{'version':28} {'run':22} {'created':20} {'fine-tuned NDCG@10':24} {'hybrid NDCG@10':24} search"]
     for m in releases(folder):
+        if not manifest_intact(Path(m["path"])):
+            lines.append(f"  {m['version']:28} manifest.json differs from its {SEAL}: not shown (python -m lib.release "
+                         f"verify {m['path']})")
+            continue
         cells = []
         for system in ("fine-tuned", "hybrid"):
             v = m["headline"].get(system, {}).get("ndcg@10")
@@ -358,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
             before, after = rollback(domain_dir(args.domain, args.root))
             print(f"current: {before} → {after}")
         elif args.command == "verify":
-            problems = verify(resolve(args.release))
+            problems = verify(resolve(args.release, verified=False))
             print("\n".join(problems) or "intact: every file matches the manifest")
             sys.exit(1 if problems else 0)
         else:

@@ -346,6 +346,10 @@ class Retriever:
             from lib.release import resolve
 
             path = resolve(path) / "index"
+        elif (path.parent / "manifest.json").exists():  # a release's index folder: the release is checked first
+            from lib.release import resolve
+
+            resolve(path.parent)
         if not (path / "retriever.json").exists():
             raise FileNotFoundError(f"{path}/retriever.json not found: save a Retriever there first (stage 05 does)")
         settings = saved_settings(path)
@@ -426,7 +430,12 @@ def main(argv: list[str] | None = None) -> None:
     index_dir = Path(args.index) if args.index else stage_dir(args.run, "05_export", args.runs_root) / "index"
     if not args.index and not (index_dir / "retriever.json").exists():
         raise SystemExit(f"{index_dir} not found: run `make all` (stage 05) for run {args.run!r} first")
-    retriever = Retriever.load(index_dir, backend=args.backend)
+    from lib.release import ReleaseError
+
+    try:
+        retriever = Retriever.load(index_dir, backend=args.backend)
+    except ReleaseError as error:
+        raise SystemExit(f"error: {error}") from None
     mode = args.mode or retriever.mode
     fusion = f" ({retriever.fusion}" + (f", dense weight {retriever.dense_weight:g})" if retriever.fusion == "weighted" else ")")
     print(f"{len(retriever.items)} items, backend {retriever.backend}, mode {mode}{fusion if mode == 'hybrid' else ''}")

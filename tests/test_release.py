@@ -16,10 +16,9 @@ def fake_release(folder, version: str, ndcg: float) -> None:
     path = folder / version
     (path / "model").mkdir(parents=True)
     (path / "model" / "weights.txt").write_text(version)
-    write_json(path / "manifest.json", {"version": version, "run": "dnd-default", "created": "2026-12-02T00:00:00+00:00",
-                                        "headline": {"fine-tuned": {"ndcg@10": [ndcg, ndcg - 0.05, ndcg + 0.05]}},
-                                        "search": {"mode": "hybrid", "backend": "onnx-int8"},
-                                        "files": release.file_hashes(path)})
+    release.write_manifest(path, {"version": version, "run": "dnd-default", "created": "2026-12-02T00:00:00+00:00",
+                                  "headline": {"fine-tuned": {"ndcg@10": [ndcg, ndcg - 0.05, ndcg + 0.05]}},
+                                  "search": {"mode": "hybrid", "backend": "onnx-int8"}})
 
 
 def test_versions_are_ordered_and_rollback_walks_back(tmp_path):
@@ -52,6 +51,25 @@ def test_verify_finds_a_changed_missing_or_extra_file(tmp_path):
     assert release.verify(path) == ["changed: model/weights.txt", "extra: model/extra.bin"]
     with pytest.raises(release.ReleaseError, match="not a release"):
         release.resolve(tmp_path / "nothing-here")
+    with pytest.raises(release.ReleaseError, match=r"changed: model/weights.txt \(and 1 more\) .* not used"):
+        release.resolve(path)  # what serve, search, compare and Retriever.load go through
+    assert release.resolve(path, verified=False) == path
+
+
+def test_an_edited_manifest_is_caught_by_its_seal_and_not_listed(tmp_path):
+    """The manifest is covered too: its sha256 is kept beside it (manifest.sha256)."""
+    fake_release(tmp_path, "v1-20261201-aaaaaaaa", 0.5)
+    path = tmp_path / "v1-20261201-aaaaaaaa"
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["headline"]["fine-tuned"]["ndcg@10"] = [0.999, 0.998, 1.0]
+    write_json(path / "manifest.json", manifest)
+    assert release.verify(path) == ["changed: manifest.json (its sha256 is not the one in manifest.sha256)"]
+    table = release.releases_table(tmp_path)
+    assert "0.999" not in table and "not shown" in table
+    with pytest.raises(release.ReleaseError, match="changed: manifest.json"):
+        release.resolve(path)
+    (path / "manifest.sha256").unlink()
+    assert release.verify(path) == ["missing: manifest.sha256 (the manifest's own sha256)"]
 
 
 def test_the_model_card_carries_hub_metadata_and_the_measured_numbers():

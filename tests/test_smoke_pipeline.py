@@ -269,6 +269,37 @@ def test_two_releases_are_versioned_listed_compared_and_rolled_back(released, sm
 
 
 @pytest.mark.slow
+def test_a_tampered_release_is_used_by_nothing_and_releases_at_once_never_collide(released, smoke, tmp_path):
+    """Two rows of a release's vectors swapped: the server, the search command and compare each stop with one line
+    naming the file. Three `make release` at once (two runs, one of them twice) make two versions, nothing replaced."""
+    import numpy as np
+
+    original = released["models"] / "dnd" / released["versions"][0]
+    tampered = tmp_path / "models" / "dnd" / original.name
+    shutil.copytree(original, tampered)
+    vectors = np.load(tampered / "index" / "vectors.npy")
+    vectors[[0, 1]] = vectors[[1, 0]]
+    np.save(tampered / "index" / "vectors.npy", vectors)
+    for command in (["lib.serve", "--index", tampered], ["lib.search", "--index", tampered, "a dragon"],
+                    ["lib.compare", original, tampered, "--reports-root", tmp_path / "reports"]):
+        done = subprocess.run([sys.executable, "-m", *map(str, command)], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode != 0 and "changed: index/vectors.npy" in done.stderr, (command[0], done.stderr[-1500:])
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr[-1500:]
+    models = tmp_path / "concurrent"
+    make = lambda runs: subprocess.Popen([sys.executable, "-m", "lib.release", "make", "--domain", "dnd", "--profile",
+                                          "smoke", "--runs-root", str(runs), "--root", str(models)], cwd=REPO_ROOT,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    makes = [make(smoke["runs"]), make(released["runs2"]), make(smoke["runs"])]
+    outputs = [p.communicate(timeout=600) for p in makes]
+    assert all(p.returncode == 0 for p in makes), outputs
+    versions = sorted(p.name for p in (models / "dnd").glob("v*"))
+    assert [v.split("-")[0] for v in versions] == ["v1", "v2"], versions
+    assert sum("already released" in out for out, _ in outputs) == 1, outputs
+    assert all(release.verify(models / "dnd" / v) == [] for v in versions)
+
+
+@pytest.mark.slow
 def test_a_release_loads_offline_serves_its_index_and_refuses_to_push_without_a_token(released, tmp_path):
     """SentenceTransformer(<release>/model) in a clean process with every socket connection refused; the Retriever and
     the search command from the release path; the hub push refuses without HF_TOKEN."""
