@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from fastapi import Request  # at module level: the routes' annotations are resolved here
 
+from lib.domains.records import blank, utf8_encodable
 from lib.feedback import FeedbackStore, model_version
 from lib.search import SEARCH_MODES, Retriever, truncate, with_prompt
 
@@ -107,22 +108,6 @@ class MicroBatcher:
                 if not future.done():  # a client that went away leaves a cancelled future
                     future.set_result(vectors[start:start + len(job_texts)])
                 start += len(job_texts)
-
-
-def utf8_encodable(value) -> bool:
-    """Whether a JSON value's strings are all valid Unicode (no lone surrogate, which JSON's \\u escapes can carry)."""
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-def blank(text: str) -> bool:
-    """Whether a text has nothing to embed: only spaces, control or invisible format characters (NUL, U+200B …)."""
-    import unicodedata
-
-    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in text)
 
 
 def texts_of(payload: dict, limits: Limits) -> list[str]:

@@ -40,6 +40,8 @@ def read_prompts(path: str | Path) -> list[dict]:
         raise DataError(f"{path}: no prompts; add one record per line")
     records = []
     for lineno, row in rows:
+        if "id" in row and row["id"] is None:
+            raise DataError(f"{path}:{lineno}: field 'id' is null; give every prompt an id or drop the field")
         record = {"line": lineno, "id": text_field(path, lineno, row, "id", required=False) or str(len(records) + 1),
                   "prompt": text_field(path, lineno, row, "prompt"),
                   "title": text_field(path, lineno, row, "title", required=False),

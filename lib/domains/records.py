@@ -6,8 +6,8 @@ import io
 import json
 import os
 import re
+import unicodedata
 from pathlib import Path
-
 
 
 class DataError(ValueError):
@@ -54,12 +54,30 @@ def parse_json(text: str, where: str) -> object:
 
 
 def read_json_file(path: Path) -> object:
-    """One JSON document; every problem names the file (and line)."""
-    return parse_json(read_text(path), str(path))
+    """One JSON document; every problem names the file (and line), a lone surrogate in a string included."""
+    value = parse_json(read_text(path), str(path))
+    if not utf8_encodable(value):
+        raise DataError(f"{path}: a string holds a lone surrogate (a \\ud800-\\udfff escape with no pair), which is "
+                        "not text; fix the encoding of that record")
+    return value
+
+
+def blank(text: str) -> bool:
+    """Whether a text has nothing to embed: only spaces, control or invisible format characters (NUL, U+200B …)."""
+    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in text)
+
+
+def utf8_encodable(value) -> bool:
+    """Whether a JSON value's strings are all valid Unicode (no lone surrogate, which JSON's \\u escapes can carry)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def read_jsonl_rows(path: Path) -> list[tuple[int, dict]]:
-    """(line number, object) of every non-blank line; a bad line names file:line."""
+    """(line number, object) of every non-blank line; a bad line (or a lone surrogate in a field) names file:line."""
     rows = []
     for lineno, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
@@ -67,6 +85,10 @@ def read_jsonl_rows(path: Path) -> list[tuple[int, dict]]:
         row = parse_json(line, f"{path}:{lineno}")
         if not isinstance(row, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}; each line must be one object")
+        if not utf8_encodable(row):
+            field = next(k for k, v in row.items() if not utf8_encodable([k, v]))
+            raise DataError(f"{path}:{lineno}: field {field!r} holds a lone surrogate (a \\ud800-\\udfff escape with no "
+                            "pair), which is not text; fix the encoding of that record")
         rows.append((lineno, row))
     return rows
 
@@ -142,8 +164,9 @@ def text_field(path: Path, lineno: int, row: dict, field: str, required: bool = 
         value = str(value)
     if not isinstance(value, str):
         raise DataError(f"{path}:{lineno}: field {field!r} must be text, got {type(value).__name__}")
-    if required and not value.strip():
-        raise DataError(f"{path}:{lineno}: field {field!r} is empty; give it text or remove the record")
+    if required and blank(value):
+        raise DataError(f"{path}:{lineno}: field {field!r} is empty (or only invisible characters); give it text or "
+                        "remove the record")
     return value.strip()
 
 
