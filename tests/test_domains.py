@@ -270,10 +270,56 @@ def test_missing_required_field_names_it(tmp_path):
 def test_empty_text(tmp_path):
     path = tmp_path / "prompts.csv"
     path.write_text("id,prompt,genre\na,A dragon pays taxes,fantasy\nb,   ,fantasy\n")
-    assert error_of("prompts", path) == f"{path}:3: field 'prompt' is empty; give it text or remove the record"
+    assert error_of("prompts", path) == (f"{path}:3: field 'prompt' is empty (or only invisible characters); give it "
+                                        "text or remove the record")
+    path.write_text("id,prompt,genre\na,A dragon pays taxes,fantasy\nb,\u200b\u200b,fantasy\n")
+    assert error_of("prompts", path).startswith(f"{path}:3: field 'prompt' is empty (or only invisible characters)")
+    folder = tmp_path / "blank-vault"
+    folder.mkdir()
+    (folder / "Blank.md").write_text("# Blank\n\n")
+    assert error_of("markdown", folder) == f"{folder}: every page is empty; write some text in the pages"
+
+
+def test_a_vault_keeps_its_notes_and_leaves_out_deleted_hidden_and_empty_ones(tmp_path):
     folder = copy_example("markdown", tmp_path)
-    (folder / "Herbs" / "Blank.md").write_text("# Blank\n\n")
-    assert error_of("markdown", folder).startswith(f"{folder / 'Herbs' / 'Blank.md'}: has no text")
+    (folder / ".trash").mkdir()
+    (folder / ".trash" / "Old Remedy.md").write_text("# Old Remedy\n\nA deleted note about *Emberroot*.\n")
+    (folder / "Herbs" / ".draft.md").write_text("# Draft\n\nHalf a thought.\n")
+    (folder / "Herbs" / "Blank.md").write_text("---\ntags: [todo]\n---\n# Blank\n\n")
+    (folder / "Herbs" / "Nightbloom.md").write_text("---\ntitle: 'Nightbloom'\naliases: [moon lily]\n---\n"
+                                                    "A pale flower that opens after dusk and soothes *Dreamcap* fevers.\n")
+    skipped = Counter()
+    items, _, _, _ = domains.build_corpus("markdown", str(folder), seed=42, skipped=skipped)
+    by_name = {i["name"]: i for i in items}
+    assert "Old Remedy" not in by_name and "Draft" not in by_name and "Blank" not in by_name
+    assert by_name["Nightbloom"]["text"].startswith("A pale flower")  # front matter gone, its title is the name
+    assert not any("aliases:" in i["text"] or i["text"].startswith("---") for i in items)
+    assert skipped == {"hidden_files": 2, "empty_pages": 1}
+    assert skipped_line(skipped) == "skipped from DATA: empty pages 1, hidden files 2"
+
+
+def test_a_null_id_and_a_lone_surrogate_name_their_line_and_field(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"id": "a", "prompt": "A dragon pays taxes", "genre": "fantasy"}\n'
+                    '{"id": null, "prompt": "A ghost sells houses", "genre": "comedy"}\n')
+    assert error_of("prompts", path) == f"{path}:2: field 'id' is null; give every prompt an id or drop the field"
+    path.write_text('{"id": "a", "prompt": "A dragon pays taxes", "genre": "fantasy"}\n'
+                    '{"id": "b", "prompt": "A ghost \\ud800 sells houses", "genre": "comedy"}\n')
+    assert error_of("prompts", path).startswith(f"{path}:2: field 'prompt' holds a lone surrogate")
+    folder = copy_example("codex", tmp_path)
+    (folder / "test_questions.json").write_text('[{"question": "Who \\udc00?", "expected_topics": ["Ilsa Varn"]}]')
+    assert error_of("codex", folder).startswith(f"{folder / 'test_questions.json'}: a string holds a lone surrogate")
+
+
+def test_a_codex_question_no_chunk_covers_is_counted(tmp_path):
+    folder = copy_example("codex", tmp_path)
+    questions = json.loads((folder / "test_questions.json").read_text())
+    questions.append({"question": "Who rules the moon?", "expected_topics": ["Nobody Anywhere"]})
+    (folder / "test_questions.json").write_text(json.dumps(questions))
+    skipped = Counter()
+    _, queries, _, _ = domains.build_corpus("codex", str(folder), seed=42, skipped=skipped)
+    assert skipped == {"questions_no_chunk_covers": 1}
+    assert not any(q["text"] == "Who rules the moon?" for q in queries)
 
 
 def test_duplicate_ids(tmp_path):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import random
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from lib.domains.records import DataError, list_field, read_json_file, read_jsonl_rows, require_path, slug, text_field, unique_slugs
@@ -258,9 +258,11 @@ def synthetic_queries(entities: list[dict], items: dict[str, dict], expansion_fa
 
 def build_corpus(data_path: str | Path, max_items: int = 0, min_topic_coverage: float = 3.0,
                  synthetic_expansion_factor: int = 5, positives_per_query: int = 3,
-                 seed: int = 42) -> tuple[list[dict], list[dict], list[dict], dict[str, str]]:
+                 seed: int = 42, skipped: Counter | None = None
+                 ) -> tuple[list[dict], list[dict], list[dict], dict[str, str]]:
     """Items (chunks), evaluation questions with found positives, synthetic training queries with mined negatives,
-    no relations (chunks of one entity share its name, which stage 02 already guards), the chunks as background."""
+    no relations (chunks of one entity share its name, which stage 02 already guards), the chunks as background; a
+    question no chunk covers is counted in `skipped` (it cannot be scored)."""
     folder = require_path(Path(data_path), "a codex folder (chunks/, indexes/, test_questions.json)", folder=True)
     entities, chunks, questions = read_indexes(folder), read_chunks(folder), read_questions(folder)
     if max_items:
@@ -277,6 +279,8 @@ def build_corpus(data_path: str | Path, max_items: int = 0, min_topic_coverage: 
                             "meta": {"difficulty": q["difficulty"] or "unspecified", "question_id": q["id"],
                                      **({"temporal_limit": q["temporal_limit"], "not_candidates": sorted(hidden)}
                                         if q["temporal_limit"] is not None else {})}})
+    if skipped is not None and len(queries) < len(questions):
+        skipped["questions_no_chunk_covers"] += len(questions) - len(queries)
     if not queries:
         raise DataError(f"{folder / 'test_questions.json'}: no question found a chunk covering its expected topics "
                         f"(min_topic_coverage {min_topic_coverage}); check the topic names against the chunks and indexes")

@@ -9,21 +9,42 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from pathlib import Path
 
 from lib.corpus import remove_names
-from lib.domains.records import DataError, read_jsonl_rows, read_text, require_path, slug, text_field, unique_ids, unique_slugs
+from lib.domains.records import DataError, blank, read_jsonl_rows, read_text, require_path, slug, text_field, unique_ids, unique_slugs
 
 QUERIES_FILE = "queries.jsonl"
 
 
-def markdown_files(folder: Path) -> list[Path]:
-    """Every .md file under the folder, sorted; folders ending in '(Alt)' (re-groupings of the same text) left out."""
-    files = [p for p in sorted(folder.rglob("*.md"))
-             if not p.is_dir() and not any(part.endswith("(Alt)") for part in p.parts)]  # a folder "X.md" is no page
+def markdown_files(folder: Path, skipped: Counter | None = None) -> list[Path]:
+    """Every .md file under the folder, sorted; folders ending in '(Alt)' (re-groupings of the same text) left out, and
+    hidden files and folders ('.trash/', '.obsidian/': deleted or tool notes) left out and counted in `skipped`."""
+    files, hidden = [], 0
+    for p in sorted(folder.rglob("*.md")):
+        parts = p.relative_to(folder).parts
+        if p.is_dir() or any(part.endswith("(Alt)") for part in parts):  # a folder "X.md" is no page
+            continue
+        if any(part.startswith(".") for part in parts):
+            hidden += 1
+            continue
+        files.append(p)
+    if skipped is not None and hidden:
+        skipped["hidden_files"] += hidden
     if not files:
-        raise DataError(f"{folder}: no .md files; give a folder of markdown pages")
+        raise DataError(f"{folder}: no .md files{' outside hidden folders' if hidden else ''}; give a folder of markdown "
+                        "pages")
     return files
+
+
+def without_front_matter(text: str) -> tuple[str, str]:
+    """(the text without a leading YAML front matter block '---' … '---', the block's `title:` or '')."""
+    match = re.match(r"---[ \t]*\r?\n(.*?\r?\n)?(---|\.\.\.)[ \t]*(\r?\n|$)", text, flags=re.S)
+    if not match:
+        return text, ""
+    title = re.search(r"^title:[ \t]*(.+?)[ \t]*$", match.group(1) or "", flags=re.M)
+    return text[match.end():], (title.group(1).strip("'\"").strip() if title else "")
 
 
 def heading(line: str, level: int) -> str | None:
@@ -33,9 +54,9 @@ def heading(line: str, level: int) -> str | None:
     return line[level:].strip().rstrip("#").strip() or None
 
 
-def page_title(text: str, path: Path) -> str:
-    """The first level-1 heading, else the file name without extension."""
-    return next((t for line in text.splitlines() if (t := heading(line, 1))), path.stem)
+def page_title(text: str, path: Path, fallback: str = "") -> str:
+    """The first level-1 heading, else `fallback` (a front matter title), else the file name without extension."""
+    return next((t for line in text.splitlines() if (t := heading(line, 1))), fallback or path.stem)
 
 
 def sections(text: str, level: int) -> list[tuple[str, str]]:
@@ -50,30 +71,33 @@ def sections(text: str, level: int) -> list[tuple[str, str]]:
     return [(title, "\n".join(body).strip()) for title, body in out]
 
 
-def read_pages(folder: str | Path, split_level: int = 0) -> list[dict]:
-    """Validated pages {id, type, name, text, path}: one per file, or one per heading of `split_level`."""
+def read_pages(folder: str | Path, split_level: int = 0, skipped: Counter | None = None) -> list[dict]:
+    """Validated pages {id, type, name, text, path}: one per file, or one per heading of `split_level`; YAML front
+    matter is dropped, and a page (or section) with no text is left out and counted in `skipped`."""
     folder = require_path(Path(folder), "a folder of .md files", folder=True)
+    skipped = Counter() if skipped is None else skipped
     pages = []
-    for path in markdown_files(folder):
+    for path in markdown_files(folder, skipped):
         rel = path.relative_to(folder)
-        text = read_text(path)
+        text, front_title = without_front_matter(read_text(path))
         kind = slug(rel.parts[0]) if len(rel.parts) > 1 else "page"
-        title = page_title(text, path)
+        title = page_title(text, path, front_title)
         parts = sections(text, split_level) if split_level else [(title, text)]
         for heading, body in parts:
             name = heading if not split_level else f"{title} › {heading}"
             page_id = f"{rel.as_posix()}#{slug(heading)}" if split_level else rel.as_posix()
             pages.append({"id": page_id, "type": kind, "name": name, "title": heading, "text": body.strip(), "path": path})
-    empty = [p for p in pages if not plain_text(p["text"])]
-    if empty:
-        raise DataError(f"{empty[0]['path']}: {'section ' + repr(empty[0]['title']) + ' has' if split_level else 'has'} "
-                        "no text; write some or remove it")
+    kept = [p for p in pages if not blank(plain_text(p["text"]))]
+    if len(kept) < len(pages):
+        skipped["empty_sections" if split_level else "empty_pages"] += len(pages) - len(kept)
+    if not kept:
+        raise DataError(f"{folder}: every {'section' if split_level else 'page'} is empty; write some text in the pages")
     seen: dict[str, Path] = {}
-    for p in pages:
+    for p in kept:
         if p["id"] in seen:
             raise DataError(f"{p['path']}: duplicate item id {p['id']!r}; give each section a distinct heading")
         seen[p["id"]] = p["path"]
-    return pages
+    return kept
 
 
 def plain_text(markdown: str) -> str:
@@ -146,10 +170,12 @@ def user_queries(folder: Path, ids: set[str]) -> list[dict]:
 
 
 def build_corpus(data_path: str | Path, split_level: int = 0, max_items: int = 0, reference_query_fraction: float = 0.5,
-                 max_relevant: int = 25, seed: int = 42) -> tuple[list[dict], list[dict], list[dict], dict[str, str]]:
-    """Items (pages), evaluation queries (references, user), page→page relations, the pages as background."""
+                 max_relevant: int = 25, seed: int = 42, skipped: Counter | None = None
+                 ) -> tuple[list[dict], list[dict], list[dict], dict[str, str]]:
+    """Items (pages), evaluation queries (references, user), page→page relations, the pages as background; hidden
+    and empty pages are counted in `skipped`."""
     folder = Path(data_path)
-    pages = read_pages(folder, split_level)
+    pages = read_pages(folder, split_level, skipped)
     if max_items:
         pages = pages[:max_items]
     ids = {p["id"] for p in pages}
