@@ -106,17 +106,27 @@ def model_fingerprint(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def pointer(folder: Path) -> Path:
+    """models/<domain>/current, the one-line file naming the release in use; a ReleaseError when something else (a
+    folder, a link to one) sits there."""
+    path = folder / "current"
+    if path.exists() and not path.is_file():
+        raise ReleaseError(f"{path}: a folder, not the one-line file naming the current release; move it out of "
+                           f"{folder} (it is not a release) and run again")
+    return path
+
+
 def current(folder: Path) -> str | None:
     """The version models/<domain>/current names, or None."""
-    pointer = folder / "current"
-    return pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+    path = pointer(folder)
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else None
 
 
 def set_current(folder: Path, version: str) -> None:
     """Point models/<domain>/current at a version (a one-line text file, written atomically)."""
     if not (folder / version / "manifest.json").is_file():
         raise ReleaseError(f"{folder / version}: no such release; `make releases` lists them")
-    write_text(folder / "current", version + "\n")
+    write_text(pointer(folder), version + "\n")
 
 
 def resolve(path: str | Path, verified: bool = True) -> Path:
@@ -124,7 +134,7 @@ def resolve(path: str | Path, verified: bool = True) -> Path:
     under models/*/; `verified`: a ReleaseError unless every file matches its (sealed) manifest, so nothing loads a
     tampered or damaged release."""
     path = Path(path)
-    if path.name == "current" and path.is_file():
+    if path.name == "current" and pointer(path.parent).is_file():
         path = path.parent / path.read_text(encoding="utf-8").strip()
     elif not path.exists() and re.fullmatch(r"v\d+", path.name):  # models/dnd/v2: the release numbered 2
         matches = [p for p in path.parent.glob(f"{path.name}-*") if VERSION.match(p.name)]
@@ -251,13 +261,14 @@ def make_release(run_name: str, domain: str, runs_root: str | Path | None = None
                  now: datetime | None = None) -> Path:
     """Package a finished run as the domain's next release and make it current; the existing release when these
     weights were released before (versions are immutable: nothing is overwritten)."""
+    folder = domain_dir(domain, root)
+    pointer(folder)  # something else where `current` goes stops the release before any work
     run = Run(run_name, runs_root)
     needed = [run.stage("04_finetune") / "model" / "modules.json", run.stage("05_export") / "index" / "retriever.json",
               run.stage("06_evaluate") / "metrics.json"]
     missing = [str(p) for p in needed if not p.exists()]
     if missing:
         raise ReleaseError(f"run {run_name!r} is not finished ({', '.join(missing)} missing): `make all` first")
-    folder = domain_dir(domain, root)
     with domain_lock(folder):  # the version chosen, copied and made current by one release at a time
         return release_locked(run, domain, folder, now)
 

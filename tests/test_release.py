@@ -42,6 +42,20 @@ def test_versions_are_ordered_and_rollback_walks_back(tmp_path):
         release.set_current(tmp_path, "v3-20261201-dddddddd")
 
 
+def test_a_folder_where_current_goes_is_one_line_for_every_command(tmp_path, capsys):
+    fake_release(tmp_path / "dnd", "v1-20261201-aaaaaaaa", 0.5)
+    (tmp_path / "dnd" / "current").mkdir()
+    said = f"{tmp_path / 'dnd' / 'current'}: a folder, not the one-line file naming the current release"
+    for command in (["make", "--runs-root", str(tmp_path / "no-runs")], ["list"], ["rollback"]):
+        with pytest.raises(SystemExit) as stop:
+            release.main([*command, "--domain", "dnd", "--root", str(tmp_path)])
+        assert str(stop.value.code).startswith(f"error: {said}")
+    with pytest.raises(release.ReleaseError, match="a folder, not the one-line file"):
+        release.resolve(tmp_path / "dnd" / "current")
+    with pytest.raises(release.ReleaseError, match="a folder, not the one-line file"):
+        release.set_current(tmp_path / "dnd", "v1-20261201-aaaaaaaa")
+
+
 def test_verify_finds_a_changed_missing_or_extra_file(tmp_path):
     fake_release(tmp_path, "v1-20261201-aaaaaaaa", 0.5)
     path = tmp_path / "v1-20261201-aaaaaaaa"
