@@ -226,6 +226,7 @@ def run_stage(stage: str, domain: str, profile: str, runs_root: str | None = Non
     log lines, metrics); the done-marker metrics.json comes last. Return the wall time in seconds."""
     import nbformat
     import papermill
+    from nbclient.exceptions import DeadKernelError
 
     kernel_environment()
     run = run_name(domain, profile)
@@ -253,6 +254,10 @@ def run_stage(stage: str, domain: str, profile: str, runs_root: str | None = Non
         except papermill.PapermillExecutionError as err:
             raise StageFailed(f"{stage} failed: {redact(err.ename, secrets)}: {redact(err.evalue, secrets)} "
                               f"(the traceback is in {executed})") from None
+        except DeadKernelError:
+            raise StageFailed(f"{stage} failed: its notebook's kernel died (killed from outside, most often by the "
+                              "out-of-memory killer: `dmesg | tail` says; a smaller batch_size or max_items needs less "
+                              f"memory); what it printed is in {executed}") from None
         finally:
             if raw.exists():
                 write_text(executed, redact(raw.read_text(encoding="utf-8"), secrets))

@@ -94,10 +94,11 @@ def _gone(proc: psutil.Process, timeout: float) -> bool:
 def test_teacher_server_never_outlives_its_stage(tmp_path, how):
     runs, reports = tmp_path / "runs", tmp_path / "reports"
     pipeline.run_stage("00_corpus", "dnd", "smoke", runs, reports)
+    said = tmp_path / "stderr.txt"
     runner = subprocess.Popen(
         [sys.executable, "-m", "lib.pipeline", "stage", "01_teacher", "--profile", "smoke", "--runs-root", str(runs),
          "--reports-root", str(reports), "--set", f"cache_root={tmp_path / 'cache'}"],  # empty cache: a long stage
-        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=said.open("w"), start_new_session=True)
     try:
         server = _wait_for_server(runner)
         time.sleep(1)  # mid-request
@@ -107,6 +108,9 @@ def test_teacher_server_never_outlives_its_stage(tmp_path, how):
             os.kill(runner.pid, signal.SIGKILL)
         assert _gone(server, timeout=30), f"teacher server {server.pid} outlived its stage ({how})"
         assert runner.wait(timeout=60) != 0
+        if how == "kill the kernel":  # as the out-of-memory killer does: one line, no traceback
+            assert "01_teacher failed: its notebook's kernel died" in said.read_text()
+            assert "Traceback" not in said.read_text()
     finally:
         if runner.poll() is None:
             os.killpg(runner.pid, signal.SIGKILL)
