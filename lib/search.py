@@ -254,7 +254,8 @@ class Retriever:
     def hits(self, query_texts: list[str], query_vectors: np.ndarray, top_k: int = 5, types: list[str] | None = None,
              mode: str | None = None, max_temporal_order: float | None = None) -> list[list[dict]]:
         """Top-k hits per query, best first: id, type, name, text, `score` and `score_type` (cosine, bm25, rrf or
-        weighted), and in hybrid mode the item's `cosine` and `bm25` beside the fused score; only items `allowed`."""
+        weighted), and in hybrid mode the item's `cosine` and `bm25` beside the fused score; only items `allowed`; in
+        BM25 mode only items that share a word with the query (none may)."""
         mode = check_mode(mode or self.mode)
         allowed = self.allowed(types, max_temporal_order)
         query_vectors = self.fit(query_vectors)
@@ -270,7 +271,7 @@ class Retriever:
         for row, (idx, row_scores) in enumerate(zip(top, scores)):
             hits = []
             for i, score in zip(idx, row_scores):
-                if i < 0:
+                if i < 0 or (mode == "bm25" and score <= 0):  # BM25 scores 0 where no query word occurs: no hit
                     continue
                 item = self.items[i]
                 hit = {"id": item["id"], "type": item["type"], "name": item.get("name", ""), "text": item["text"],

@@ -139,6 +139,8 @@ def test_every_search_mode_and_the_saved_bm25(retriever, onnx_dir, student_path,
     hybrid = retriever.retrieve(name_query, 3, mode="hybrid")[0]
     assert hybrid["cosine"] == pytest.approx(retriever.retrieve(name_query, 1, mode="dense")[0]["score"], abs=1e-5)
     assert hybrid["bm25"] == pytest.approx(retriever.retrieve(name_query, 1, mode="bm25")[0]["score"], abs=1e-5)
+    assert retriever.retrieve("qwzxv", 3, mode="bm25") == []  # no word in common: no hits, not 3 at score 0
+    assert len(retriever.retrieve("qwzxv", 3, mode="hybrid")) == 3
     with pytest.raises(ValueError, match="unknown search mode 'fuzzy'"):
         retriever.retrieve(name_query, mode="fuzzy")
     weighted = Retriever(retriever.encoder, mode="hybrid", fusion="weighted", dense_weight=0.7)

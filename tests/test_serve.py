@@ -429,6 +429,8 @@ def test_the_page_searches_and_stores_a_thumbs_down(server, index, tmp_path):
         first.wait_for()
         assert first.get_attribute("data-id") == target["id"] and target["name"] in first.inner_text()
         assert "rrf" in first.inner_text()
+        buttons = [first.locator(f"button[data-judgement='{v}']").inner_text() for v in (1, -1)]
+        assert buttons == ["Good", "Wrong"]  # words, not emoji: Debian's default fonts have no emoji glyphs
         first.locator("button[data-judgement='-1']").click()
         first.locator(".saved").wait_for()
         page.screenshot(path=str(tmp_path / "search.png"))
