@@ -25,6 +25,9 @@ from lib.paths import NOTEBOOKS_DIR, REPORTS_DIR, STAGES, run_dir, run_name, sta
 from lib.progress import HEARTBEAT_SECONDS, TERMINAL_ENV, duration
 
 KERNEL = "python3"
+# the kernel's sockets encrypted with CurveZMQ keys the manager makes (ipykernel supports it; without, every stage
+# warns "Kernel is running over TCP without encryption")
+KERNEL_CONFIG = {"KernelManager": {"transport_encryption": "auto"}}
 
 
 def read_notebook(stage: str):
@@ -227,6 +230,7 @@ def run_stage(stage: str, domain: str, profile: str, runs_root: str | None = Non
     import nbformat
     import papermill
     from nbclient.exceptions import DeadKernelError
+    from traitlets.config import Config
 
     kernel_environment()
     run = run_name(domain, profile)
@@ -250,7 +254,7 @@ def run_stage(stage: str, domain: str, profile: str, runs_root: str | None = Non
             with stage_console(stage, len(notebook.cells) + 1, secrets) as console:  # + papermill's parameters cell
                 papermill.execute_notebook(str(source), str(raw), parameters=params, kernel_name=KERNEL,
                                            cwd=str(NOTEBOOKS_DIR), progress_bar=False, log_output=True,
-                                           stdout_file=console, stderr_file=console)
+                                           stdout_file=console, stderr_file=console, config=Config(KERNEL_CONFIG))
         except papermill.PapermillExecutionError as err:
             raise StageFailed(f"{stage} failed: {redact(err.ename, secrets)}: {redact(err.evalue, secrets)} "
                               f"(the traceback is in {executed})") from None

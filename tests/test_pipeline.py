@@ -292,6 +292,7 @@ def test_a_notebook_run_in_jupyterlab_gets_the_parameters_make_gives_it(tmp_path
                            "--runs-root", str(tmp_path / "make"), "--reports-root", str(tmp_path / "reports")],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert made.returncode == 0, made.stderr[-2000:]
+    assert "without encryption" not in made.stderr  # the kernel's sockets are CurveZMQ-encrypted: ipykernel is quiet
     lab_execute("00_corpus", tmp_path, tmp_path / "lab")
     by_make, by_lab = (tmp_path / where / "dnd-smoke" / "00_corpus" for where in ("make", "lab"))
     for name in ("items.jsonl", "queries.jsonl", "relations.jsonl", "metrics.json"):
