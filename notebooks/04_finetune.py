@@ -76,7 +76,7 @@ from transformers import set_seed
 
 from lib import finetune, training
 from lib.io import write_json, write_metrics
-from lib.paths import Run, resolve_model_path
+from lib.paths import Run, resolve_model_path, shown_path
 from lib.plots import line_plot
 
 set_seed(seed)
@@ -99,7 +99,7 @@ config = finetune.FinetuneConfig(
 )
 inputs = finetune.load_inputs(corpus_dir, pairs_dir, dev_loss_rows, seed,
                               run.stage("01_teacher") if distill else None)
-print(f"start from {start_model}; {len(inputs.train)} train rows {inputs.train.column_names}, {len(inputs.dev)} dev rows, "
+print(f"start from {shown_path(start_model, run.path)}; {len(inputs.train)} train rows {inputs.train.column_names}, {len(inputs.dev)} dev rows, "
       f"{inputs.dev_queries} dev queries; loss {loss}, batch sampler {batch_sampler}, "
       f"bf16 {training.use_bf16(bf16)}")
 
@@ -186,7 +186,7 @@ pd.DataFrame({"before": {k: before[k] for k in keys}, "after": {k: after[k] for 
 
 # %%
 metrics = {
-    "start_model": str(start_model),
+    "start_model": shown_path(start_model, run.path),  # no home folder in a shared report
     "train_pairs": len(inputs.train),
     "steps": facts["global_step"],
     "loss": loss,

@@ -83,9 +83,13 @@ def test_readme_tables_come_from_the_metrics():
 def test_index_shows_no_home_folder_and_no_secret(tmp_path, monkeypatch):
     monkeypatch.setenv("MY_GATEWAY_KEY", "gateway-secret-42424242")
     params = {"data_path": str(tmp_path / "home" / "alice" / "corpora" / "wiki"), "teacher_api_key_env": "MY_GATEWAY_KEY",
-              "teacher_base_url": "https://bob:hunter2hunter2@gw.example.com/v1", "note": "gateway-secret-42424242"}
+              "teacher_base_url": "https://bob:hunter2hunter2@gw.example.com/v1", "note": "gateway-secret-42424242",
+              "cache_root": str(tmp_path / "home" / "alice" / ".cache" / "codex-forge")}
+    write_json(tmp_path / "runs" / "r" / "04_finetune" / "metrics.json",
+               {"start_model": str(tmp_path / "home" / "alice" / "models" / "my-student"), "steps": 3})
     page = report.write_index("r", params, [PARAMS_DIR / "default.yaml"], tmp_path / "runs", tmp_path / "reports").read_text()
-    assert "alice" not in page and "…/corpora/wiki" in page
+    assert "alice" not in page and "…/corpora/wiki" in page and "…/.cache/codex-forge" in page
+    assert "…/models/my-student" in page  # stage metrics too
     assert "hunter2" not in page and "gateway-secret" not in page and "https://[redacted]@gw.example.com/v1" in page
     assert report.shown_path(str(PARAMS_DIR / "default.yaml")) == "params/default.yaml"
 
