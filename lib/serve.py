@@ -13,6 +13,7 @@ import base64
 import functools
 import hmac
 import json
+import logging
 import os
 import sys
 import time
@@ -187,6 +188,7 @@ class Service:
         self.prompts = getattr(retriever.encoder, "prompts", {})  # the model's query and document prefixes
         self.latency_candidates: dict[str, tuple[Path, Path]] = {}  # gated backends to time against the served one
         self.allowed_hosts: set[str] | None = None  # Host names answered (None: any); serve_main sets them from --host
+        self.request_seconds = REQUEST_SECONDS  # how long a request's body may take to arrive
         self.backend_latency_ms: dict[str, float] = {}
         self.backend_chosen_by = "the caller"
         self.batcher = MicroBatcher(lambda texts: retriever.encoder.encode(texts, role="text"), self.on_compute)
@@ -402,6 +404,78 @@ class Service:
         self.backend_chosen_by = "single-query latency on this machine, at start"
 
 
+REQUEST_SECONDS = 10.0  # a request's head, and then its body, must arrive within this; a slow client is dropped
+
+
+def slow_client_protocol(seconds: float):
+    """uvicorn's h11 protocol with a deadline for each request's head: a connection that opens and sends nothing, or
+    drips its headers (slowloris), is closed after `seconds` instead of holding a socket for ever. (The body has its
+    own deadline in json_body; idle keep-alive connections close after uvicorn's 5 s.)"""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class DeadlineH11Protocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.head_deadline = None
+            self.arm()
+
+        def waiting_for_head(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def arm(self) -> None:
+            if self.head_deadline is None:
+                self.head_deadline = self.loop.call_later(seconds, self.too_slow)
+
+        def disarm(self) -> None:
+            if self.head_deadline is not None:
+                self.head_deadline.cancel()
+                self.head_deadline = None
+
+        def data_received(self, data: bytes) -> None:
+            if self.waiting_for_head():
+                self.arm()
+            super().data_received(data)
+            if not self.waiting_for_head():  # the head is in: the app runs
+                self.disarm()
+
+        def too_slow(self) -> None:
+            self.head_deadline = None
+            if self.waiting_for_head() and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_lost(self, exc) -> None:
+            self.disarm()
+            super().connection_lost(exc)
+
+    return DeadlineH11Protocol
+
+
+class OncePer(logging.Filter):
+    """A log filter passing a repeated message at most once per `seconds` (asyncio logs a failed accept() — out of
+    file descriptors under a flood of connections — once per attempt, hundreds of thousands of lines)."""
+
+    def __init__(self, seconds: float = 10.0):
+        super().__init__()
+        self.seconds, self.last = seconds, {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now, key = time.monotonic(), record.getMessage()[:200]
+        if now - self.last.get(key, -self.seconds) < self.seconds:
+            return False
+        self.last[key] = now
+        return True
+
+
+def more_open_files() -> None:
+    """Raise this process's open-file limit to its hard limit: each client holds one, and the default soft limit
+    (often 1,024) is the first to run out under many connections."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536), hard))
+
+
 class Guard:
     """ASGI middleware around every request: the API key, any unexpected error answered as JSON (the server goes
     on), and the request count and latency per route. (Plain ASGI: FastAPI's @app.middleware costs a millisecond.)"""
@@ -490,11 +564,16 @@ def create_app(service: Service):
         if declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"the request body has {declared} bytes; at most {limit}: send fewer texts")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"the request body has more than {limit} bytes: send fewer texts")
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(service.request_seconds):  # a body that drips in holds no worker for ever
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise ApiError(413, f"the request body has more than {limit} bytes: send fewer texts")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {service.request_seconds:g} s: send it at "
+                           "once") from None
         body = b"".join(chunks)
         try:
             payload = json.loads(body)
@@ -722,6 +801,8 @@ def serve_main(argv: list[str]) -> None:
                         "(a web page rebinding its DNS to this machine)")
     parser.add_argument("--backend", default=None, help="override the index's backend: torch-fp32, torch-bf16, onnx-fp32, onnx-int8")
     parser.add_argument("--max-seq-length", type=int, default=None, help="tokens per text (default: the index's)")
+    parser.add_argument("--request-timeout", type=float, default=REQUEST_SECONDS, help="seconds a client has to send a "
+                        "request's head, and then its body, before the connection is closed (408 for a body)")
     args = parser.parse_args(argv)
     host = args.host or "127.0.0.1"  # only --host opens the server beyond this machine
     single_threaded_blas()
@@ -733,6 +814,7 @@ def serve_main(argv: list[str]) -> None:
     except ReleaseError as error:
         raise SystemExit(f"error: {error}") from None
     service.allowed_hosts = allowed_hosts(host, args.allowed_host)
+    service.request_seconds = args.request_timeout
     r = service.retriever
     print(f"serving {service.run}: {len(r.items)} items, backend {r.backend}, search {r.mode}"
           f"{f' ({r.fusion})' if r.mode == 'hybrid' else ''}, model version {service.version}", flush=True)
@@ -740,7 +822,10 @@ def serve_main(argv: list[str]) -> None:
           f"API key {'required' if service.api_key else 'not required'}", flush=True)
     if not is_loopback(host) and not service.api_key:
         print(f"  warning: {host} is reachable from the network and no API key is set (--api-key-env)", file=sys.stderr)
-    uvicorn.run(create_app(service), host=host, port=args.port, log_level="warning", access_log=False)
+    more_open_files()
+    logging.getLogger("asyncio").addFilter(OncePer(10.0))
+    uvicorn.run(create_app(service), host=host, port=args.port, log_level="warning", access_log=False,
+                http=slow_client_protocol(args.request_timeout))
 
 
 def feedback_main(argv: list[str]) -> None:
