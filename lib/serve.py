@@ -59,10 +59,13 @@ class ApiError(Exception):
 
 class MicroBatcher:
     """Texts of requests that arrive together are embedded in one encoder call (one call at a time, on `run`'s
-    thread): each request waits at most for the call before it, then shares the next one with whatever else queued."""
+    thread): each request waits at most for the call before it, then shares the next one with whatever else queued.
+    A big request goes in slices of `slice_texts`, one after another, so the searches that arrive meanwhile run
+    between its slices instead of waiting for all of it."""
 
-    def __init__(self, encode, run, max_batch_texts: int = 256):
+    def __init__(self, encode, run, max_batch_texts: int = 256, slice_texts: int = 64):
         self.encode_texts, self.run_on_compute, self.max_batch_texts = encode, run, max_batch_texts
+        self.slice_texts = slice_texts
         self.queue: asyncio.Queue | None = None
         self.worker: asyncio.Task | None = None
         self.calls = 0
@@ -78,10 +81,13 @@ class MicroBatcher:
             self.worker.cancel()
 
     async def encode(self, texts: list[str]) -> np.ndarray:
-        """Normalised embeddings of `texts`, computed in a batch with the other requests waiting."""
-        future = asyncio.get_running_loop().create_future()
-        await self.queue.put((texts, future))
-        return await future
+        """Normalised embeddings of `texts`, computed in batches with the other requests waiting, a slice at a time."""
+        parts = []
+        for start in range(0, len(texts), self.slice_texts):
+            future = asyncio.get_running_loop().create_future()
+            await self.queue.put((texts[start:start + self.slice_texts], future))
+            parts.append(await future)
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     async def _run(self) -> None:
         held = None  # a job that did not fit into the last batch: it opens the next one

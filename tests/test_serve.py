@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -304,6 +305,29 @@ def test_search_in_every_mode_with_type_filters_and_scores_that_say_what_they_ar
     assert default["mode"] == "hybrid" and len(default["data"]) == 10 and {"cosine", "bm25"} <= set(default["data"][0])
     untimed = post(server, "/v1/search", {"query": target["name"], "max_temporal_order": 3}).json()
     assert untimed["data"] == default["data"]  # D&D items carry no temporal_order: every one stays searchable
+
+
+@pytest.mark.slow
+def test_a_search_runs_between_the_slices_of_a_big_embeddings_request(server, index):
+    """512 texts are eight slices of 64: a search sent while they are embedded answers before they do."""
+    import threading
+
+    texts = [f"{i} " + " ".join(item["text"] for item in index["items"][i % 20:i % 20 + 3])[:480] for i in range(512)]
+    done: dict[str, float] = {}
+
+    def big() -> None:
+        done["status"] = post(server, "/v1/embeddings", {"input": texts, "model": RUN}).status_code
+        done["big"] = time.monotonic()
+
+    worker = threading.Thread(target=big)
+    worker.start()
+    time.sleep(2)  # the big request is being embedded (512 texts of ~100 tokens take seconds on a CPU)
+    assert worker.is_alive()
+    answer = post(server, "/v1/search", {"query": "a fire spell", "top_k": 3})
+    searched = time.monotonic()
+    worker.join()
+    assert answer.status_code == 200 and done["status"] == 200
+    assert searched < done["big"]  # the search did not wait for the whole request: it ran between two slices
 
 
 def closed_within(sock: socket.socket, seconds: float) -> bytes | None:
