@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 import sqlite3
 import threading
 from pathlib import Path
@@ -130,6 +131,18 @@ def training_queries(judgements: list[dict], item_ids: set[str], exclude: set[st
                     "negatives": [[i, "hard"] for i in wrong]})
     counts["training_queries"] = len(out)
     return out, counts
+
+
+def within_share(judged: list[dict], other_queries: int, share: float, seed: int) -> tuple[list[dict], int]:
+    """At most `share` of all training queries from feedback (a seeded sample of `judged` when there are more), so a
+    flood of judgements cannot outweigh the corpus; (kept, dropped). share 1 keeps every one."""
+    if share >= 1:
+        return judged, 0
+    allowed = int(share / (1 - share) * other_queries + 1e-9)
+    if len(judged) <= allowed:
+        return judged, 0
+    kept = sorted(random.Random(seed).sample(range(len(judged)), allowed))
+    return [judged[i] for i in kept], len(judged) - allowed
 
 
 def wilson(positive: int, total: int, z: float = 1.96) -> list[float]:

@@ -195,6 +195,8 @@ class Service:
         self.latency_candidates: dict[str, tuple[Path, Path]] = {}  # gated backends to time against the served one
         self.allowed_hosts: set[str] | None = None  # Host names answered (None: any); serve_main sets them from --host
         self.request_seconds = REQUEST_SECONDS  # how long a request's body may take to arrive
+        self.feedback_per_minute = FEEDBACK_PER_MINUTE
+        self.feedback_times: dict[str, list[float]] = {}  # per client address: when its judgements of the last minute came
         self.backend_latency_ms: dict[str, float] = {}
         self.backend_chosen_by = "the caller"
         self.batcher = MicroBatcher(lambda texts: retriever.encoder.encode(texts, role="text"), self.on_compute)
@@ -342,8 +344,24 @@ class Service:
         used = sum(min(n, self.max_seq_length) for n in counts)
         return {"object": "list", "model": model, "results": results, "usage": {"total_tokens": used}}
 
-    def add_feedback(self, payload: dict) -> dict:
-        """Store one judgement of a shown result."""
+    def feedback_allowed(self, client: str) -> bool:
+        """Whether a client (its address) may store one more judgement: at most `feedback_per_minute` in any minute,
+        so one script cannot fill the store that trains the next model."""
+        now = time.monotonic()
+        recent = [t for t in self.feedback_times.get(client, []) if now - t < 60]
+        if len(recent) >= self.feedback_per_minute:
+            self.feedback_times[client] = recent
+            return False
+        self.feedback_times[client] = recent + [now]
+        if len(self.feedback_times) > 10_000:  # forget clients quiet for a minute
+            self.feedback_times = {c: ts for c, ts in self.feedback_times.items() if ts and now - ts[-1] < 60}
+        return True
+
+    def add_feedback(self, payload: dict, client: str = "") -> dict:
+        """Store one judgement of a shown result (a client over its per-minute share answers 429)."""
+        if not self.feedback_allowed(client):
+            raise ApiError(429, f"more than {self.feedback_per_minute} judgements in a minute from this client: wait a "
+                           "minute (the server takes a person's clicks, not a script's)", code="rate_limit_exceeded")
         query, item_id, judgement = payload.get("query"), payload.get("item_id"), payload.get("judgement")
         if not isinstance(query, str) or blank(query):
             raise ApiError(400, "field 'query' must be the non-empty query the result was shown for", "query")
@@ -410,6 +428,7 @@ class Service:
         self.backend_chosen_by = "single-query latency on this machine, at start"
 
 
+FEEDBACK_PER_MINUTE = 30  # judgements one client may store in a minute (a person clicks a few; a script floods)
 REQUEST_SECONDS = 10.0  # a request's head, and then its body, must arrive within this; a slow client is dropped
 
 
@@ -646,7 +665,7 @@ def create_app(service: Service):
 
     @app.post("/v1/feedback")
     async def feedback(request: Request):
-        return JSONResponse(service.add_feedback(await json_body(request)))
+        return JSONResponse(service.add_feedback(await json_body(request), request.client.host if request.client else ""))
 
     return app
 
@@ -807,6 +826,8 @@ def serve_main(argv: list[str]) -> None:
                         "(a web page rebinding its DNS to this machine)")
     parser.add_argument("--backend", default=None, help="override the index's backend: torch-fp32, torch-bf16, onnx-fp32, onnx-int8")
     parser.add_argument("--max-seq-length", type=int, default=None, help="tokens per text (default: the index's)")
+    parser.add_argument("--feedback-per-minute", type=int, default=FEEDBACK_PER_MINUTE, help="judgements one client "
+                        "address may store in a minute (more answer 429); behind a proxy every client shares one address")
     parser.add_argument("--request-timeout", type=float, default=REQUEST_SECONDS, help="seconds a client has to send a "
                         "request's head, and then its body, before the connection is closed (408 for a body)")
     args = parser.parse_args(argv)
@@ -821,6 +842,7 @@ def serve_main(argv: list[str]) -> None:
         raise SystemExit(f"error: {error}") from None
     service.allowed_hosts = allowed_hosts(host, args.allowed_host)
     service.request_seconds = args.request_timeout
+    service.feedback_per_minute = args.feedback_per_minute
     r = service.retriever
     print(f"serving {service.run}: {len(r.items)} items, backend {r.backend}, search {r.mode}"
           f"{f' ({r.fusion})' if r.mode == 'hybrid' else ''}, model version {service.version}", flush=True)

@@ -72,6 +72,7 @@ teacher_max_concurrency: int = 4  # requests in flight at once to the endpoint, 
 teacher_requests_per_minute: int = 0  # the endpoint's rate limit in requests (0: none)
 teacher_tokens_per_minute: int = 0  # the endpoint's rate limit in tokens (0: none)
 feedback_path: str = ""  # search judgements to train on: a feedback.sqlite from make serve or a JSONL export; empty: none
+max_feedback_share: float = 0.1  # at most this share of the training queries comes from feedback (a seeded sample beyond it); 1: no cap
 drop_row_kinds: list = []  # row kinds left out of training: item, query:name, query:keywords, query:sentence, query:tags, query:field, …
 seed: int = 42  # seeds sampling, templates and the split
 # %%
@@ -151,6 +152,8 @@ feedback_counts = {}
 if feedback_path:
     judged, feedback_counts = feedback.training_queries(feedback.read_judgements(feedback_path), set(ids), exclude,
                                                         eval_queries, near_duplicate_threshold, positives_per_query)
+    judged, feedback_counts["over_share_cap"] = feedback.within_share(judged, len(queries), max_feedback_share, seed)
+    feedback_counts["training_queries"] = len(judged)
     queries += judged
     print(f"search feedback {feedback_counts}")
 rows = pairs.drop_kinds(item_pairs[threshold_mode] + pairs.query_rows(queries, ids, types, vectors), drop_row_kinds)

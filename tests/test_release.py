@@ -151,6 +151,15 @@ def test_the_server_store_reads_back_as_judgements(tmp_path):
     assert (row["query"], row["item_id"], row["judgement"], row["rank"]) == ("stone gaze", "monster:medusa", 1, 2)
 
 
+def test_feedback_is_at_most_its_share_of_the_training_queries():
+    judged = [{"qid": f"feedback:{n}"} for n in range(500)]
+    kept, dropped = feedback.within_share(judged, 900, 0.1, seed=42)
+    assert (len(kept), dropped) == (100, 400) and len(kept) / (len(kept) + 900) == 0.1
+    assert kept == feedback.within_share(judged, 900, 0.1, seed=42)[0] and len({q["qid"] for q in kept}) == 100
+    assert feedback.within_share(judged[:50], 900, 0.1, seed=42) == (judged[:50], 0)
+    assert feedback.within_share(judged, 900, 1.0, seed=42) == (judged, 0)
+
+
 def test_each_versions_share_of_positive_judgements_has_a_wilson_interval():
     share, low, high = feedback.wilson(8, 10)
     assert share == 0.8 and low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)

@@ -342,26 +342,43 @@ def closed_within(sock: socket.socket, seconds: float) -> bytes | None:
     return got
 
 
+@pytest.fixture(scope="module")
+def strict_server(index, tmp_path_factory):
+    """A server with short limits: 2 s for a request's head and body, 3 judgements a minute per client."""
+    srv = Server(index["runs"], tmp_path_factory.mktemp("strict") / "server.log",
+                 ["--request-timeout", "2", "--feedback-per-minute", "3"])
+    yield srv
+    srv.stop()
+
+
 @pytest.mark.slow
-def test_slow_clients_are_dropped_and_do_not_hold_the_server(index, tmp_path):
-    srv = Server(index["runs"], tmp_path / "server.log", ["--request-timeout", "2"])
-    try:
-        address = ("127.0.0.1", srv.port)
-        silent = socket.create_connection(address)  # connects and sends nothing
-        dripping = [socket.create_connection(address) for _ in range(40)]  # slowloris: a head that never ends
-        for sock in dripping:
-            sock.sendall(b"POST /v1/search HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-        body = socket.create_connection(address)  # a whole head, then a tenth of the body it announced
-        body.sendall(b"POST /v1/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 100\r\n\r\n{\"query\": ")
-        answer = httpx.post(f"{srv.url}/v1/search", json={"query": "a fire spell", "top_k": 1}, timeout=10)
-        assert answer.status_code == 200  # the server answers others meanwhile
-        assert closed_within(silent, 6) == b""
-        assert all(closed_within(sock, 6) == b"" for sock in dripping)  # closed by the server, nothing sent
-        said = closed_within(body, 6) or b""
-        assert said.startswith(b"HTTP/1.1 408") and b"did not arrive within 2 s" in said
-    finally:
-        srv.stop()
+def test_one_client_cannot_flood_the_feedback_that_trains_the_next_model(strict_server, index):
+    item = index["items"][0]
+    answers = [post(strict_server, "/v1/feedback", {"query": f"flood {n}", "item_id": item["id"], "judgement": -1})
+               for n in range(10)]
+    assert [a.status_code for a in answers] == [200] * 3 + [429] * 7
+    assert "more than 3 judgements in a minute" in answers[-1].json()["error"]["message"]
+    assert answers[-1].json()["error"]["code"] == "rate_limit_exceeded"
+    assert post(strict_server, "/v1/search", {"query": "a fire spell"}).status_code == 200  # searching goes on
+
+
+@pytest.mark.slow
+def test_slow_clients_are_dropped_and_do_not_hold_the_server(strict_server):
+    srv = strict_server
+    address = ("127.0.0.1", srv.port)
+    silent = socket.create_connection(address)  # connects and sends nothing
+    dripping = [socket.create_connection(address) for _ in range(40)]  # slowloris: a head that never ends
+    for sock in dripping:
+        sock.sendall(b"POST /v1/search HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    body = socket.create_connection(address)  # a whole head, then a tenth of the body it announced
+    body.sendall(b"POST /v1/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"query\": ")
+    answer = httpx.post(f"{srv.url}/v1/search", json={"query": "a fire spell", "top_k": 1}, timeout=10)
+    assert answer.status_code == 200  # the server answers others meanwhile
+    assert closed_within(silent, 6) == b""
+    assert all(closed_within(sock, 6) == b"" for sock in dripping)  # closed by the server, nothing sent
+    said = closed_within(body, 6) or b""
+    assert said.startswith(b"HTTP/1.1 408") and b"did not arrive within 2 s" in said
 
 
 def test_a_repeated_log_line_passes_once_per_interval():

@@ -201,6 +201,7 @@ def test_search_feedback_becomes_training_rows_and_a_copy_of_a_test_query_is_ref
     n_queries = len({r["query"] for r in given})
     assert (counts["judgements"], counts["queries"], counts["refused_eval_copies"], counts["training_queries"]) == (
         len(given), n_queries, 1, n_queries - 1)
+    assert counts["over_share_cap"] == 0  # a few judged queries among hundreds: within max_feedback_share
     judged = {(r["query"], r["item_id"]): r["judgement"] for r in given}
     train, dev = read_jsonl(out / "train.jsonl"), read_jsonl(out / "dev.jsonl")
     rows = [r for r in train + dev if r["kind"] == "query:feedback"]
