@@ -76,10 +76,36 @@ def utf8_encodable(value) -> bool:
         return False
 
 
+RECORD_LIMIT = CSV_FIELD_LIMIT  # characters in one JSONL line, as in one CSV cell
+
+
+def text_lines(path: Path, limit: int = RECORD_LIMIT):
+    """(line number, line) of a UTF-8 text file, read a line at a time (a leading BOM dropped); a line over `limit`
+    characters is a DataError before more of it is read, so one huge line cannot take the memory."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a file; rename it or move it out of DATA")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            lineno = 0
+            while line := fh.readline(limit + 1):
+                lineno += 1
+                if len(line) > limit and not line.endswith("\n"):
+                    raise DataError(f"{path}:{lineno}: the line has more than {limit:,} characters; split the record "
+                                    "or shorten its text")
+                yield lineno, line.rstrip("\r\n")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start} of a block near line {lineno + 1}); save it as "
+                        "UTF-8") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror or type(err).__name__}); check the file and its "
+                        "permissions") from None
+
+
 def read_jsonl_rows(path: Path) -> list[tuple[int, dict]]:
-    """(line number, object) of every non-blank line; a bad line (or a lone surrogate in a field) names file:line."""
+    """(line number, object) of every non-blank line; a bad line (or a lone surrogate in a field, or a line over 16 MB)
+    names file:line."""
     rows = []
-    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
+    for lineno, line in text_lines(path):
         if not line.strip():
             continue
         row = parse_json(line, f"{path}:{lineno}")
