@@ -16,7 +16,9 @@ Arms (queries come from every document; a document's title, when it has one, is 
                  student temperature 0.05), GPL-style with the hybrid in the cross-encoder's place
 
   .venv/bin/python bench/query_forms.py --data <BEIR folder> [--arms template,plain_hybrid] [--steps 50]
-writes bench/results/<machine>/query_forms.json.
+  .venv/bin/python bench/query_forms.py --data <BEIR folder> --arms "" --score-model data/models/all-mpnet-base-v2
+writes bench/results/<machine>/query_forms.json (with --arms "": teachers_on_dev.json, the base and the --score-model
+folders only).
 """
 from __future__ import annotations
 
@@ -142,6 +144,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--score-model", action="append", default=[], metavar="PATH",
+                        help="also score this SentenceTransformer folder on dev, untrained (a candidate teacher); repeatable")
     args = parser.parse_args()
     from sentence_transformers import SentenceTransformer
 
@@ -155,7 +159,10 @@ def main() -> None:
     out = {"data": Path(args.data).name, "dev_queries": len(dev), "steps": args.steps,
            "batch_size": args.batch_size, "seed": args.seed, "base": dev_scores(base, items, dev, bm25, item_vecs), "arms": {}}
     print("base", out["base"], flush=True)
-    for arm in args.arms.split(","):
+    for path in args.score_model:  # is this model above the student on these questions?
+        out.setdefault("models", {})[Path(path).name] = dev_scores(SentenceTransformer(path, device="cpu"), items, dev, bm25)
+        print(Path(path).name, out["models"][Path(path).name], flush=True)
+    for arm in [a for a in args.arms.split(",") if a]:
         made = training_queries(items, arm, args.seed)
         dense = encode(base, [q for q, _, _ in made], 64) @ item_vecs.T
         plain = arm.startswith("plain")
@@ -168,7 +175,7 @@ def main() -> None:
                             **{f"alpha_{a:g}": dev_scores(averaged(model, start_state, trained, a), items, dev, bm25)
                                for a in (1.0, 0.5)}}
         print(arm, out["arms"][arm], flush=True)
-    print(f"wrote {write_result('query_forms', out)}")
+    print(f"wrote {write_result('query_forms' if out['arms'] else 'teachers_on_dev', out)}")
 
 
 if __name__ == "__main__":
