@@ -27,6 +27,7 @@ from fastapi import Request  # at module level: the routes' annotations are reso
 
 from lib.domains.records import blank, utf8_encodable
 from lib.feedback import FeedbackStore, model_version
+from lib.pairs import normal_text
 from lib.search import SEARCH_MODES, Retriever, truncate, with_prompt
 
 PAGE = Path(__file__).with_name("search_page.html")
@@ -196,7 +197,7 @@ class Service:
         self.allowed_hosts: set[str] | None = None  # Host names answered (None: any); serve_main sets them from --host
         self.request_seconds = REQUEST_SECONDS  # how long a request's body may take to arrive
         self.feedback_per_minute = FEEDBACK_PER_MINUTE
-        self.feedback_times: dict[str, list[float]] = {}  # per client address: when its judgements of the last minute came
+        self.feedback_times: dict[tuple, list[float]] = {}  # per client or (query, item): its judgements of the last minute
         self.backend_latency_ms: dict[str, float] = {}
         self.backend_chosen_by = "the caller"
         self.batcher = MicroBatcher(lambda texts: retriever.encoder.encode(texts, role="text"), self.on_compute)
@@ -344,24 +345,19 @@ class Service:
         used = sum(min(n, self.max_seq_length) for n in counts)
         return {"object": "list", "model": model, "results": results, "usage": {"total_tokens": used}}
 
-    def feedback_allowed(self, client: str) -> bool:
-        """Whether a client (its address) may store one more judgement: at most `feedback_per_minute` in any minute,
-        so one script cannot fill the store that trains the next model."""
+    def within_rate(self, key: tuple, per_minute: int) -> bool:
+        """Whether one more event of `key` fits in `per_minute` over the last minute (and, if so, count it)."""
         now = time.monotonic()
-        recent = [t for t in self.feedback_times.get(client, []) if now - t < 60]
-        if len(recent) >= self.feedback_per_minute:
-            self.feedback_times[client] = recent
-            return False
-        self.feedback_times[client] = recent + [now]
-        if len(self.feedback_times) > 10_000:  # forget clients quiet for a minute
-            self.feedback_times = {c: ts for c, ts in self.feedback_times.items() if ts and now - ts[-1] < 60}
-        return True
+        recent = [t for t in self.feedback_times.get(key, []) if now - t < 60]
+        fits = len(recent) < per_minute
+        self.feedback_times[key] = recent + [now] if fits else recent
+        if len(self.feedback_times) > 10_000:  # forget keys quiet for a minute
+            self.feedback_times = {k: ts for k, ts in self.feedback_times.items() if ts and now - ts[-1] < 60}
+        return fits
 
     def add_feedback(self, payload: dict, client: str = "") -> dict:
-        """Store one judgement of a shown result (a client over its per-minute share answers 429)."""
-        if not self.feedback_allowed(client):
-            raise ApiError(429, f"more than {self.feedback_per_minute} judgements in a minute from this client: wait a "
-                           "minute (the server takes a person's clicks, not a script's)", code="rate_limit_exceeded")
+        """Store one judgement of a shown result (429 past `feedback_per_minute` from one client, or past
+        FEEDBACK_PER_PAIR judgements of one query and item in a minute from anyone)."""
         query, item_id, judgement = payload.get("query"), payload.get("item_id"), payload.get("judgement")
         if not isinstance(query, str) or blank(query):
             raise ApiError(400, "field 'query' must be the non-empty query the result was shown for", "query")
@@ -377,6 +373,12 @@ class Service:
             raise ApiError(400, f"field 'mode' must be one of {list(SEARCH_MODES)}", "mode")
         if comment is not None and not isinstance(comment, str):
             raise ApiError(400, "field 'comment' must be a string", "comment")
+        if not self.within_rate(("client", client), self.feedback_per_minute):
+            raise ApiError(429, f"more than {self.feedback_per_minute} judgements in a minute from this client: wait a "
+                           "minute (the server takes a person's clicks, not a script's)", code="rate_limit_exceeded")
+        if not self.within_rate(("pair", normal_text(query), item_id), FEEDBACK_PER_PAIR):
+            raise ApiError(429, f"this result was already judged {FEEDBACK_PER_PAIR} times for this query in the last "
+                           "minute: the latest judgement is the one that counts", code="rate_limit_exceeded")
         row = {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run": self.run,
                "model_version": self.version, "query": query, "item_id": item_id, "item_type": item["type"],
                "judgement": judgement, "rank": rank, "mode": mode or self.retriever.mode, "comment": comment}
@@ -429,6 +431,8 @@ class Service:
 
 
 FEEDBACK_PER_MINUTE = 30  # judgements one client may store in a minute (a person clicks a few; a script floods)
+FEEDBACK_PER_PAIR = 3  # judgements of one (query, item) per minute from all clients (a person changes their mind)
+MAX_CONNECTIONS = 512  # connections and requests at once; more are answered 503 at once instead of queueing
 REQUEST_SECONDS = 10.0  # a request's head, and then its body, must arrive within this; a slow client is dropped
 
 
@@ -828,6 +832,8 @@ def serve_main(argv: list[str]) -> None:
     parser.add_argument("--max-seq-length", type=int, default=None, help="tokens per text (default: the index's)")
     parser.add_argument("--feedback-per-minute", type=int, default=FEEDBACK_PER_MINUTE, help="judgements one client "
                         "address may store in a minute (more answer 429); behind a proxy every client shares one address")
+    parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, help="connections and requests served "
+                        "at once; beyond it new requests are answered 503 at once")
     parser.add_argument("--request-timeout", type=float, default=REQUEST_SECONDS, help="seconds a client has to send a "
                         "request's head, and then its body, before the connection is closed (408 for a body)")
     args = parser.parse_args(argv)
@@ -853,7 +859,7 @@ def serve_main(argv: list[str]) -> None:
     more_open_files()
     logging.getLogger("asyncio").addFilter(OncePer(10.0))
     uvicorn.run(create_app(service), host=host, port=args.port, log_level="warning", access_log=False,
-                http=slow_client_protocol(args.request_timeout))
+                http=slow_client_protocol(args.request_timeout), limit_concurrency=args.max_connections)
 
 
 def feedback_main(argv: list[str]) -> None:

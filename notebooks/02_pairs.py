@@ -222,7 +222,10 @@ stats = {"rows": len(rows), "train": len(train), "dev": len(dev), "dropped_witho
          "similarity_percentiles": summary, "leakage_check": checked, "leakage_dropped": leaking, "approximate_neighbours": ann,
          "teacher_query_scores": teacher_query_scores, "teacher_query_usage": teacher_usage,
          "feedback": feedback_counts | ({"rows": sum(r["kind"] == "query:feedback" for r in rows),
-                                         "train_rows": sum(r["kind"] == "query:feedback" for r in train)} if feedback_path else {})}
+                                         "train_rows": sum(r["kind"] == "query:feedback" for r in train),
+                                         "share_of_train_rows": round(sum(r["kind"] == "query:feedback" for r in train)
+                                                                      / max(len(train), 1), 4),
+                                         "max_share": max_feedback_share} if feedback_path else {})}
 write_json(out_dir / "stats.json", stats)
 metrics = {k: stats[k] for k in ("rows", "train", "dev", "threshold_mode", "item_pairs_by_mode", "train_by_kind",
                                  "negatives_by_tier", "excluded_items", "held_out_synthetic_queries",

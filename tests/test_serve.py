@@ -330,6 +330,17 @@ def test_a_search_runs_between_the_slices_of_a_big_embeddings_request(server, in
     assert searched < done["big"]  # the search did not wait for the whole request: it ran between two slices
 
 
+@pytest.mark.slow
+def test_one_result_is_judged_at_most_three_times_a_minute_for_one_query(server, index):
+    item = index["items"][1]
+    body = {"query": f"Judged Again {uuid.uuid4().hex}", "item_id": item["id"], "judgement": 1}
+    answers = [post(server, "/v1/feedback", body | {"query": q}) for q in
+               [body["query"], body["query"].lower(), body["query"] + "  ", body["query"].upper()]]
+    assert [a.status_code for a in answers] == [200, 200, 200, 429]  # spellings of one query count as one
+    assert "already judged 3 times for this query" in answers[-1].json()["error"]["message"]
+    assert post(server, "/v1/feedback", body | {"item_id": index["items"][2]["id"]}).status_code == 200
+
+
 def closed_within(sock: socket.socket, seconds: float) -> bytes | None:
     """What the server sent before closing the connection, or None if it is still open after `seconds`."""
     sock.settimeout(seconds)

@@ -218,7 +218,10 @@ def test_search_feedback_becomes_training_rows_and_a_copy_of_a_test_query_is_ref
     feedback_anchors = {r["anchor"] for r in train if r["kind"] == "query:feedback"}
     assert feedback_anchors <= set(dataset["anchor"])
     assert json.loads((stage_dir(RUN, "04_finetune", smoke["runs"]) / "metrics.json").read_text())["train_pairs"] == len(dataset)
-    assert f"Search feedback:</b> {len(given)} judgements on {n_queries} queries" in (smoke["reports"] / RUN / "index.html").read_text()
+    page = (smoke["reports"] / RUN / "index.html").read_text()
+    assert f"Search feedback:</b> {len(given)} judgements on {n_queries} queries" in page
+    assert counts["share_of_train_rows"] == round(counts["train_rows"] / len(train), 4) and counts["max_share"] == 0.1
+    assert f"Feedback is {counts['share_of_train_rows']:.1%} of the training rows (at most 10% of the training queries; 0 " in page
 
 
 @pytest.fixture(scope="module")
