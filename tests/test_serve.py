@@ -429,8 +429,10 @@ def test_no_web_page_of_another_site_can_write_feedback_or_read_the_api(server, 
 @pytest.mark.slow
 def test_a_body_or_a_text_over_the_limits_is_refused_before_it_is_read_whole(server):
     """A 200 MB chunked body stops at the 16 MB limit (413), a declared 200 MB one is refused on its Content-Length,
-    and a 15 MB text is refused before it is tokenised: the server stays under 1 GB and answers the next search."""
+    and a 15 MB text is refused before it is tokenised: the server grows by less than 200 MB and answers the next
+    search."""
     process = psutil.Process(server.process.pid)
+    before = process.memory_info().rss  # what the earlier tests on this server left (about 0.9 GB)
 
     def chunks(total: int = 200 * 2**20, size: int = 2**20):
         for _ in range(total // size):
@@ -450,7 +452,7 @@ def test_a_body_or_a_text_over_the_limits_is_refused_before_it_is_read_whole(ser
     huge = post(server, "/v1/embeddings", {"input": "dragon " * (15 * 2**20 // 7), "model": RUN})
     assert huge.status_code == 400 and huge.json()["error"]["code"] == "context_length_exceeded"
     assert "characters" in huge.json()["error"]["message"]
-    assert process.memory_info().rss < 2**30
+    assert process.memory_info().rss - before < 200 * 2**20  # read whole, they took +375 MB and +2 GB
     assert post(server, "/v1/search", {"query": "a dragon"}).status_code == 200
 
 
