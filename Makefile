@@ -168,6 +168,7 @@ bench: setup ## benchmarks → bench/results/<machine>/*.json and docs/benchmark
 	$(PY) bench/finetune_speed.py --run $(RUN) --runs-root "$(RUNS)"
 	$(PY) bench/serve_load.py --run $(RUN) --runs-root "$(RUNS)"
 	$(PY) bench/serve_load.py --run $(RUN) --runs-root "$(RUNS)" --backend torch-fp32 --concurrency 1
+	$(PY) bench/search_during_big_request.py
 	$(PY) -m lib.bench
 
 bench-scale: setup ## 100k and 1M synthetic items through stage 02 mining, teacher requests at 1-8 in flight → bench/results/<machine>/scale.json (~25 min)

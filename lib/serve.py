@@ -64,7 +64,7 @@ class MicroBatcher:
     A big request goes in slices of `slice_texts`, one after another, so the searches that arrive meanwhile run
     between its slices instead of waiting for all of it."""
 
-    def __init__(self, encode, run, max_batch_texts: int = 256, slice_texts: int = 32):
+    def __init__(self, encode, run, max_batch_texts: int = 256, slice_texts: int = 16):
         self.encode_texts, self.run_on_compute, self.max_batch_texts = encode, run, max_batch_texts
         self.slice_texts = slice_texts
         self.queue: asyncio.Queue | None = None

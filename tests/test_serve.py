@@ -309,7 +309,7 @@ def test_search_in_every_mode_with_type_filters_and_scores_that_say_what_they_ar
 
 @pytest.mark.slow
 def test_a_search_runs_between_the_slices_of_a_big_embeddings_request(server, index):
-    """512 texts are sixteen slices of 32: a search sent while they are embedded answers before they do."""
+    """512 texts are 32 slices of 16: a search sent while they are embedded answers before they do."""
     import threading
 
     texts = [f"{i} " + " ".join(item["text"] for item in index["items"][i % 20:i % 20 + 3])[:480] for i in range(512)]
