@@ -28,17 +28,27 @@ def require_path(path: Path, what: str, folder: bool = False) -> Path:
 CSV_FIELD_LIMIT = 16 * 1024 * 1024  # characters in one CSV cell (a whole story or chunk fits)
 
 
-def read_text(path: Path) -> str:
-    """A user file's text (UTF-8, a leading BOM dropped); a folder, a broken link or any read error is a DataError."""
+def not_a_folder(path: Path) -> None:
+    """A DataError when `path`, named as a file to read, is a folder."""
     if path.is_dir():
         raise DataError(f"{path}: is a folder, not a file; rename it or move it out of DATA")
+
+
+def unreadable(path: Path, err: OSError) -> DataError:
+    """The DataError for a file the system would not read (a broken link, permissions, an I/O error)."""
+    return DataError(f"{path}: cannot be read ({err.strerror or type(err).__name__}); check the file and its "
+                     "permissions")
+
+
+def read_text(path: Path) -> str:
+    """A user file's text (UTF-8, a leading BOM dropped); a folder, a broken link or any read error is a DataError."""
+    not_a_folder(path)
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     except OSError as err:
-        raise DataError(f"{path}: cannot be read ({err.strerror or type(err).__name__}); check the file and its "
-                        "permissions") from None
+        raise unreadable(path, err) from None
 
 
 def parse_json(text: str, where: str) -> object:
@@ -55,8 +65,9 @@ def parse_json(text: str, where: str) -> object:
 
 def read_json_file(path: Path) -> object:
     """One JSON document; every problem names the file (and line), a lone surrogate in a string included."""
-    value = parse_json(read_text(path), str(path))
-    if not utf8_encodable(value):
+    text = read_text(path)
+    value = parse_json(text, str(path))
+    if may_hold_surrogate(text) and not utf8_encodable(value):
         raise DataError(f"{path}: a string holds a lone surrogate (a \\ud800-\\udfff escape with no pair), which is "
                         "not text; fix the encoding of that record")
     return value
@@ -76,14 +87,21 @@ def utf8_encodable(value) -> bool:
         return False
 
 
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def may_hold_surrogate(json_text: str) -> bool:
+    """Whether JSON text has a \\ud800-\\udfff escape, the only way a lone surrogate gets into decoded UTF-8 text."""
+    return SURROGATE_ESCAPE.search(json_text) is not None
+
+
 RECORD_LIMIT = CSV_FIELD_LIMIT  # characters in one JSONL line, as in one CSV cell
 
 
 def text_lines(path: Path, limit: int = RECORD_LIMIT):
     """(line number, line) of a UTF-8 text file, read a line at a time (a leading BOM dropped); a line over `limit`
     characters is a DataError before more of it is read, so one huge line cannot take the memory."""
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder, not a file; rename it or move it out of DATA")
+    not_a_folder(path)
     try:
         with open(path, encoding="utf-8-sig", newline="") as fh:
             lineno = 0
@@ -97,8 +115,7 @@ def text_lines(path: Path, limit: int = RECORD_LIMIT):
         raise DataError(f"{path}: not UTF-8 text (byte {err.start} of a block near line {lineno + 1}); save it as "
                         "UTF-8") from None
     except OSError as err:
-        raise DataError(f"{path}: cannot be read ({err.strerror or type(err).__name__}); check the file and its "
-                        "permissions") from None
+        raise unreadable(path, err) from None
 
 
 def read_jsonl_rows(path: Path) -> list[tuple[int, dict]]:
@@ -111,7 +128,7 @@ def read_jsonl_rows(path: Path) -> list[tuple[int, dict]]:
         row = parse_json(line, f"{path}:{lineno}")
         if not isinstance(row, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}; each line must be one object")
-        if not utf8_encodable(row):
+        if may_hold_surrogate(line) and not utf8_encodable(row):
             field = next(k for k, v in row.items() if not utf8_encodable([k, v]))
             raise DataError(f"{path}:{lineno}: field {field!r} holds a lone surrogate (a \\ud800-\\udfff escape with no "
                             "pair), which is not text; fix the encoding of that record")
