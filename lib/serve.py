@@ -345,15 +345,16 @@ class Service:
         used = sum(min(n, self.max_seq_length) for n in counts)
         return {"object": "list", "model": model, "results": results, "usage": {"total_tokens": used}}
 
-    def within_rate(self, key: tuple, per_minute: int) -> bool:
-        """Whether one more event of `key` fits in `per_minute` over the last minute (and, if so, count it)."""
+    def over_rate(self, limits: dict[tuple, int]) -> tuple | None:
+        """The first key whose per-minute limit one more event would pass; when none would, the event is counted
+        under every key and None is returned (a refused event counts nowhere)."""
         now = time.monotonic()
-        recent = [t for t in self.feedback_times.get(key, []) if now - t < 60]
-        fits = len(recent) < per_minute
-        self.feedback_times[key] = recent + [now] if fits else recent
+        recent = {key: [t for t in self.feedback_times.get(key, []) if now - t < 60] for key in limits}
+        over = next((key for key, per_minute in limits.items() if len(recent[key]) >= per_minute), None)
+        self.feedback_times.update({key: times + [now] if over is None else times for key, times in recent.items()})
         if len(self.feedback_times) > 10_000:  # forget keys quiet for a minute
             self.feedback_times = {k: ts for k, ts in self.feedback_times.items() if ts and now - ts[-1] < 60}
-        return fits
+        return over
 
     def add_feedback(self, payload: dict, client: str = "") -> dict:
         """Store one judgement of a shown result (429 past `feedback_per_minute` from one client, or past
@@ -373,10 +374,12 @@ class Service:
             raise ApiError(400, f"field 'mode' must be one of {list(SEARCH_MODES)}", "mode")
         if comment is not None and not isinstance(comment, str):
             raise ApiError(400, "field 'comment' must be a string", "comment")
-        if not self.within_rate(("client", client), self.feedback_per_minute):
+        client_key, pair_key = ("client", client), ("pair", normal_text(query), item_id)
+        over = self.over_rate({client_key: self.feedback_per_minute, pair_key: FEEDBACK_PER_PAIR})
+        if over == client_key:
             raise ApiError(429, f"more than {self.feedback_per_minute} judgements in a minute from this client: wait a "
                            "minute (the server takes a person's clicks, not a script's)", code="rate_limit_exceeded")
-        if not self.within_rate(("pair", normal_text(query), item_id), FEEDBACK_PER_PAIR):
+        if over == pair_key:
             raise ApiError(429, f"this result was already judged {FEEDBACK_PER_PAIR} times for this query in the last "
                            "minute: the latest judgement is the one that counts", code="rate_limit_exceeded")
         row = {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run": self.run,

@@ -341,6 +341,15 @@ def test_one_result_is_judged_at_most_three_times_a_minute_for_one_query(server,
     assert post(server, "/v1/feedback", body | {"item_id": index["items"][2]["id"]}).status_code == 200
 
 
+@pytest.mark.slow
+def test_a_judgement_refused_for_its_pair_does_not_use_up_the_clients_minute(server, index):
+    item = index["items"][3]
+    body = {"query": f"judged over and over {uuid.uuid4().hex}", "item_id": item["id"], "judgement": -1}
+    answers = [post(server, "/v1/feedback", body) for _ in range(30)]  # the client cap is 30 a minute
+    assert [a.status_code for a in answers] == [200] * 3 + [429] * 27
+    assert post(server, "/v1/feedback", body | {"item_id": index["items"][4]["id"]}).status_code == 200
+
+
 def closed_within(sock: socket.socket, seconds: float) -> bytes | None:
     """What the server sent before closing the connection, or None if it is still open after `seconds`."""
     sock.settimeout(seconds)
