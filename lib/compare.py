@@ -165,7 +165,7 @@ def verdict(a: str, b: str, metrics: dict, categories: dict, alpha: float = ALPH
 
 
 def feedback_p(shares: dict[str, dict]) -> float | None:
-    """Fisher's exact test of A's and B's share of 👍 (None unless both versions were judged)."""
+    """Fisher's exact test of A's and B's share of Good judgements (None unless both versions were judged)."""
     from scipy.stats import fisher_exact
 
     a, b = shares["A"], shares["B"]
@@ -238,15 +238,15 @@ def page(result: dict) -> str:
                                                                   "B": r["B"], "delta": r["delta"]} for r in rows},
                                                  ["query", "kind", "A", "B", "delta"]))
     feedback = result["feedback"]
-    rows = {f"{name} ({v['version']})": {"judgements": v["judgements"], "👍": v["positive"],
-                                         "share 👍 [95 %]": (f"{v['share'][0]:.2f} [{v['share'][1]:.2f}, {v['share'][2]:.2f}]"
+    rows = {f"{name} ({v['version']})": {"judgements": v["judgements"], "Good": v["positive"],
+                                         "share Good [95 %]": (f"{v['share'][0]:.2f} [{v['share'][1]:.2f}, {v['share'][2]:.2f}]"
                                                             if v["judgements"] else "—")} for name, v in feedback.items()}
     parts.append("<h2>Feedback from the search page (A/B)</h2><p>Judgements stored by <code>make serve</code> for each "
                  "version (Wilson 95 % interval)"
                  + (f"; A vs B, Fisher's exact test: p = {result['feedback_p']:.3g}" if result["feedback_p"] is not None else "")
                  + ". Trained on feedback rows: "
                  + ", ".join(f"{k} {v}" for k, v in result["trained_on_feedback"].items()) + ".</p>"
-                 + table(rows, ["judgements", "👍", "share 👍 [95 %]"]))
+                 + table(rows, ["judgements", "Good", "share Good [95 %]"]))
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -111,7 +111,7 @@ def feedback_line(counts: dict) -> str:
     return (f"{counts.get('judgements', 0)} judgements on {counts.get('queries', 0)} queries → {counts.get('rows', 0)} "
             f"training rows ({counts.get('train_rows', 0)} in train); refused: {counts.get('refused_eval_copies', 0)} "
             f"queries copying an evaluation query, {counts.get('unknown_or_held_out_items', 0)} judgements of items not "
-            f"in this corpus or kept out of training, {counts.get('without_positive', 0)} queries with no 👍."
+            f"in this corpus or kept out of training, {counts.get('without_positive', 0)} queries with no Good judgement."
             + (f" Feedback is {counts['share_of_train_rows']:.1%} of the training rows (at most "
                f"{counts.get('max_share', 1):.0%} of the training queries; {counts.get('over_share_cap', 0)} queries over "
                "it left out)." if "share_of_train_rows" in counts else ""))
