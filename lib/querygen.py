@@ -118,7 +118,8 @@ def generated_queries(items: list[dict], type_nouns: dict[str, str], exclude: se
         form = FORMS[sample % len(FORMS)]
         named = item["text"] if item["text"].startswith(item["name"]) else f"{item['name']}\n{item['text']}"
         text = prompt(form, type_nouns.get(item["type"], item["type"]), named)
-        cache_key = ReplyCache.key(endpoint, settings.model, text, str(settings.temperature), str(sample))
+        cache_key = ReplyCache.key(endpoint, settings.model, text, str(settings.temperature), str(settings.max_tokens),
+                                   str(seed + sample))
         if (cached := cache.get(cache_key)) is not None:
             with counted:
                 counts["from_cache"] += 1

@@ -44,7 +44,7 @@ STATUS_HINTS = {
     401: "check the key (the variable teacher_api_key_env names; OPENAI_API_KEY for api.openai.com)",
     403: "check the key and that it may use teacher_model",
     404: "check teacher_base_url (most servers end in /v1) and teacher_model",
-    429: "still rate limited after teacher_max_retries retries; rerun later (what was embedded is cached)",
+    429: "still rate limited after the retries; rerun later (what was answered is cached)",
 }
 
 
@@ -303,10 +303,12 @@ def one_line_errors(where: str, prefix: str = "teacher") -> Iterator[None]:
     try:
         yield
     except openai.APIStatusError as err:
-        hint = STATUS_HINTS.get(err.status_code, "").replace("teacher_", f"{prefix}_") or ("the server failed; rerun later (what was answered is cached)"
-                                                     if err.status_code >= 500 else "the server refused the request; "
-                                                     f"check {prefix}_model" + (", teacher_dimensions and teacher_batch_size"
-                                                                                 if prefix == "teacher" else ""))
+        hint = STATUS_HINTS.get(err.status_code, "").replace("teacher_", f"{prefix}_")
+        if not hint and err.status_code >= 500:
+            hint = "the server failed; rerun later (what was answered is cached)"
+        elif not hint:
+            settings = ", teacher_dimensions and teacher_batch_size" if prefix == "teacher" else ""
+            hint = f"the server refused the request; check {prefix}_model{settings}"
         raise TeacherError(f"{who} at {where} answered {err.status_code}: {hint}") from None
     except openai.APIConnectionError as err:
         raise TeacherError(f"{who} at {where} did not answer ({type(err).__name__}, after the retries): check that the "

@@ -116,3 +116,10 @@ def chat_server(startup_timeout: float = 180.0):
         yield f"http://127.0.0.1:{port}/v1", model
     finally:
         stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def chat():
+    """One real chat server for the session's tests (started on first use): (base_url, model)."""
+    with chat_server() as url_and_model:
+        yield url_and_model

@@ -12,7 +12,7 @@ import uuid
 
 import pandas as pd
 import pytest
-from conftest import chat_server, json_numbers
+from conftest import json_numbers
 
 from lib import corpus, feedback, finetune, pairs, release, teacher
 from lib.domains import dnd
@@ -402,14 +402,15 @@ def test_openai_backend_stage_keeps_the_key_secret(smoke, tmp_path):
 
 
 @pytest.mark.slow
-def test_stage_02_trains_on_queries_a_chat_model_wrote(smoke, tmp_path):
+def test_stage_02_trains_on_queries_a_chat_model_wrote(smoke, chat, tmp_path):
     """Stage 02 with query_generator_model against a real chat server on 127.0.0.1: the written queries become training
     rows of their own kind with their item as the positive, counted in metrics.json; the environment's key goes nowhere."""
     env = dict(os.environ, OPENAI_API_KEY=FAKE_KEY)
     runs = tmp_path / "runs"
     for stage in ("00_corpus", "01_teacher"):
         shutil.copytree(stage_dir(RUN, stage, smoke["runs"]), stage_dir(RUN, stage, runs))
-    with chat_server() as (url, model), open(tmp_path / "generator.log", "w") as log:
+    url, model = chat
+    with open(tmp_path / "generator.log", "w") as log:
         _run(["stage", "02_pairs", "--profile", "smoke", "--runs-root", str(runs), "--reports-root", str(tmp_path / "reports"),
               "--set", f"query_generator_model={model}", "--set", f"query_generator_base_url={url}",
               "--set", "query_generator_max_items=8", "--set", "generated_queries_per_item=1",
