@@ -19,8 +19,12 @@ PROMPTS_DIR = Path(__file__).parent / "query_prompts"
 FORMS = ("question", "keywords", "title")  # cycled per item: the first query is a question
 MAX_DOCUMENT_CHARS = 2000  # of an item's text in the prompt
 LEAD_IN = re.compile(r"^\s*(?:[-*•]|\d+[.)]|(?:question|query|keywords?|title|phrase|search)\s*:)\s*", re.I)
-NOT_A_QUERY = re.compile(r"\b(?:i'm sorry|i am sorry|as an ai|i cannot|i can't|i'd need|i would need|please provide|"
-                         r"provide the|the abstract|this abstract)\b", re.I)  # a refusal or talk about the task
+NOT_A_QUERY = re.compile(  # a refusal, or talk about the task or the document instead of a query
+    r"\b(?:i'm sorry|i am sorry|as an ai|i cannot|i can't|i'd need|i would need|please provide|provide the|"
+    r"the abstract|this abstract|happy to help|i'd love|i'm glad|what a (?:wonderful|great|fascinating|good)|"
+    r"here's a|here is a|(?:this|the) document is titled|keywords for this)\b", re.I)
+QUOTES = "\"'`*“”‘’"  # stripped around a query
+BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
 
 
 @dataclass(frozen=True)
@@ -45,10 +49,15 @@ def prompt(form: str, noun: str, text: str) -> str:
 
 
 def clean_reply(reply: str) -> str | None:
-    """The query in a chat model's reply (its first line of content, lead-ins and quotes dropped), or None when the
-    reply is no query (empty, a refusal, talk about the task, fewer than 2 or more than 40 words)."""
-    for line in (reply or "").splitlines():
-        line = LEAD_IN.sub("", line).strip().strip("\"'`*“”‘’").strip()
+    """The query in a chat model's reply (its first line of content, lead-ins and quotes dropped; a list after a
+    lead-in line joined with commas, as keywords come), or None when the reply is no query (empty, a refusal, talk
+    about the task, fewer than 2 or more than 40 words)."""
+    lines = [line for line in (reply or "").splitlines() if line.strip()]
+    listed = [BULLET.sub("", line) for line in lines[1:6] if BULLET.match(line)]
+    if lines and lines[0].rstrip().endswith(":") and len(listed) >= 2:
+        lines = [", ".join(part.strip().strip(QUOTES) for part in listed)]
+    for line in lines:
+        line = LEAD_IN.sub("", line).strip().strip(QUOTES).strip()
         if not line or line.endswith(":"):
             continue
         if NOT_A_QUERY.search(line) or not 2 <= len(line.split()) <= 40:

@@ -21,8 +21,12 @@ def test_a_reply_is_read_as_one_query_or_refused():
         "what creature turns people to stone with its gaze"
     assert clean_reply("Keywords: fire,   explosion, area damage") == "fire, explosion, area damage"
     assert clean_reply("- **stone gaze monster**") == "stone gaze monster"
+    assert clean_reply("The keywords to search for:\n\n- Weeding\n- collection review\n- *discarding books*") == \
+        "Weeding, collection review, discarding books"
     for no_query in ["", "   \n", "fire", "I'm sorry, I cannot help with that request.",
-                     "To create an abstract, I'd need to know what type of abstract to use.", "word " * 41]:
+                     "To create an abstract, I'd need to know what type of abstract to use.", "word " * 41,
+                     "What a wonderful question! I'd be happy to help. What's a wonderful question you're asking?",
+                     'This document is titled "Towards a Behavioral Theory of Communication."']:
         assert clean_reply(no_query) is None, no_query
 
 
