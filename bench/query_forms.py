@@ -14,9 +14,13 @@ Arms (queries come from every document; a document's title, when it has one, is 
   plain_distill  the plain, filtered queries; the hybrid is the teacher: its scores over the source and four of its
                  top 12 (ranks 1, 2, 4, 8 after the source) are distilled listwise (DistillKLDivLoss, teacher and
                  student temperature 0.05), GPL-style with the hybrid in the cross-encoder's place
+  generated_inbatch  queries a chat model writes (lib.querygen, stage 02's query_generator_*: a question and keywords
+                 per document) for --generator-items documents, in-batch negatives only; needs --generator-model and
+                 --generator-url (any OpenAI-compatible endpoint; replies cached in data/cache/generated_queries.sqlite)
 
   .venv/bin/python bench/query_forms.py --data <BEIR folder> [--arms template,plain_hybrid] [--steps 50]
   .venv/bin/python bench/query_forms.py --data <BEIR folder> --arms "" --score-model data/models/all-mpnet-base-v2
+  .venv/bin/python bench/query_forms.py --data <BEIR folder> --arms generated_inbatch --generator-model M --generator-url U
 writes bench/results/<machine>/query_forms.json (with --arms "": teachers_on_dev.json, the base and the --score-model
 folders only).
 """
@@ -32,15 +36,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib import corpus, pairs  # noqa: E402
+from lib import corpus, pairs, querygen  # noqa: E402
 from lib.bench import write_result  # noqa: E402
 from lib.domains import beir  # noqa: E402
 from lib.evaluate import evaluate_scores  # noqa: E402
 from lib.finetune import blend_weights  # noqa: E402
-from lib.paths import resolve_model_path  # noqa: E402
+from lib.paths import generation_cache_path, resolve_model_path  # noqa: E402
 from lib.search import Bm25, fuse  # noqa: E402
 
-ARMS = ("template", "template_inbatch", "plain_hybrid", "plain_inbatch", "plain_distill")
+ARMS = ("template", "template_inbatch", "plain_hybrid", "plain_inbatch", "plain_distill")  # generated_inbatch: on request
 DISTILL_RANKS = (0, 1, 3, 7)  # which of the hybrid's top candidates (after the source) a distilled row carries
 
 
@@ -84,6 +88,14 @@ def training_queries(items: list[dict], arm: str, seed: int) -> list[tuple[str, 
                 out.append((sentence, n, body.replace(sentence, " ").strip()))
             out += [(item["name"], n, body)] if has_title else []
     return out
+
+
+def generated_training_queries(items: list[dict], settings: querygen.GeneratorSettings, seed: int) -> list[tuple[str, int, str]]:
+    """(query, source index, document text) for the queries a chat model writes for the documents."""
+    index = {item["id"]: n for n, item in enumerate(items)}
+    written, counts = querygen.generated_queries(items, {}, set(), settings, generation_cache_path(), seed)
+    print("generated", counts, flush=True)
+    return [(q["text"], index[q["source_id"]], items[index[q["source_id"]]]["text"]) for q in written]
 
 
 def training_rows(arm: str, queries: list[tuple[str, int, str]], ranker: np.ndarray, texts: list[str],
@@ -137,6 +149,25 @@ def averaged(model, start_state: dict, trained_state: dict, alpha: float):
     return model
 
 
+def with_earlier_arms(name: str, out: dict) -> dict:
+    """`out` with the arms this machine kind measured before under the same data, split, steps and batch (each arm
+    keeps the commit it was measured at), so one arm rerun does not drop the others."""
+    from lib.bench import RESULTS, machine, machine_kind
+    from lib.io import read_json
+    from lib.report import git_commit
+
+    for arm in out["arms"].values():
+        arm.setdefault("commit", git_commit())
+    path = RESULTS / machine_kind(machine()) / f"{name}.json"
+    same = ("data", "dev_queries", "steps", "batch_size", "seed")
+    earlier = read_json(path) if path.is_file() else {}
+    if all(earlier.get(k) == out[k] for k in same):
+        out["arms"] = {**earlier.get("arms", {}), **out["arms"]}
+        if earlier.get("models") or out.get("models"):
+            out["models"] = {**earlier.get("models", {}), **out.get("models", {})}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="a BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv)")
@@ -146,6 +177,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--score-model", action="append", default=[], metavar="PATH",
                         help="also score this SentenceTransformer folder on dev, untrained (a candidate teacher); repeatable")
+    parser.add_argument("--generator-model", default="", help="generated_inbatch: the chat model")
+    parser.add_argument("--generator-url", default="", help="generated_inbatch: its OpenAI-compatible endpoint")
+    parser.add_argument("--generator-items", type=int, default=400, help="generated_inbatch: documents (seeded sample)")
     args = parser.parse_args()
     from sentence_transformers import SentenceTransformer
 
@@ -163,7 +197,9 @@ def main() -> None:
         out.setdefault("models", {})[Path(path).name] = dev_scores(SentenceTransformer(path, device="cpu"), items, dev, bm25)
         print(Path(path).name, out["models"][Path(path).name], flush=True)
     for arm in [a for a in args.arms.split(",") if a]:
-        made = training_queries(items, arm, args.seed)
+        made = (generated_training_queries(items, querygen.GeneratorSettings(
+                    args.generator_model, args.generator_url, per_item=2, max_items=args.generator_items,
+                    max_concurrency=2), args.seed) if arm.startswith("generated") else training_queries(items, arm, args.seed))
         dense = encode(base, [q for q, _, _ in made], 64) @ item_vecs.T
         plain = arm.startswith("plain")
         ranker = fuse(dense, bm25.scores([q for q, _, _ in made]), "weighted", 0.5) if plain else dense
@@ -175,7 +211,8 @@ def main() -> None:
                             **{f"alpha_{a:g}": dev_scores(averaged(model, start_state, trained, a), items, dev, bm25)
                                for a in (1.0, 0.5)}}
         print(arm, out["arms"][arm], flush=True)
-    print(f"wrote {write_result('query_forms' if out['arms'] else 'teachers_on_dev', out)}")
+    name = "query_forms" if out["arms"] else "teachers_on_dev"
+    print(f"wrote {write_result(name, with_earlier_arms(name, out))}")
 
 
 if __name__ == "__main__":
