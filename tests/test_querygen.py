@@ -55,7 +55,7 @@ def test_a_generator_that_is_not_there_is_one_line_naming_the_parameter(tmp_path
 @pytest.mark.slow
 def test_a_real_chat_server_writes_queries_once_and_the_cache_answers_the_rerun(chat, tmp_path):
     url, model = chat
-    settings = GeneratorSettings(model, url, per_item=2, max_concurrency=2)
+    settings = GeneratorSettings(model, url, per_item=2, max_concurrency=2, temperature=0.0)  # greedy: the same replies every run
     cache = tmp_path / "replies.sqlite"
     queries, counts = querygen.generated_queries(ITEMS, {"power": "spell"}, {"monster:kept-out"}, settings, cache, 5)
     assert counts["items"] == 2 and counts["asked"] == 4 and counts["from_cache"] == 0 and counts["tokens"] > 0
