@@ -3,7 +3,6 @@
 lib/query_prompts/, cached in sqlite so that no prompt is paid for twice."""
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 import sqlite3
@@ -13,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from lib import teacher
 from lib.progress import bar
 
 PROMPTS_DIR = Path(__file__).parent / "query_prompts"
@@ -42,9 +42,13 @@ class GeneratorSettings:
     max_retries: int = 6  # the openai client's, with backoff (429, 5xx, timeouts)
 
 
-def prompt(form: str, noun: str, text: str) -> str:
-    """The chat prompt for one form of query about one item."""
-    template = (PROMPTS_DIR / f"{form}.txt").read_text(encoding="utf-8")
+def prompt_templates() -> dict[str, str]:
+    """The prompt template of each form, from lib/query_prompts/."""
+    return {form: (PROMPTS_DIR / f"{form}.txt").read_text(encoding="utf-8") for form in FORMS}
+
+
+def prompt(template: str, noun: str, text: str) -> str:
+    """The chat prompt for one query about one item, from its form's template."""
     return template.format(noun=noun, text=text[:MAX_DOCUMENT_CHARS].strip())
 
 
@@ -77,8 +81,8 @@ class ReplyCache:
 
     @staticmethod
     def key(*parts: str) -> str:
-        """One hash of everything that decides a reply."""
-        return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()
+        """One hash of everything that decides a reply (the teacher cache's hash)."""
+        return teacher.text_hash("\x1f".join(parts))
 
     def get(self, key: str) -> str | None:
         """The stored reply, or None."""
@@ -106,8 +110,6 @@ def generated_queries(items: list[dict], type_nouns: dict[str, str], exclude: se
     each chosen item, and the counts: asked, from the cache, unusable replies, kept, tokens spent."""
     from openai import Omit
 
-    from lib import teacher
-
     url = settings.base_url or teacher.OPENAI_URL
     key = teacher.api_key_for(settings.base_url, settings.api_key_env, prefix="query_generator")
     client = teacher.openai_client(settings.base_url, key, settings.max_retries)
@@ -120,13 +122,14 @@ def generated_queries(items: list[dict], type_nouns: dict[str, str], exclude: se
     counts = {"items": len(tasks) // max(settings.per_item, 1), "asked": len(tasks), "from_cache": 0, "unusable": 0,
               "kept": 0, "tokens": 0}
 
+    templates = prompt_templates()
     counted = threading.Lock()
 
     def reply_to(task: tuple[dict, int]) -> str:
         item, sample = task
         form = FORMS[sample % len(FORMS)]
         named = item["text"] if item["text"].startswith(item["name"]) else f"{item['name']}\n{item['text']}"
-        text = prompt(form, type_nouns.get(item["type"], item["type"]), named)
+        text = prompt(templates[form], type_nouns.get(item["type"], item["type"]), named)
         cache_key = ReplyCache.key(endpoint, settings.model, text, str(settings.temperature), str(settings.max_tokens),
                                    str(seed + sample))
         if (cached := cache.get(cache_key)) is not None:

@@ -31,8 +31,8 @@ def test_a_reply_is_read_as_one_query_or_refused():
 
 
 def test_every_form_has_a_prompt_naming_the_item_kind_and_carrying_its_text():
-    for form in querygen.FORMS:
-        text = querygen.prompt(form, "spell", "Fireball\n" + ITEMS[0]["text"] + " x" * 3000)
+    for form, template in querygen.prompt_templates().items():
+        text = querygen.prompt(template, "spell", "Fireball\n" + ITEMS[0]["text"] + " x" * 3000)
         assert "spell" in text and "Fireball" in text and "A bright streak" in text
         assert len(text) < querygen.MAX_DOCUMENT_CHARS + 600  # the item's text is cut, the instructions are kept
 
