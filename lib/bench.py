@@ -223,17 +223,24 @@ def markdown_serve(r: dict) -> str:
     """The server's load test as a table: in-process beside HTTP at each number of concurrent clients."""
     levels = sorted(r["http"]["search"], key=int)
     cell = lambda x: f"{x['p50']} / {x['p95']} / {x['p99']} ms" + (f" · {x['requests_per_second']}/s" if "requests_per_second" in x else "")
+    plain = r.get("http_one_plain_client")  # one lean caller (Python's http.client), beside the httpx clients
+    plain_cell = lambda name: f"{cell(plain[name])} | " if plain else ""
     lines = [f"`make bench` at commit {r.get('commit', '?')} on {r['machine_label']}: run `{r['run']}` grown to "
              f"{r['items']} items, backend `{r['backend']}`{chosen_by(r)}, search `{r['mode']}`"
              + (f" ({r['fusion']}{', dense weight ' + format(r['dense_weight'], 'g') if r['fusion'] == 'weighted' else ''})"
                 if r["mode"] == "hybrid" else "") + "; p50 / p95 / p99 latency · requests per second; the clients share "
-             "the machine with the server.", "",
-             "| request | in-process | " + " | ".join(f"HTTP, {c} client{'s' if c != '1' else ''}" for c in levels) + " |",
-             "|---|---|" + "---|" * len(levels),
-             f"| `/v1/search` (top 10) | {cell(r['in_process']['search'])} | " + " | ".join(cell(r["http"]["search"][c]) for c in levels) + " |",
-             f"| `/v1/embeddings`, 1 text | p50 {r['in_process']['embeddings_1_ms']} ms | "
+             "the machine with the server" + ("; httpx's async client spends milliseconds of its own per request, so the "
+                                              "one-client latency is also measured with Python's http.client" if plain else "")
+             + ".", "",
+             "| request | in-process | " + ("HTTP, 1 client (http.client) | " if plain else "")
+             + " | ".join(f"HTTP, {c} client{'s' if c != '1' else ''} (httpx)" for c in levels) + " |",
+             "|---|---|" + "---|" * (len(levels) + bool(plain)),
+             f"| `/v1/search` (top 10) | {cell(r['in_process']['search'])} | " + plain_cell("search")
+             + " | ".join(cell(r["http"]["search"][c]) for c in levels) + " |",
+             f"| `/v1/embeddings`, 1 text | p50 {r['in_process']['embeddings_1_ms']} ms | " + plain_cell("embeddings_1")
              + " | ".join(cell(r["http"]["embeddings_1"][c]) for c in levels) + " |",
              f"| `/v1/embeddings`, 32 texts: texts/s | {r['in_process']['embeddings_32_texts_per_second']} | "
+             + ("— | " if plain else "")
              + " | ".join(str(round(r["http"]["embeddings_32"][c]["requests_per_second"] * 32, 1)) for c in levels) + " |"]
     return "\n".join(lines)
 
