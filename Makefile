@@ -183,7 +183,7 @@ bench-scale: setup ## 100k and 1M synthetic items through stage 02 mining, teach
 	$(PY) -m lib.bench
 	$(PY) -m lib.pipeline report --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG)
 
-# An AVX-512 machine held to AVX2 the way lib/bench.py's AVX2_IMITATION says (torch, oneDNN and MKL; not onnxruntime).
+# An AVX-512 machine held to AVX2 the way lib/provenance.py's AVX2_IMITATION says (torch, oneDNN and MKL; not onnxruntime).
 bench-avx2: setup ## make bench imitating an AVX2-only laptop → bench/results/avx2-imitated/
 	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 $(MAKE) --no-print-directory bench
 

@@ -20,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lib import bench, corpus, cpu, export
+from lib.encoders import load_encoder, native_backends
 from lib.bench import mixed_vectors, percentiles_ms
 from lib.io import read_json
 from lib.paths import stage_dir
@@ -63,8 +64,8 @@ def main() -> None:
     items = corpus.load_items(corpus_dir)
     queries = [q["text"] for q in corpus.load_queries(corpus_dir)]
     sets = {"passages": [i["text"] for i in items][: args.texts], "queries": queries[: args.texts]}
-    backends = export.native_backends()[0]
-    encoders = {b: export.load_encoder(b, model_dir, export_dir, args.max_seq_length) for b in backends}
+    backends = native_backends()[0]
+    encoders = {b: load_encoder(b, model_dir, export_dir, args.max_seq_length) for b in backends}
     torch_model = encoders["torch-fp32"].model
     peak = cpu_peak_gflops()
 

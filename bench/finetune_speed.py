@@ -7,7 +7,7 @@ Each variant trains `--steps` steps on the run's real stage-02 rows (batch 16, p
 entity-aware sampler, seed 42) from the run's stage-03 model, without evaluations or checkpoints in between; the
 figure is the median wall time of a step (the first 3 steps, warm-up, left out). The dev NDCG@10 is the stage-04
 evaluator's score after the last step. The bf16 variants run only where bf16 is native. `make bench-avx2` runs the
-whole benchmark again held to AVX2 (lib.bench.AVX2_IMITATION): an imitation of an AVX2-only laptop.
+whole benchmark again held to AVX2 (lib.provenance.AVX2_IMITATION): an imitation of an AVX2-only laptop.
 """
 from __future__ import annotations
 

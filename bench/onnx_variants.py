@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from lib import bench, corpus, export
+from lib.encoders import OnnxEncoder, TorchEncoder
 from lib.paths import stage_dir
 
 
@@ -45,7 +46,7 @@ def main() -> None:
     corpus_dir = stage_dir(args.run, "00_corpus", args.runs_root)
     sets = {"passages": [i["text"] for i in corpus.load_items(corpus_dir)][: args.texts],
             "queries": [q["text"] for q in corpus.load_queries(corpus_dir)][: args.texts]}
-    torch_fp32 = export.TorchEncoder(model_dir)
+    torch_fp32 = TorchEncoder(model_dir)
     config = torch_fp32.model[0].auto_model.config
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -63,7 +64,7 @@ def main() -> None:
             "int8 fused, FFN down fp32, 8-bit": int8("e", graph_fused, export.FFN_OUTPUT, False),
             "int8 fused, every MatMul, 8-bit": int8("f", graph_fused, "", False),
         }
-        encoders = {"torch-fp32": torch_fp32} | {name: export.OnnxEncoder(path, tokenizer_dir=export_dir / "tokenizer")
+        encoders = {"torch-fp32": torch_fp32} | {name: OnnxEncoder(path, tokenizer_dir=export_dir / "tokenizer")
                                                   for name, path in variants.items()}
         rows: dict[str, dict] = {name: {} for name in encoders}
         for set_name, texts in sets.items():

@@ -152,9 +152,9 @@ def averaged(model, start_state: dict, trained_state: dict, alpha: float):
 def with_earlier_arms(name: str, out: dict) -> dict:
     """`out` with the arms this machine kind measured before under the same data, split, steps and batch (each arm
     keeps the commit it was measured at), so one arm rerun does not drop the others."""
-    from lib.bench import RESULTS, machine, machine_kind
+    from lib.bench import RESULTS
     from lib.io import read_json
-    from lib.report import git_commit
+    from lib.provenance import git_commit, machine, machine_kind
 
     for arm in out["arms"].values():
         arm.setdefault("commit", git_commit())

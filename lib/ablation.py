@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from lib.evaluate import paired_randomisation
 from lib.io import read_json
 from lib.paths import PARAMS_DIR, REPO_ROOT, STAGES, run_dir, stage_dir
 
@@ -69,8 +70,6 @@ def dev_ndcg(finetune_metrics: dict, when: str) -> float:
 def results_table(run: str, arm_roots: dict[str, Path], n_permutations: int = 10000, seed: int = 42) -> dict:
     """Per arm: stage 03's facts, stage 04's dev NDCG@10, stage 06's test metrics of the domain-adapted and fine-tuned
     encoders with 95% intervals and paired tests (NDCG@10) against the first arm; the dev winner."""
-    from lib.evaluate import paired_randomisation
-
     rows, per_query = {}, {}
     for arm, root in arm_roots.items():
         adapt, tuned, evaluated = (read_json(stage_dir(run, s, root) / "metrics.json")

@@ -2,27 +2,20 @@
 per kind of machine under bench/results/, and the tables the docs and the index page show."""
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
-from lib.cpu import cpu_flags, cpuinfo_field
-from lib.export import ENCODER_BACKENDS
+from lib.encoders import ENCODER_BACKENDS
 from lib.io import read_json, write_json, write_text
 from lib.paths import REPO_ROOT
+from lib.provenance import fill_generated, git_commit, machine, machine_kind, machine_label
 
 RESULTS = REPO_ROOT / "bench" / "results"
 DOC = REPO_ROOT / "docs" / "benchmarks.md"
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-# How an AVX-512 machine imitates an AVX2 laptop: torch's own kernels, oneDNN and MKL held to AVX2. onnxruntime has
-# no such switch (its kernels follow the CPU), so ONNX figures under the imitation are the AVX-512 ones.
-AVX2_IMITATION = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
-LIBRARIES = ("torch", "onnxruntime", "transformers", "sentence-transformers", "numpy", "faiss-cpu")
-ISA_NAMES = {"avx512f": "AVX-512", "avx512_vnni": "VNNI", "avx_vnni": "AVX-VNNI", "avx512_bf16": "BF16", "amx_bf16": "AMX"}
+
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -50,53 +43,8 @@ def percentiles_ms(seconds: list[float], levels: tuple[int, ...] = (50, 95)) -> 
     return {f"p{level}": round(float(np.percentile(seconds, level)) * 1000, 2) for level in levels}
 
 
-def installed(name: str) -> str:
-    """The installed version of a package, or "not installed"."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
-
-
-def machine() -> dict:
-    """Where a measurement runs: CPU model, the ISA flags that matter here (as torch may use them, and as the CPU has
-    them), usable cores, the AVX2 imitation's variables when set, the training device and the library versions."""
-    from lib.training import best_device
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    usable, present = cpu_flags(), set(cpuinfo_field("flags").split())
-    return {"cpu": cpuinfo_field("model name") or platform.processor() or platform.machine(),
-            "arch": platform.machine(), "system": platform.system(), "cores": cores,
-            "isa": [f for f in ISA_FLAGS if f in usable], "cpu_isa": [f for f in ISA_FLAGS if f in present],
-            "imitation": {k: os.environ[k] for k in AVX2_IMITATION if k in os.environ},
-            "device": best_device(), "libraries": {name: installed(name) for name in LIBRARIES}}
-
-
-def machine_kind(info: dict) -> str:
-    """A short name for the kind of machine, the folder of its results: avx512-bf16, avx512, avx2, arm64, …, with
-    "-imitated" when an AVX-512 machine imitates an AVX2 one."""
-    isa = set(info["isa"])
-    kind = ("avx512-bf16" if "avx512_bf16" in isa else "avx512" if "avx512f" in isa else "avx2" if "avx2" in isa
-            else info["arch"].lower() or "unknown")
-    return kind + ("-imitated" if info["imitation"] else "")
-
-
-def machine_label(info: dict) -> str:
-    """One line naming the machine: "AMD EPYC (AVX-512, VNNI, BF16), 2 cores", and the imitation when it is on."""
-    flags = info["cpu_isa"]
-    isa = ", ".join(ISA_NAMES[f] for f in flags if f in ISA_NAMES) or ("AVX2" if "avx2" in flags else info["arch"])
-    label = f"{info['cpu']} ({isa}), {info['cores']} cores"
-    if info["imitation"]:
-        label += " held to AVX2 (" + " ".join(f"{k}={v}" for k, v in info["imitation"].items()) + ")"
-    return label
-
-
 def write_result(name: str, summary: dict) -> Path:
     """Save one benchmark's summary with this machine's description under bench/results/<kind>/<name>.json."""
-    from lib.report import git_commit
-
     info = machine()
     path = RESULTS / machine_kind(info) / f"{name}.json"
     write_json(path, {"machine": info, "machine_label": machine_label(info), "commit": git_commit()} | summary)
@@ -247,8 +195,6 @@ def markdown_serve(r: dict) -> str:
 
 def main() -> None:
     """`python -m lib.bench`: write docs/benchmarks.md from the results on disk, and the README's serving table."""
-    from lib.report import fill_generated
-
     write_text(DOC, markdown_tables() + "\n")
     print(f"wrote {DOC.relative_to(REPO_ROOT)}")
     served = results("serve")

@@ -17,9 +17,14 @@ import numpy as np
 import pandas as pd
 
 from lib import evaluate
+from lib.encoders import TorchEncoder
+from lib.feedback import model_version, read_judgements, share_by_version
 from lib.io import read_json, read_jsonl, write_text
 from lib.pairs import normal_text
 from lib.paths import PARAMS_DIR, REPORTS_DIR, Run, resolve_model_path
+from lib.release import ReleaseError, resolve
+from lib.report import STYLE, table
+from lib.search import Bm25, fuse
 
 METRICS = ("ndcg@10", "mrr@10", "recall@10", "precision@1")
 MIN_QUERIES = 10
@@ -56,8 +61,6 @@ def run_domain(run: str) -> str:
 def load_side(spec: str, runs_root: str | Path | None = None) -> Side:
     """A Side from a release path (or models/<domain>/current, or a version name), a run name, or a bare model (the
     base student's name, or a SentenceTransformer folder: scored on the other side's queries, base vs fine-tuned)."""
-    from lib.release import ReleaseError, resolve
-
     try:
         release = resolve(spec, verified=False)
     except ReleaseError:
@@ -115,9 +118,6 @@ def shared_queries(newer: Side, older: Side) -> tuple[list[dict], list[str]]:
 
 def side_scores(side: Side, label: str, queries: list[dict], items: list[dict], bm25: np.ndarray) -> dict[str, np.ndarray]:
     """(queries × items) scores of a side's model (cosine, torch fp32) and, when it serves a hybrid, of its search."""
-    from lib.export import TorchEncoder
-    from lib.search import fuse
-
     encoder = TorchEncoder(side.model_dir, side.search.get("encoder", {}).get("max_seq_length", 256))
     dense = encoder.encode([q["text"] for q in queries], role="query") @ encoder.encode([i["text"] for i in items]).T
     out = {label: dense}
@@ -177,9 +177,6 @@ def feedback_p(shares: dict[str, dict]) -> float | None:
 
 def compare(spec_a: str, spec_b: str, runs_root: str | Path | None = None, samples: int = 10000, seed: int = 42) -> dict:
     """Score A and B on the newer side's held-out queries; everything the page shows, as one dict."""
-    from lib.feedback import model_version, read_judgements, share_by_version
-    from lib.search import Bm25
-
     a, b = load_side(spec_a, runs_root), load_side(spec_b, runs_root)
     newer, older = (b, a) if b.created >= a.created else (a, b)
     queries, notes = shared_queries(newer, older)
@@ -212,8 +209,6 @@ def compare(spec_a: str, spec_b: str, runs_root: str | Path | None = None, sampl
 
 def page(result: dict) -> str:
     """The comparison as a self-contained HTML page."""
-    from lib.report import STYLE, table
-
     a, b = result["A"], result["B"]
     esc = html.escape
     fmt = lambda rows: {name: {k: (f"{v:.4f}" if k == "p" or k == "p (Holm)" else v) for k, v in r.items()} for name, r in rows.items()}

@@ -1,9 +1,19 @@
-"""What the CPU can do: its /proc/cpuinfo fields and the ISA features that decide bf16 and int8 paths."""
+"""What the machine can do: the device to train and encode on, the CPU's /proc/cpuinfo fields and the ISA features
+that decide bf16 and int8 paths."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+
+def best_device() -> str:
+    """Where training and encoding run: "cuda" when a CUDA GPU is present, else "mps" (Apple silicon), else "cpu"."""
+    import torch  # here, not at the top: what imports lib.cpu without needing torch stays quick to start
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
 
 
 def cpuinfo_field(name: str) -> str:
@@ -19,6 +29,8 @@ def cpuinfo_field(name: str) -> str:
 def cpu_flags() -> set[str]:
     """The CPU feature flags from /proc/cpuinfo (empty where there is none), without the AVX-512 and AMX ones when
     torch is held below AVX-512 (`ATEN_CPU_CAPABILITY=avx2`, how an AVX-512 machine imitates an AVX2 laptop)."""
+    import torch
+
     flags = set(cpuinfo_field("flags").split())
     if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         flags = {f for f in flags if not f.startswith(("avx512", "amx"))}

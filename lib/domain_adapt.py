@@ -11,6 +11,10 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from lib.encoders import TorchEncoder
+from lib.cpu import best_device
+from lib.training import checkpoint_key, resumable_checkpoints, train_or_resume, use_bf16
+
 
 def markdown_to_text(markdown: str) -> str:
     """Markdown cleaned to plain prose: no tables, heading marks, emphasis, links or list bullets."""
@@ -235,8 +239,6 @@ class HeldOutLog(TrainerCallback):
 
 def training_arguments(cls, output_dir: Path, config: AdaptConfig, max_steps: int, learning_rate: float, **extra):
     """Trainer arguments shared by the MLM and TSDAE runs: checkpoints every save_steps, bf16 where fast, seeded."""
-    from lib.training import best_device, use_bf16
-
     return cls(output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=config.batch_size,
                learning_rate=learning_rate, warmup_steps=config.warmup_steps, logging_steps=max(1, max_steps // 40),
                save_strategy="steps", save_steps=config.save_steps, save_total_limit=1, report_to="none",
@@ -249,8 +251,6 @@ def train_mlm(model, train_dataset, collator, checkpoints: Path, config: AdaptCo
     """MLM (or MLM + NSP) with transformers' Trainer: the head alone at head_learning_rate for head_warmup_steps, then
     the whole model (encoder at mlm_learning_rate); resumes from the last checkpoint of the same run."""
     from transformers import Trainer, TrainingArguments
-
-    from lib.training import checkpoint_key, resumable_checkpoints, train_or_resume
 
     resume = resumable_checkpoints(checkpoints, checkpoint_key(config, student_path, train_dataset), config.resume)
     encoder_ids = {id(p) for p in model.base_model.parameters()}
@@ -337,8 +337,6 @@ def tsdae_model(student_path: str | Path, max_seq_length: int):
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.losses import DenoisingAutoEncoderLoss
 
-    from lib.training import best_device
-
     model = SentenceTransformer(str(student_path), device=best_device())
     model.max_seq_length = max_seq_length
     return model, DenoisingAutoEncoderLoss(model, tie_encoder_decoder=True)
@@ -349,8 +347,6 @@ def train_tsdae(model, loss, train_dataset, checkpoints: Path, config: AdaptConf
     """TSDAE with SentenceTransformerTrainer: the encoder embeds the noisy sentence, the tied decoder rebuilds the
     original from that one vector; resumes from the last checkpoint of the same run."""
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-
-    from lib.training import checkpoint_key, resumable_checkpoints, train_or_resume
 
     resume = resumable_checkpoints(checkpoints, checkpoint_key(config, student_path, train_dataset), config.resume)
     args = training_arguments(SentenceTransformerTrainingArguments, checkpoints, config, config.tsdae_max_steps,
@@ -365,8 +361,6 @@ def train_tsdae(model, loss, train_dataset, checkpoints: Path, config: AdaptConf
 
 def embedding_drift(before: str | Path, after: str | Path, texts: list[str]) -> float:
     """Mean cosine between the base and the adapted encoder's embeddings of the same texts (1.0 = unchanged)."""
-    from lib.export import TorchEncoder
-
     vectors = [TorchEncoder(path, max_seq_length=None).encode(texts) for path in (before, after)]
     return float((vectors[0] * vectors[1]).sum(axis=1).mean())
 

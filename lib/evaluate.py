@@ -13,7 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lib.search import Bm25, fuse
+from lib.domains import beir
+from lib.domains.records import skipped_line
+from lib.encoders import OnnxEncoder, TorchEncoder, with_prompt
+from lib.progress import note
+from lib.search import Bm25, fuse, saved_settings, truncate
+from lib.teacher import stage_vectors
 
 KS = (1, 3, 5, 10)
 ScoreRows = Callable[[int, int], np.ndarray]  # (start, stop) → those queries' scores over every item
@@ -284,9 +289,6 @@ def wins_and_losses(per_query: pd.DataFrame, system: str, baseline: str, metric:
 def load_beir(folder: str | Path, split: str = "test") -> tuple[list[dict], list[dict]]:
     """Items and the `split` queries of a BEIR-format folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv),
     read and validated by the beir domain adapter."""
-    from lib.domains import beir
-    from lib.domains.records import skipped_line
-
     skipped = Counter()
     docs, texts, qrels = beir.read_beir(folder, split, skipped)
     if skipped:
@@ -333,8 +335,6 @@ def hybrid_setting(index_dir: str | Path, rrf_k: int = 60) -> dict:
     without stage 05, e.g. ablation arms)."""
     if not (Path(index_dir) / "retriever.json").exists():
         return {"fusion": "rrf", "dense_weight": 0.5, "rrf_k": rrf_k, "from": "rrf_k parameter (no saved index)"}
-    from lib.search import saved_settings
-
     saved = saved_settings(index_dir)
     return {"fusion": saved["fusion"], "dense_weight": saved["dense_weight"], "rrf_k": saved["rrf_k"],
             "from": "05_export/index (chosen on dev)"}
@@ -361,8 +361,6 @@ def interval_table(rows: dict[str, dict], metric: str | None = None) -> pd.DataF
 def dense_encoders(students: dict[str, Path], onnx_path: Path | None, max_seq_length: int) -> dict:
     """{system: (query texts, item texts) → their normalised vectors}: each student folder with torch, and the int8
     graph when given."""
-    from lib.export import OnnxEncoder, TorchEncoder
-
     encoders = {name: TorchEncoder(path, max_seq_length) for name, path in students.items()}
     if onnx_path:
         encoders["onnx-int8"] = OnnxEncoder(onnx_path, max_seq_length=max_seq_length)
@@ -372,8 +370,6 @@ def dense_encoders(students: dict[str, Path], onnx_path: Path | None, max_seq_le
 def ndcg_at_dimensions(encode_pair: Callable[[list[str], list[str]], np.ndarray], queries: list[dict],
                        items: list[dict], dimensions: list[int]) -> dict[int, float]:
     """Mean NDCG@10 on `queries` of one encoder's vectors (see dense_encoders) cut to each size, largest first."""
-    from lib.search import truncate
-
     vectors = encode_pair([q["text"] for q in queries], [i["text"] for i in items])
     out = {}
     for size in sorted({int(d) for d in dimensions}, reverse=True):
@@ -386,16 +382,12 @@ def ndcg_at_dimensions(encode_pair: Callable[[list[str], list[str]], np.ndarray]
 def queries_and_items(encoder) -> Callable[[list[str], list[str]], np.ndarray]:
     """(query texts, item texts) → their vectors stacked, queries first, in one encoder call (one length-sorted
     batching), each text with the prompt of its role."""
-    from lib.search import with_prompt
-
     return lambda queries, items: encoder.encode(with_prompt(queries, encoder.prompts, "query")
                                                  + with_prompt(items, encoder.prompts, "document"), role="text")
 
 
 def teacher_scores(teacher_dir: Path, queries: list[dict], items: list[dict]) -> np.ndarray:
     """(queries × items) cosine scores of stage 01's teacher vectors, rows and columns matched by id."""
-    from lib.teacher import stage_vectors
-
     return dense_scores(stage_vectors(teacher_dir, "queries", [q["qid"] for q in queries]),
                         stage_vectors(teacher_dir, "items", [i["id"] for i in items]))
 
@@ -404,8 +396,6 @@ def per_query_frame(scores: dict[str, np.ndarray], teacher: np.ndarray, queries:
                     items: list[dict], systems: list[str], scoring: Scoring) -> pd.DataFrame:
     """Per-query metrics of every system on the test and the synthetic queries; the teacher, which has no vectors for
     the synthetic ones, on the test queries."""
-    from lib.progress import note
-
     aliases = topic_aliases(items)
     frames = []
     for system in systems:

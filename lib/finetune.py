@@ -17,8 +17,15 @@ import torch
 from sentence_transformers.base.sampler import DefaultBatchSampler
 from sentence_transformers.sentence_transformer.losses import EmbedDistillLoss
 
-from lib.training import (ResourceMonitor, TimeBudget, best_device, checkpoint_key, is_main_process,
-                          resumable_checkpoints, train_or_resume, use_bf16)
+from lib import corpus
+from lib.cpu import best_device
+from lib.encoders import model_prompts
+from lib.export import model_pooling
+from lib.io import read_jsonl, write_json
+from lib.paths import resolve_model_path, stage_dir
+from lib.teacher import stage_vectors
+from lib.training import (ResourceMonitor, TimeBudget, checkpoint_key, is_main_process, resumable_checkpoints,
+                          train_or_resume, use_bf16)
 
 LOSSES = ("mnrl", "cached_mnrl", "gist", "mnrl+margin_mse")
 BATCH_SAMPLERS = ("entity", "no_duplicates", "random")
@@ -66,6 +73,7 @@ class FinetuneConfig:
         self.blend_alphas = tuple(float(a) for a in self.blend_alphas)
         if any(not 0.0 <= a <= 1.0 for a in self.blend_alphas):
             raise ValueError(f"blend_alphas={list(self.blend_alphas)}: every α must lie in [0, 1]")
+
 
 
 # --- inputs ----------------------------------------------------------------------------------------------------
@@ -129,8 +137,6 @@ def teacher_items_dataset(items: list[dict], teacher_dir: Path):
     from datasets import Dataset
     from datasets.table import InMemoryTable
 
-    from lib.teacher import stage_vectors
-
     texts = [i["text"] for i in items]
     labels = stage_vectors(teacher_dir, "items", [i["id"] for i in items]).astype(np.float32)
     fingerprint = hashlib.sha256(labels.tobytes() + "\n".join(texts).encode()).hexdigest()[:16]
@@ -141,9 +147,6 @@ def load_inputs(corpus_dir: Path, pairs_dir: Path, dev_loss_rows: int, seed: int
                 teacher_dir: Path | None = None) -> StageInputs:
     """Stage 02's train/dev datasets (dev cut to a seeded sample for the eval loss), their rows' entity lookups,
     the dev-query evaluator over the stage-00 items and, given stage 01's folder, the items' teacher vectors."""
-    from lib import corpus
-    from lib.io import read_jsonl
-
     train = pairs_dataset(pairs_dir / "train")
     dev = pairs_dataset(pairs_dir / "dev")
     dev = dev.shuffle(seed=seed).select(range(min(dev_loss_rows, len(dev))))
@@ -286,8 +289,6 @@ def build_loss(model, config: FinetuneConfig, distributed: bool):
         loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=config.mini_batch_size,
                                                          gather_across_devices=distributed)
     elif config.loss == "gist":
-        from lib.paths import resolve_model_path
-
         guide = SentenceTransformer(str(resolve_model_path(config.guide_model)), device=model.device)  # never the hub
         loss = losses.GISTEmbedLoss(model, guide, gather_across_devices=distributed)
     else:
@@ -306,7 +307,7 @@ def column_routes(column_names: list[str]) -> dict[str, str]:
 
 def column_prompts(routes: dict, prompts: dict[str, str]) -> dict:
     """The collator's prompts: each column (per dataset when `routes` is per dataset) gets the model's prompt for its
-    route (lib.export.model_prompts); {} when the model has none."""
+    route (lib.encoders.model_prompts); {} when the model has none."""
     if not any(prompts.values()):
         return {}
     if all(isinstance(r, dict) for r in routes.values()):
@@ -382,8 +383,6 @@ def finetune(start_model: str | Path, train_dataset, eval_dataset, evaluator, ou
         SentenceTransformerTrainer,
         SentenceTransformerTrainingArguments,
     )
-
-    from lib.export import model_pooling, model_prompts
 
     if config.distill and teacher_items is None:
         raise ValueError("distill=True needs the items' teacher vectors: pass teacher_items (load_inputs(..., teacher_dir))")
@@ -518,9 +517,6 @@ def config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Stage 04 without the notebook, for torchrun: `torchrun --nproc_per_node=2 -m lib.finetune --run-name dnd-default`."""
-    from lib.io import write_json
-    from lib.paths import resolve_model_path, stage_dir
-
     parser = argparse.ArgumentParser(description="Stage 04 (contrastive fine-tuning) of a run, e.g. under torchrun.")
     parser.add_argument("--run-name", required=True, help="run folder under data/runs, e.g. dnd-default")
     parser.add_argument("--runs-root", default=None, help="where runs live (default <repo>/data/runs)")

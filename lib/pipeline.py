@@ -18,11 +18,13 @@ from pathlib import Path
 
 import yaml
 
+from lib import ablation, domains
 from lib.config import ConfigError, env_passthrough, layered_parameters, param_files, redact, secret_values
 from lib.domains.records import DataError
 from lib.io import PENDING_MARKER_ENV, PENDING_METRICS, read_json, write_json, write_text
 from lib.paths import NOTEBOOKS_DIR, REPORTS_DIR, STAGES, run_dir, run_name, stage_dir
 from lib.progress import HEARTBEAT_SECONDS, TERMINAL_ENV, duration
+from lib.report import write_index
 
 KERNEL = "python3"
 # the kernel's sockets encrypted with CurveZMQ keys the manager makes (ipykernel supports it; without, every stage
@@ -137,8 +139,6 @@ def render_html(executed: Path, html_path: Path, with_code: bool = False) -> Non
 
 def check_data(params: dict) -> None:
     """Read and validate the domain's files as stage 00 will (a DataError names file, line and field)."""
-    from lib import domains
-
     domains.build_corpus(params.get("domain", "dnd"), params.get("data_path", ""),
                          **{k: v for k, v in params.items() if k not in ("domain", "data_path")})
 
@@ -324,8 +324,6 @@ def run_ablation(name: str, domain: str, profile: str, runs_root: str | None = N
     parameters is reused (a rerun after an interruption continues with the first unfinished stage)."""
     import shutil
 
-    from lib import ablation
-
     spec = ablation.load_spec(name)
     if arms:
         unknown = [a for a in arms if a not in spec["arms"]]
@@ -423,8 +421,6 @@ def run_command(args: argparse.Namespace, overrides: dict) -> None:
         seconds = run_stage(stage, args.domain, args.profile, args.runs_root, args.reports_root, overrides)
         print(f"[codex-forge] {stage} done in {seconds:.0f}s", flush=True)
     if args.command in ("all", "report"):
-        from lib.report import write_index
-
         files = param_files(args.domain, args.profile)
         index = write_index(run_name(args.domain, args.profile), layered_parameters(args.domain, args.profile, overrides), files,
                             args.runs_root, args.reports_root)

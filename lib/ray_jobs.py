@@ -14,13 +14,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lib import corpus
+from lib.encoders import load_encoder
+from lib.evaluate import dense_scores, evaluate_scores, headline_categories, metric_columns
+from lib.io import atomic_path
+from lib.paths import Run
+
 
 class EncodeBatch:
-    """A Ray Data actor: one encoder replica (lib.export.load_encoder) that encodes each batch's texts."""
+    """A Ray Data actor: one encoder replica (lib.encoders.load_encoder) that encodes each batch's texts."""
 
     def __init__(self, backend: str, model_dir: str, export_dir: str, max_seq_length: int):
-        from lib.export import load_encoder
-
         self.encoder = load_encoder(backend, model_dir, export_dir, max_seq_length)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -35,8 +39,6 @@ class EvaluateBatch:
         self.system, self.queries, self.items, self.item_vectors = system, queries, items, item_vectors
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
-        from lib.evaluate import dense_scores, evaluate_scores
-
         asked = [self.queries[int(n)] for n in batch["row"]]
         vectors = np.stack(batch["vector"]).astype(np.float32)
         return evaluate_scores(self.system, dense_scores(vectors, self.item_vectors), asked, self.items)
@@ -64,8 +66,6 @@ def evaluate(system: str, queries: list[dict], query_vectors: np.ndarray, items:
     scored = dataset.map_batches(EvaluateBatch, fn_constructor_args=(system, queries, items, item_vectors),
                                  batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=replicas),
                                  batch_format="numpy")
-    from lib.evaluate import metric_columns
-
     frame = scored.to_pandas()
     frame = frame.astype({c: float for c in metric_columns(frame)})  # a NaN comes back from Arrow as None
     order = {q["qid"]: n for n, q in enumerate(queries)}
@@ -73,11 +73,6 @@ def evaluate(system: str, queries: list[dict], query_vectors: np.ndarray, items:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lib import corpus
-    from lib.evaluate import headline_categories
-    from lib.io import atomic_path
-    from lib.paths import Run
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="dnd-default")
     parser.add_argument("--runs-root", default="")

@@ -22,7 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from lib.io import atomic_dir, read_json, write_json, write_text
-from lib.paths import REPO_ROOT, Run
+from lib.paths import REPO_ROOT, Run, run_name
+from lib.provenance import git_commit, package_versions
 
 RELEASES_DIR = REPO_ROOT / "models"
 VERSION = re.compile(r"^v(\d+)-(\d{8})-([0-9a-f]{8})$")
@@ -153,6 +154,12 @@ def resolve(path: str | Path, verified: bool = True) -> Path:
     return path
 
 
+def headline_queries(evaluation: dict) -> int:
+    """How many queries the headline pools (stage 06's headline categories)."""
+    counts = evaluation.get("queries_by_category", {})
+    return sum(counts.get(c, 0) for c in evaluation.get("headline_categories", [])) or evaluation.get("queries", 0)
+
+
 def headline(evaluation: dict) -> dict:
     """The headline systems' metrics with their 95 % intervals, as the card and `make releases` show them."""
     ci = evaluation.get("headline_ci", {})
@@ -275,8 +282,6 @@ def make_release(run_name: str, domain: str, runs_root: str | Path | None = None
 
 def release_locked(run: Run, domain: str, folder: Path, now: datetime | None) -> Path:
     """make_release's work, with models/<domain>/ held."""
-    from lib.report import git_commit, headline_queries, package_versions
-
     run_name = run.name
     model_dir = run.stage("04_finetune") / "model"
     fingerprint = model_fingerprint(model_dir)
@@ -411,8 +416,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.command == "make":
-            from lib.paths import run_name
-
             path = make_release(run_name(args.domain, args.profile), args.domain, args.runs_root, args.root)
             print(f"released {path} (current); `make releases` lists them, `make rollback` goes back")
         elif args.command == "list":

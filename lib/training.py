@@ -12,29 +12,19 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from lib import cpu
 from lib.progress import REDRAW_SECONDS, duration, note, on_terminal
-
-
-def best_device() -> str:
-    """Where training and encoding run: "cuda" when a CUDA GPU is present, else "mps" (Apple silicon), else "cpu"."""
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 def use_bf16(requested: bool) -> bool:
     """bf16 autocast where it is native and fast: a CUDA GPU with bf16, or a CPU with AVX512-BF16 / AMX (emulated
     bf16 is slower); never on Apple MPS (fp32 there: its bf16 support depends on the macOS version, untested here)."""
-    from lib.cpu import bf16_supported
-
     if not requested:
         return False
-    device = best_device()
+    device = cpu.best_device()
     if device == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device == "cpu" and bf16_supported()
+    return device == "cpu" and cpu.bf16_supported()
 
 
 def checkpoint_key(config, start_model: str | Path, train_datasets) -> dict:

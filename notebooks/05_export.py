@@ -60,8 +60,8 @@ globals().update(lab_parameters("05_export"))
 # %%
 import shutil
 
-from lib import corpus, cpu, evaluate, export
-from lib.bench import machine
+from lib import corpus, cpu, encoders, evaluate, export
+from lib.provenance import machine
 from lib.io import write_json, write_metrics
 from lib.paths import Run
 from lib.search import Retriever, truncate
@@ -93,7 +93,7 @@ if len(parity_items) < len(items):
     print(f"parity gate on {len(parity_items):,} of {len(items):,} items (a sample by type, with every item a query needs)")
 gate, item_vectors = export.parity_table(model_dir, out_dir, parity_items, queries, eval_max_seq_length, parity_min_cosine,
                                          parity_max_ndcg_delta)
-default_backend, skipped = export.fastest_passing(gate), export.native_backends()[1]
+default_backend, skipped = export.fastest_passing(gate), encoders.native_backends()[1]
 print(f"default backend: {default_backend} (the fastest that passes); skipped: {skipped or 'none'}")
 gate.round(4)
 
@@ -103,7 +103,7 @@ gate.round(4)
 # among its own candidates as stage 06 scores it; stage 06's hybrid is the RRF row with torch fp32.
 
 # %%
-retriever = Retriever(export.load_encoder(default_backend, model_dir, out_dir, eval_max_seq_length), hnsw_threshold,
+retriever = Retriever(encoders.load_encoder(default_backend, model_dir, out_dir, eval_max_seq_length), hnsw_threshold,
                       rrf_k=rrf_k)
 corpus_vectors = export.corpus_vectors(retriever.encoder, default_backend, model_dir, out_dir, items, item_vectors,
                                        parity_items, encode_devices, eval_max_seq_length)

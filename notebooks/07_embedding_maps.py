@@ -47,7 +47,7 @@ globals().update(lab_parameters("07_embedding_maps"))
 import pandas as pd
 
 from lib import corpus, maps
-from lib.export import TorchEncoder
+from lib.encoders import TorchEncoder
 from lib.io import atomic_path, read_jsonl, write_metrics
 from lib.paths import Run, resolve_model_path
 from lib.plots import before_after_maps, histograms

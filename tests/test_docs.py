@@ -1,7 +1,7 @@
 """The front door and the docs: a short README whose links work, and result blocks written from metrics, not typed."""
 import re
 
-from lib import report
+from lib import provenance, report
 from lib.paths import REPO_ROOT
 
 PAGES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
@@ -31,12 +31,12 @@ def test_every_doc_page_is_reachable_from_the_readme():
 
 def test_generated_blocks_are_replaced_and_the_rest_is_kept():
     text = "prose\n<!-- make docs: headline -->\nold table\n<!-- /make docs -->\nmore prose\n<!-- make docs: other -->\nx\n<!-- /make docs -->\n"
-    filled = report.fill_generated(text, {"headline": "| new |"})
+    filled = provenance.fill_generated(text, {"headline": "| new |"})
     assert filled == text.replace("old table", "| new |")
     empty = "<!-- make docs: facts -->\n<!-- /make docs -->\n\n<!-- make docs: headline -->\n<!-- /make docs -->\n"
-    assert report.fill_generated(empty, {"facts": "a", "headline": "b"}) == empty.replace("-->\n<!-- /", "-->\n{}\n<!-- /").format("a", "b")
-    assert report.fill_generated(report.fill_generated(empty, {"facts": "a", "headline": "b"}), {"facts": "c", "headline": "d"}) == \
-        report.fill_generated(empty, {"facts": "c", "headline": "d"})
+    assert provenance.fill_generated(empty, {"facts": "a", "headline": "b"}) == empty.replace("-->\n<!-- /", "-->\n{}\n<!-- /").format("a", "b")
+    assert provenance.fill_generated(provenance.fill_generated(empty, {"facts": "a", "headline": "b"}), {"facts": "c", "headline": "d"}) == \
+        provenance.fill_generated(empty, {"facts": "c", "headline": "d"})
 
 
 def test_the_headline_table_is_written_from_the_metrics():

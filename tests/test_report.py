@@ -1,7 +1,7 @@
 """The index page: verdict, metric order, stage links, partial runs."""
 import json
 
-from lib import bench, report
+from lib import bench, provenance, report
 from lib.io import write_json
 from lib.paths import PARAMS_DIR, stage_dir
 
@@ -47,10 +47,10 @@ def test_search_section_shows_the_gate_and_skipped_backends():
                                   "items_per_second": 30.0, "speed_vs_torch_fp32": 1.0, "passed": passed, "failed": why}
     section = report.search_section({"backends": {"torch-fp32": row(True), "onnx-int8": row(False, "min cosine 0.9500 < 0.99")},
                                      "skipped_backends": {"torch-bf16": "CPU has no native bf16"},
-                                     "default_backend": "torch-fp32"}, "no-such-run", bench.machine())
+                                     "default_backend": "torch-fp32"}, "no-such-run", provenance.machine())
     assert "<b>torch-fp32</b>" in section and "min cosine 0.9500 &lt; 0.99" in section
     assert "skipped: CPU has no native bf16" in section and "Speed (make bench" not in section
-    assert report.search_section({}, "r", bench.machine()) == ""
+    assert report.search_section({}, "r", provenance.machine()) == ""
 
 
 def test_index_says_which_blend_was_shipped_and_why(tmp_path):
@@ -101,7 +101,7 @@ def _measured(kind_isa: list[str], imitation: dict, run: str = "r") -> dict:
     backends = {b: {"texts_per_second": 10.0 * (n + 1), "ratio_to_torch_fp32": n + 1.0, "share_of_fp32_peak": 0.5,
                     "parity_min_cosine": 0.999} for n, b in enumerate(["torch-fp32", "onnx-int8"])}
     latency = {b: {"p50": 3.0, "p95": 4.0} for b in backends}
-    return {"machine": info, "machine_label": bench.machine_label(info), "run": run, "default_backend": "onnx-int8",
+    return {"machine": info, "machine_label": provenance.machine_label(info), "run": run, "default_backend": "onnx-int8",
             "encode": {k: {"backends": backends} for k in ("passages", "queries")}, "query_encode_latency_ms": latency,
             "search": {"10000/exact": {"encode_plus_search_ms": latency, "search_ms": {"p50": 0.5}}}}
 
@@ -110,8 +110,8 @@ def test_bench_tables_name_the_machine_they_came_from(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "RESULTS", tmp_path)
     avx512, avx2 = _measured(["avx2", "fma", "avx512f", "avx512_bf16"], {}), _measured(["avx2", "fma"], {"ATEN_CPU_CAPABILITY": "avx2"})
     for result in (avx512, avx2):
-        (tmp_path / bench.machine_kind(result["machine"])).mkdir()
-        (tmp_path / bench.machine_kind(result["machine"]) / "encode_throughput.json").write_text(json.dumps(result))
+        (tmp_path / provenance.machine_kind(result["machine"])).mkdir()
+        (tmp_path / provenance.machine_kind(result["machine"]) / "encode_throughput.json").write_text(json.dumps(result))
     assert sorted(bench.results("encode_throughput")) == ["avx2-imitated", "avx512-bf16"]
     # the index shows this machine kind's figures, named; another kind's only with a word that it differs
     chosen, note = bench.for_run("encode_throughput", "r", avx2["machine"])
@@ -133,8 +133,8 @@ def test_bench_results_record_this_machine(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "RESULTS", tmp_path)
     path = bench.write_result("probe", {"run": "r"})
     saved = json.loads(path.read_text())
-    assert path.parent.name == bench.machine_kind(saved["machine"]) and saved["run"] == "r"
+    assert path.parent.name == provenance.machine_kind(saved["machine"]) and saved["run"] == "r"
     info = saved["machine"]
-    assert info["cores"] >= 1 and info["cpu"] and set(info["isa"]) <= set(info["cpu_isa"]) <= set(bench.ISA_FLAGS)
+    assert info["cores"] >= 1 and info["cpu"] and set(info["isa"]) <= set(info["cpu_isa"]) <= set(provenance.ISA_FLAGS)
     assert {"torch", "onnxruntime", "transformers", "sentence-transformers"} <= set(info["libraries"])
     assert saved["machine_label"].startswith(info["cpu"])

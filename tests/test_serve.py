@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from lib import serve
-from lib.export import TorchEncoder
+from lib.encoders import TorchEncoder
 from lib.paths import REPO_ROOT, stage_dir
 from lib.search import Retriever
 
