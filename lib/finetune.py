@@ -74,6 +74,12 @@ class FinetuneConfig:
         if any(not 0.0 <= a <= 1.0 for a in self.blend_alphas):
             raise ValueError(f"blend_alphas={list(self.blend_alphas)}: every α must lie in [0, 1]")
 
+    @classmethod
+    def from_params(cls, params: dict, **settings) -> FinetuneConfig:
+        """The settings from stage 04's parameters (the notebook's globals()): every field the notebook declares,
+        then `settings` (what the notebook derives, e.g. the guide model's folder)."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{name: params[name] for name in names if name in params} | settings)
 
 
 # --- inputs ----------------------------------------------------------------------------------------------------

@@ -86,17 +86,9 @@ pairs_dir = run.stage("02_pairs")
 out_dir = run.stage("04_finetune", create=True)
 start_model = run.stage("03_domain_adapt") / "model" if use_domain_adapted \
     else resolve_model_path(base_model)
-config = finetune.FinetuneConfig(
-    num_train_epochs=num_train_epochs, max_steps=max_steps, per_device_train_batch_size=per_device_train_batch_size,
-    learning_rate=learning_rate, warmup_steps=warmup_steps, max_seq_length=max_seq_length,
-    query_max_seq_length=query_max_seq_length, eval_max_seq_length=eval_max_seq_length,
-    blend_alphas=tuple(blend_alphas), max_train_minutes=max_train_minutes, eval_steps=eval_steps, save_steps=save_steps,
-    ndcg_during_training=ndcg_during_training,
-    seed=seed, loss=loss, margin_mse_weight=margin_mse_weight,
-    mini_batch_size=mini_batch_size, guide_model=str(resolve_model_path(guide_model or base_model)) if loss == "gist" else "",
-    matryoshka_dims=tuple(matryoshka_dims), batch_sampler=batch_sampler, bf16=bf16, resume=resume, distill=distill,
-    model_name=f"codex-forge student ({run_name})",
-)
+config = finetune.FinetuneConfig.from_params(
+    globals(), guide_model=str(resolve_model_path(guide_model or base_model)) if loss == "gist" else "",
+    model_name=f"codex-forge student ({run_name})")
 inputs = finetune.load_inputs(corpus_dir, pairs_dir, dev_loss_rows, seed,
                               run.stage("01_teacher") if distill else None)
 print(f"start from {shown_path(start_model, run.path)}; {len(inputs.train)} train rows {inputs.train.column_names}, {len(inputs.dev)} dev rows, "

@@ -1,5 +1,7 @@
 """Stage 04 on real SRD rows: MNRL and its options lower the loss; entity-aware batches keep guarded items apart;
 a killed run resumes from its checkpoint to the same global step; two torchrun processes (gloo) train together."""
+import ast
+import dataclasses
 import json
 import os
 import shutil
@@ -14,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 
-from lib import corpus, finetune, pairs, training
+from lib import corpus, finetune, pairs, pipeline, training
 from lib.io import save_npy, write_json, write_jsonl
 from lib.paths import REPO_ROOT
 
@@ -324,3 +326,13 @@ def test_each_training_column_gets_the_models_prompt_for_its_role():
     assert finetune.column_prompts(nested, e5)["distill"] == {"text": "passage: "}
     bge = {"query": "Represent this sentence for searching relevant passages: ", "document": ""}
     assert finetune.column_prompts(routes, bge) == {"anchor": bge["query"]}
+
+
+def test_stage_04s_notebook_and_its_settings_agree_on_every_default():
+    declared = {name: ast.literal_eval(info["default"]) for name, info in pipeline.declared_parameters("04_finetune").items()
+                if name in {field.name for field in dataclasses.fields(finetune.FinetuneConfig)}}
+    derived = {"model_name"}  # the notebook writes it from the run's name
+    assert set(declared) | derived == {field.name for field in dataclasses.fields(finetune.FinetuneConfig)}
+    from_notebook = finetune.FinetuneConfig.from_params(declared | {"run_name": "r", "base_model": "m"})
+    assert from_notebook == finetune.FinetuneConfig()  # lists read as the dataclass's tuples
+    assert finetune.FinetuneConfig.from_params(declared, seed=7, model_name="x").seed == 7
