@@ -220,7 +220,8 @@ def search_settings_table(retriever, splits: dict[str, list[dict]], items: list[
         for start in range(0, len(queries), step):
             block = queries[start:start + step]
             texts = [q["text"] for q in block]
-            dense, keyword = retriever.dense_scores(retriever.encoder.encode(texts)), retriever.bm25.scores(texts)
+            dense = retriever.dense_scores(retriever.encoder.encode(texts, role="query"))  # as retrieve() embeds a query
+            keyword = retriever.bm25.scores(texts)
             for n, setting in enumerate(settings):
                 scores = {"dense": dense, "bm25": keyword}.get(setting["mode"])
                 if scores is None:

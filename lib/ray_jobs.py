@@ -22,13 +22,14 @@ from lib.paths import Run
 
 
 class EncodeBatch:
-    """A Ray Data actor: one encoder replica (lib.encoders.load_encoder) that encodes each batch's texts."""
+    """A Ray Data actor: one encoder replica (lib.encoders.load_encoder) that encodes each batch's texts in one role
+    ("document" or "query": each with the model's prompt for it)."""
 
-    def __init__(self, backend: str, model_dir: str, export_dir: str, max_seq_length: int):
-        self.encoder = load_encoder(backend, model_dir, export_dir, max_seq_length)
+    def __init__(self, backend: str, model_dir: str, export_dir: str, max_seq_length: int, role: str):
+        self.encoder, self.role = load_encoder(backend, model_dir, export_dir, max_seq_length), role
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {"row": batch["row"], "vector": self.encoder.encode([str(t) for t in batch["text"]])}
+        return {"row": batch["row"], "vector": self.encoder.encode([str(t) for t in batch["text"]], role=self.role)}
 
 
 class EvaluateBatch:
@@ -45,12 +46,13 @@ class EvaluateBatch:
 
 
 def encode(texts: list[str], backend: str, model_dir: str | Path, export_dir: str | Path, replicas: int,
-           batch_size: int = 256, max_seq_length: int = 256) -> np.ndarray:
-    """Normalised embeddings of `texts`, encoded by `replicas` actors of the connected Ray cluster, in input order."""
+           batch_size: int = 256, max_seq_length: int = 256, role: str = "document") -> np.ndarray:
+    """Normalised embeddings of `texts` as documents or as queries (`role`), encoded by `replicas` actors of the
+    connected Ray cluster, in input order."""
     import ray
 
     dataset = ray.data.from_items([{"row": n, "text": t} for n, t in enumerate(texts)])
-    encoded = dataset.map_batches(EncodeBatch, fn_constructor_args=(backend, str(model_dir), str(export_dir), max_seq_length),
+    encoded = dataset.map_batches(EncodeBatch, fn_constructor_args=(backend, str(model_dir), str(export_dir), max_seq_length, role),
                                   batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=replicas))
     rows = encoded.to_pandas()
     order = np.argsort(rows["row"].to_numpy())
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         item_vectors = encode([i["text"] for i in items], args.backend, model_dir, export_dir, args.replicas,
                               max_seq_length=args.max_seq_length)
         query_vectors = encode([q["text"] for q in queries], args.backend, model_dir, export_dir, args.replicas,
-                               max_seq_length=args.max_seq_length)
+                               max_seq_length=args.max_seq_length, role="query")
         frame = evaluate("fine-tuned", queries, query_vectors, items, item_vectors, args.replicas)
     finally:
         ray.shutdown()

@@ -178,7 +178,7 @@ def test_the_default_search_is_the_best_on_dev(retriever, srd_slice):
     weighted = Retriever(retriever.encoder, mode="hybrid", fusion="weighted", dense_weight=0.7)
     weighted.set_vectors(retriever.items, retriever.vectors)
     texts = [q["text"] for q in dev]
-    scores = weighted.score_matrix(texts, retriever.encoder.encode(texts))
+    scores = weighted.score_matrix(texts, retriever.encoder.encode(texts, role="query"))  # as retrieve() embeds them
     from lib.evaluate import evaluate_scores
     assert table.loc[3, "dev ndcg@10"] == pytest.approx(evaluate_scores("dev", scores, dev, items)["ndcg@10"].mean())
 
@@ -334,3 +334,16 @@ def test_an_index_of_cut_matryoshka_vectors_cuts_the_queries_to_match(onnx_dir, 
     assert export.check_index_dimensions(128, [384, 128]) is None
     with pytest.raises(ValueError, match="index_dimensions: 100 is not a size the student was trained for"):
         export.check_index_dimensions(100, [384, 128])
+
+
+def test_stage_05_scores_the_search_settings_with_queries_embedded_as_retrieve_embeds_them(cls_student_path, srd_slice):
+    items, queries = srd_slice[0], srd_slice[1]
+    dev = [q for q in queries if q["split"] != "train"][:12]
+    retriever = Retriever(encoders.TorchEncoder(cls_student_path, 128))  # a student with a query prompt
+    retriever.index(items)
+    dense = export.search_settings_table(retriever, {"dev": dev}, items, [0.5]).loc[0, "dev ndcg@10"]
+    from lib.evaluate import evaluate_scores
+    texts = [q["text"] for q in dev]
+    as_queries, as_documents = (evaluate_scores("dev", retriever.dense_scores(retriever.encoder.encode(texts, role=role)),
+                                                dev, items)["ndcg@10"].mean() for role in ("query", "document"))
+    assert dense == pytest.approx(as_queries) and as_queries != pytest.approx(as_documents)

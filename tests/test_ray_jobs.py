@@ -29,3 +29,11 @@ def test_two_replicas_on_ray_encode_and_score_as_one_process_does(local_ray, stu
     alone = evaluate.evaluate_scores("base", evaluate.dense_scores(query_vectors, item_vectors), queries, items)
     assert len(queries) > 5  # more than one batch
     pd.testing.assert_frame_equal(on_ray[alone.columns], alone, check_dtype=False)
+
+
+def test_queries_encoded_on_ray_get_the_models_query_prompt(local_ray, cls_student_path, tmp_path):
+    texts = ["a fire spell", "a creature that turns people to stone", "a healing prayer"]
+    on_ray = ray_jobs.encode(texts, "torch-fp32", cls_student_path, tmp_path, replicas=1, max_seq_length=128, role="query")
+    here = encoders.TorchEncoder(cls_student_path, 128)
+    np.testing.assert_allclose(on_ray, here.encode(texts, role="query"), atol=1e-5)
+    assert not np.allclose(on_ray, here.encode(texts), atol=1e-3)  # the prompt changes the vectors
