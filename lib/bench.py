@@ -17,7 +17,6 @@ RESULTS = REPO_ROOT / "bench" / "results"
 DOC = REPO_ROOT / "docs" / "benchmarks.md"
 
 
-
 def median_seconds(fn, repeats: int) -> float:
     """Median wall time of `repeats` calls after one warm-up call."""
     fn()
