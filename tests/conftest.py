@@ -12,6 +12,9 @@ import pytest
 from lib.domains import dnd
 from lib.paths import base_student_path
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # make test's workers share the cores: one thread each, and their children
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # The seed framework's example .env (its README; PROJECT_ROOT left out): an Ollama teacher and its training settings.
 SEED_DOTENV = """# Model settings
 BASE_MODEL=nomic-embed-text

@@ -6,6 +6,8 @@ import pytest
 from lib import corpus
 from lib.domains import dnd
 
+pytestmark = pytest.mark.xdist_group("full-srd")  # its module fixtures are built once, on one worker
+
 
 def test_full_srd_counts():
     monsters, spells = dnd.load_monsters(), dnd.load_spells()

@@ -478,7 +478,8 @@ def seed_env(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("domain", ["prompts", "codex", "beir", "markdown"])
+@pytest.mark.parametrize("domain", ["prompts", pytest.param("codex", marks=pytest.mark.xdist_group("ollama-port")), "beir",
+                                    "markdown"])  # codex serves the teacher on port 11434, as test_teacher does
 def test_make_all_smoke_runs_every_adapter(domain, tmp_path):
     shaped = {"beir": with_download_quirks, "codex": as_upstream_documents_it}  # data as users' files come
     data = shaped[domain](copy_example(domain, tmp_path)) if domain in shaped else f"examples/{domain}"

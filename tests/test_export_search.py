@@ -11,6 +11,8 @@ from lib import cpu, encoders, export
 from lib.paths import REPO_ROOT
 from lib.search import Bm25, Retriever, exact_top_k, fuse, min_max, rrf_scores
 
+pytestmark = pytest.mark.xdist_group("onnx-export")  # its module fixtures are built once, on one worker
+
 
 @pytest.fixture(scope="module")
 def onnx_dir(tmp_path_factory, student_path):

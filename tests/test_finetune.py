@@ -20,6 +20,8 @@ from lib import corpus, finetune, pairs, pipeline, training
 from lib.io import save_npy, write_json, write_jsonl
 from lib.paths import REPO_ROOT
 
+pytestmark = pytest.mark.xdist_group("finetune-run")  # its module fixtures are built once, on one worker
+
 
 def _rows(items: list[dict]) -> list[dict]:
     """name → own text rows for 32 spells (a task the base model only half knows) and a second, alias-like phrasing

@@ -6,7 +6,7 @@ import pytest
 
 from lib import encoders, evaluate, ray_jobs
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one local Ray, on one worker
 
 
 @pytest.fixture(scope="module")

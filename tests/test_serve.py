@@ -24,6 +24,8 @@ from lib.encoders import TorchEncoder
 from lib.paths import REPO_ROOT, stage_dir
 from lib.search import Retriever
 
+pytestmark = pytest.mark.xdist_group("serve-index")  # its module fixtures are built once, on one worker
+
 RUN = "dnd-serve"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]

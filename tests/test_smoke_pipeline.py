@@ -58,6 +58,9 @@ def _feedback_file(corpus_dir, path) -> dict:
     return {"rows": rows, "copied_test_query": test["text"]}
 
 
+on_the_smoke_worker = pytest.mark.xdist_group("smoke-run")  # make test: the tests of the smoke run, on one worker
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     root = tmp_path_factory.mktemp("smoke")
@@ -74,6 +77,7 @@ def smoke(tmp_path_factory):
 
 
 @pytest.mark.slow
+@on_the_smoke_worker
 def test_every_stage_writes_finite_metrics(smoke):
     for stage in STAGES:
         path = stage_dir(RUN, stage, smoke["runs"]) / "metrics.json"
@@ -83,6 +87,7 @@ def test_every_stage_writes_finite_metrics(smoke):
 
 
 @pytest.mark.slow
+@on_the_smoke_worker
 def test_the_terminal_shows_every_stage_working(smoke):
     """What `make` prints while the stages run: each stage's own lines (texts embedded, training steps with loss and
     time left, systems scored), not one line per stage."""
@@ -96,6 +101,7 @@ def test_the_terminal_shows_every_stage_working(smoke):
 
 
 @pytest.mark.slow
+@on_the_smoke_worker
 def test_the_saved_index_reproduces_stage_06s_hybrid_and_its_choice_was_made_on_dev(smoke):
     """The Retriever in hybrid mode (torch fp32, the index's fusion) scores the test queries as stage 06's hybrid does;
     retrieve() with each query's target types returns the same top 10."""
@@ -126,6 +132,7 @@ def test_the_saved_index_reproduces_stage_06s_hybrid_and_its_choice_was_made_on_
 
 
 @pytest.mark.slow
+@on_the_smoke_worker
 def test_before_and_after_are_both_reported(smoke):
     m = lambda stage: json.loads((stage_dir(RUN, stage, smoke["runs"]) / "metrics.json").read_text())
     evaluation = m("06_evaluate")
@@ -177,6 +184,7 @@ def test_before_and_after_are_both_reported(smoke):
 
 
 @pytest.mark.slow
+@on_the_smoke_worker
 def test_training_data_has_every_kind_and_keeps_evaluation_sources_out(smoke):
     out = stage_dir(RUN, "02_pairs", smoke["runs"])
     stats = json.loads((out / "stats.json").read_text())
@@ -192,6 +200,7 @@ def test_training_data_has_every_kind_and_keeps_evaluation_sources_out(smoke):
 
 
 @pytest.mark.slow
+@on_the_smoke_worker
 def test_search_feedback_becomes_training_rows_and_a_copy_of_a_test_query_is_refused(smoke):
     """feedback file → stage 02 rows (👍 the positive, 👎 the hard negative) → stage 04 trains on them; the judged
     query that repeats a test query makes no row, and the leakage check would refuse it if one slipped through."""
@@ -250,6 +259,7 @@ def released(smoke, tmp_path_factory):
 
 
 @pytest.mark.slow
+@on_the_smoke_worker
 def test_two_releases_are_versioned_listed_compared_and_rolled_back(released, smoke):
     steps, models, versions = released["steps"], released["models"], released["versions"]
     for name, done in steps.items():
@@ -273,6 +283,7 @@ def test_two_releases_are_versioned_listed_compared_and_rolled_back(released, sm
 
 
 @pytest.mark.slow
+@on_the_smoke_worker
 def test_a_tampered_release_is_used_by_nothing_and_releases_at_once_never_collide(released, smoke, tmp_path):
     """Two rows of a release's vectors swapped: the server, the search command and compare each stop with one line
     naming the file. Three `make release` at once (two runs, one of them twice) make two versions, nothing replaced."""
@@ -304,6 +315,7 @@ def test_a_tampered_release_is_used_by_nothing_and_releases_at_once_never_collid
 
 
 @pytest.mark.slow
+@on_the_smoke_worker
 def test_a_release_loads_offline_serves_its_index_and_refuses_to_push_without_a_token(released, tmp_path):
     """SentenceTransformer(<release>/model) in a clean process with every socket connection refused; the Retriever and
     the search command from the release path; the hub push refuses without HF_TOKEN."""
@@ -352,6 +364,7 @@ def test_a_release_loads_offline_serves_its_index_and_refuses_to_push_without_a_
 
 
 @pytest.mark.slow
+@on_the_smoke_worker
 def test_reports_are_written(smoke):
     out = smoke["reports"] / RUN
     for stage in STAGES:
@@ -364,6 +377,7 @@ def test_reports_are_written(smoke):
 
 
 @pytest.mark.slow
+@on_the_smoke_worker
 def test_search_command_uses_the_runs_saved_index(smoke):
     done = subprocess.run([sys.executable, "-m", "lib.search", "--runs-root", str(smoke["runs"]), "--run", RUN,
                            "--types", "monster", "a creature that turns people to stone"],
@@ -375,6 +389,7 @@ def test_search_command_uses_the_runs_saved_index(smoke):
 
 
 @pytest.mark.slow
+@on_the_smoke_worker
 def test_the_api_key_appears_nowhere(smoke):
     leaks = []
     for folder in (smoke["runs"], smoke["reports"], smoke["log"].parent):
@@ -385,6 +400,7 @@ def test_the_api_key_appears_nowhere(smoke):
 
 
 @pytest.mark.slow
+@on_the_smoke_worker
 def test_openai_backend_stage_keeps_the_key_secret(smoke, tmp_path):
     """Stage 01 with teacher_backend=openai against an OpenAI-compatible server: the key is used, never written."""
     env = dict(os.environ, OPENAI_API_KEY=FAKE_KEY)
@@ -402,6 +418,7 @@ def test_openai_backend_stage_keeps_the_key_secret(smoke, tmp_path):
 
 
 @pytest.mark.slow
+@on_the_smoke_worker
 def test_stage_02_trains_on_queries_a_chat_model_wrote(smoke, chat, tmp_path):
     """Stage 02 with query_generator_model against a real chat server on 127.0.0.1: the written queries become training
     rows of their own kind with their item as the positive, counted in metrics.json; the environment's key goes nowhere."""
@@ -452,6 +469,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 
 @pytest.mark.slow
+@on_the_smoke_worker
 def test_reports_render_in_a_real_browser(smoke, released, tmp_path):
     """index.html, stage reports and the compare page of two releases in headless Chromium: no console errors, no
     failed requests (nothing fetched from a CDN: the pages open offline), no broken images; a screenshot of each."""
@@ -492,6 +510,7 @@ def test_reports_render_in_a_real_browser(smoke, released, tmp_path):
 
 
 @pytest.mark.slow
+@on_the_smoke_worker
 def test_an_ablation_reruns_its_stages_per_arm_on_the_same_pairs_and_reports_the_table(smoke, tmp_path):
     spec = tmp_path / "pretraining.yaml"
     spec.write_text("stages: [03_domain_adapt, 04_finetune, 06_evaluate]\noverrides: {include_onnx: false}\n"

