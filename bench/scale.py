@@ -103,8 +103,8 @@ def teacher_seconds(url: str, model: str, texts: list[str], concurrency: int, in
     with tempfile.TemporaryDirectory() as tmp:
         cache = teacher.TeacherCache(Path(tmp) / "cache.sqlite")
         start = time.perf_counter()
-        teacher.embed_cached(texts, embed, cache, (url, model, 0, input_type), batch_size=32,
-                             max_concurrency=concurrency)
+        teacher.embed_cached(texts, embed, cache, (url, model, 0, input_type),
+                             teacher.Requests(batch_size=32, max_concurrency=concurrency))
         seconds = time.perf_counter() - start
         cache.close()
     return seconds

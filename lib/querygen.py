@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from lib import teacher
+from lib.teacher import clients
+from lib.teacher.cache import text_hash
 from lib.progress import bar
 
 PROMPTS_DIR = Path(__file__).parent / "query_prompts"
@@ -82,7 +83,7 @@ class ReplyCache:
     @staticmethod
     def key(*parts: str) -> str:
         """One hash of everything that decides a reply (the teacher cache's hash)."""
-        return teacher.text_hash("\x1f".join(parts))
+        return text_hash("\x1f".join(parts))
 
     def get(self, key: str) -> str | None:
         """The stored reply, or None."""
@@ -110,13 +111,13 @@ def generated_queries(items: list[dict], type_nouns: dict[str, str], exclude: se
     each chosen item, and the counts: asked, from the cache, unusable replies, kept, tokens spent."""
     from openai import Omit
 
-    url = settings.base_url or teacher.OPENAI_URL
-    key = teacher.api_key_for(settings.base_url, settings.api_key_env, prefix="query_generator")
-    client = teacher.openai_client(settings.base_url, key, settings.max_retries)
-    where = urllib.parse.urlsplit(teacher.public_url(url)).netloc
-    no_key = {"Authorization": Omit()} if client.api_key == teacher.NO_KEY else None  # no header at all without a key
+    url = settings.base_url or clients.OPENAI_URL
+    key = clients.api_key_for(settings.base_url, settings.api_key_env, prefix="query_generator")
+    client = clients.openai_client(settings.base_url, key, settings.max_retries)
+    where = urllib.parse.urlsplit(clients.public_url(url)).netloc
+    no_key = {"Authorization": Omit()} if client.api_key == clients.NO_KEY else None  # no header at all without a key
     cache = ReplyCache(cache_path)
-    endpoint = teacher.endpoint_identity("openai", settings.base_url)
+    endpoint = clients.endpoint_identity("openai", settings.base_url)
     tasks = [(item, sample) for item in chosen_items(items, exclude, settings.max_items, seed)
              for sample in range(settings.per_item)]
     counts = {"items": len(tasks) // max(settings.per_item, 1), "asked": len(tasks), "from_cache": 0, "unusable": 0,
@@ -136,7 +137,7 @@ def generated_queries(items: list[dict], type_nouns: dict[str, str], exclude: se
             with counted:
                 counts["from_cache"] += 1
             return cached
-        with teacher.one_line_errors(where, prefix="query_generator"):
+        with clients.one_line_errors(where, prefix="query_generator"):
             answer = client.chat.completions.create(
                 model=settings.model, messages=[{"role": "user", "content": text}], temperature=settings.temperature,
                 max_tokens=settings.max_tokens, seed=seed + sample, extra_headers=no_key)

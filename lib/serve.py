@@ -33,7 +33,8 @@ from lib.pairs import normal_text
 from lib.paths import REPO_ROOT, Run
 from lib.release import ReleaseError, resolve
 from lib.search import SEARCH_MODES, Retriever, truncate
-from lib.teacher import free_port, is_loopback_host, token_encoding
+from lib.teacher.budget import token_encoding
+from lib.teacher.server import free_port, is_loopback_host
 
 PAGE = Path(__file__).with_name("search_page.html")
 OPEN_ROUTES = ("/health", "/")  # no API key needed: the liveness probe and the page's own HTML (its calls need it)

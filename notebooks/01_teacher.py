@@ -61,7 +61,7 @@ from pathlib import Path
 
 from lib import corpus, teacher
 from lib.io import save_npy, write_json, write_metrics
-from lib.paths import Run, resolve_model_path, teacher_cache_path
+from lib.paths import Run, resolve_model_path
 
 run = Run(run_name, runs_root)
 corpus_dir = run.stage("00_corpus")
@@ -73,18 +73,12 @@ print(teacher_choice)
 
 # %%
 start = time.monotonic()
+settings = teacher.TeacherSettings.from_params(globals(), backend=teacher_backend, model=teacher_model)
 budget = teacher.Budget(teacher.price_per_million(teacher_backend, teacher_model, teacher_base_url, teacher_price_per_million),
                         max_tokens=teacher_max_tokens, max_cost_usd=teacher_max_cost_usd, run=run_name)
 item_vecs, query_vecs, usage = teacher.teacher_embeddings(
-    teacher_backend, teacher_model,
-    passages=[i["text"] for i in items], queries=[q["text"] for q in queries],
-    cache_path=teacher_cache_path(cache_root or None), base_url=teacher_base_url,
-    dimensions=teacher_dimensions, batch_size=teacher_batch_size, max_batch_tokens=teacher_max_batch_tokens,
-    budget=budget, max_retries=teacher_max_retries,
-    passage_ids=[i["id"] for i in items], query_ids=[q["qid"] for q in queries], api_key_env=teacher_api_key_env,
-    max_concurrency=teacher_max_concurrency, requests_per_minute=teacher_requests_per_minute,
-    tokens_per_minute=teacher_tokens_per_minute,
-)
+    [i["text"] for i in items], [q["text"] for q in queries], settings, budget,
+    passage_ids=[i["id"] for i in items], query_ids=[q["qid"] for q in queries])
 seconds = time.monotonic() - start
 print(f"{item_vecs.shape[0]} item and {query_vecs.shape[0]} query vectors of dimension {item_vecs.shape[1]} in {seconds:.0f}s")
 if teacher_dimensions and item_vecs.shape[1] != teacher_dimensions:
@@ -131,9 +125,9 @@ if dev_queries:
     teachers = {teacher_model: (query_vecs[dev_rows], item_vecs)}
     for name in compare_teachers:
         other_items, other_queries, _ = teacher.teacher_embeddings(
-            "local", name, passages=[i["text"] for i in items], queries=[q["text"] for q in dev_queries],
-            cache_path=teacher_cache_path(cache_root or None), passage_ids=[i["id"] for i in items],
-            query_ids=[q["qid"] for q in dev_queries])
+            [i["text"] for i in items], [q["text"] for q in dev_queries],
+            teacher.TeacherSettings("local", name, settings.cache_path),
+            passage_ids=[i["id"] for i in items], query_ids=[q["qid"] for q in dev_queries])
         teachers[Path(name).name] = (other_queries, other_items)
     ceiling = evaluate.teacher_ceiling(teachers, dev_queries, items)
 ceiling
@@ -147,8 +141,8 @@ ceiling
 versus = {}
 if dev_queries:
     student_items, student_queries, _ = teacher.teacher_embeddings(
-        "local", str(resolve_model_path(base_model)), passages=[i["text"] for i in items],
-        queries=[q["text"] for q in dev_queries], cache_path=teacher_cache_path(cache_root or None),
+        [i["text"] for i in items], [q["text"] for q in dev_queries],
+        teacher.TeacherSettings("local", str(resolve_model_path(base_model)), settings.cache_path),
         passage_ids=[i["id"] for i in items], query_ids=[q["qid"] for q in dev_queries])
     student_row = evaluate.teacher_ceiling({"base student": (student_queries, student_items)}, dev_queries, items)
     versus = evaluate.teacher_against_student(ceiling.loc[teacher_model], student_row.loc["base student"])

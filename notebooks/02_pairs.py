@@ -98,7 +98,7 @@ import pandas as pd
 
 from lib import corpus, feedback, pairs, querygen, teacher
 from lib.io import write_json, write_jsonl, write_metrics
-from lib.paths import Run, generation_cache_path, teacher_cache_path
+from lib.paths import Run, generation_cache_path
 from lib.plots import histograms
 
 run = Run(run_name, runs_root)
@@ -186,11 +186,8 @@ pd.DataFrame([{"kind": q["kind"], "query": q["text"], "positives": ", ".join(nam
 query_vectors, teacher_usage = {}, {}
 if teacher_query_scores:  # the teacher's own view of each training query: its vector, through stage 01's cache
     query_vectors, teacher_usage = teacher.run_teacher_query_vectors(
-        teacher_dir, sorted({r["anchor"] for r in rows if r["anchor"]}), teacher_cache_path(cache_root or None),
-        teacher_base_url, teacher_api_key_env,
-        teacher.Budget(max_tokens=teacher_max_tokens, max_cost_usd=teacher_max_cost_usd, run=run_name),
-        max_concurrency=teacher_max_concurrency, requests_per_minute=teacher_requests_per_minute,
-        tokens_per_minute=teacher_tokens_per_minute)
+        teacher_dir, sorted({r["anchor"] for r in rows if r["anchor"]}), teacher.TeacherSettings.from_params(globals()),
+        teacher.Budget(max_tokens=teacher_max_tokens, max_cost_usd=teacher_max_cost_usd, run=run_name))
 guards = pairs.row_guards(rows, pairs.related_items(ids, items, relations), queries)
 given, rows, guards = pairs.given_negatives(rows, guards, queries, ids, vectors, num_hard_negatives, exclude)
 rows, dropped = pairs.add_negatives(rows, guards, ids, types, vectors, neighbours, thresholds[threshold_mode],

