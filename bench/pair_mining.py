@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from lib import pairs  # only: lib.bench brings torch (190 MB) into the measured process
+from lib import neighbours, pairs  # only: lib.bench brings torch (190 MB) into the measured process
 from lib.paths import REPO_ROOT
 
 
@@ -55,23 +55,23 @@ def one_size(n: int, k: int, seed: int, ann_threshold: int = 0) -> dict:
     ids, types, vectors = synthetic_items(n, 384, seed)
     out = {"items": n, "vectors_mb": round(vectors.nbytes / 2**20, 1), "seconds": {}}
     start = time.perf_counter()
-    neighbours = pairs.neighbours_by_type(vectors, types, k, ann_threshold=ann_threshold, seed=seed)
+    nearest = neighbours.neighbours_by_type(vectors, types, k, ann_threshold=ann_threshold, seed=seed)
     out["seconds"]["neighbours"] = round(time.perf_counter() - start, 2)
     out["peak_rss_mb_by_step"] = {"neighbours": round(peak_rss_mb(), 1)}
     out["neighbours"] = "approximate" if ann_threshold and n // 2 >= ann_threshold else "exact"
     if out["neighbours"] == "approximate":
-        out["ann_recall@10"] = round(pairs.ann_recall(vectors, types, neighbours, seed=seed), 4)
+        out["ann_recall@10"] = round(neighbours.ann_recall(vectors, types, nearest, seed=seed), 4)
     start = time.perf_counter()
     thresholds = pairs.relation_thresholds(vectors, types, "calibrated", 0.8, 0.4, 99.0, 50.0, seed)
     out["seconds"]["calibrated_thresholds"] = round(time.perf_counter() - start, 2)
     out["peak_rss_mb_by_step"]["calibrated_thresholds"] = round(peak_rss_mb(), 1)
     start = time.perf_counter()
-    rows = pairs.mine_item_pairs(ids, types, neighbours, thresholds, 1, set())
+    rows = pairs.mine_item_pairs(ids, types, nearest, thresholds, 1, set())
     out["seconds"]["item_pairs"] = round(time.perf_counter() - start, 2)
     out["peak_rss_mb_by_step"]["item_pairs"] = round(peak_rss_mb(), 1)
     start = time.perf_counter()
-    kept, dropped = pairs.add_negatives(rows, pairs.row_guards(rows, {}, []), ids, types, vectors, neighbours,
-                                        thresholds, 3, 3, 0.02, set(), seed)
+    kept, dropped = pairs.add_negatives(rows, pairs.row_guards(rows, {}, []), ids, types, vectors, nearest,
+                                        thresholds, set(), pairs.NegativeSettings(seed=seed))
     out["seconds"]["hard_negatives"] = round(time.perf_counter() - start, 2)
     out["peak_rss_mb_by_step"]["hard_negatives"] = round(peak_rss_mb(), 1)
     out["seconds"]["total"] = round(sum(out["seconds"].values()), 2)  # the recall check is not part of mining

@@ -20,7 +20,7 @@ from lib import evaluate
 from lib.encoders import TorchEncoder
 from lib.feedback import model_version, read_judgements, share_by_version
 from lib.io import read_json, read_jsonl, write_text
-from lib.pairs import normal_text
+from lib.leakage import normal_text
 from lib.paths import PARAMS_DIR, REPORTS_DIR, Run, resolve_model_path
 from lib.release import ReleaseError, resolve
 from lib.report import STYLE, table

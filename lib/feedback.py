@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 from lib.io import iter_jsonl
-from lib.pairs import near_duplicates, normal_text
+from lib.leakage import near_duplicates, normal_text
 
 REQUIRED = {"query": str, "item_id": str, "judgement": int}
 

@@ -2,24 +2,23 @@
 hard negatives with a false-negative guard, entity-group splits and a leakage check."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 import re
-from collections import Counter, defaultdict
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from lib.corpus import held_out_items, remove_names, with_article
+from lib.corpus import remove_names, with_article
 from lib.io import atomic_dir
+from lib.leakage import loss_columns, near_duplicates, normal_text
 from lib.progress import bar
 
 TIERS = ("hard", "medium", "easy")
 QUERY_KINDS = ("name", "keywords", "sentence", "tags")
-
-
-class LeakageError(ValueError):
-    """Training data that contains evaluation queries, their source items or near-duplicates of them."""
 
 
 def type_pairs(types: list[str]) -> list[tuple[str, str]]:
@@ -30,154 +29,6 @@ def type_pairs(types: list[str]) -> list[tuple[str, str]]:
 def relation_name(type_a: str, type_b: str) -> str:
     """The relation of two item types, order-free ('monster-power')."""
     return "-".join(sorted((type_a, type_b)))
-
-
-# --- memory-bounded similarity -------------------------------------------------------------------------------
-
-def topk_by_block(rows: np.ndarray, cols: np.ndarray, k: int, block_elements: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
-    """The k highest cosines of every row among `cols` (scores, column positions; best first), computed a block of
-    rows at a time so no similarity matrix larger than `block_elements` is ever held."""
-    k = min(k, len(cols))
-    scores = np.empty((len(rows), k), np.float32)
-    index = np.empty((len(rows), k), np.int32)
-    step = max(1, block_elements // max(1, len(cols)))
-    for start in range(0, len(rows), step):
-        sims = rows[start:start + step] @ cols.T
-        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        part_scores = np.take_along_axis(sims, part, 1)
-        order = np.argsort(-part_scores, axis=1, kind="stable")
-        index[start:start + step] = np.take_along_axis(part, order, 1)
-        scores[start:start + step] = np.take_along_axis(part_scores, order, 1)
-    return scores, index
-
-
-def exact_top_k_among(rows: np.ndarray, vectors: np.ndarray, cols: np.ndarray, k: int,
-                      chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """topk_by_block among `vectors[cols]`, reading a chunk of columns at a time (never a copy of them all)."""
-    scores, positions = np.empty((len(rows), 0), np.float32), np.empty((len(rows), 0), np.int64)
-    for start in range(0, len(cols), chunk):
-        part_scores, part = topk_by_block(rows, vectors[cols[start:start + chunk]], k)
-        scores, positions = np.hstack([scores, part_scores]), np.hstack([positions, part + start])
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        scores, positions = np.take_along_axis(scores, order, 1), np.take_along_axis(positions, order, 1)
-    return scores, positions
-
-
-def ann_top_k(rows: np.ndarray, vectors: np.ndarray, cols: np.ndarray, k: int, nprobe: int = 16, rerank: int = 4,
-              seed: int = 0, block: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Approximately the k highest cosines of every row among `vectors[cols]` (scores, positions in `cols`; best
-    first): a faiss IVF index with 4-bit product-quantised fast scan proposes k·`rerank` candidates per row, exact
-    cosines rank them. Memory: the index's codes (dims/8 bytes per column) and one block of candidates; the columns'
-    vectors are read in place, never copied whole."""
-    import faiss
-
-    dims = vectors.shape[1]
-    k = min(k, len(cols))
-    lists = int(np.clip(2 * np.sqrt(len(cols)), 16, 65536))
-    subquantizers = dims // 4 if dims % 4 == 0 else dims // 2 if dims % 2 == 0 else dims
-    index = faiss.index_factory(dims, f"IVF{lists},PQ{subquantizers}x4fs", faiss.METRIC_INNER_PRODUCT)
-    sample = np.random.default_rng(seed).choice(len(cols), min(len(cols), 40 * lists), replace=False)
-    index.train(np.ascontiguousarray(vectors[cols[np.sort(sample)]], dtype=np.float32))
-    for start in range(0, len(cols), 65536):
-        index.add(np.ascontiguousarray(vectors[cols[start:start + 65536]], dtype=np.float32))
-    faiss.extract_index_ivf(index).nprobe = min(nprobe, lists)
-    database = np.ascontiguousarray(vectors, dtype=np.float32)  # the same array when it is float32 already
-    scores = np.empty((len(rows), k), np.float32)
-    positions = np.empty((len(rows), k), np.int32)
-    for start in bar(range(0, len(rows), block), desc=f"approximate neighbours among {len(cols):,}", leave=False):
-        part = np.ascontiguousarray(rows[start:start + block], dtype=np.float32)
-        _, candidates = index.search(part, min(len(cols), k * rerank))
-        exact = inner_products_by_index(part, database, cols[np.maximum(candidates, 0)])
-        exact[candidates < 0] = -np.inf  # fewer candidates than asked: the rest are empty
-        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
-        scores[start:start + block] = np.take_along_axis(exact, order, 1)
-        positions[start:start + block] = np.take_along_axis(candidates, order, 1)
-    return scores, positions
-
-
-def inner_products_by_index(queries: np.ndarray, database: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """[i, j] = queries[i] · database[index[i, j]], computed by faiss without gathering the rows (float32, C order)."""
-    import faiss
-
-    index = np.ascontiguousarray(index, dtype=np.int64)
-    out = np.empty(index.shape, np.float32)
-    faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(queries), faiss.swig_ptr(database),
-                                     faiss.swig_ptr(index), database.shape[1], index.shape[0], index.shape[1])
-    return out
-
-
-def approximate_types(types: list[str], ann_threshold: int) -> list[str]:
-    """The item types whose nearest lists `neighbours_by_type` searches approximately (at least `ann_threshold` items)."""
-    counts = Counter(types)
-    return sorted(t for t, n in counts.items() if ann_threshold and n >= ann_threshold)
-
-
-def neighbours_by_type(vectors: np.ndarray, types: list[str], k: int, block_elements: int = 1 << 24,
-                       ann_threshold: int = 0, ann_nprobe: int = 16, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """For every item, its k nearest other items of each type: type → (cosines [n, k], item indices [n, k]). Exact,
-    except for a type with at least `ann_threshold` items (0: never), searched approximately (`ann_top_k`)."""
-    types_arr = np.asarray(types)
-    approximate = approximate_types(types, ann_threshold)
-    out = {}
-    for t in bar(sorted(set(types)), desc="nearest neighbours per type", leave=False):
-        cols = np.flatnonzero(types_arr == t)
-        if t in approximate:
-            scores, pos = ann_top_k(vectors, vectors, cols, min(k + 1, len(cols)), ann_nprobe, seed=seed)
-        else:
-            scores, pos = topk_by_block(vectors, vectors[cols], min(k + 1, len(cols)), block_elements)
-        out[t] = without_self(scores, pos, cols.astype(np.int32))
-    return out
-
-
-def without_self(scores: np.ndarray, positions: np.ndarray, cols: np.ndarray,
-                 chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """Row i's k+1 nearest (scores, positions in `cols`) as its k nearest other items (scores, item indices): item i
-    dropped where present, else the last. Rewritten in place a chunk of rows at a time (at 1M items a copy is 400 MB);
-    the returned arrays are views of the given ones."""
-    scores, positions = np.ascontiguousarray(scores), np.ascontiguousarray(positions)  # so that reshape(-1) is a view
-    rows, width = positions.shape[0], positions.shape[1] - 1
-    flat_scores, flat_index = scores.reshape(-1), positions.reshape(-1)
-    for start in range(0, rows, chunk):
-        index = cols[positions[start:start + chunk]]
-        is_self = index == np.arange(start, start + len(index))[:, None]
-        is_self[~is_self.any(axis=1), -1] = True
-        kept_scores = scores[start:start + chunk][~is_self]  # copies, read before the writes below
-        kept_index = index[~is_self]
-        # row r's k entries go to flat[r·k:(r+1)·k], never past the rows still to be read (which start at r·(k+1))
-        flat_scores[start * width:start * width + kept_scores.size] = kept_scores
-        flat_index[start * width:start * width + kept_index.size] = kept_index
-    return flat_scores[:rows * width].reshape(rows, width), flat_index[:rows * width].reshape(rows, width)
-
-
-def ann_recall(vectors: np.ndarray, types: list[str], neighbours: dict[str, tuple[np.ndarray, np.ndarray]],
-               k: int = 10, sample: int = 1000, seed: int = 0) -> float:
-    """Recall@k of the nearest lists against exact search, on `sample` random items (mean over types)."""
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(len(vectors), min(sample, len(vectors)), replace=False))
-    types_arr = np.asarray(types)
-    recalls = []
-    for t, (_, index) in neighbours.items():
-        cols = np.flatnonzero(types_arr == t)
-        width = min(k, index.shape[1])
-        _, pos = exact_top_k_among(vectors[rows], vectors, cols, width + 1)
-        for row, exact in zip(rows, cols[pos]):
-            truth = [c for c in exact if c != row][:width]
-            recalls.append(len(set(truth) & set(index[row, :width].tolist())) / max(1, len(truth)))
-    return float(np.mean(recalls))
-
-
-def approximate_neighbours_check(vectors: np.ndarray, types: list[str], neighbours: dict, ann_threshold: int,
-                                 seed: int, sample: int = 1000) -> dict:
-    """For the types searched approximately: their names, recall@10 against exact search on `sample` items and that
-    sample's size (empty when every type was searched exactly); prints it, with a hint when recall is low."""
-    approximate = approximate_types(types, ann_threshold)
-    if not approximate:
-        return {}
-    recall = ann_recall(vectors, types, {t: neighbours[t] for t in approximate}, sample=sample, seed=seed)
-    checked = {"types": approximate, "recall@10": round(recall, 4), "sample": min(sample, len(vectors))}
-    print(f"nearest lists of {', '.join(approximate)} are approximate: recall@10 against exact {recall:.3f} "
-          f"on {checked['sample']} items" + (" — low: raise ann_nprobe" if recall < 0.9 else ""))
-    return checked
 
 
 def sampled_similarities(vectors: np.ndarray, types: list[str], type_a: str, type_b: str, n: int, seed: int) -> np.ndarray:
@@ -439,23 +290,36 @@ def row_guards(rows: list[dict], related: dict[str, set[str]], queries: list[dic
     return [guards[(r["anchor_id"], r.get("qid"))] for r in rows]
 
 
+@dataclass(frozen=True)
+class NegativeSettings:
+    """How stage 02 picks hard negatives: its parameters of the same names (from_params), and the random items scored
+    per row for the medium and easy tiers."""
+
+    num_hard_negatives: int = 3
+    hard_negative_min_rank: int = 3
+    hard_negative_margin: float = 0.02
+    seed: int = 42
+    sample_size: int = 64
+
+    @classmethod
+    def from_params(cls, params: dict) -> NegativeSettings:
+        """The settings stage 02's parameters (the notebook's globals()) give."""
+        return cls(**{f.name: params[f.name] for f in dataclasses.fields(cls) if f.name in params})
+
+
 def add_negatives(
     rows: list[dict],
     guards: list[tuple[str, ...]],
     ids: list[str],
     types: list[str],
     vectors: np.ndarray,
-    neighbours: dict[str, tuple[np.ndarray, np.ndarray]],
+    nearest: dict[str, tuple[np.ndarray, np.ndarray]],
     thresholds: dict[str, dict[str, float]],
-    num_hard_negatives: int,
-    hard_negative_min_rank: int,
-    hard_negative_margin: float,
     exclude: set[str],
-    seed: int,
-    sample_size: int = 64,
+    settings: NegativeSettings = NegativeSettings(),
     anchor_vectors: list[np.ndarray | None] | None = None,
 ) -> tuple[list[dict], int]:
-    """Give each row `num_hard_negatives` negatives of its positive's type, cycling hard → medium → easy:
+    """Give each row `settings.num_hard_negatives` negatives of its positive's type, cycling hard → medium → easy:
     hard = the source's nearest items from rank `hard_negative_min_rank` on whose cosine is at least
     `hard_negative_margin` below the positive's; medium = a random item between the easy threshold and the nearest
     list; easy = a random item at or below the relation's negative threshold. A tier without a candidate lends its
@@ -465,8 +329,10 @@ def add_negatives(
     many were dropped. With `anchor_vectors` (per row: the teacher's vector of the row's query, None for an item
     anchor), a query row is mined around its query instead of its source item: the hard tier is the query's own
     nearest items and every cosine is the teacher's query→item score (the margin keeps out a negative the teacher
-    scores near the positive: a likely false negative)."""
-    rng = np.random.default_rng(seed)
+    scores near the positive: a likely false negative). `nearest` is neighbours_by_type's answer."""
+    num_hard_negatives, sample_size = settings.num_hard_negatives, settings.sample_size
+    hard_negative_min_rank, hard_negative_margin = settings.hard_negative_min_rank, settings.hard_negative_margin
+    rng = np.random.default_rng(settings.seed)
     index = {item_id: n for n, item_id in enumerate(ids)}
     types_arr = np.asarray(types)
     pool = {t: np.flatnonzero(types_arr == t) for t in set(types)}
@@ -479,10 +345,10 @@ def add_negatives(
         query_vector = anchor_vectors[n] if anchor_vectors is not None else None
         anchor = vectors[source] if query_vector is None else query_vector
         if query_vector is None:
-            scores, near = neighbours[target_type][0][source], neighbours[target_type][1][source]
+            scores, near = nearest[target_type][0][source], nearest[target_type][1][source]
         else:
             candidate_scores = vectors[pool[target_type]] @ query_vector
-            order = np.argsort(-candidate_scores, kind="stable")[: neighbours[target_type][1].shape[1]]
+            order = np.argsort(-candidate_scores, kind="stable")[: nearest[target_type][1].shape[1]]
             scores, near = candidate_scores[order], pool[target_type][order]
         positive_score = float(anchor @ vectors[positive])
         easy_max = thresholds[relation_name(types[source], target_type)]["negative"]
@@ -597,11 +463,6 @@ def with_texts(rows: list[dict], texts: dict[str, str]) -> list[dict]:
     return out
 
 
-def loss_columns(num_negatives: int) -> list[str]:
-    """The dataset columns the sentence-transformers losses read, in order."""
-    return ["anchor", "positive"] + [f"negative_{n}" for n in range(1, num_negatives + 1)]
-
-
 def save_dataset(path: str | Path, rows: list[dict], num_negatives: int) -> None:
     """Save the loss columns as a Hugging Face dataset folder, atomically (written beside, then renamed)."""
     from datasets import Dataset
@@ -612,76 +473,6 @@ def save_dataset(path: str | Path, rows: list[dict], num_negatives: int) -> None
         data["label"] = [r["teacher_scores"] for r in rows]
     with atomic_dir(path) as tmp:
         Dataset.from_dict(data).save_to_disk(str(tmp))
-
-
-def normal_text(text: str) -> str:
-    """Lower-case text with runs of whitespace and punctuation collapsed (for exact-match checks)."""
-    return re.sub(r"[\W_]+", " ", text.lower()).strip()
-
-
-def near_duplicates(texts: list[str], others: list[str], threshold: float) -> list[tuple[int, int, float]]:
-    """(i, j, cosine) for every texts[i] whose word-TF-IDF cosine to others[j] is at or above `threshold`."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
-    if not texts or not others:
-        return []
-    tfidf = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(list(texts) + list(others))
-    sims = (tfidf.transform(texts) @ tfidf.transform(others).T).tocoo()
-    return [(int(i), int(j), float(s)) for i, j, s in zip(sims.row, sims.col, sims.data) if s >= threshold]
-
-
-def drop_leaking_rows(rows: list[dict], eval_queries: list[dict], threshold: float) -> tuple[list[dict], dict[str, int]]:
-    """The rows (with texts) without those whose anchor repeats an evaluation query or whose text near-duplicates one
-    (word TF-IDF cosine ≥ threshold), e.g. a document that happens to read like a test question; and how many were
-    dropped of each kind."""
-    eval_text = {normal_text(q["text"]) for q in eval_queries}
-    texts = sorted({r[c] for r in rows for c in loss_columns(len(r.get("negative_ids", [])))})
-    close = {texts[i] for i, _, _ in near_duplicates(texts, [q["text"] for q in eval_queries], threshold)}
-    kept, dropped = [], Counter()
-    for r in rows:
-        if normal_text(r["anchor"]) in eval_text or any(r[c] in close for c in loss_columns(len(r.get("negative_ids", [])))):
-            dropped[r["kind"]] += 1
-        else:
-            kept.append(r)
-    return kept, dict(sorted(dropped.items()))
-
-
-def check_leakage(rows: list[dict], eval_queries: list[dict], held_out: set[str], threshold: float, where: str) -> dict:
-    """Raise LeakageError if a training row uses an item an evaluation query was built from, repeats an evaluation
-    query's text, or holds a near-duplicate (word TF-IDF cosine ≥ threshold) of one; else return what was checked.
-    After drop_leaking_rows only the first can fire, and only on a bug: the exclude set is the pipeline's own."""
-    for n, r in enumerate(rows, start=1):
-        used = [r["anchor_id"], r["positive_id"], *r.get("negative_ids", [])]
-        bad = [i for i in used if i in held_out]
-        if bad:
-            raise LeakageError(f"{where} row {n} ({r['relation']}): item {bad[0]!r} is the source of an evaluation "
-                               "query; it must stay out of training (check corpus.held_out_items and the exclude set)")
-    eval_text = {normal_text(q["text"]): q["qid"] for q in eval_queries}
-    for n, r in enumerate(rows, start=1):
-        if normal_text(r["anchor"]) in eval_text:
-            raise LeakageError(f"{where} row {n} ({r['relation']}): field 'anchor' repeats evaluation query "
-                               f"{eval_text[normal_text(r['anchor'])]!r}; change the synthetic query templates")
-    texts = sorted({r[c] for r in rows for c in loss_columns(len(r.get("negative_ids", [])))})
-    hits = near_duplicates(texts, [q["text"] for q in eval_queries], threshold)
-    if hits:
-        i, j, score = max(hits, key=lambda h: h[2])
-        raise LeakageError(f"{where}: a training text is a near-duplicate (cosine {score:.2f} ≥ {threshold}) of evaluation "
-                           f"query {eval_queries[j]['qid']!r}: {texts[i][:80]!r}; exclude its item or raise "
-                           "near_duplicate_threshold")
-    return {"rows": len(rows), "texts": len(texts), "eval_queries": len(eval_queries), "near_duplicate_threshold": threshold}
-
-
-def held_out_queries(queries: list[dict], train: list[dict], dev: list[dict], threshold: float) -> list[dict]:
-    """The dev split's synthetic queries as evaluation queries (category 'synthetic:<kind>', relevant = every item the
-    query fits), minus those whose text repeats or near-duplicates (≥ threshold) a training text."""
-    dev_qids = {r["qid"] for r in dev if r.get("qid")}
-    candidates = [q for q in queries if q["qid"] in dev_qids]
-    train_texts = sorted({r[c] for r in train for c in loss_columns(len(r.get("negative_ids", [])))})
-    close = {j for _, j, _ in near_duplicates(train_texts, [q["text"] for q in candidates], threshold)}
-    seen = {normal_text(t) for t in train_texts}
-    return [{"qid": q["qid"], "text": q["text"], "relevant": {i: 1 for i in q["matches"]}, "expected_topics": [],
-             "category": f"synthetic:{q['kind']}", "split": "dev", "meta": {"source_item": q["source_id"]}}
-            for j, q in enumerate(candidates) if j not in close and normal_text(q["text"]) not in seen]
 
 
 def cosines_by_relation(rows: list[dict]) -> dict[str, dict[str, list[float]]]:
@@ -701,15 +492,6 @@ def pair_counts(rows: list[dict], key: str = "relation") -> dict[str, int]:
     for r in rows:
         counts[r[key]] += 1
     return dict(sorted(counts.items()))
-
-
-def kept_out_of_training(items: list[dict], eval_queries: list[dict], threshold: float) -> tuple[set[str], set[str]]:
-    """Items no training row may use: the sources of the evaluation queries, and the items whose text nearly copies
-    an evaluation query (word TF-IDF cosine at least `threshold`)."""
-    ids = [i["id"] for i in items]
-    copies = {ids[i] for i, _, _ in near_duplicates([i["text"] for i in items], [q["text"] for q in eval_queries],
-                                                    threshold)}
-    return held_out_items(eval_queries), copies
 
 
 def example_rows(rows: list[dict], relations: set[str], names: dict[str, str], seed: int, per_relation: int = 10) -> list[dict]:

@@ -29,7 +29,7 @@ from lib.domains.records import blank, utf8_encodable
 from lib.encoders import load_encoder, native_backends, with_prompt
 from lib.feedback import FeedbackStore, model_version
 from lib.io import read_json, write_jsonl
-from lib.pairs import normal_text
+from lib.leakage import normal_text
 from lib.paths import REPO_ROOT, Run
 from lib.release import ReleaseError, resolve
 from lib.search import SEARCH_MODES, Retriever, truncate

@@ -96,7 +96,7 @@ import random
 
 import pandas as pd
 
-from lib import corpus, feedback, pairs, querygen, teacher
+from lib import corpus, feedback, leakage, neighbours, pairs, querygen, teacher
 from lib.io import write_json, write_jsonl, write_metrics
 from lib.paths import Run, generation_cache_path
 from lib.plots import histograms
@@ -113,7 +113,7 @@ relations = corpus.load_relations(corpus_dir)
 vectors = teacher.stage_vectors(teacher_dir, "items", [i["id"] for i in items])
 ids, types, texts = [i["id"] for i in items], [i["type"] for i in items], {i["id"]: i["text"] for i in items}
 names = {i["id"]: i["name"] for i in items}
-held_out, copies = pairs.kept_out_of_training(items, eval_queries, near_duplicate_threshold)
+held_out, copies = leakage.kept_out_of_training(items, eval_queries, near_duplicate_threshold)
 exclude = held_out | copies
 print(f"{len(exclude)} items kept out of training: {len(held_out)} sources of evaluation queries, "
       f"{len(copies - held_out)} more near-duplicates of one")
@@ -137,10 +137,10 @@ pd.DataFrame(summary).T.join(pd.DataFrame({f"{mode} {side}": {rel: t[side] for r
 # ## Item pairs per relation, both modes
 
 # %%
-neighbours = pairs.neighbours_by_type(vectors, types, neighbours_k, ann_threshold=ann_threshold, ann_nprobe=ann_nprobe,
+nearest = neighbours.neighbours_by_type(vectors, types, neighbours_k, ann_threshold=ann_threshold, ann_nprobe=ann_nprobe,
                                       seed=seed)
-ann = pairs.approximate_neighbours_check(vectors, types, neighbours, ann_threshold, seed)
-item_pairs = {mode: pairs.mine_item_pairs(ids, types, neighbours, th, positives_per_anchor, exclude)
+ann = neighbours.approximate_neighbours_check(vectors, types, nearest, ann_threshold, seed)
+item_pairs = {mode: pairs.mine_item_pairs(ids, types, nearest, th, positives_per_anchor, exclude)
               for mode, th in thresholds.items()}
 mode_counts = {mode: pairs.pair_counts(rows) for mode, rows in item_pairs.items()}
 print(f"training uses threshold_mode={threshold_mode!r}")
@@ -190,24 +190,24 @@ if teacher_query_scores:  # the teacher's own view of each training query: its v
         teacher.Budget(max_tokens=teacher_max_tokens, max_cost_usd=teacher_max_cost_usd, run=run_name))
 guards = pairs.row_guards(rows, pairs.related_items(ids, items, relations), queries)
 given, rows, guards = pairs.given_negatives(rows, guards, queries, ids, vectors, num_hard_negatives, exclude)
-rows, dropped = pairs.add_negatives(rows, guards, ids, types, vectors, neighbours, thresholds[threshold_mode],
-                                    num_hard_negatives, hard_negative_min_rank, hard_negative_margin, exclude, seed,
+rows, dropped = pairs.add_negatives(rows, guards, ids, types, vectors, nearest, thresholds[threshold_mode], exclude,
+                                    pairs.NegativeSettings.from_params(globals()),
                                     anchor_vectors=[query_vectors.get(r["anchor"]) for r in rows] if query_vectors else None)
 rows = given + rows
 if teacher_query_scores:
     rows = pairs.with_teacher_scores(rows, query_vectors, ids, vectors)
 # a row whose text nearly repeats an evaluation query (a document that reads like a test question) is dropped, counted
-rows, leaking = pairs.drop_leaking_rows(pairs.with_texts(rows, texts), eval_queries, near_duplicate_threshold)
+rows, leaking = leakage.drop_leaking_rows(pairs.with_texts(rows, texts), eval_queries, near_duplicate_threshold)
 if leaking:
     print(f"dropped {sum(leaking.values())} training rows whose text nearly repeats an evaluation query "
           f"(cosine ≥ {near_duplicate_threshold}), by kind: {leaking}")
 train, dev = pairs.split_by_group(rows, pairs_dev_fraction, seed)
-checked = {name: pairs.check_leakage(part, eval_queries, exclude, near_duplicate_threshold, f"02_pairs/{name}")
+checked = {name: leakage.check_leakage(part, eval_queries, exclude, near_duplicate_threshold, f"02_pairs/{name}")
            for name, part in (("train", train), ("dev", dev))}
 for name, part in (("train", train), ("dev", dev)):
     pairs.save_dataset(out_dir / name, part, num_hard_negatives)
     write_jsonl(out_dir / f"{name}.jsonl", part)
-held_out_queries = pairs.held_out_queries(queries, train, dev, near_duplicate_threshold)
+held_out_queries = leakage.held_out_queries(queries, train, dev, near_duplicate_threshold)
 write_jsonl(out_dir / "held_out_queries.jsonl", held_out_queries)  # stage 06 scores them, labelled synthetic
 tiers = pd.Series([t for r in rows for t in r["negative_tiers"]]).value_counts().to_dict()
 print(f"{len(rows)} rows ({dropped} dropped for lack of negatives): {len(train)} train, {len(dev)} dev; "

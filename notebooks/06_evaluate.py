@@ -64,7 +64,7 @@ globals().update(lab_parameters("06_evaluate"))
 # %%
 import pandas as pd
 
-from lib import corpus, evaluate, pairs
+from lib import corpus, evaluate, leakage
 from lib.io import atomic_path, read_jsonl, write_metrics
 from lib.paths import Run, resolve_model_path
 from lib.plots import metric_bars
@@ -94,8 +94,8 @@ print(f"{len(queries)} {eval_split} queries ({', '.join(independent)}) and {len(
 train_rows = read_jsonl(run.stage("02_pairs") / "train.jsonl")
 held_out = corpus.held_out_items(corpus.load_queries(run.stage("00_corpus")))
 leakage_check = {
-    "independent": pairs.check_leakage(train_rows, queries, held_out, near_duplicate_threshold, "02_pairs/train.jsonl"),
-    "synthetic": pairs.check_leakage(train_rows, synthetic, set(), near_duplicate_threshold, "02_pairs/train.jsonl"),
+    "independent": leakage.check_leakage(train_rows, queries, held_out, near_duplicate_threshold, "02_pairs/train.jsonl"),
+    "synthetic": leakage.check_leakage(train_rows, synthetic, set(), near_duplicate_threshold, "02_pairs/train.jsonl"),
 }
 leakage_check
 

@@ -117,7 +117,7 @@ def full_srd():
 
 
 def test_field_training_queries_are_true_to_the_fields_and_unlike_every_evaluation_query(full_srd):
-    from lib import pairs
+    from lib import leakage
 
     items, queries, _, _ = full_srd
     by_id = {i["id"]: i for i in items}
@@ -127,7 +127,7 @@ def test_field_training_queries_are_true_to_the_fields_and_unlike_every_evaluati
     for q in field:  # every relevant item has the fact the query asks for: the same field, the same values
         facts = [set(f for f in dnd.field_facts(by_id[i]) if f[0] == q["meta"]["field"]) for i in q["relevant"]]
         assert set.intersection(*facts), q["text"]
-    assert not pairs.near_duplicates([q["text"] for q in field], [q["text"] for q in evaluation], 0.9)
+    assert not leakage.near_duplicates([q["text"] for q in field], [q["text"] for q in evaluation], 0.9)
     assert {q["text"] for q in field}.isdisjoint(q["text"] for q in evaluation)
 
 

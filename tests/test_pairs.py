@@ -1,8 +1,11 @@
 """Stage-02 miners on small fixtures whose right answer is known; the leakage check fails on a leaking fixture."""
+import ast
+import dataclasses
+
 import numpy as np
 import pytest
 
-from lib import finetune, pairs
+from lib import finetune, leakage, neighbours, pairs, pipeline
 from lib.teacher import normalize
 
 
@@ -34,7 +37,7 @@ def test_type_pairs_cover_every_combination():
 def test_topk_by_block_matches_the_dense_answer_with_tiny_blocks():
     rng = np.random.default_rng(0)
     rows, cols = normalize(rng.normal(size=(37, 16)).astype(np.float32)), normalize(rng.normal(size=(53, 16)).astype(np.float32))
-    scores, index = pairs.topk_by_block(rows, cols, 5, block_elements=100)  # one row per block
+    scores, index = neighbours.topk_by_block(rows, cols, 5, block_elements=100)  # one row per block
     dense = rows @ cols.T
     np.testing.assert_array_equal(index, np.argsort(-dense, axis=1)[:, :5])
     np.testing.assert_allclose(scores, np.sort(dense, axis=1)[:, ::-1][:, :5], rtol=1e-6)
@@ -43,7 +46,7 @@ def test_topk_by_block_matches_the_dense_answer_with_tiny_blocks():
 def test_neighbours_by_type_never_lists_an_item_as_its_own_neighbour():
     ids, types, vectors = _arc(12)
     types = ["monster", "power"] * 6
-    near = pairs.neighbours_by_type(vectors, types, k=3)
+    near = neighbours.neighbours_by_type(vectors, types, k=3)
     for t in ("monster", "power"):
         scores, index = near[t]
         assert index.shape == (12, 3)
@@ -56,12 +59,12 @@ def test_neighbours_by_type_never_lists_an_item_as_its_own_neighbour():
 def test_without_self_rewrites_in_place_what_a_mask_would_copy():
     vectors = _clustered(700)
     cols = np.arange(0, 700, 3, dtype=np.int32)
-    scores, pos = pairs.topk_by_block(vectors, vectors[cols], 9)
+    scores, pos = neighbours.topk_by_block(vectors, vectors[cols], 9)
     index = cols[pos]
     is_self = index == np.arange(700)[:, None]
     is_self[~is_self.any(axis=1), -1] = True  # rows not in cols drop their 9th
     expected_scores, expected_index = scores[~is_self].reshape(700, 8), index[~is_self].reshape(700, 8)
-    kept_scores, kept_index = pairs.without_self(scores, pos, cols, chunk=64)
+    kept_scores, kept_index = neighbours.without_self(scores, pos, cols, chunk=64)
     np.testing.assert_array_equal(kept_scores, expected_scores)
     np.testing.assert_array_equal(kept_index, expected_index)
     assert np.shares_memory(kept_scores, scores)  # no second copy of a million rows
@@ -85,8 +88,8 @@ def _clustered(n: int, dims: int = 32, clusters: int = 200, seed: int = 0) -> np
 def test_approximate_neighbours_find_the_exact_ones_and_score_them_exactly():
     vectors = _clustered(6000)
     cols = np.arange(0, 6000, 2)
-    scores, pos = pairs.ann_top_k(vectors[:500], vectors, cols, k=10, nprobe=16)
-    exact_scores, exact_pos = pairs.topk_by_block(vectors[:500], vectors[cols], 10)
+    scores, pos = neighbours.ann_top_k(vectors[:500], vectors, cols, k=10, nprobe=16)
+    exact_scores, exact_pos = neighbours.topk_by_block(vectors[:500], vectors[cols], 10)
     recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(pos, exact_pos)])
     assert recall >= 0.95
     np.testing.assert_allclose(scores, np.einsum("qkd,qd->qk", vectors[cols[pos]], vectors[:500]), rtol=1e-5, atol=1e-6)
@@ -97,19 +100,19 @@ def test_approximate_neighbours_find_the_exact_ones_and_score_them_exactly():
 def test_neighbours_by_type_turns_approximate_at_the_threshold_only():
     vectors = _clustered(3000)
     types = ["monster"] * 2000 + ["power"] * 1000
-    assert pairs.approximate_types(types, 1500) == ["monster"]
-    assert pairs.approximate_types(types, 0) == []
-    near = pairs.neighbours_by_type(vectors, types, k=10, ann_threshold=1500)
-    exact = pairs.neighbours_by_type(vectors, types, k=10)
+    assert neighbours.approximate_types(types, 1500) == ["monster"]
+    assert neighbours.approximate_types(types, 0) == []
+    near = neighbours.neighbours_by_type(vectors, types, k=10, ann_threshold=1500)
+    exact = neighbours.neighbours_by_type(vectors, types, k=10)
     np.testing.assert_array_equal(near["power"][1], exact["power"][1])  # below the threshold: the exact lists
     scores, index = near["monster"]
     assert index.shape == (3000, 10) and not (index == np.arange(3000)[:, None]).any()
     assert all(types[j] == "monster" for j in index.ravel())
-    assert pairs.ann_recall(vectors, types, {"monster": near["monster"]}, sample=300) >= 0.95
-    assert pairs.ann_recall(vectors, types, {"monster": exact["monster"]}, sample=300) == 1.0
-    checked = pairs.approximate_neighbours_check(vectors, types, near, 1500, seed=0, sample=300)
+    assert neighbours.ann_recall(vectors, types, {"monster": near["monster"]}, sample=300) >= 0.95
+    assert neighbours.ann_recall(vectors, types, {"monster": exact["monster"]}, sample=300) == 1.0
+    checked = neighbours.approximate_neighbours_check(vectors, types, near, 1500, seed=0, sample=300)
     assert checked["types"] == ["monster"] and checked["sample"] == 300 and checked["recall@10"] >= 0.95
-    assert pairs.approximate_neighbours_check(vectors, types, exact, 0, seed=0) == {}
+    assert neighbours.approximate_neighbours_check(vectors, types, exact, 0, seed=0) == {}
 
 
 def test_calibrated_thresholds_are_percentiles_of_each_relation():
@@ -126,7 +129,7 @@ def test_calibrated_thresholds_are_percentiles_of_each_relation():
 
 def test_thresholds_decide_item_pairs():
     ids, types, vectors = _toy()
-    near = pairs.neighbours_by_type(vectors, types, k=3)
+    near = neighbours.neighbours_by_type(vectors, types, k=3)
     mined = pairs.mine_item_pairs(ids, types, near, _fixed(types, 0.8, 0.4), positives_per_anchor=2, exclude=set())
     assert {(p["anchor_id"], p["positive_id"]) for p in mined} == {("m1", "p1"), ("m2", "p2")}
     assert all(p["relation"] == "monster-power" and p["score"] >= 0.8 and p["kind"] == "item" for p in mined)
@@ -137,7 +140,7 @@ def test_excluded_items_never_appear_cap_holds_and_each_pair_once():
     vectors = normalize(rng.normal(size=(40, 8)).astype(np.float32) + 3)  # all similar
     ids = [f"i{n}" for n in range(40)]
     types = ["monster"] * 20 + ["power"] * 20
-    near = pairs.neighbours_by_type(vectors, types, k=10)
+    near = neighbours.neighbours_by_type(vectors, types, k=10)
     mined = pairs.mine_item_pairs(ids, types, near, _fixed(types, 0.0, -1), 2, exclude={"i0", "i25"})
     assert not {"i0", "i25"} & ({p["anchor_id"] for p in mined} | {p["positive_id"] for p in mined})
     per_anchor: dict = {}
@@ -192,13 +195,13 @@ def test_keywords_leave_out_the_items_own_name():
 
 def test_hard_negatives_follow_the_tiers_and_the_false_negative_guard():
     ids, types, vectors = _arc(20)
-    near = pairs.neighbours_by_type(vectors, types, k=8)
+    near = neighbours.neighbours_by_type(vectors, types, k=8)
     th = _fixed(types, 0.9, -0.05)
     rows = [{"kind": "item", "relation": "power-power", "anchor": None, "anchor_id": "i0", "positive_id": "i1", "score": 0.99}]
     related = {"i0": {"i4"}}  # a known relation: i4 must never be a negative of i0, though it is the hardest eligible
     guards = pairs.row_guards(rows, related, [])
-    kept, dropped = pairs.add_negatives(rows, guards, ids, types, vectors, near, th, 3, hard_negative_min_rank=2,
-                                        hard_negative_margin=0.05, exclude={"i5"}, seed=0)
+    kept, dropped = pairs.add_negatives(rows, guards, ids, types, vectors, near, th, {"i5"}, pairs.NegativeSettings(
+        num_hard_negatives=3, hard_negative_min_rank=2, hard_negative_margin=0.05, seed=0))
     assert dropped == 0
     row = kept[0]
     assert row["negative_tiers"] == ["hard", "medium", "easy"]
@@ -210,12 +213,12 @@ def test_hard_negatives_follow_the_tiers_and_the_false_negative_guard():
 
 def test_a_query_with_its_teacher_vector_gets_negatives_near_the_query_and_the_teacher_scores():
     ids, types, vectors = _arc(20)
-    near = pairs.neighbours_by_type(vectors, types, k=8)
+    near = neighbours.neighbours_by_type(vectors, types, k=8)
     # the query's source is i0 but the teacher places the query by i10 (its positive): negatives come from there
     rows = [{"kind": "query:keywords", "relation": "query-power", "anchor": "q", "anchor_id": "i0", "positive_id": "i10",
              "qid": "q1", "score": 0.5}]
-    kept, _ = pairs.add_negatives(rows, [set()], ids, types, vectors, near, _fixed(types, 0.9, -0.05), 1,
-                                  hard_negative_min_rank=1, hard_negative_margin=0.02, exclude=set(), seed=0,
+    kept, _ = pairs.add_negatives(rows, [set()], ids, types, vectors, near, _fixed(types, 0.9, -0.05), set(),
+                                  pairs.NegativeSettings(1, hard_negative_min_rank=1, hard_negative_margin=0.02, seed=0),
                                   anchor_vectors=[vectors[10]])
     # the query's own nearest after its positive, but i9/i11 (cosine 0.988) sit within the 0.02 margin of the positive
     assert kept[0]["negative_ids"][0] in {"i8", "i12"}
@@ -228,9 +231,10 @@ def test_a_query_with_its_teacher_vector_gets_negatives_near_the_query_and_the_t
 
 def test_rows_without_enough_negatives_are_dropped():
     ids, types, vectors = _arc(4)
-    near = pairs.neighbours_by_type(vectors, types, k=3)
+    near = neighbours.neighbours_by_type(vectors, types, k=3)
     rows = [{"kind": "item", "relation": "power-power", "anchor": None, "anchor_id": "i0", "positive_id": "i1", "score": 1}]
-    kept, dropped = pairs.add_negatives(rows, [set()], ids, types, vectors, near, _fixed(types, 0.9, 0.0), 3, 0, 0.0, set(), 0)
+    kept, dropped = pairs.add_negatives(rows, [set()], ids, types, vectors, near, _fixed(types, 0.9, 0.0), set(),
+                                        pairs.NegativeSettings(3, 0, 0.0, 0))
     assert (kept, dropped) == ([], 1)
 
 
@@ -258,28 +262,28 @@ def test_leakage_check_passes_clean_data_and_fails_each_leak():
     rows = _training_rows()
     assert rows[0]["anchor"].startswith("Owlbear.") and rows[1]["negative_1"].startswith("Sleep")
     eval_queries = [{"qid": "q1", "text": "a creature immune to fire"}, {"qid": "q2", "text": "a wizard's tower golem"}]
-    assert pairs.check_leakage(rows, eval_queries, {"z"}, 0.9, "train")["rows"] == 2
-    with pytest.raises(pairs.LeakageError, match="row 1 .*item 'c' is the source"):
-        pairs.check_leakage(rows, eval_queries, {"c"}, 0.9, "train")
+    assert leakage.check_leakage(rows, eval_queries, {"z"}, 0.9, "train")["rows"] == 2
+    with pytest.raises(leakage.LeakageError, match="row 1 .*item 'c' is the source"):
+        leakage.check_leakage(rows, eval_queries, {"c"}, 0.9, "train")
     leaking = eval_queries + [{"qid": "q3", "text": "A spell about barrier, and force!"}]
-    with pytest.raises(pairs.LeakageError, match="row 2 .*repeats evaluation query 'q3'"):
-        pairs.check_leakage(rows, leaking, set(), 0.9, "train")
+    with pytest.raises(leakage.LeakageError, match="row 2 .*repeats evaluation query 'q3'"):
+        leakage.check_leakage(rows, leaking, set(), 0.9, "train")
     near_copy = eval_queries + [{"qid": "q4", "text": rows[0]["anchor"].replace("Spellcasting: none.", "")}]
-    with pytest.raises(pairs.LeakageError, match="near-duplicate .*'q4'"):
-        pairs.check_leakage(rows, near_copy, set(), 0.9, "train")
+    with pytest.raises(leakage.LeakageError, match="near-duplicate .*'q4'"):
+        leakage.check_leakage(rows, near_copy, set(), 0.9, "train")
 
 
 def test_rows_that_nearly_repeat_an_evaluation_query_are_dropped_and_counted():
     rows = _training_rows()
     eval_queries = [{"qid": "q1", "text": "a creature immune to fire"}]
-    assert pairs.drop_leaking_rows(rows, eval_queries, 0.9) == (rows, {})
+    assert leakage.drop_leaking_rows(rows, eval_queries, 0.9) == (rows, {})
     near_copy = eval_queries + [{"qid": "q4", "text": rows[0]["anchor"].replace("Spellcasting: none.", "")},
                                 {"qid": "q3", "text": "A spell about barrier, and force!"}]
-    kept, dropped = pairs.drop_leaking_rows(rows, near_copy, 0.9)
+    kept, dropped = leakage.drop_leaking_rows(rows, near_copy, 0.9)
     assert kept == [] and dropped == {"item": 1, "query:keywords": 1}
-    kept, dropped = pairs.drop_leaking_rows(rows, near_copy[:2], 0.9)
+    kept, dropped = leakage.drop_leaking_rows(rows, near_copy[:2], 0.9)
     assert kept == rows[1:] and dropped == {"item": 1}
-    assert pairs.check_leakage(kept, near_copy[:2], set(), 0.9, "train")["rows"] == 1  # the guard is silent after
+    assert leakage.check_leakage(kept, near_copy[:2], set(), 0.9, "train")["rows"] == 1  # the guard is silent after
 
 
 def test_saved_dataset_has_exactly_the_loss_columns(tmp_path):
@@ -317,7 +321,7 @@ def test_held_out_queries_keep_dev_queries_whose_text_training_never_saw():
          "source_id": "d", "matches": ["d"]},
     ]
     dev = [{"qid": "syn:d:1"}, {"qid": "syn:d:2"}, {"qid": "syn:c:1"}]
-    held_out = pairs.held_out_queries(queries, rows, dev, 0.9)
+    held_out = leakage.held_out_queries(queries, rows, dev, 0.9)
     assert [q["qid"] for q in held_out] == ["syn:d:1"]  # c:1 repeats a training anchor, d:2 nearly
     assert held_out[0]["relevant"] == {"d": 1, "e": 1} and held_out[0]["category"] == "synthetic:tags"
 
@@ -327,3 +331,11 @@ def test_a_one_line_text_is_all_body_for_sentence_queries():
     assert pairs.sentences(prompt) == ["It demands to pay twenty years of back taxes on its hoard."]  # 6+ words only
     assert pairs.sentences("Header line\nLevel: 3\nA long enough descriptive sentence about the thing.") == [
         "A long enough descriptive sentence about the thing."]
+
+
+def test_stage_02s_notebook_and_the_negative_settings_agree_on_every_default():
+    declared = {name: ast.literal_eval(info["default"]) for name, info in pipeline.declared_parameters("02_pairs").items()}
+    fields = {field.name for field in dataclasses.fields(pairs.NegativeSettings)}
+    assert fields - set(declared) == {"sample_size"}  # every other setting is a parameter
+    assert pairs.NegativeSettings.from_params(declared) == pairs.NegativeSettings()
+    assert pairs.NegativeSettings.from_params(declared | {"seed": 7}).seed == 7

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from conftest import json_numbers
 
-from lib import corpus, feedback, finetune, pairs, release, teacher
+from lib import corpus, feedback, finetune, leakage, release, teacher
 from lib.domains import dnd
 from lib.io import read_jsonl, write_jsonl
 from lib.paths import REPO_ROOT, STAGES, stage_dir
@@ -46,7 +46,7 @@ def _feedback_file(corpus_dir, path) -> dict:
     monster a 👍 for it and a 👎 for the next one, and one 👍 on a test query's own text (the guard must refuse it)."""
     items, queries = corpus.load_items(corpus_dir), corpus.load_queries(corpus_dir)
     evaluation = [q for q in queries if q["split"] != "train"]
-    held_out, copies = pairs.kept_out_of_training(items, evaluation, 0.9)
+    held_out, copies = leakage.kept_out_of_training(items, evaluation, 0.9)
     monsters = [i for i in items if i["type"] == "monster" and i["id"] not in held_out | copies][:5]
     rows = []
     for monster, other in zip(monsters, monsters[1:]):
@@ -192,7 +192,7 @@ def test_training_data_has_every_kind_and_keeps_evaluation_sources_out(smoke):
                                                                 "query:tags", "query:field"}
     assert stats["leakage_check"]["train"]["rows"] == stats["train"] > 0
     # the smoke profile has the teacher score every training query: the teacher's scores are the label column
-    assert finetune.pairs_dataset(out / "train").column_names == pairs.loss_columns(stats["num_hard_negatives"]) + ["label"]
+    assert finetune.pairs_dataset(out / "train").column_names == leakage.loss_columns(stats["num_hard_negatives"]) + ["label"]
     assert stats["teacher_query_scores"] and stats["teacher_query_usage"]["queries_texts"] > 0
     held_out = corpus.held_out_items(corpus.load_queries(stage_dir(RUN, "00_corpus", smoke["runs"])))
     used = {i for r in read_jsonl(out / "train.jsonl") for i in [r["anchor_id"], r["positive_id"], *r["negative_ids"]]}
@@ -219,9 +219,9 @@ def test_search_feedback_becomes_training_rows_and_a_copy_of_a_test_query_is_ref
         assert judged[(row["anchor"], row["positive_id"])] == 1
         assert [judged.get((row["anchor"], n)) for n in row["negative_ids"]] == [-1] * len(row["negative_ids"])
     copied = smoke["feedback"]["copied_test_query"]
-    assert all(pairs.normal_text(r["anchor"]) != pairs.normal_text(copied) for r in train + dev)
-    with pytest.raises(pairs.LeakageError, match="repeats evaluation query"):
-        pairs.check_leakage([rows[0] | {"anchor": copied}], corpus.load_queries(stage_dir(RUN, "00_corpus", smoke["runs"])),
+    assert all(leakage.normal_text(r["anchor"]) != leakage.normal_text(copied) for r in train + dev)
+    with pytest.raises(leakage.LeakageError, match="repeats evaluation query"):
+        leakage.check_leakage([rows[0] | {"anchor": copied}], corpus.load_queries(stage_dir(RUN, "00_corpus", smoke["runs"])),
                             set(), 0.9, "feedback")
     dataset = finetune.pairs_dataset(out / "train")
     feedback_anchors = {r["anchor"] for r in train if r["kind"] == "query:feedback"}
