@@ -1,12 +1,49 @@
-"""Nearest neighbours among item vectors, by type: exact top-k in memory-bounded blocks, or approximate (faiss IVF with
-an exact rerank) for large types, and how much of the exact answer the approximate one finds."""
+"""Similarity among item vectors, by type: each relation's sampled cosine distribution; nearest neighbours, exact
+top-k in memory-bounded blocks or approximate (faiss IVF with an exact rerank) for large types, and how much of the
+exact answer the approximate one finds."""
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 import numpy as np
 
 from lib.progress import bar
+
+
+def type_pairs(types: list[str]) -> list[tuple[str, str]]:
+    """Every combination of the item types present, with repeats (monster↔monster, monster↔power, …)."""
+    return list(itertools.combinations_with_replacement(sorted(set(types)), 2))
+
+
+def relation_name(type_a: str, type_b: str) -> str:
+    """The relation of two item types, order-free ('monster-power')."""
+    return "-".join(sorted((type_a, type_b)))
+
+
+def sampled_similarities(vectors: np.ndarray, types: list[str], type_a: str, type_b: str, n: int, seed: int) -> np.ndarray:
+    """Cosines of `n` random distinct item pairs of two types: the relation's similarity distribution in O(n) memory."""
+    rng = np.random.default_rng(seed)
+    types_arr = np.asarray(types)
+    a = rng.choice(np.flatnonzero(types_arr == type_a), n)
+    b = rng.choice(np.flatnonzero(types_arr == type_b), n)
+    keep = a != b
+    a, b = a[keep], b[keep]
+    return np.concatenate([np.einsum("ij,ij->i", vectors[a[start:start + 16384]], vectors[b[start:start + 16384]])
+                           for start in range(0, len(a), 16384)] or [np.empty(0, vectors.dtype)])
+
+
+def relation_similarities(vectors: np.ndarray, types: list[str], seed: int, n: int = 200_000) -> dict[str, np.ndarray]:
+    """Each relation's sampled cosine distribution (`n` random pairs per type pair), by relation name."""
+    return {relation_name(type_a, type_b): sampled_similarities(vectors, types, type_a, type_b, n, seed)
+            for type_a, type_b in type_pairs(types)}
+
+
+def similarity_summary(vectors: np.ndarray, types: list[str], seed: int, n: int = 200_000) -> dict[str, dict]:
+    """Percentiles of each relation's (sampled) cosine distribution, to see where thresholds fall."""
+    points = [1, 5, 25, 50, 75, 95, 99]
+    return {relation: {f"p{p}": round(float(v), 4) for p, v in zip(points, np.percentile(sims, points))}
+            for relation, sims in relation_similarities(vectors, types, seed, n).items()}
 
 
 def topk_by_block(rows: np.ndarray, cols: np.ndarray, k: int, block_elements: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:

@@ -15,45 +15,11 @@ import numpy as np
 from lib.corpus import remove_names, with_article
 from lib.io import atomic_dir
 from lib.leakage import loss_columns, near_duplicates, normal_text
+from lib.neighbours import relation_name, sampled_similarities, type_pairs
 from lib.progress import bar
 
 TIERS = ("hard", "medium", "easy")
 QUERY_KINDS = ("name", "keywords", "sentence", "tags")
-
-
-def type_pairs(types: list[str]) -> list[tuple[str, str]]:
-    """Every combination of the item types present, with repeats (monster↔monster, monster↔power, …)."""
-    return list(itertools.combinations_with_replacement(sorted(set(types)), 2))
-
-
-def relation_name(type_a: str, type_b: str) -> str:
-    """The relation of two item types, order-free ('monster-power')."""
-    return "-".join(sorted((type_a, type_b)))
-
-
-def sampled_similarities(vectors: np.ndarray, types: list[str], type_a: str, type_b: str, n: int, seed: int) -> np.ndarray:
-    """Cosines of `n` random distinct item pairs of two types: the relation's similarity distribution in O(n) memory."""
-    rng = np.random.default_rng(seed)
-    types_arr = np.asarray(types)
-    a = rng.choice(np.flatnonzero(types_arr == type_a), n)
-    b = rng.choice(np.flatnonzero(types_arr == type_b), n)
-    keep = a != b
-    a, b = a[keep], b[keep]
-    return np.concatenate([np.einsum("ij,ij->i", vectors[a[start:start + 16384]], vectors[b[start:start + 16384]])
-                           for start in range(0, len(a), 16384)] or [np.empty(0, vectors.dtype)])
-
-
-def relation_similarities(vectors: np.ndarray, types: list[str], seed: int, n: int = 200_000) -> dict[str, np.ndarray]:
-    """Each relation's sampled cosine distribution (`n` random pairs per type pair), by relation name."""
-    return {relation_name(type_a, type_b): sampled_similarities(vectors, types, type_a, type_b, n, seed)
-            for type_a, type_b in type_pairs(types)}
-
-
-def similarity_summary(vectors: np.ndarray, types: list[str], seed: int, n: int = 200_000) -> dict[str, dict]:
-    """Percentiles of each relation's (sampled) cosine distribution, to see where thresholds fall."""
-    points = [1, 5, 25, 50, 75, 95, 99]
-    return {relation: {f"p{p}": round(float(v), 4) for p, v in zip(points, np.percentile(sims, points))}
-            for relation, sims in relation_similarities(vectors, types, seed, n).items()}
 
 
 def relation_thresholds(

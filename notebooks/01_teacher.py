@@ -98,7 +98,7 @@ write_json(out_dir / "query_ids.json", [q["qid"] for q in queries])
 # %%
 import pandas as pd
 
-from lib.pairs import relation_similarities, similarity_summary
+from lib.neighbours import relation_similarities, similarity_summary
 from lib.plots import histograms
 
 types = [i["type"] for i in items]

@@ -124,7 +124,7 @@ print(f"{len(exclude)} items kept out of training: {len(held_out)} sources of ev
 # of both modes. A fixed 0.8 / 0.4 only makes sense for a teacher whose cosines spread over that range.
 
 # %%
-summary = pairs.similarity_summary(vectors, types, seed)
+summary = neighbours.similarity_summary(vectors, types, seed)
 thresholds = {mode: pairs.relation_thresholds(vectors, types, mode, positive_threshold, negative_threshold,
                                               positive_percentile, negative_percentile, seed)
               for mode in ("absolute", "calibrated")}

@@ -30,7 +30,7 @@ def _arc(n: int, item_type: str = "power"):
 
 
 def test_type_pairs_cover_every_combination():
-    assert pairs.type_pairs(["power", "monster", "power"]) == [
+    assert neighbours.type_pairs(["power", "monster", "power"]) == [
         ("monster", "monster"), ("monster", "power"), ("power", "power")]
 
 
