@@ -74,7 +74,7 @@ import pandas as pd
 from sentence_transformers import SentenceTransformer
 from transformers import set_seed
 
-from lib import finetune, training
+from lib import batches, finetune, training
 from lib.io import write_json, write_metrics
 from lib.paths import Run, resolve_model_path, shown_path
 from lib.plots import line_plot
@@ -101,7 +101,7 @@ print(f"start from {shown_path(start_model, run.path)}; {len(inputs.train)} trai
 # against (its own entity under another text, an alias, a related item, another item its query fits).
 
 # %%
-sampler_counts = finetune.false_negatives_by_sampler(inputs.train, inputs.lookup, per_device_train_batch_size, seed)
+sampler_counts = batches.false_negatives_by_sampler(inputs.train, inputs.lookup, per_device_train_batch_size, seed)
 pd.DataFrame(sampler_counts).T
 
 # %% [markdown]

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 
-from lib import corpus, finetune, pairs, pipeline, training
+from lib import batches, corpus, finetune, pairs, pipeline, training
 from lib.io import save_npy, write_json, write_jsonl
 from lib.paths import REPO_ROOT
 
@@ -221,24 +221,24 @@ def test_entity_batches_keep_aliases_relations_and_other_answers_apart():
         {"kind": "item", "anchor": "G text", "anchor_id": "G", "positive": "H text", "positive_id": "H",
          "negative_1": "I text", "negative_ids": ["I"], "guard_ids": ["G"]},
     ]
-    lookup = finetune.entity_lookup(rows)
-    candidates, guards = finetune.row_keys([[r["anchor"], r["positive"], r["negative_1"]] for r in rows], lookup)
+    lookup = batches.entity_lookup(rows)
+    candidates, guards = batches.row_keys([[r["anchor"], r["positive"], r["negative_1"]] for r in rows], lookup)
     everything_together = [[0, 1, 2, 3]]
     # 0↔1 share A (both ways), 2's B is guarded by 0 and 1
-    assert finetune.in_batch_false_negatives(everything_together, candidates, guards) == 4
-    batches = finetune.entity_batches([0, 1, 2, 3], candidates, guards, batch_size=4, drop_last=False)
-    assert finetune.in_batch_false_negatives(batches, candidates, guards) == 0
-    assert sorted(i for b in batches for i in b) == [0, 1, 2, 3] and batches[0] == [0, 3]
-    assert finetune.entity_batches([0, 1, 2, 3], candidates, guards, 2, drop_last=True) == [[0, 3]]
+    assert batches.in_batch_false_negatives(everything_together, candidates, guards) == 4
+    grouped = batches.entity_batches([0, 1, 2, 3], candidates, guards, batch_size=4, drop_last=False)
+    assert batches.in_batch_false_negatives(grouped, candidates, guards) == 0
+    assert sorted(i for b in grouped for i in b) == [0, 1, 2, 3] and grouped[0] == [0, 3]
+    assert batches.entity_batches([0, 1, 2, 3], candidates, guards, 2, drop_last=True) == [[0, 3]]
 
 
 def test_entity_sampler_removes_false_negatives_that_no_duplicates_keeps(run):
     inputs = finetune.load_inputs(run / "tiny" / "00_corpus", run / "tiny" / "02_pairs", dev_loss_rows=16, seed=0)
-    counts = finetune.false_negatives_by_sampler(inputs.train, inputs.lookup, batch_size=8, seed=0)
+    counts = batches.false_negatives_by_sampler(inputs.train, inputs.lookup, batch_size=8, seed=0)
     # the exact-text sampler separates the two phrasings of a spell (same positive text) but not related spells
     assert counts["random"]["false_negatives"] > counts["entity"]["false_negatives"] == 0
     assert counts["no_duplicates"]["false_negatives"] > 0
-    sampler = finetune.EntityAwareBatchSampler(inputs.train, 8, False, seed=0, lookup=inputs.lookup)
+    sampler = batches.EntityAwareBatchSampler(inputs.train, 8, False, seed=0, lookup=inputs.lookup)
     assert len(sampler) == len(list(sampler)) and sorted(i for b in sampler for i in b) == list(range(len(inputs.train)))
 
 

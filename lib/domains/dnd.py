@@ -233,6 +233,9 @@ def _attribute_groups(items: list[dict]) -> dict[tuple[str, str], list[str]]:
     return groups
 
 
+ATTRIBUTE_RELEVANT = (2, 25)  # an attribute query asks for a field value 2 to 25 items share
+
+
 def attribute_queries(items: list[dict], min_relevant: int, max_relevant: int, per_category: int, seed: int) -> list[dict]:
     """Queries from structured fields (size, creature type, immunities, school, level, damage type, class)."""
     rng = random.Random(seed)
@@ -460,8 +463,6 @@ def build_corpus(
     max_monsters: int = 0,
     max_spells: int = 0,
     max_background_docs: int = 0,
-    min_relevant: int = 2,
-    max_relevant: int = 25,
     attribute_queries_per_category: int = 40,
     name_paraphrases_per_type: int = 10,
     held_out_entity_fraction: float = 0.2,
@@ -476,7 +477,7 @@ def build_corpus(
     items = [monster_item(m) for m in monsters] + [spell_item(s) for s in spells]
     relations = spellcasting_relations(monsters, {i["id"] for i in items})
     queries = monster_spell_queries(monsters, {s["index"]: s for s in spells}, relations)
-    queries += attribute_queries(items, min_relevant, max_relevant, attribute_queries_per_category, seed=0)
+    queries += attribute_queries(items, *ATTRIBUTE_RELEVANT, attribute_queries_per_category, seed=0)
     queries += name_queries(items, name_paraphrases_per_type, seed=0)
     if held_out_entity_fraction > 0:
         unseen = held_out_entities(items, held_out_items(queries), held_out_entity_fraction, seed)
