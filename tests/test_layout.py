@@ -81,3 +81,21 @@ def test_the_cycle_finder_finds_a_cycle_and_names_its_modules():
 def test_every_lib_import_is_made_at_module_level():
     _, inner = import_graph()
     assert not inner, "imports inside functions hide the import graph; move them to the top:\n" + "\n".join(inner)
+
+
+def argument_count(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """The arguments a caller may pass (self and cls not counted)."""
+    args = node.args
+    names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs] + [a.arg for a in (args.vararg, args.kwarg) if a]
+    return len(names) - (names[:1] in (["self"], ["cls"]))
+
+
+def test_rooms_stay_small_no_module_over_500_lines_no_function_over_10_arguments():
+    long = [f"{p.relative_to(REPO_ROOT)}: {n} lines" for p in sorted(LIB.rglob("*.py"))
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 500]
+    wide = [f"{p.relative_to(REPO_ROOT)}:{node.lineno} {node.name}: {argument_count(node)} arguments"
+            for p in sorted(LIB.rglob("*.py")) for node in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and argument_count(node) > 10]
+    assert not long, "split these modules by job:\n" + "\n".join(long)
+    assert not wide, "give these a settings object:\n" + "\n".join(wide)
+    assert argument_count(ast.parse("def f(self, a, *b, c=1, **d): pass").body[0]) == 4  # the counter counts
