@@ -23,7 +23,7 @@ from lib import bench, corpus, cpu, export
 from lib.encoders import load_encoder, native_backends
 from lib.bench import mixed_vectors, percentiles_ms
 from lib.io import read_json
-from lib.paths import stage_dir
+from lib.paths import CORPUS, EXPORT, FINETUNE, METRICS_FILE, stage_dir
 from lib.search import Retriever
 
 
@@ -55,12 +55,12 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--runs-root", default=None, help="where runs live (default data/runs)")
     args = parser.parse_args()
-    model_dir = stage_dir(args.run, "04_finetune", args.runs_root) / "model"
-    export_dir = stage_dir(args.run, "05_export", args.runs_root)
-    if not (export_dir / "metrics.json").exists():
+    model_dir = stage_dir(args.run, FINETUNE, args.runs_root) / "model"
+    export_dir = stage_dir(args.run, EXPORT, args.runs_root)
+    if not (export_dir / METRICS_FILE).exists():
         raise SystemExit(f"{export_dir}/metrics.json not found: run `make all` for run {args.run!r} first")
-    stage = read_json(export_dir / "metrics.json")
-    corpus_dir = stage_dir(args.run, "00_corpus", args.runs_root)
+    stage = read_json(export_dir / METRICS_FILE)
+    corpus_dir = stage_dir(args.run, CORPUS, args.runs_root)
     items = corpus.load_items(corpus_dir)
     queries = [q["text"] for q in corpus.load_queries(corpus_dir)]
     sets = {"passages": [i["text"] for i in items][: args.texts], "queries": queries[: args.texts]}

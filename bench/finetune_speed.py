@@ -19,7 +19,7 @@ import time
 from transformers import TrainerCallback
 
 from lib import bench, cpu, finetune
-from lib.paths import stage_dir
+from lib.paths import CORPUS, DOMAIN_ADAPT, PAIRS, stage_dir
 
 VARIANTS = {
     "fp32": {"bf16": False, "query_max_seq_length": 128},
@@ -50,9 +50,9 @@ def main() -> None:
     parser.add_argument("--runs-root", default=None, help="where runs live (default data/runs)")
     args = parser.parse_args()
     stage = lambda name: stage_dir(args.run, name, args.runs_root)
-    if not (stage("03_domain_adapt") / "model").is_dir():
-        raise SystemExit(f"{stage('03_domain_adapt')}/model not found: run `make all` for run {args.run!r} first")
-    inputs = finetune.load_inputs(stage("00_corpus"), stage("02_pairs"), 128, 42)
+    if not (stage(DOMAIN_ADAPT) / "model").is_dir():
+        raise SystemExit(f"{stage(DOMAIN_ADAPT)}/model not found: run `make all` for run {args.run!r} first")
+    inputs = finetune.load_inputs(stage(CORPUS), stage(PAIRS), 128, 42)
     results = {}
     for name, settings in VARIANTS.items():
         if settings["bf16"] and not cpu.bf16_supported():
@@ -62,7 +62,7 @@ def main() -> None:
                                          eval_steps=10_000, save_steps=10_000, resume=False, blend_alphas=(), **settings)
         timer = StepTimer()
         with tempfile.TemporaryDirectory() as out:
-            model, _, facts = finetune.finetune(stage("03_domain_adapt") / "model", inputs.train, inputs.dev, None, out,
+            model, _, facts = finetune.finetune(stage(DOMAIN_ADAPT) / "model", inputs.train, inputs.dev, None, out,
                                                 config, inputs.lookup, callbacks=[timer])
         dev = inputs.evaluator(model)["sequential_score"]  # the mean of the target-type groups' NDCG@10
         step_s = statistics.median(timer.seconds[3:])

@@ -10,7 +10,7 @@ import yaml
 
 from lib.evaluate import paired_randomisation
 from lib.io import read_json
-from lib.paths import PARAMS_DIR, REPO_ROOT, STAGES, run_dir, stage_dir
+from lib.paths import DOMAIN_ADAPT, EVALUATE, FINETUNE, METRICS_FILE, PARAMS_DIR, REPO_ROOT, STAGES, run_dir, stage_dir
 
 SPEC_KEYS = {"stages", "overrides", "arms"}
 
@@ -52,7 +52,7 @@ def link_upstream(run: str, first_stage: str, runs_root: str | Path | None, arm_
     """Symlink the run's stages before `first_stage` into the arm, so every arm reads the same artefacts."""
     for stage in STAGES[:STAGES.index(first_stage)]:
         source, link = stage_dir(run, stage, runs_root).resolve(), stage_dir(run, stage, arm_root)
-        if not (source / "metrics.json").is_file():
+        if not (source / METRICS_FILE).is_file():
             raise FileNotFoundError(f"{source} is not finished: run the pipeline up to {stage} first (make stage-{stage[:2]})")
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.is_symlink():
@@ -72,9 +72,9 @@ def results_table(run: str, arm_roots: dict[str, Path], n_permutations: int = 10
     encoders with 95% intervals and paired tests (NDCG@10) against the first arm; the dev winner."""
     rows, per_query = {}, {}
     for arm, root in arm_roots.items():
-        adapt, tuned, evaluated = (read_json(stage_dir(run, s, root) / "metrics.json")
-                                   for s in ("03_domain_adapt", "04_finetune", "06_evaluate"))
-        frame = pd.read_csv(stage_dir(run, "06_evaluate", root) / "per_query.csv")
+        adapt, tuned, evaluated = (read_json(stage_dir(run, s, root) / METRICS_FILE)
+                                   for s in (DOMAIN_ADAPT, FINETUNE, EVALUATE))
+        frame = pd.read_csv(stage_dir(run, EVALUATE, root) / "per_query.csv")
         frame = frame[frame["category"].isin(evaluated["headline_categories"])]  # the independent test queries
         per_query[arm] = {s: g.set_index("qid")["ndcg@10"] for s, g in frame.groupby("system")}
         test = {s: {m: evaluated["headline"][s][m] for m in ("ndcg@10", "mrr@10", "precision@1", "recall@10")}

@@ -21,7 +21,8 @@ from lib.encoders import TorchEncoder
 from lib.feedback import model_version, read_judgements, share_by_version
 from lib.io import read_json, read_jsonl, write_text
 from lib.leakage import normal_text
-from lib.paths import PARAMS_DIR, REPORTS_DIR, Run, resolve_model_path
+from lib.paths import (CORPUS, EVALUATE, METRICS_FILE, PAIRS, PARAMS_DIR, REPORTS_DIR, Run,
+                       resolve_model_path)
 from lib.release import ReleaseError, resolve
 from lib.report import STYLE, table
 from lib.search import Bm25, fuse
@@ -73,23 +74,23 @@ def load_side(spec: str, runs_root: str | Path | None = None) -> Side:
         manifest = read_json(release / "manifest.json")
         return Side(release.name, manifest["domain"], release / "model", release / "evaluation",
                     read_json(release / "index" / "retriever.json"), manifest["created"],
-                    release.parent / "feedback.sqlite", read_json(release / "evaluation" / "metrics.json"),
+                    release.parent / "feedback.sqlite", read_json(release / "evaluation" / METRICS_FILE),
                     manifest.get("feedback", {}).get("rows", 0))
     run = Run(spec, runs_root)
-    needed = [run.stage("04_finetune") / "model" / "modules.json", run.stage("06_evaluate") / "metrics.json"]
+    needed = [run.model / "modules.json", run.metrics_path(EVALUATE)]
     if (spec in BASE_MODELS and not run.path.is_dir()) or (Path(spec) / "modules.json").is_file():
         return Side(Path(spec).name, "", resolve_model_path(spec), None, {"mode": "dense"}, "", None, {})
     if not all(p.exists() for p in needed):
         raise CompareError(f"{spec!r} is neither a release (models/<domain>/<version>) nor a finished run "
                            f"({', '.join(str(p) for p in needed if not p.exists())} missing): `make all` or `make releases`")
-    index = run.stage("05_export") / "index" / "retriever.json"
-    finished = (run.stage("06_evaluate") / "metrics.json").stat().st_mtime
-    pairs_metrics = run.stage("02_pairs") / "metrics.json"
+    index = run.index / "retriever.json"
+    finished = (run.metrics_path(EVALUATE)).stat().st_mtime
+    pairs_metrics = run.metrics_path(PAIRS)
     feedback = read_json(pairs_metrics).get("feedback", {}) if pairs_metrics.exists() else {}
-    return Side(spec, run_domain(spec), run.stage("04_finetune") / "model", run.stage("00_corpus"),
+    return Side(spec, run_domain(spec), run.model, run.stage(CORPUS),
                 read_json(index) if index.exists() else {"mode": "dense"},
                 datetime.fromtimestamp(finished, timezone.utc).isoformat(timespec="seconds"),
-                run.path / "feedback.sqlite", read_json(run.stage("06_evaluate") / "metrics.json"), feedback.get("rows", 0))
+                run.path / "feedback.sqlite", run.metrics(EVALUATE), feedback.get("rows", 0))
 
 
 def shared_queries(newer: Side, older: Side) -> tuple[list[dict], list[str]]:

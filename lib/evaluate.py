@@ -19,6 +19,7 @@ from lib.encoders import OnnxEncoder, TorchEncoder, with_prompt
 from lib.progress import note
 from lib.search import Bm25, fuse, saved_settings, truncate
 from lib.teacher import stage_vectors
+from lib.paths import EXPORT
 
 KS = (1, 3, 5, 10)
 ScoreRows = Callable[[int, int], np.ndarray]  # (start, stop) → those queries' scores over every item
@@ -337,7 +338,7 @@ def hybrid_setting(index_dir: str | Path, rrf_k: int = 60) -> dict:
         return {"fusion": "rrf", "dense_weight": 0.5, "rrf_k": rrf_k, "from": "rrf_k parameter (no saved index)"}
     saved = saved_settings(index_dir)
     return {"fusion": saved["fusion"], "dense_weight": saved["dense_weight"], "rrf_k": saved["rrf_k"],
-            "from": "05_export/index (chosen on dev)"}
+            "from": f"{EXPORT}/index (chosen on dev)"}
 
 
 def hybrid_label(setting: dict) -> str:

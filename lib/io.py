@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from lib.paths import METRICS_FILE
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -69,7 +71,7 @@ PENDING_METRICS = "metrics.pending.json"  # what a stage writes under the runner
 def write_metrics(stage_dir: str | Path, metrics: dict) -> None:
     """A stage's last act: its metrics.json, the done-marker. Under the runner (which sets CODEX_FORGE_PENDING_MARKER)
     it is metrics.pending.json, renamed to metrics.json once the stage's reports are written."""
-    write_json(Path(stage_dir) / (PENDING_METRICS if os.environ.get(PENDING_MARKER_ENV) else "metrics.json"), metrics)
+    write_json(Path(stage_dir) / (PENDING_METRICS if os.environ.get(PENDING_MARKER_ENV) else METRICS_FILE), metrics)
 
 
 def read_json(path: str | Path) -> Any:

@@ -1,6 +1,7 @@
 """Every path the pipeline uses, in one place."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,16 +14,17 @@ CACHE_DIR = DATA_DIR / "cache"
 REPORTS_DIR = REPO_ROOT / "reports"
 MODELS_DIR = DATA_DIR / "models"
 
-STAGES = [
-    "00_corpus",
-    "01_teacher",
-    "02_pairs",
-    "03_domain_adapt",
-    "04_finetune",
-    "05_export",
-    "06_evaluate",
-    "07_embedding_maps",
-]
+# The stages, each a notebook and a folder of its run: code names them by these constants, never by the string.
+CORPUS = "00_corpus"
+TEACHER = "01_teacher"
+PAIRS = "02_pairs"
+DOMAIN_ADAPT = "03_domain_adapt"
+FINETUNE = "04_finetune"
+EXPORT = "05_export"
+EVALUATE = "06_evaluate"
+MAPS = "07_embedding_maps"
+STAGES = [CORPUS, TEACHER, PAIRS, DOMAIN_ADAPT, FINETUNE, EXPORT, EVALUATE, MAPS]
+METRICS_FILE = "metrics.json"  # a stage's last file, its done-marker: what it tells the stages and reports after it
 
 
 def run_name(domain: str, profile: str) -> str:
@@ -45,7 +47,6 @@ def stage_dir(run: str, stage: str, runs_root: str | Path | None = None, create:
     return path
 
 
-
 @dataclass(frozen=True)
 class Run:
     """One run's stage folders, the handle every notebook opens: Run(run_name, runs_root).stage("02_pairs")."""
@@ -61,6 +62,28 @@ class Run:
     def path(self) -> Path:
         """The run's folder (feedback.sqlite lives there, beside the stages)."""
         return run_dir(self.name, self.root or None)
+
+    def metrics_path(self, stage: str) -> Path:
+        """The stage's metrics.json: there once the stage has finished."""
+        return self.stage(stage) / METRICS_FILE
+
+    def metrics(self, stage: str) -> dict:
+        """What the stage's metrics.json says; a clear error naming the file when the stage has not run."""
+        path = self.metrics_path(stage)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: stage {stage} of run {self.name} has not finished; run it first")
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    @property
+    def model(self) -> Path:
+        """The fine-tuned model (stage 04's SentenceTransformer folder)."""
+        return self.stage(FINETUNE) / "model"
+
+    @property
+    def index(self) -> Path:
+        """The saved search index (stage 05's Retriever folder)."""
+        return self.stage(EXPORT) / "index"
+
 
 def shown_path(path: str | Path, within: str | Path | None = None) -> str:
     """A path as shared reports and metrics show it: relative to `within` (e.g. a run folder) or to the repository

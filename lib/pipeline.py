@@ -22,7 +22,7 @@ from lib import ablation, domains
 from lib.config import ConfigError, env_passthrough, layered_parameters, param_files, redact, secret_values
 from lib.domains.records import DataError
 from lib.io import PENDING_MARKER_ENV, PENDING_METRICS, read_json, write_json, write_text
-from lib.paths import NOTEBOOKS_DIR, REPORTS_DIR, STAGES, run_dir, run_name, stage_dir
+from lib.paths import CORPUS, METRICS_FILE, NOTEBOOKS_DIR, REPORTS_DIR, STAGES, run_dir, run_name, stage_dir
 from lib.progress import HEARTBEAT_SECONDS, TERMINAL_ENV, duration
 from lib.report import write_index
 
@@ -237,11 +237,11 @@ def run_stage(stage: str, domain: str, profile: str, runs_root: str | None = Non
     files = param_files(domain, profile)
     every_param = layered_parameters(domain, profile, overrides)
     params = stage_parameters(stage, every_param, files) | {"run_name": run, "runs_root": str(runs_root or "")}
-    if stage == "00_corpus":
+    if stage == CORPUS:
         check_data(params)  # before anything is written: a bad file costs no half-run
     out_dir = Path(reports_root or REPORTS_DIR) / run
     out_dir.mkdir(parents=True, exist_ok=True)
-    marker, pending = (stage_dir(run, stage, runs_root) / name for name in ("metrics.json", PENDING_METRICS))
+    marker, pending = (stage_dir(run, stage, runs_root) / name for name in (METRICS_FILE, PENDING_METRICS))
     marker.unlink(missing_ok=True)
     pending.unlink(missing_ok=True)
     executed, secrets = out_dir / f"{stage}.ipynb", secret_values(every_param)
@@ -343,7 +343,7 @@ def run_ablation(name: str, domain: str, profile: str, runs_root: str | None = N
         ablation.link_upstream(run, spec["stages"][0], runs_root, arm_root)
         write_json(arm_root / "arm.json", settings)
         for stage in spec["stages"]:
-            if (stage_dir(run, stage, arm_root) / "metrics.json").is_file():
+            if (stage_dir(run, stage, arm_root) / METRICS_FILE).is_file():
                 continue
             print(f"[codex-forge] ablation-{name} · {arm} · {stage} …", flush=True)
             seconds = run_stage(stage, domain, profile, str(arm_root),

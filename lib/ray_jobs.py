@@ -18,7 +18,7 @@ from lib import corpus
 from lib.encoders import load_encoder
 from lib.evaluate import dense_scores, evaluate_scores, headline_categories, metric_columns
 from lib.io import atomic_path
-from lib.paths import Run
+from lib.paths import CORPUS, EXPORT, Run
 
 
 class EncodeBatch:
@@ -87,10 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     import ray
 
     run = Run(args.run, args.runs_root)
-    items = corpus.load_items(run.stage("00_corpus"))
-    queries = corpus.load_queries(run.stage("00_corpus"), split="test")
+    items = corpus.load_items(run.stage(CORPUS))
+    queries = corpus.load_queries(run.stage(CORPUS), split="test")
     queries = [q for q in queries if q["category"] in headline_categories(queries)]
-    model_dir, export_dir = run.stage("04_finetune") / "model", run.stage("05_export")
+    model_dir, export_dir = run.model, run.stage(EXPORT)
     ray.init(address=args.address or None, include_dashboard=False, log_to_driver=False)
     try:
         item_vectors = encode([i["text"] for i in items], args.backend, model_dir, export_dir, args.replicas,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lib.paths import EVALUATE, FINETUNE
+
 MARGIN = 0.02  # an NDCG@10 difference smaller than this is not worth a recommendation
 MIN_QUERIES = 10  # a kind of query with fewer is too small to act on
 ALPHA = 0.05
@@ -116,7 +118,7 @@ def dev_and_test_disagree(evaluation: dict, finetune: dict, gap: float = 0.1) ->
 
 def recommendations(metrics: dict[str, dict], loss_curve: list[tuple[int, float]]) -> list[Recommendation]:
     """Every rule's recommendations for a run, from its stages' metrics.json and the training loss (step, loss)."""
-    evaluation, finetune = metrics.get("06_evaluate", {}), metrics.get("04_finetune", {})
+    evaluation, finetune = metrics.get(EVALUATE, {}), metrics.get(FINETUNE, {})
     return (not_better_than_base(evaluation, finetune) + weak_teacher(evaluation) + bm25_beats_student(evaluation)
             + loss_still_falling(loss_curve) + in_batch_false_negatives(finetune)
             + dev_and_test_disagree(evaluation, finetune))

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from lib.io import atomic_dir, read_json, write_json, write_text
-from lib.paths import REPO_ROOT, Run, run_name
+from lib.paths import CORPUS, EVALUATE, EXPORT, FINETUNE, METRICS_FILE, PAIRS, REPO_ROOT, TEACHER, Run, run_name
 from lib.provenance import git_commit, package_versions
 
 RELEASES_DIR = REPO_ROOT / "models"
@@ -232,11 +232,11 @@ it: `python -m lib.serve --index path/to/{manifest['version']}`.
 
 def run_facts(run: Run) -> dict:
     """What a release says about the run it packages: teacher, training, search, corpus fingerprint."""
-    teacher = read_json(run.stage("01_teacher") / "metrics.json")
-    finetune = read_json(run.stage("04_finetune") / "metrics.json")
-    export = read_json(run.stage("05_export") / "metrics.json")
-    index = read_json(run.stage("05_export") / "index" / "retriever.json")
-    corpus = run.stage("00_corpus")
+    teacher = run.metrics(TEACHER)
+    finetune = run.metrics(FINETUNE)
+    export = run.metrics(EXPORT)
+    index = read_json(run.index / "retriever.json")
+    corpus = run.stage(CORPUS)
     digest = hashlib.sha256()
     for name in ("items.jsonl", "queries.jsonl", "relations.jsonl"):
         if (corpus / name).exists():
@@ -250,7 +250,7 @@ def run_facts(run: Run) -> dict:
         "search": {k: index.get(k) for k in ("mode", "fusion", "dense_weight", "rrf_k")}
                   | {"backend": index.get("encoder", {}).get("backend", export.get("default_backend", "torch-fp32"))},
         "corpus": {"items": int(index.get("items", 0)), "fingerprint": digest.hexdigest()[:16]},
-        "feedback": read_json(run.stage("02_pairs") / "metrics.json").get("feedback", {}),
+        "feedback": run.metrics(PAIRS).get("feedback", {}),
     }
 
 
@@ -271,8 +271,8 @@ def make_release(run_name: str, domain: str, runs_root: str | Path | None = None
     folder = domain_dir(domain, root)
     pointer(folder)  # something else where `current` goes stops the release before any work
     run = Run(run_name, runs_root)
-    needed = [run.stage("04_finetune") / "model" / "modules.json", run.stage("05_export") / "index" / "retriever.json",
-              run.stage("06_evaluate") / "metrics.json"]
+    needed = [run.model / "modules.json", run.index / "retriever.json",
+              run.metrics_path(EVALUATE)]
     missing = [str(p) for p in needed if not p.exists()]
     if missing:
         raise ReleaseError(f"run {run_name!r} is not finished ({', '.join(missing)} missing): `make all` first")
@@ -283,7 +283,7 @@ def make_release(run_name: str, domain: str, runs_root: str | Path | None = None
 def release_locked(run: Run, domain: str, folder: Path, now: datetime | None) -> Path:
     """make_release's work, with models/<domain>/ held."""
     run_name = run.name
-    model_dir = run.stage("04_finetune") / "model"
+    model_dir = run.model
     fingerprint = model_fingerprint(model_dir)
     for manifest in releases(folder):
         if manifest["model_sha256"] == fingerprint:
@@ -293,15 +293,15 @@ def release_locked(run: Run, domain: str, folder: Path, now: datetime | None) ->
 
     now = now or datetime.now(timezone.utc)
     version = next_version([p.name for p in folder.glob("v*")], fingerprint, now.strftime("%Y%m%d"))
-    evaluation = read_json(run.stage("06_evaluate") / "metrics.json")
+    evaluation = run.metrics(EVALUATE)
     facts = run_facts(run)
-    export_dir = run.stage("05_export")
+    export_dir = run.stage(EXPORT)
     backend = facts["search"]["backend"]
     manifest = {
         "version": version, "domain": domain, "run": run_name, "created": now.isoformat(timespec="seconds"),
         "git_commit": git_commit(), "model_sha256": fingerprint,
         **({"base_model": "all-MiniLM-L6-v2", "model_license": "apache-2.0", "data_license": "not stated"}
-           | read_json(export_dir / "metrics.json").get("model_card", {})),
+           | read_json(export_dir / METRICS_FILE).get("model_card", {})),
         **facts, "split": evaluation.get("split", "test"), "queries": headline_queries(evaluation),
         "headline": headline(evaluation), "p_values_vs_base": evaluation.get("p_values_vs_base", {}),
         "packages": package_versions(),
@@ -316,16 +316,16 @@ def release_locked(run: Run, domain: str, folder: Path, now: datetime | None) ->
             shutil.copy2(export_dir / name, tmp / "onnx" / name)
         copy_index(export_dir / "index", tmp / "index", backend, facts["max_seq_length"])
         (tmp / "evaluation").mkdir()
-        shutil.copy2(run.stage("06_evaluate") / "metrics.json", tmp / "evaluation" / "metrics.json")
-        shutil.copy2(export_dir / "metrics.json", tmp / "evaluation" / "export.json")  # the backends' parity gate
+        shutil.copy2(run.metrics_path(EVALUATE), tmp / "evaluation" / METRICS_FILE)
+        shutil.copy2(export_dir / METRICS_FILE, tmp / "evaluation" / "export.json")  # the backends' parity gate
         for name in ("per_query.csv",):
-            if (run.stage("06_evaluate") / name).exists():
-                shutil.copy2(run.stage("06_evaluate") / name, tmp / "evaluation" / name)
+            if (run.stage(EVALUATE) / name).exists():
+                shutil.copy2(run.stage(EVALUATE) / name, tmp / "evaluation" / name)
         for name in ("items.jsonl", "queries.jsonl", "relations.jsonl"):
-            if (run.stage("00_corpus") / name).exists():
-                shutil.copy2(run.stage("00_corpus") / name, tmp / "evaluation" / name)
-        if (run.stage("02_pairs") / "held_out_queries.jsonl").exists():
-            shutil.copy2(run.stage("02_pairs") / "held_out_queries.jsonl", tmp / "evaluation" / "held_out_queries.jsonl")
+            if (run.stage(CORPUS) / name).exists():
+                shutil.copy2(run.stage(CORPUS) / name, tmp / "evaluation" / name)
+        if (run.stage(PAIRS) / "held_out_queries.jsonl").exists():
+            shutil.copy2(run.stage(PAIRS) / "held_out_queries.jsonl", tmp / "evaluation" / "held_out_queries.jsonl")
         write_manifest(tmp, manifest)
     set_current(folder, version)
     return folder / version

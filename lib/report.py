@@ -16,7 +16,8 @@ from lib.config import redact, secret_values
 from lib.domains.records import skipped_line
 from lib.evaluate import format_interval, hybrid_label
 from lib.io import read_json, write_text
-from lib.paths import REPO_ROOT, REPORTS_DIR, STAGES, run_dir, shown_path, stage_dir
+from lib.paths import (CORPUS, DOMAIN_ADAPT, EVALUATE, EXPORT, FINETUNE, MAPS, METRICS_FILE, PAIRS, REPORTS_DIR,
+                       REPO_ROOT, STAGES, TEACHER, run_dir, shown_path, stage_dir)
 from lib.provenance import fill_generated, git_commit, machine, machine_label, package_versions
 from lib.release import headline_queries
 
@@ -100,15 +101,15 @@ def feedback_line(counts: dict) -> str:
 def cost_line(metrics: dict[str, dict], timings: dict[str, float]) -> str:
     """What the run cost: wall time, teacher texts embedded (cache misses), tokens and dollars, training steps."""
     parts = [f"{sum(timings.values()) / 60:.1f} min of stages on this machine"] if timings else []
-    teacher = metrics.get("01_teacher", {})
+    teacher = metrics.get(TEACHER, {})
     if teacher:
         misses = teacher.get("passages_cache_misses", 0) + teacher.get("queries_cache_misses", 0)
         texts = teacher.get("passages_texts", 0) + teacher.get("queries_texts", 0)
         parts.append(f"teacher {teacher.get('backend', '?')} / {teacher.get('model', '?')}: {misses} of {texts} "
                      f"texts embedded ({teacher.get('tokens', 0):,} tokens, ${teacher.get('cost_usd', 0):.4f}), "
                      "the rest from the cache")
-    if "steps" in metrics.get("04_finetune", {}):
-        parts.append(f"{metrics['04_finetune']['steps']} fine-tuning steps")
+    if "steps" in metrics.get(FINETUNE, {}):
+        parts.append(f"{metrics[FINETUNE]['steps']} fine-tuning steps")
     return "; ".join(parts) + "." if parts else ""
 
 
@@ -216,13 +217,13 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
                 reports_root: str | None = None) -> Path:
     """Write reports/<run>/index.html from the stages' metrics.json files; return its path."""
     out_dir = Path(reports_root or REPORTS_DIR) / run
-    metrics = {s: read_json(p) for s in STAGES if (p := stage_dir(run, s, runs_root) / "metrics.json").exists()}
+    metrics = {s: read_json(p) for s in STAGES if (p := stage_dir(run, s, runs_root) / METRICS_FILE).exists()}
     timings_path = out_dir / "timings.json"
     timings = read_json(timings_path) if timings_path.exists() else {}
-    evaluation = metrics.get("06_evaluate", {})
+    evaluation = metrics.get(EVALUATE, {})
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>codex-forge · {html.escape(run)}</title>"
              f"<style>{STYLE}</style></head><body><h1>codex-forge · {html.escape(run)}</h1>"]
-    if skipped := metrics.get("00_corpus", {}).get("skipped"):
+    if skipped := metrics.get(CORPUS, {}).get("skipped"):
         parts.append(f"<p id='skipped'><b>Data:</b> {html.escape(skipped_line(skipped))} (counted by stage 00; the "
                      "rest of the run uses what remains).</p>")
     if evaluation:
@@ -233,13 +234,13 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
                      f"<p>Held-out <b>{evaluation['split']}</b> queries (n={headline_queries(evaluation)}; ground truth "
                      "from the corpus's own fields and relations, not from the teacher). Green: better than the base "
                      "student; red: worse.</p>")
-        if blend := blend_line(metrics.get("04_finetune", {})):
+        if blend := blend_line(metrics.get(FINETUNE, {})):
             parts.append(f"<p>{html.escape(blend)}</p>")
-        if counts := metrics.get("02_pairs", {}).get("feedback"):
+        if counts := metrics.get(PAIRS, {}).get("feedback"):
             parts.append(f"<p id='feedback'><b>Search feedback:</b> {html.escape(feedback_line(counts))}</p>")
         if cost := cost_line(metrics, timings):
             parts.append(f"<p><b>Cost:</b> {html.escape(cost)}</p>")
-        parts.append(embedded_png(stage_dir(run, "06_evaluate", runs_root) / "metric_bars.png"))
+        parts.append(embedded_png(stage_dir(run, EVALUATE, runs_root) / "metric_bars.png"))
         parts.append(table(ordered(evaluation["headline"]), columns, highlight_vs="base"))
         if ci:
             parts.append("<h3>95% bootstrap intervals</h3>" + interval_table(
@@ -265,20 +266,20 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
                 rows = {f"{d} (n={v['n']})": {s: v[s] for s in systems if s in v} for d, v in per_difficulty.items()}
                 parts.append(f"<h3>{title}</h3>" + table(rows, [s for s in systems if any(s in r for r in rows.values())],
                                                          highlight_vs=""))
-        parts.append(next_steps_section(metrics, stage_dir(run, "04_finetune", runs_root) / "log_history.json"))
+        parts.append(next_steps_section(metrics, stage_dir(run, FINETUNE, runs_root) / "log_history.json"))
     else:
         parts.append("<p><b>No evaluation yet</b>: stage 06 has not finished for this run.</p>")
-    maps = metrics.get("07_embedding_maps", {})
+    maps = metrics.get(MAPS, {})
     parts.append("<h2>Maps</h2><p>The fine-tuned map is aligned onto the base map (same axes).</p>"
-                 + embedded_png(stage_dir(run, "07_embedding_maps", runs_root) / "umap_category.png"))
+                 + embedded_png(stage_dir(run, MAPS, runs_root) / "umap_category.png"))
     if maps.get("knn10_label_agreement"):
         quality = {f"{measure} by {label}": values for measure in ("knn10_label_agreement", "silhouette")
                    for label, values in maps.get(measure, {}).items()}
         parts.append("<h3>Cluster quality</h3>" + table(quality, ["before", "after"]))
-    here = metrics.get("05_export", {}).get("machine") or machine()  # the machine this run's speed figures come from
-    parts.append(training_section(metrics.get("04_finetune", {}), run, here))
-    parts.append(search_section(metrics.get("05_export", {}), run, here))
-    parts.append(ablation_sections(run, metrics.get("03_domain_adapt", {}).get("domain_method"), runs_root, out_dir))
+    here = metrics.get(EXPORT, {}).get("machine") or machine()  # the machine this run's speed figures come from
+    parts.append(training_section(metrics.get(FINETUNE, {}), run, here))
+    parts.append(search_section(metrics.get(EXPORT, {}), run, here))
+    parts.append(ablation_sections(run, metrics.get(DOMAIN_ADAPT, {}).get("domain_method"), runs_root, out_dir))
     links = lambda s: " · ".join(f"<a href='{name}'>{name}</a>" for name in (f"{s}.html", f"{s}.code.html")
                                  if (out_dir / name).exists()) or "—"
     parts.append("<h2>Stages</h2><p>Each stage's report: <code>NN_stage.html</code> (shared, code hidden) and "
@@ -286,11 +287,11 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
                  "<th>wall time (s)</th><th>finished</th></tr></thead><tbody>" + "".join(
                      f"<tr><td>{s}</td><td>{links(s)}</td><td>{timings.get(s, '—')}</td>"
                      f"<td>{'yes' if s in metrics else 'no'}</td></tr>" for s in STAGES) + "</tbody></table>")
-    teacher = metrics.get("01_teacher", {})
+    teacher = metrics.get(TEACHER, {})
     provenance = {"git commit": git_commit(), "teacher": f"{teacher.get('backend', '?')} / {teacher.get('model', '?')}",
                   "machine": f"{machine_label(here)}, {here['system']} {here['arch']}, Python {platform.python_version()}",
                   "parameter files": ", ".join(str(p.relative_to(REPO_ROOT)) for p in param_files)}
-    provenance |= data_hashes(stage_dir(run, "00_corpus", runs_root))
+    provenance |= data_hashes(stage_dir(run, CORPUS, runs_root))
     provenance |= package_versions()
     parts.append("<h2>Provenance</h2>" + table({k: {"value": v} for k, v in provenance.items()}, ["value"]))
     shown = shown_paths(params)
@@ -365,9 +366,9 @@ def markdown_results(evaluation: dict) -> str:
     return "\n".join(lines)
 
 
-STAGE_LABELS = {"00_corpus": "corpus", "01_teacher": "teacher", "02_pairs": "training data", "03_domain_adapt":
-                "domain pre-training", "04_finetune": "fine-tuning", "05_export": "export", "06_evaluate": "evaluation",
-                "07_embedding_maps": "maps"}
+STAGE_LABELS = {CORPUS: "corpus", TEACHER: "teacher", PAIRS: "training data", DOMAIN_ADAPT:
+                "domain pre-training", FINETUNE: "fine-tuning", EXPORT: "export", EVALUATE: "evaluation",
+                MAPS: "maps"}
 
 
 def markdown_headline(evaluation: dict) -> str:
@@ -380,12 +381,12 @@ def markdown_headline(evaluation: dict) -> str:
 
 def run_facts(run: str, evaluation: dict, runs_root: str | None, reports_root: str | None) -> str:
     """One paragraph: which run, at which commit, on which machine, how many test queries, wall time per stage."""
-    export_metrics = read_json(stage_dir(run, "05_export", runs_root) / "metrics.json")
+    export_metrics = read_json(stage_dir(run, EXPORT, runs_root) / METRICS_FILE)
     timings_file = Path(reports_root or REPORTS_DIR) / run / "timings.json"
     timings = read_json(timings_file) if timings_file.is_file() else {}
     stages = ", ".join(f"{STAGE_LABELS.get(s, s)} {timings[s]:.0f}" for s in STAGES if s in timings)
     total = f" (stages {sum(timings.get(s, 0) for s in STAGES) / 60:.1f} min: {stages} s)" if timings else ""
-    finetune_file = stage_dir(run, "04_finetune", runs_root) / "metrics.json"
+    finetune_file = stage_dir(run, FINETUNE, runs_root) / METRICS_FILE
     steps = read_json(finetune_file).get("steps") if finetune_file.is_file() else None
     trained = f"; {steps} fine-tuning steps" if steps is not None else ""
     return (f"Run `{run}` at commit {git_commit()}, {machine_label(export_metrics['machine'])}{total}{trained}; "
@@ -394,7 +395,7 @@ def run_facts(run: str, evaluation: dict, runs_root: str | None, reports_root: s
 
 def write_docs(run: str, runs_root: str | None = None, reports_root: str | None = None) -> list[Path]:
     """Rewrite the generated blocks of README.md and docs/results.md from a finished run's metrics."""
-    evaluation = read_json(stage_dir(run, "06_evaluate", runs_root) / "metrics.json")
+    evaluation = read_json(stage_dir(run, EVALUATE, runs_root) / METRICS_FILE)
     blocks = {"facts": run_facts(run, evaluation, runs_root, reports_root), "headline": markdown_headline(evaluation),
               "results": markdown_results(evaluation)}
     written = []
@@ -422,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
         for path in write_docs(args.run, args.runs_root, args.reports_root):
             print(f"wrote {path.relative_to(REPO_ROOT)}")
         return
-    print(markdown_results(read_json(stage_dir(args.run, "06_evaluate", args.runs_root) / "metrics.json")))
+    print(markdown_results(read_json(stage_dir(args.run, EVALUATE, args.runs_root) / METRICS_FILE)))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import numpy as np
 
 from lib.encoders import TorchEncoder, load_encoder
 from lib.io import atomic_dir, read_json, read_jsonl, save_npy, write_json, write_jsonl
-from lib.paths import stage_dir
+from lib.paths import EXPORT, stage_dir
 from lib.release import ReleaseError, resolve
 
 SEARCH_MODES = ("dense", "bm25", "hybrid")
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs-root", default=None)
     parser.add_argument("--index", default=None, help="a saved index or a release (models/<domain>/current) instead of the run's")
     args = parser.parse_args(argv)
-    index_dir = Path(args.index) if args.index else stage_dir(args.run, "05_export", args.runs_root) / "index"
+    index_dir = Path(args.index) if args.index else stage_dir(args.run, EXPORT, args.runs_root) / "index"
     if not args.index and not (index_dir / "retriever.json").exists():
         raise SystemExit(f"{index_dir} not found: run `make all` (stage 05) for run {args.run!r} first")
     try:

@@ -53,9 +53,10 @@ seed: int = 42  # seeds the query split and the sampling of the adapters
 # %%
 # Opened in JupyterLab rather than run by `make`? Then the run's own parameters replace the cell above (DOMAIN,
 # PROFILE and DATA as `make lab` was given them), and the run is held as `make` holds it. Under `make`: nothing.
+from lib.paths import CORPUS
 from lib.pipeline import lab_parameters
 
-globals().update(lab_parameters("00_corpus"))
+globals().update(lab_parameters(CORPUS))
 
 # %%
 from collections import Counter
@@ -68,7 +69,7 @@ from lib.io import write_metrics
 from lib.paths import Run
 
 run = Run(run_name, runs_root)
-out_dir = run.stage("00_corpus", create=True)
+out_dir = run.stage(CORPUS, create=True)
 
 # %% [markdown]
 # ## Items, relations, queries

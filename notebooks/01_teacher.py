@@ -51,9 +51,10 @@ base_model: str = "all-MiniLM-L6-v2"  # the student: scored on dev beside the te
 # %%
 # Opened in JupyterLab rather than run by `make`? Then the run's own parameters replace the cell above (DOMAIN,
 # PROFILE and DATA as `make lab` was given them), and the run is held as `make` holds it. Under `make`: nothing.
+from lib.paths import TEACHER
 from lib.pipeline import lab_parameters
 
-globals().update(lab_parameters("01_teacher"))
+globals().update(lab_parameters(TEACHER))
 
 # %%
 import time
@@ -61,11 +62,11 @@ from pathlib import Path
 
 from lib import corpus, teacher
 from lib.io import save_npy, write_json, write_metrics
-from lib.paths import Run, resolve_model_path
+from lib.paths import CORPUS, Run, resolve_model_path
 
 run = Run(run_name, runs_root)
-corpus_dir = run.stage("00_corpus")
-out_dir = run.stage("01_teacher", create=True)
+corpus_dir = run.stage(CORPUS)
+out_dir = run.stage(TEACHER, create=True)
 items = corpus.load_items(corpus_dir)
 queries = corpus.load_queries(corpus_dir)
 teacher_backend, teacher_model, teacher_choice = teacher.choose_teacher(teacher_backend, teacher_model)

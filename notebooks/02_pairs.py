@@ -87,9 +87,10 @@ seed: int = 42  # seeds sampling, templates and the split
 # %%
 # Opened in JupyterLab rather than run by `make`? Then the run's own parameters replace the cell above (DOMAIN,
 # PROFILE and DATA as `make lab` was given them), and the run is held as `make` holds it. Under `make`: nothing.
+from lib.paths import PAIRS
 from lib.pipeline import lab_parameters
 
-globals().update(lab_parameters("02_pairs"))
+globals().update(lab_parameters(PAIRS))
 
 # %%
 import random
@@ -98,13 +99,13 @@ import pandas as pd
 
 from lib import corpus, feedback, leakage, neighbours, pairs, querygen, teacher
 from lib.io import write_json, write_jsonl, write_metrics
-from lib.paths import Run, generation_cache_path
+from lib.paths import CORPUS, TEACHER, Run, generation_cache_path
 from lib.plots import histograms
 
 run = Run(run_name, runs_root)
-corpus_dir = run.stage("00_corpus")
-teacher_dir = run.stage("01_teacher")
-out_dir = run.stage("02_pairs", create=True)
+corpus_dir = run.stage(CORPUS)
+teacher_dir = run.stage(TEACHER)
+out_dir = run.stage(PAIRS, create=True)
 items = corpus.load_items(corpus_dir)
 corpus_queries = corpus.load_queries(corpus_dir)
 train_queries = [q for q in corpus_queries if q["split"] == "train"]  # the corpus's own training queries, if any
@@ -202,7 +203,7 @@ if leaking:
     print(f"dropped {sum(leaking.values())} training rows whose text nearly repeats an evaluation query "
           f"(cosine ≥ {near_duplicate_threshold}), by kind: {leaking}")
 train, dev = pairs.split_by_group(rows, pairs_dev_fraction, seed)
-checked = {name: leakage.check_leakage(part, eval_queries, exclude, near_duplicate_threshold, f"02_pairs/{name}")
+checked = {name: leakage.check_leakage(part, eval_queries, exclude, near_duplicate_threshold, f"{PAIRS}/{name}")
            for name, part in (("train", train), ("dev", dev))}
 for name, part in (("train", train), ("dev", dev)):
     pairs.save_dataset(out_dir / name, part, num_hard_negatives)

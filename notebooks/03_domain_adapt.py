@@ -59,9 +59,10 @@ seed: int = 42  # seeds the split, the masks, the noise and training
 # %%
 # Opened in JupyterLab rather than run by `make`? Then the run's own parameters replace the cell above (DOMAIN,
 # PROFILE and DATA as `make lab` was given them), and the run is held as `make` holds it. Under `make`: nothing.
+from lib.paths import DOMAIN_ADAPT
 from lib.pipeline import lab_parameters
 
-globals().update(lab_parameters("03_domain_adapt"))
+globals().update(lab_parameters(DOMAIN_ADAPT))
 
 # %%
 import pandas as pd
@@ -69,7 +70,7 @@ from transformers import AutoTokenizer, set_seed
 
 from lib import corpus, domain_adapt, training
 from lib.io import write_metrics
-from lib.paths import Run, resolve_model_path
+from lib.paths import CORPUS, Run, resolve_model_path
 from lib.plots import line_plot
 
 config = domain_adapt.AdaptConfig(
@@ -80,8 +81,8 @@ config = domain_adapt.AdaptConfig(
     heldout_every=heldout_every, save_steps=domain_save_steps, bf16=domain_bf16, seed=seed)
 set_seed(seed)
 run = Run(run_name, runs_root)
-corpus_dir = run.stage("00_corpus")
-out_dir = run.stage("03_domain_adapt", create=True)
+corpus_dir = run.stage(CORPUS)
+out_dir = run.stage(DOMAIN_ADAPT, create=True)
 model_dir, checkpoints = out_dir / "model", out_dir / "checkpoints"
 student_path = resolve_model_path(base_model)
 tokenizer = AutoTokenizer.from_pretrained(str(student_path))

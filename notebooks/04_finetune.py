@@ -65,9 +65,10 @@ seed: int = 42  # seeds data order and initialisation
 # %%
 # Opened in JupyterLab rather than run by `make`? Then the run's own parameters replace the cell above (DOMAIN,
 # PROFILE and DATA as `make lab` was given them), and the run is held as `make` holds it. Under `make`: nothing.
+from lib.paths import FINETUNE
 from lib.pipeline import lab_parameters
 
-globals().update(lab_parameters("04_finetune"))
+globals().update(lab_parameters(FINETUNE))
 
 # %%
 import pandas as pd
@@ -76,21 +77,21 @@ from transformers import set_seed
 
 from lib import batches, finetune, training
 from lib.io import write_json, write_metrics
-from lib.paths import Run, resolve_model_path, shown_path
+from lib.paths import CORPUS, DOMAIN_ADAPT, PAIRS, TEACHER, Run, resolve_model_path, shown_path
 from lib.plots import line_plot
 
 set_seed(seed)
 run = Run(run_name, runs_root)
-corpus_dir = run.stage("00_corpus")
-pairs_dir = run.stage("02_pairs")
-out_dir = run.stage("04_finetune", create=True)
-start_model = run.stage("03_domain_adapt") / "model" if use_domain_adapted \
+corpus_dir = run.stage(CORPUS)
+pairs_dir = run.stage(PAIRS)
+out_dir = run.stage(FINETUNE, create=True)
+start_model = run.stage(DOMAIN_ADAPT) / "model" if use_domain_adapted \
     else resolve_model_path(base_model)
 config = finetune.FinetuneConfig.from_params(
     globals(), guide_model=str(resolve_model_path(guide_model or base_model)) if loss == "gist" else "",
     model_name=f"codex-forge student ({run_name})")
 inputs = finetune.load_inputs(corpus_dir, pairs_dir, dev_loss_rows, seed,
-                              run.stage("01_teacher") if distill else None)
+                              run.stage(TEACHER) if distill else None)
 print(f"start from {shown_path(start_model, run.path)}; {len(inputs.train)} train rows {inputs.train.column_names}, {len(inputs.dev)} dev rows, "
       f"{inputs.dev_queries} dev queries; loss {loss}, batch sampler {batch_sampler}, "
       f"bf16 {training.use_bf16(bf16)}")

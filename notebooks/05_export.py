@@ -53,9 +53,10 @@ example_queries: list = ["a creature that turns people to stone", "a spell that 
 # %%
 # Opened in JupyterLab rather than run by `make`? Then the run's own parameters replace the cell above (DOMAIN,
 # PROFILE and DATA as `make lab` was given them), and the run is held as `make` holds it. Under `make`: nothing.
+from lib.paths import EXPORT
 from lib.pipeline import lab_parameters
 
-globals().update(lab_parameters("05_export"))
+globals().update(lab_parameters(EXPORT))
 
 # %%
 import shutil
@@ -63,14 +64,14 @@ import shutil
 from lib import corpus, cpu, encoders, evaluate, export
 from lib.provenance import machine
 from lib.io import write_json, write_metrics
-from lib.paths import Run
+from lib.paths import CORPUS, Run
 from lib.search import Retriever, truncate
 
 export.check_index_dimensions(index_dimensions, matryoshka_dims)
 run = Run(run_name, runs_root)
-model_dir = run.stage("04_finetune") / "model"
-out_dir = run.stage("05_export", create=True)
-corpus_dir = run.stage("00_corpus")
+model_dir = run.model
+out_dir = run.stage(EXPORT, create=True)
+corpus_dir = run.stage(CORPUS)
 items = corpus.load_items(corpus_dir)
 queries = corpus.load_queries(corpus_dir, split="test")
 headline_queries = {split: [q for q in qs if q["category"] in evaluate.headline_categories(qs)]

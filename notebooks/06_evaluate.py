@@ -57,31 +57,32 @@ matryoshka_dims: list = []  # the sizes stage 04 trained with MatryoshkaLoss: th
 # %%
 # Opened in JupyterLab rather than run by `make`? Then the run's own parameters replace the cell above (DOMAIN,
 # PROFILE and DATA as `make lab` was given them), and the run is held as `make` holds it. Under `make`: nothing.
+from lib.paths import EVALUATE
 from lib.pipeline import lab_parameters
 
-globals().update(lab_parameters("06_evaluate"))
+globals().update(lab_parameters(EVALUATE))
 
 # %%
 import pandas as pd
 
 from lib import corpus, evaluate, leakage
 from lib.io import atomic_path, read_jsonl, write_metrics
-from lib.paths import Run, resolve_model_path
+from lib.paths import CORPUS, DOMAIN_ADAPT, EXPORT, PAIRS, TEACHER, Run, resolve_model_path
 from lib.plots import metric_bars
 
 run = Run(run_name, runs_root)
-hybrid = evaluate.hybrid_setting(run.stage("05_export") / "index", rrf_k)
+hybrid = evaluate.hybrid_setting(run.index, rrf_k)
 scoring = evaluate.Scoring(ks=tuple(sorted(set(evaluate.KS) | set(recall_k_values))), rrf_k=hybrid["rrf_k"],
                            fusion=hybrid["fusion"], dense_weight=hybrid["dense_weight"], coverage_k=topic_coverage_k,
                            bootstrap_samples=bootstrap_samples, permutation_samples=permutation_samples, seed=seed)
 headline_metrics += [f"recall@{k}" for k in recall_k_values if f"recall@{k}" not in headline_metrics]
-out_dir = run.stage("06_evaluate", create=True)
-items = corpus.load_items(run.stage("00_corpus"))
-queries = corpus.load_queries(run.stage("00_corpus"), split=eval_split)
-synthetic = read_jsonl(run.stage("02_pairs") / "held_out_queries.jsonl", corpus.QUERY_FIELDS)
+out_dir = run.stage(EVALUATE, create=True)
+items = corpus.load_items(run.stage(CORPUS))
+queries = corpus.load_queries(run.stage(CORPUS), split=eval_split)
+synthetic = read_jsonl(run.stage(PAIRS) / "held_out_queries.jsonl", corpus.QUERY_FIELDS)
 independent = evaluate.headline_categories(queries)  # the headline pools these; synthetic and beside_headline apart
-students = {"base": resolve_model_path(base_model), "domain-adapted": run.stage("03_domain_adapt") / "model",
-            "fine-tuned": run.stage("04_finetune") / "model"}
+students = {"base": resolve_model_path(base_model), "domain-adapted": run.stage(DOMAIN_ADAPT) / "model",
+            "fine-tuned": run.model}
 print(f"{len(queries)} {eval_split} queries ({', '.join(independent)}) and {len(synthetic)} held-out synthetic "
       f"queries over {len(items)} items; {evaluate.hybrid_label(hybrid)} from {hybrid['from']}")
 
@@ -91,11 +92,11 @@ print(f"{len(queries)} {eval_split} queries ({', '.join(independent)}) and {len(
 # evaluation query's text — for the independent queries and for the held-out synthetic ones.
 
 # %%
-train_rows = read_jsonl(run.stage("02_pairs") / "train.jsonl")
-held_out = corpus.held_out_items(corpus.load_queries(run.stage("00_corpus")))
+train_rows = read_jsonl(run.stage(PAIRS) / "train.jsonl")
+held_out = corpus.held_out_items(corpus.load_queries(run.stage(CORPUS)))
 leakage_check = {
-    "independent": leakage.check_leakage(train_rows, queries, held_out, near_duplicate_threshold, "02_pairs/train.jsonl"),
-    "synthetic": leakage.check_leakage(train_rows, synthetic, set(), near_duplicate_threshold, "02_pairs/train.jsonl"),
+    "independent": leakage.check_leakage(train_rows, queries, held_out, near_duplicate_threshold, f"{PAIRS}/train.jsonl"),
+    "synthetic": leakage.check_leakage(train_rows, synthetic, set(), near_duplicate_threshold, f"{PAIRS}/train.jsonl"),
 }
 leakage_check
 
@@ -103,11 +104,11 @@ leakage_check
 # ## Score every system
 
 # %%
-encoders = evaluate.dense_encoders(students, run.stage("05_export") / "model-int8.onnx" if include_onnx else None,
+encoders = evaluate.dense_encoders(students, run.stage(EXPORT) / "model-int8.onnx" if include_onnx else None,
                                    eval_max_seq_length)
 scores = evaluate.score_systems(encoders, [q["text"] for q in queries + synthetic], [i["text"] for i in items],
                                 scoring.rrf_k, scoring.fusion, scoring.dense_weight)
-teacher_scores = evaluate.teacher_scores(run.stage("01_teacher"), queries, items)  # corpus queries only
+teacher_scores = evaluate.teacher_scores(run.stage(TEACHER), queries, items)  # corpus queries only
 systems = ["bm25", *students, "hybrid", "base-hybrid", *(["onnx-int8"] if include_onnx else []), "teacher"]
 per_query = evaluate.per_query_frame(scores, teacher_scores, queries, synthetic, items, systems, scoring)
 summary = evaluate.summarize(per_query, independent)

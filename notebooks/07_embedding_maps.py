@@ -39,9 +39,10 @@ seed: int = 42  # seeds UMAP
 # %%
 # Opened in JupyterLab rather than run by `make`? Then the run's own parameters replace the cell above (DOMAIN,
 # PROFILE and DATA as `make lab` was given them), and the run is held as `make` holds it. Under `make`: nothing.
+from lib.paths import MAPS
 from lib.pipeline import lab_parameters
 
-globals().update(lab_parameters("07_embedding_maps"))
+globals().update(lab_parameters(MAPS))
 
 # %%
 import pandas as pd
@@ -49,15 +50,15 @@ import pandas as pd
 from lib import corpus, maps
 from lib.encoders import TorchEncoder
 from lib.io import atomic_path, read_jsonl, write_metrics
-from lib.paths import Run, resolve_model_path
+from lib.paths import CORPUS, PAIRS, Run, resolve_model_path
 from lib.plots import before_after_maps, histograms
 
 run = Run(run_name, runs_root)
-out_dir = run.stage("07_embedding_maps", create=True)
-all_items = corpus.load_items(run.stage("00_corpus"))
+out_dir = run.stage(MAPS, create=True)
+all_items = corpus.load_items(run.stage(CORPUS))
 items = [all_items[n] for n in maps.stratified_sample([maps.category_label(i) for i in all_items], map_max_items, seed)]
-relations = corpus.load_relations(run.stage("00_corpus"))
-all_dev_rows = read_jsonl(run.stage("02_pairs") / "dev.jsonl")
+relations = corpus.load_relations(run.stage(CORPUS))
+all_dev_rows = read_jsonl(run.stage(PAIRS) / "dev.jsonl")
 dev_rows = [all_dev_rows[n] for n in maps.stratified_sample(["row"] * len(all_dev_rows), map_max_items, seed)]
 sample_note = f" (a sample of {len(items):,} of {len(all_items):,}, stratified by category)" if len(items) < len(all_items) else ""
 labels = {"type": [i["type"] for i in items], "category": [maps.category_label(i) for i in items]}
@@ -65,7 +66,7 @@ row_texts = [r[c] for r in dev_rows for c in r if c in ("anchor", "positive") or
 texts = list(dict.fromkeys([i["text"] for i in items] + row_texts))  # every text once
 row_of = {t: n for n, t in enumerate(texts)}
 vectors = {name: TorchEncoder(path, eval_max_seq_length).encode(texts) for name, path in
-           {"base": resolve_model_path(base_model), "fine-tuned": run.stage("04_finetune") / "model"}.items()}
+           {"base": resolve_model_path(base_model), "fine-tuned": run.model}.items()}
 item_vectors = {name: v[: len(items)] for name, v in vectors.items()}
 landmarks = maps.landmarks(items, labels["category"], landmark_items)
 print(f"{len(items)} items{sample_note}, {len(dev_rows)} held-out rows; landmarks: {', '.join(landmarks.values())}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from lib.paths import REPO_ROOT
+from lib.paths import REPO_ROOT, STAGES
 
 LIB = REPO_ROOT / "lib"
 
@@ -99,3 +99,13 @@ def test_rooms_stay_small_no_module_over_500_lines_no_function_over_10_arguments
     assert not long, "split these modules by job:\n" + "\n".join(long)
     assert not wide, "give these a settings object:\n" + "\n".join(wide)
     assert argument_count(ast.parse("def f(self, a, *b, c=1, **d): pass").body[0]) == 4  # the counter counts
+
+
+def test_stages_and_their_metrics_file_are_named_by_paths_constants_only():
+    names = set(STAGES) | {"metrics.json"}
+    found = [f"{p.relative_to(REPO_ROOT)}:{node.lineno} {node.value!r}"
+             for folder in ("lib", "notebooks", "bench") for p in sorted((REPO_ROOT / folder).rglob("*.py"))
+             if p != LIB / "paths.py" for node in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+             if isinstance(node, ast.Constant) and isinstance(node.value, str)
+             and (node.value in names or node.value.split("/")[0] in STAGES)]
+    assert not found, "use lib.paths' constants (CORPUS … MAPS, METRICS_FILE) or Run:\n" + "\n".join(found)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lib.io import read_json
-from lib.paths import teacher_cache_path
+from lib.paths import METRICS_FILE, teacher_cache_path
 from lib.teacher.budget import (PRICE_PER_MILLION, Budget, RateLimiter, cost_usd, price_per_million, token_batches,
                                 token_encoding)
 from lib.teacher.cache import TeacherCache, normalize, text_hash
@@ -150,7 +150,7 @@ def run_teacher_query_vectors(teacher_dir: str | Path, texts: list[str], setting
     metrics.json; the settings' `base_url` as stage 01 was given it, which metrics keep without credentials), through
     the settings' cache, key variable and request limits and the run's `budget`; returns {text: vector} and the usage
     (tokens, cost, cache hits)."""
-    used = read_json(Path(teacher_dir) / "metrics.json")
+    used = read_json(Path(teacher_dir) / METRICS_FILE)
     base_url = settings.base_url if used["backend"] == "openai" else ""
     if base_url and public_url(base_url).rstrip("/") != used.get("base_url", "").rstrip("/"):
         raise ValueError(f"teacher_base_url {public_url(base_url)} is not the endpoint stage 01 used "
