@@ -24,6 +24,7 @@ from pathlib import Path
 from lib.io import atomic_dir, read_json, write_json, write_text
 from lib.paths import CORPUS, EVALUATE, EXPORT, FINETUNE, METRICS_FILE, PAIRS, REPO_ROOT, TEACHER, Run, run_name
 from lib.provenance import git_commit, package_versions
+from lib.teacher import TeacherFacts
 
 RELEASES_DIR = REPO_ROOT / "models"
 VERSION = re.compile(r"^v(\d+)-(\d{8})-([0-9a-f]{8})$")
@@ -232,7 +233,7 @@ it: `python -m lib.serve --index path/to/{manifest['version']}`.
 
 def run_facts(run: Run) -> dict:
     """What a release says about the run it packages: teacher, training, search, corpus fingerprint."""
-    teacher = run.metrics(TEACHER)
+    teacher = TeacherFacts.read(run.stage(TEACHER))
     finetune = run.metrics(FINETUNE)
     export = run.metrics(EXPORT)
     index = read_json(run.index / "retriever.json")
@@ -242,7 +243,7 @@ def run_facts(run: Run) -> dict:
         if (corpus / name).exists():
             digest.update(sha256_file(corpus / name).encode())
     return {
-        "teacher": f"{teacher.get('backend', '?')}/{teacher.get('model', '?')}",
+        "teacher": teacher.label(),
         "dimensions": int(index.get("dimension", 0)),
         "max_seq_length": int(index.get("encoder", {}).get("max_seq_length", finetune.get("eval_max_seq_length", 256))),
         "training": {k: finetune[k] for k in ("loss", "batch_sampler", "steps", "train_pairs", "blend_alpha", "distill")

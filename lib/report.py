@@ -20,6 +20,7 @@ from lib.paths import (CORPUS, DOMAIN_ADAPT, EVALUATE, EXPORT, FINETUNE, MAPS, M
                        REPO_ROOT, STAGES, TEACHER, run_dir, shown_path, stage_dir)
 from lib.provenance import fill_generated, git_commit, machine, machine_label, package_versions
 from lib.release import headline_queries
+from lib.teacher import TeacherFacts
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
@@ -105,7 +106,7 @@ def cost_line(metrics: dict[str, dict], timings: dict[str, float]) -> str:
     if teacher:
         misses = teacher.get("passages_cache_misses", 0) + teacher.get("queries_cache_misses", 0)
         texts = teacher.get("passages_texts", 0) + teacher.get("queries_texts", 0)
-        parts.append(f"teacher {teacher.get('backend', '?')} / {teacher.get('model', '?')}: {misses} of {texts} "
+        parts.append(f"teacher {TeacherFacts.from_metrics(teacher).label()}: {misses} of {texts} "
                      f"texts embedded ({teacher.get('tokens', 0):,} tokens, ${teacher.get('cost_usd', 0):.4f}), "
                      "the rest from the cache")
     if "steps" in metrics.get(FINETUNE, {}):
@@ -287,8 +288,8 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
                  "<th>wall time (s)</th><th>finished</th></tr></thead><tbody>" + "".join(
                      f"<tr><td>{s}</td><td>{links(s)}</td><td>{timings.get(s, '—')}</td>"
                      f"<td>{'yes' if s in metrics else 'no'}</td></tr>" for s in STAGES) + "</tbody></table>")
-    teacher = metrics.get(TEACHER, {})
-    provenance = {"git commit": git_commit(), "teacher": f"{teacher.get('backend', '?')} / {teacher.get('model', '?')}",
+    teacher = TeacherFacts.from_metrics(metrics[TEACHER]).label() if TEACHER in metrics else "?"
+    provenance = {"git commit": git_commit(), "teacher": teacher,
                   "machine": f"{machine_label(here)}, {here['system']} {here['arch']}, Python {platform.python_version()}",
                   "parameter files": ", ".join(str(p.relative_to(REPO_ROOT)) for p in param_files)}
     provenance |= data_hashes(stage_dir(run, CORPUS, runs_root))

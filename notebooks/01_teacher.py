@@ -150,18 +150,17 @@ if dev_queries:
     print(versus["message"])
 
 # %%
+facts = teacher.TeacherFacts(  # what stage 02 and releases read back (base_url without user:password@)
+    teacher_backend, teacher_model, teacher.public_url(teacher_base_url) if teacher_backend == "openai" else "",
+    dimensions_requested=teacher_dimensions, price_per_million_tokens=budget.price_per_million)
 metrics = {
-    "backend": teacher_backend,
-    "model": teacher_model,
+    **facts.as_metrics(),
     "choice": teacher_choice,  # which teacher and why (auto: what this machine can run)
-    "base_url": teacher.public_url(teacher_base_url) if teacher_backend == "openai" else "",  # no user:password@
     "dimensions": int(item_vecs.shape[1]),
-    "dimensions_requested": teacher_dimensions,  # 0: the model's own (stage 02 asks the same teacher the same way)
     "items": int(item_vecs.shape[0]),
     "queries": int(query_vecs.shape[0]),
     "seconds": round(seconds, 1),
     "max_concurrency": teacher.requests_in_flight(teacher_backend, teacher_max_concurrency),
-    "price_per_million_tokens": budget.price_per_million,
     **usage,
     "teacher_ceiling_dev": ceiling.to_dict(orient="index"),
     "teacher_vs_base_student_dev": versus,  # the teacher's dev NDCG@10 against the untrained student's

