@@ -1,6 +1,8 @@
-"""The project's install files agree, git tracks the lib package, and every entry point is offline."""
+"""The project's install files agree, git tracks the lib package, every entry point is offline, and make test's
+workers keep each xdist_group together."""
 import os
 import subprocess
+import sys
 import tomllib
 
 import yaml
@@ -80,3 +82,14 @@ def test_training_runs_on_the_best_device_and_bf16_only_where_native(monkeypatch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert cpu.best_device() == "cuda" and training.use_bf16(True) and not training.use_bf16(False)
+
+
+def test_make_tests_workers_keep_each_xdist_group_on_one_worker(tmp_path):
+    """make test shares a costly module fixture (the smoke run, the served index) by an xdist_group: pytest 9.2
+    silently dropped the marks (pytest-xdist issue 1386), building each fixture on both workers."""
+    (tmp_path / "test_grouped.py").write_text("import pytest\n\npytestmark = pytest.mark.xdist_group('one')\n\n"
+                                              + "".join(f"def test_{n}():\n    pass\n\n\n" for n in range(6)))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-v", "-p", "no:cacheprovider",
+                           "test_grouped.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    workers = {line.split("]")[0] for line in done.stdout.splitlines() if "PASSED" in line and "@one" in line}
+    assert done.returncode == 0 and len(workers) == 1, done.stdout[-2000:]
