@@ -5,6 +5,7 @@ environment) → params/<profile>.yaml → `--set NAME=VALUE`. This module and l
 parameter files; stage modules get plain arguments from the notebooks."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -254,3 +255,8 @@ if __name__ == "__main__":  # `python -m lib.config project-root`: the Makefile'
         print(project_root())
     except ConfigError as err:
         sys.exit(f"codex-forge: {err}")
+
+
+def parameter_fields(cls, params: dict, prefix: str = "") -> dict:
+    """The fields of dataclass `cls` that `params` (a stage's parameters, or its metrics) hold as `prefix` + name."""
+    return {f.name: params[prefix + f.name] for f in dataclasses.fields(cls) if prefix + f.name in params}

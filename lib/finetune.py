@@ -16,6 +16,7 @@ from sentence_transformers.sentence_transformer.losses import EmbedDistillLoss
 
 from lib import corpus
 from lib.batches import BATCH_SAMPLERS, batch_sampler, entity_lookup
+from lib.config import parameter_fields
 from lib.cpu import best_device
 from lib.encoders import model_prompts
 from lib.export import model_pooling
@@ -75,8 +76,7 @@ class FinetuneConfig:
     def from_params(cls, params: dict, **settings) -> FinetuneConfig:
         """The settings from stage 04's parameters (the notebook's globals()): every field the notebook declares,
         then `settings` (what the notebook derives, e.g. the guide model's folder)."""
-        names = {field.name for field in dataclasses.fields(cls)}
-        return cls(**{name: params[name] for name in names if name in params} | settings)
+        return cls(**parameter_fields(cls, params) | settings)
 
 
 # --- inputs ----------------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 hard negatives with a false-negative guard, entity-group splits and a leakage check."""
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import random
 import re
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lib.config import parameter_fields
 from lib.corpus import remove_names, with_article
 from lib.io import atomic_dir
 from lib.leakage import loss_columns, near_duplicates, normal_text
@@ -270,7 +270,7 @@ class NegativeSettings:
     @classmethod
     def from_params(cls, params: dict) -> NegativeSettings:
         """The settings stage 02's parameters (the notebook's globals()) give."""
-        return cls(**{f.name: params[f.name] for f in dataclasses.fields(cls) if f.name in params})
+        return cls(**parameter_fields(cls, params))
 
 
 def add_negatives(

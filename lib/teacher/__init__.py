@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lib.config import parameter_fields
 from lib.io import read_json
 from lib.paths import METRICS_FILE, teacher_cache_path
 from lib.teacher.budget import (PRICE_PER_MILLION, Budget, RateLimiter, cost_usd, price_per_million, token_batches,
@@ -87,8 +88,7 @@ class TeacherSettings:
     def from_params(cls, params: dict, **fields) -> TeacherSettings:
         """The settings a stage's parameters give (`teacher_<field>`, and cache_root for the cache), `fields` replacing
         them."""
-        names = [f.name for f in dataclasses.fields(cls) if f.name != "cache_path"]
-        given = {name: params[f"teacher_{name}"] for name in names if f"teacher_{name}" in params}
+        given = parameter_fields(cls, params, prefix="teacher_")
         return cls(**{"cache_path": teacher_cache_path(params.get("cache_root") or None)} | given | fields)
 
     def requests(self) -> Requests:
@@ -163,7 +163,7 @@ class TeacherFacts:
     @classmethod
     def from_metrics(cls, metrics: dict) -> TeacherFacts:
         """The facts inside stage 01's metrics."""
-        return cls(**{f.name: metrics[f.name] for f in dataclasses.fields(cls) if f.name in metrics})
+        return cls(**parameter_fields(cls, metrics))
 
     @classmethod
     def read(cls, teacher_dir: str | Path) -> TeacherFacts:
