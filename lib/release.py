@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -22,12 +21,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from lib.io import atomic_dir, read_json, write_json, write_text
-from lib.paths import CORPUS, EVALUATE, EXPORT, FINETUNE, METRICS_FILE, PAIRS, REPO_ROOT, TEACHER, Run, run_name
+from lib.paths import (CORPUS, EVALUATE, EXPORT, FINETUNE, METRICS_FILE, PAIRS, RELEASE_VERSION, RELEASES_DIR, TEACHER,
+                       Run, release_folder, run_name)
 from lib.provenance import git_commit, package_versions
 from lib.teacher import TeacherFacts
 
-RELEASES_DIR = REPO_ROOT / "models"
-VERSION = re.compile(r"^v(\d+)-(\d{8})-([0-9a-f]{8})$")
 HEADLINE_SYSTEMS = ("base", "fine-tuned", "hybrid", "teacher", "bm25")
 TOKEN_ENV = "HF_TOKEN"
 
@@ -87,7 +85,7 @@ def releases(folder: Path) -> list[dict]:
     """The manifests of a domain's releases, oldest first (by version number)."""
     found = []
     for path in folder.glob("v*/manifest.json"):
-        match = VERSION.match(path.parent.name)
+        match = RELEASE_VERSION.match(path.parent.name)
         if match:
             found.append((int(match.group(1)), read_json(path) | {"path": str(path.parent)}))
     return [manifest for _, manifest in sorted(found, key=lambda pair: pair[0])]
@@ -95,7 +93,7 @@ def releases(folder: Path) -> list[dict]:
 
 def next_version(existing: list[str], model_sha: str, day: str) -> str:
     """The next version name: v<n+1>-<YYYYMMDD>-<first 8 hex of the model's sha256>."""
-    numbers = [int(m.group(1)) for m in map(VERSION.match, existing) if m]
+    numbers = [int(m.group(1)) for m in map(RELEASE_VERSION.match, existing) if m]
     return f"v{max(numbers, default=0) + 1}-{day}-{model_sha[:8]}"
 
 
@@ -136,17 +134,13 @@ def resolve(path: str | Path, verified: bool = True) -> Path:
     under models/*/; `verified`: a ReleaseError unless every file matches its (sealed) manifest, so nothing loads a
     tampered or damaged release."""
     path = Path(path)
-    if path.name == "current" and pointer(path.parent).is_file():
-        path = path.parent / path.read_text(encoding="utf-8").strip()
-    elif not path.exists() and re.fullmatch(r"v\d+", path.name):  # models/dnd/v2: the release numbered 2
-        matches = [p for p in path.parent.glob(f"{path.name}-*") if VERSION.match(p.name)]
-        path = matches[0] if len(matches) == 1 else path
-    elif not path.exists() and VERSION.match(path.name):
-        matches = sorted(RELEASES_DIR.glob(f"*/{path.name}"))
-        path = matches[0] if len(matches) == 1 else path
-    if not (path / "manifest.json").is_file():
+    if path.name == "current":
+        pointer(path.parent)  # a folder sitting there is refused, with what to do
+    found = release_folder(path)
+    if found is None:
         raise ReleaseError(f"{path}: not a release (no manifest.json); give models/<domain>/<version>, "
                            "models/<domain>/current or a version name (`make releases` lists them)")
+    path = found
     problems = verify(path) if verified else []
     if problems:
         raise ReleaseError(f"{path}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
@@ -430,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
             print("\n".join(problems) or "intact: every file matches the manifest")
             sys.exit(1 if problems else 0)
         else:
-            target = domain_dir(args.domain) / args.release if args.domain and VERSION.match(args.release) else args.release
+            target = domain_dir(args.domain) / args.release if args.domain and RELEASE_VERSION.match(args.release) else args.release
             print(f"pushed to {push(resolve(target), args.repo)}")
     except ReleaseError as error:
         raise SystemExit(f"error: {error}") from None

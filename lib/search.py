@@ -13,7 +13,7 @@ import numpy as np
 
 from lib.encoders import TorchEncoder, load_encoder
 from lib.io import atomic_dir, read_json, read_jsonl, save_npy, write_json, write_jsonl
-from lib.paths import EXPORT, stage_dir
+from lib.paths import Run, locate
 from lib.release import ReleaseError, resolve
 
 SEARCH_MODES = ("dense", "bm25", "hybrid")
@@ -335,11 +335,11 @@ class Retriever:
         export_dir, max_seq_length}) unless one is given; another `backend` re-embeds the items with that backend,
         unless `reuse_vectors` (both backends passed stage 05's parity gate: their vectors are interchangeable).
         `path` may also be a release (models/<domain>/<version> or models/<domain>/current)."""
-        path = Path(path)
-        if (path / "manifest.json").exists() or path.name == "current":  # a release (make release): its index
-            path = resolve(path) / "index"
-        elif (path.parent / "manifest.json").exists():  # a release's index folder: the release is checked first
-            resolve(path.parent)
+        path, where = Path(path), locate(path)
+        if where is not None and where.kind == "release":  # a release (make release): its index
+            path = resolve(where.path) / "index"
+        elif where is not None and where.release is not None:  # a release's index folder: the release is checked first
+            resolve(where.release)
         if not (path / "retriever.json").exists():
             raise FileNotFoundError(f"{path}/retriever.json not found: save a Retriever there first (stage 05 does)")
         settings = saved_settings(path)
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs-root", default=None)
     parser.add_argument("--index", default=None, help="a saved index or a release (models/<domain>/current) instead of the run's")
     args = parser.parse_args(argv)
-    index_dir = Path(args.index) if args.index else stage_dir(args.run, EXPORT, args.runs_root) / "index"
+    index_dir = Path(args.index) if args.index else Run(args.run, args.runs_root).index
     if not args.index and not (index_dir / "retriever.json").exists():
         raise SystemExit(f"{index_dir} not found: run `make all` (stage 05) for run {args.run!r} first")
     try:

@@ -9,6 +9,7 @@ import pytest
 
 from lib import compare, feedback, recommend, release
 from lib.io import write_json, write_jsonl
+from lib.paths import Location, base_student_path, locate
 
 
 def fake_release(folder, version: str, ndcg: float) -> None:
@@ -54,6 +55,27 @@ def test_a_folder_where_current_goes_is_one_line_for_every_command(tmp_path, cap
         release.resolve(tmp_path / "dnd" / "current")
     with pytest.raises(release.ReleaseError, match="a folder, not the one-line file"):
         release.set_current(tmp_path / "dnd", "v1-20261201-aaaaaaaa")
+
+
+def test_locate_tells_a_release_its_index_a_model_and_a_run_apart(tmp_path, student_path):
+    """What search, serve and compare accept, told apart in one place (lib.paths.locate)."""
+    fake_release(tmp_path / "dnd", "v1-20261201-aaaaaaaa", 0.5)
+    release.set_current(tmp_path / "dnd", "v1-20261201-aaaaaaaa")
+    v1 = tmp_path / "dnd" / "v1-20261201-aaaaaaaa"
+    for spec in (v1, tmp_path / "dnd" / "current", tmp_path / "dnd" / "v1"):
+        assert locate(spec) == Location("release", v1), spec
+    write_json(v1 / "index" / "retriever.json", {})
+    assert locate(v1 / "index") == Location("index", v1 / "index", release=v1)  # checked as its release before use
+    runs = tmp_path / "runs"
+    (runs / "dnd-smoke" / "00_corpus").mkdir(parents=True)
+    assert locate("dnd-smoke", runs) == Location("run", runs / "dnd-smoke")
+    assert locate(str(student_path), runs) == Location("model", student_path)
+    assert locate("all-MiniLM-L6-v2", runs) == Location("model", base_student_path())
+    assert locate("dnd-default", runs) is None and locate(tmp_path / "dnd" / "v2") is None
+    (tmp_path / "prompts" / "current").mkdir(parents=True)  # a folder where the pointer goes: resolve refuses it
+    assert locate(tmp_path / "prompts" / "current").kind == "release"
+    with pytest.raises(release.ReleaseError, match="a folder, not the one-line file"):
+        release.resolve(locate(tmp_path / "prompts" / "current").path)
 
 
 def test_verify_finds_a_changed_missing_or_extra_file(tmp_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 from lib.encoders import native_backends
 from lib.feedback import FeedbackStore, model_version
 from lib.io import read_json, write_jsonl
-from lib.paths import EXPORT, METRICS_FILE, REPO_ROOT, Run
+from lib.paths import METRICS_FILE, REPO_ROOT, Run, locate
 from lib.release import ReleaseError, resolve
 from lib.search import Retriever
 from lib.serve.app import MAX_CONNECTIONS, OncePer, create_app, host_name, more_open_files, slow_client_protocol
@@ -49,10 +49,11 @@ def load_service(run: str, runs_root: str | None = None, index_dir: str | None =
     a release (`index_dir` = models/<domain>/<version> or …/current): its index, served as the model named by its
     version, feedback in models/<domain>/feedback.sqlite (shared by the domain's versions, each row naming its own)."""
     folder = Run(run, runs_root).path
-    index = Path(index_dir) if index_dir else folder / EXPORT / "index"
+    index = Path(index_dir) if index_dir else Run(run, runs_root).index
     gate_file = index.parent / METRICS_FILE
-    if (index / "manifest.json").exists() or index.name == "current":
-        release = resolve(index)
+    where = locate(index)
+    if where is not None and (where.kind == "release" or where.release is not None):  # a release or its index
+        release = resolve(where.release or where.path)
         run, folder, index, gate_file = release.name, release.parent, release / "index", release / "evaluation" / "export.json"
     if not (index / "retriever.json").exists():
         raise SystemExit(f"{index}/retriever.json not found: run `make all` (stage 05) for run {run!r} first")
