@@ -22,8 +22,7 @@ from tqdm.auto import tqdm
 from lib import bench, corpus, cpu, export
 from lib.encoders import load_encoder, native_backends
 from lib.bench import mixed_vectors, percentiles_ms
-from lib.io import read_json
-from lib.paths import CORPUS, EXPORT, FINETUNE, METRICS_FILE, stage_dir
+from lib.paths import CORPUS, EXPORT, Run
 from lib.search import Retriever
 
 
@@ -55,12 +54,11 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--runs-root", default=None, help="where runs live (default data/runs)")
     args = parser.parse_args()
-    model_dir = stage_dir(args.run, FINETUNE, args.runs_root) / "model"
-    export_dir = stage_dir(args.run, EXPORT, args.runs_root)
-    if not (export_dir / METRICS_FILE).exists():
-        raise SystemExit(f"{export_dir}/metrics.json not found: run `make all` for run {args.run!r} first")
-    stage = read_json(export_dir / METRICS_FILE)
-    corpus_dir = stage_dir(args.run, CORPUS, args.runs_root)
+    run = Run(args.run, args.runs_root)
+    model_dir, export_dir, corpus_dir = run.model, run.stage(EXPORT), run.stage(CORPUS)
+    if not run.metrics_path(EXPORT).exists():
+        raise SystemExit(f"{run.metrics_path(EXPORT)} not found: run `make all` for run {args.run!r} first")
+    stage = run.metrics(EXPORT)
     items = corpus.load_items(corpus_dir)
     queries = [q["text"] for q in corpus.load_queries(corpus_dir)]
     sets = {"passages": [i["text"] for i in items][: args.texts], "queries": queries[: args.texts]}

@@ -19,7 +19,7 @@ import time
 from transformers import TrainerCallback
 
 from lib import bench, cpu, finetune
-from lib.paths import CORPUS, DOMAIN_ADAPT, PAIRS, stage_dir
+from lib.paths import CORPUS, DOMAIN_ADAPT, PAIRS, Run
 
 VARIANTS = {
     "fp32": {"bf16": False, "query_max_seq_length": 128},
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--runs-root", default=None, help="where runs live (default data/runs)")
     args = parser.parse_args()
-    stage = lambda name: stage_dir(args.run, name, args.runs_root)
+    stage = Run(args.run, args.runs_root).stage
     if not (stage(DOMAIN_ADAPT) / "model").is_dir():
         raise SystemExit(f"{stage(DOMAIN_ADAPT)}/model not found: run `make all` for run {args.run!r} first")
     inputs = finetune.load_inputs(stage(CORPUS), stage(PAIRS), 128, 42)

@@ -19,7 +19,7 @@ import numpy as np
 
 from lib import bench, corpus, export
 from lib.encoders import OnnxEncoder, TorchEncoder
-from lib.paths import CORPUS, EXPORT, FINETUNE, stage_dir
+from lib.paths import CORPUS, EXPORT, Run
 
 
 def fused(onnx_path: Path, out: Path, config) -> Path:
@@ -39,11 +39,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--runs-root", default=None, help="where runs live (default data/runs)")
     args = parser.parse_args()
-    model_dir = stage_dir(args.run, FINETUNE, args.runs_root) / "model"
-    export_dir = stage_dir(args.run, EXPORT, args.runs_root)
+    run = Run(args.run, args.runs_root)
+    model_dir, export_dir = run.model, run.stage(EXPORT)
     if not (export_dir / "model.onnx").exists():
         raise SystemExit(f"{export_dir}/model.onnx not found: run `make all` for run {args.run!r} first")
-    corpus_dir = stage_dir(args.run, CORPUS, args.runs_root)
+    corpus_dir = run.stage(CORPUS)
     sets = {"passages": [i["text"] for i in corpus.load_items(corpus_dir)][: args.texts],
             "queries": [q["text"] for q in corpus.load_queries(corpus_dir)][: args.texts]}
     torch_fp32 = TorchEncoder(model_dir)

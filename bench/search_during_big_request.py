@@ -18,7 +18,7 @@ import httpx
 from lib.bench import write_result
 from lib.domains import dnd
 from lib.encoders import TorchEncoder
-from lib.paths import EXPORT, base_student_path, stage_dir
+from lib.paths import Run, base_student_path
 from lib.search import Retriever
 from lib.serve import start_server
 
@@ -38,7 +38,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         retriever = Retriever(TorchEncoder(base_student_path()), mode="hybrid")
         retriever.index(items)
-        retriever.save(stage_dir(RUN, EXPORT, tmp) / "index", {"backend": "torch-fp32", "model_dir": base_student_path()})
+        retriever.save(Run(RUN, tmp).index, {"backend": "torch-fp32", "model_dir": base_student_path()})
         server, url = start_server(["--run", RUN, "--runs-root", tmp], Path(tmp) / "server.log")
         try:
             alone = [timed_search(url) for _ in range(10)]

@@ -24,7 +24,7 @@ import httpx
 
 from lib import bench, corpus
 from lib.bench import mixed_vectors, percentiles_ms
-from lib.paths import CORPUS, EXPORT, METRICS_FILE, stage_dir
+from lib.paths import CORPUS, EXPORT, METRICS_FILE, Run
 from lib.search import Retriever
 from lib.serve import serving_backend, single_threaded_blas, start_server
 
@@ -33,11 +33,12 @@ def big_index(run: str, runs_root: str | None, size: int, folder: Path, backend:
     """The run's index grown to `size` items (blended vectors, real texts), saved in `folder` with the run's encoder."""
     from lib.io import read_json
 
-    index_dir = stage_dir(run, EXPORT, runs_root) / "index"
+    stages = Run(run, runs_root)
+    index_dir = stages.index
     if not (index_dir / "retriever.json").exists():
         raise SystemExit(f"{index_dir} not found: run `make all` for run {run!r} first")
     spec = read_json(index_dir / "retriever.json")["encoder"]
-    stage = read_json(index_dir.parent / METRICS_FILE)
+    stage = stages.metrics(EXPORT)
     if backend is None:
         backend, note = serving_backend(spec["backend"], stage.get("backends", {}))
         print(note or f"backend {backend}: the index's default")
@@ -48,7 +49,7 @@ def big_index(run: str, runs_root: str | None, size: int, folder: Path, backend:
     grown.backend = backend
     grown.save(folder, {"backend": backend, "model_dir": index_dir / spec["model_dir"], "export_dir": index_dir / spec["export_dir"],
                         "max_seq_length": spec.get("max_seq_length", 256)})
-    shutil.copy(index_dir.parent / METRICS_FILE, folder.parent / METRICS_FILE)  # stage 05's gate, as the server reads it
+    shutil.copy(stages.metrics_path(EXPORT), folder.parent / METRICS_FILE)  # stage 05's gate, as the server reads it
     return grown
 
 
@@ -123,7 +124,7 @@ def main() -> None:
                         "own choice (results then go to serve-<backend>.json)")
     args = parser.parse_args()
     single_threaded_blas()  # as the server does
-    corpus_dir = stage_dir(args.run, CORPUS, args.runs_root)
+    corpus_dir = Run(args.run, args.runs_root).stage(CORPUS)
     queries = [q["text"] for q in corpus.load_queries(corpus_dir) if len(q["text"]) < 200]
     passages = [i["text"] for i in corpus.load_items(corpus_dir)][:32]
 

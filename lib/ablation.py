@@ -9,8 +9,7 @@ import pandas as pd
 import yaml
 
 from lib.evaluate import paired_randomisation
-from lib.io import read_json
-from lib.paths import DOMAIN_ADAPT, EVALUATE, FINETUNE, METRICS_FILE, PARAMS_DIR, REPO_ROOT, STAGES, run_dir, stage_dir
+from lib.paths import DOMAIN_ADAPT, EVALUATE, FINETUNE, PARAMS_DIR, REPO_ROOT, STAGES, Run
 
 SPEC_KEYS = {"stages", "overrides", "arms"}
 
@@ -36,7 +35,7 @@ def load_spec(name: str) -> dict:
 
 def ablation_dir(run: str, name: str, runs_root: str | Path | None = None) -> Path:
     """data/runs/<run>/ablation-<name>/: one folder per arm (each an arm's runs_root) and results.json."""
-    return run_dir(run, runs_root) / f"ablation-{name}"
+    return Run(run, runs_root).path / f"ablation-{name}"
 
 
 def code_fingerprint(stages: list[str], files: list[Path]) -> str:
@@ -51,8 +50,8 @@ def code_fingerprint(stages: list[str], files: list[Path]) -> str:
 def link_upstream(run: str, first_stage: str, runs_root: str | Path | None, arm_root: Path) -> None:
     """Symlink the run's stages before `first_stage` into the arm, so every arm reads the same artefacts."""
     for stage in STAGES[:STAGES.index(first_stage)]:
-        source, link = stage_dir(run, stage, runs_root).resolve(), stage_dir(run, stage, arm_root)
-        if not (source / METRICS_FILE).is_file():
+        source, link = Run(run, runs_root).stage(stage).resolve(), Run(run, arm_root).stage(stage)
+        if not Run(run, runs_root).metrics_path(stage).is_file():
             raise FileNotFoundError(f"{source} is not finished: run the pipeline up to {stage} first (make stage-{stage[:2]})")
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.is_symlink():
@@ -72,9 +71,9 @@ def results_table(run: str, arm_roots: dict[str, Path], n_permutations: int = 10
     encoders with 95% intervals and paired tests (NDCG@10) against the first arm; the dev winner."""
     rows, per_query = {}, {}
     for arm, root in arm_roots.items():
-        adapt, tuned, evaluated = (read_json(stage_dir(run, s, root) / METRICS_FILE)
-                                   for s in (DOMAIN_ADAPT, FINETUNE, EVALUATE))
-        frame = pd.read_csv(stage_dir(run, EVALUATE, root) / "per_query.csv")
+        arm_run = Run(run, root)
+        adapt, tuned, evaluated = (arm_run.metrics(s) for s in (DOMAIN_ADAPT, FINETUNE, EVALUATE))
+        frame = pd.read_csv(arm_run.stage(EVALUATE) / "per_query.csv")
         frame = frame[frame["category"].isin(evaluated["headline_categories"])]  # the independent test queries
         per_query[arm] = {s: g.set_index("qid")["ndcg@10"] for s, g in frame.groupby("system")}
         test = {s: {m: evaluated["headline"][s][m] for m in ("ndcg@10", "mrr@10", "precision@1", "recall@10")}

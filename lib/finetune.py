@@ -21,7 +21,7 @@ from lib.cpu import best_device
 from lib.encoders import model_prompts
 from lib.export import model_pooling
 from lib.io import read_jsonl, write_json
-from lib.paths import CORPUS, DOMAIN_ADAPT, FINETUNE, PAIRS, TEACHER, resolve_model_path, stage_dir
+from lib.paths import CORPUS, DOMAIN_ADAPT, FINETUNE, PAIRS, TEACHER, Run, resolve_model_path
 from lib.teacher import stage_vectors
 from lib.training import (ResourceMonitor, TimeBudget, checkpoint_key, is_main_process, resumable_checkpoints,
                           train_or_resume, use_bf16)
@@ -409,12 +409,11 @@ def main(argv: list[str] | None = None) -> None:
     config_arguments(parser)
     args = parser.parse_args(argv)
     config = FinetuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)})
-    start = resolve_model_path(args.start_model) if args.start_model else \
-        stage_dir(args.run_name, DOMAIN_ADAPT, args.runs_root) / "model"
-    out_dir = Path(args.output_dir) if args.output_dir else stage_dir(args.run_name, FINETUNE, args.runs_root, create=True)
-    inputs = load_inputs(stage_dir(args.run_name, CORPUS, args.runs_root), stage_dir(args.run_name, PAIRS, args.runs_root),
-                         args.dev_loss_rows, config.seed,
-                         stage_dir(args.run_name, TEACHER, args.runs_root) if config.distill else None)
+    run = Run(args.run_name, args.runs_root)
+    start = resolve_model_path(args.start_model) if args.start_model else run.stage(DOMAIN_ADAPT) / "model"
+    out_dir = Path(args.output_dir) if args.output_dir else run.stage(FINETUNE, create=True)
+    inputs = load_inputs(run.stage(CORPUS), run.stage(PAIRS), args.dev_loss_rows, config.seed,
+                         run.stage(TEACHER) if config.distill else None)
     model, history, facts = finetune(start, inputs.train, inputs.dev, inputs.evaluator, out_dir, config, inputs.lookup,
                                      teacher_items=inputs.teacher_items)
     if is_main_process():

@@ -22,7 +22,7 @@ from lib import ablation, domains
 from lib.config import ConfigError, env_passthrough, layered_parameters, param_files, redact, secret_values
 from lib.domains.records import DataError
 from lib.io import PENDING_MARKER_ENV, PENDING_METRICS, read_json, write_json, write_text
-from lib.paths import CORPUS, METRICS_FILE, NOTEBOOKS_DIR, REPORTS_DIR, STAGES, run_dir, run_name, stage_dir
+from lib.paths import CORPUS, NOTEBOOKS_DIR, REPORTS_DIR, STAGES, Run, run_name
 from lib.progress import HEARTBEAT_SECONDS, TERMINAL_ENV, duration
 from lib.report import write_index
 
@@ -84,7 +84,7 @@ def lab_parameters(stage: str, environ: dict | None = None) -> dict:
     run = run_name(domain, profile)
     # the kernel is the owner, not a `make lab` (or `make test`) above it that outlives the run: never left, it ends with
     # this kernel
-    run_lease(run_dir(run, runs_root or None), owner_pid=os.getpid()).__enter__()
+    run_lease(Run(run, runs_root).path, owner_pid=os.getpid()).__enter__()
     print(f"run {run}: this stage's parameters as `make all DOMAIN={domain} PROFILE={profile}` sets them "
           f"({len(params)} from the parameter files, .env and DATA; the cell above is replaced)")
     return params | {"run_name": run, "runs_root": runs_root}
@@ -241,7 +241,8 @@ def run_stage(stage: str, domain: str, profile: str, runs_root: str | None = Non
         check_data(params)  # before anything is written: a bad file costs no half-run
     out_dir = Path(reports_root or REPORTS_DIR) / run
     out_dir.mkdir(parents=True, exist_ok=True)
-    marker, pending = (stage_dir(run, stage, runs_root) / name for name in (METRICS_FILE, PENDING_METRICS))
+    marker = Run(run, runs_root).metrics_path(stage)
+    pending = marker.with_name(PENDING_METRICS)
     marker.unlink(missing_ok=True)
     pending.unlink(missing_ok=True)
     executed, secrets = out_dir / f"{stage}.ipynb", secret_values(every_param)
@@ -343,7 +344,7 @@ def run_ablation(name: str, domain: str, profile: str, runs_root: str | None = N
         ablation.link_upstream(run, spec["stages"][0], runs_root, arm_root)
         write_json(arm_root / "arm.json", settings)
         for stage in spec["stages"]:
-            if (stage_dir(run, stage, arm_root) / METRICS_FILE).is_file():
+            if Run(run, arm_root).metrics_path(stage).is_file():
                 continue
             print(f"[codex-forge] ablation-{name} · {arm} · {stage} …", flush=True)
             seconds = run_stage(stage, domain, profile, str(arm_root),
@@ -399,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     if overrides.get("feedback_path"):  # a path from here, not from notebooks/
         overrides["feedback_path"] = str(Path(overrides["feedback_path"]).expanduser().resolve())
     try:
-        with run_lease(run_dir(run_name(args.domain, args.profile), args.runs_root)):
+        with run_lease(Run(run_name(args.domain, args.profile), args.runs_root).path):
             run_command(args, overrides)
     except (ConfigError, DataError, RunInUse) as err:
         print(f"codex-forge: {err}", file=sys.stderr, flush=True)

@@ -16,8 +16,8 @@ from lib.config import redact, secret_values
 from lib.domains.records import skipped_line
 from lib.evaluate import format_interval, hybrid_label
 from lib.io import read_json, write_text
-from lib.paths import (CORPUS, DOMAIN_ADAPT, EVALUATE, EXPORT, FINETUNE, MAPS, METRICS_FILE, PAIRS, REPORTS_DIR,
-                       REPO_ROOT, STAGES, TEACHER, run_dir, shown_path, stage_dir)
+from lib.paths import (CORPUS, DOMAIN_ADAPT, EVALUATE, EXPORT, FINETUNE, MAPS, PAIRS, REPORTS_DIR, REPO_ROOT, STAGES,
+                       TEACHER, Run, shown_path)
 from lib.provenance import fill_generated, git_commit, machine, machine_label, package_versions
 from lib.release import headline_queries
 from lib.teacher import TeacherFacts
@@ -167,7 +167,7 @@ def ablation_sections(run: str, domain_method: str | None, runs_root: str | None
     """One section per finished ablation of this run (data/runs/<run>/ablation-<name>/results.json): the arms' dev and
     held-out test scores, what stage 03 did in each, links to each arm's stage reports."""
     out = []
-    for path in sorted(run_dir(run, runs_root).glob("ablation-*/results.json")):
+    for path in sorted(Run(run, runs_root).path.glob("ablation-*/results.json")):
         results, name = read_json(path), path.parent.name
         frame = summary_frame(results)
         summary = {arm: row.to_dict() for arm, row in frame.iterrows()}
@@ -218,7 +218,8 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
                 reports_root: str | None = None) -> Path:
     """Write reports/<run>/index.html from the stages' metrics.json files; return its path."""
     out_dir = Path(reports_root or REPORTS_DIR) / run
-    metrics = {s: read_json(p) for s in STAGES if (p := stage_dir(run, s, runs_root) / METRICS_FILE).exists()}
+    folders = Run(run, runs_root)
+    metrics = {s: folders.metrics(s) for s in STAGES if folders.metrics_path(s).exists()}
     timings_path = out_dir / "timings.json"
     timings = read_json(timings_path) if timings_path.exists() else {}
     evaluation = metrics.get(EVALUATE, {})
@@ -241,7 +242,7 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
             parts.append(f"<p id='feedback'><b>Search feedback:</b> {html.escape(feedback_line(counts))}</p>")
         if cost := cost_line(metrics, timings):
             parts.append(f"<p><b>Cost:</b> {html.escape(cost)}</p>")
-        parts.append(embedded_png(stage_dir(run, EVALUATE, runs_root) / "metric_bars.png"))
+        parts.append(embedded_png(folders.stage(EVALUATE) / "metric_bars.png"))
         parts.append(table(ordered(evaluation["headline"]), columns, highlight_vs="base"))
         if ci:
             parts.append("<h3>95% bootstrap intervals</h3>" + interval_table(
@@ -267,12 +268,12 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
                 rows = {f"{d} (n={v['n']})": {s: v[s] for s in systems if s in v} for d, v in per_difficulty.items()}
                 parts.append(f"<h3>{title}</h3>" + table(rows, [s for s in systems if any(s in r for r in rows.values())],
                                                          highlight_vs=""))
-        parts.append(next_steps_section(metrics, stage_dir(run, FINETUNE, runs_root) / "log_history.json"))
+        parts.append(next_steps_section(metrics, folders.stage(FINETUNE) / "log_history.json"))
     else:
         parts.append("<p><b>No evaluation yet</b>: stage 06 has not finished for this run.</p>")
     maps = metrics.get(MAPS, {})
     parts.append("<h2>Maps</h2><p>The fine-tuned map is aligned onto the base map (same axes).</p>"
-                 + embedded_png(stage_dir(run, MAPS, runs_root) / "umap_category.png"))
+                 + embedded_png(folders.stage(MAPS) / "umap_category.png"))
     if maps.get("knn10_label_agreement"):
         quality = {f"{measure} by {label}": values for measure in ("knn10_label_agreement", "silhouette")
                    for label, values in maps.get(measure, {}).items()}
@@ -292,7 +293,7 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
     provenance = {"git commit": git_commit(), "teacher": teacher,
                   "machine": f"{machine_label(here)}, {here['system']} {here['arch']}, Python {platform.python_version()}",
                   "parameter files": ", ".join(str(p.relative_to(REPO_ROOT)) for p in param_files)}
-    provenance |= data_hashes(stage_dir(run, CORPUS, runs_root))
+    provenance |= data_hashes(folders.stage(CORPUS))
     provenance |= package_versions()
     parts.append("<h2>Provenance</h2>" + table({k: {"value": v} for k, v in provenance.items()}, ["value"]))
     shown = shown_paths(params)
@@ -382,13 +383,13 @@ def markdown_headline(evaluation: dict) -> str:
 
 def run_facts(run: str, evaluation: dict, runs_root: str | None, reports_root: str | None) -> str:
     """One paragraph: which run, at which commit, on which machine, how many test queries, wall time per stage."""
-    export_metrics = read_json(stage_dir(run, EXPORT, runs_root) / METRICS_FILE)
+    folders = Run(run, runs_root)
+    export_metrics = folders.metrics(EXPORT)
     timings_file = Path(reports_root or REPORTS_DIR) / run / "timings.json"
     timings = read_json(timings_file) if timings_file.is_file() else {}
     stages = ", ".join(f"{STAGE_LABELS.get(s, s)} {timings[s]:.0f}" for s in STAGES if s in timings)
     total = f" (stages {sum(timings.get(s, 0) for s in STAGES) / 60:.1f} min: {stages} s)" if timings else ""
-    finetune_file = stage_dir(run, FINETUNE, runs_root) / METRICS_FILE
-    steps = read_json(finetune_file).get("steps") if finetune_file.is_file() else None
+    steps = folders.metrics(FINETUNE).get("steps") if folders.metrics_path(FINETUNE).is_file() else None
     trained = f"; {steps} fine-tuning steps" if steps is not None else ""
     return (f"Run `{run}` at commit {git_commit()}, {machine_label(export_metrics['machine'])}{total}{trained}; "
             f"{headline_queries(evaluation)} held-out {evaluation['split']} queries.")
@@ -396,7 +397,7 @@ def run_facts(run: str, evaluation: dict, runs_root: str | None, reports_root: s
 
 def write_docs(run: str, runs_root: str | None = None, reports_root: str | None = None) -> list[Path]:
     """Rewrite the generated blocks of README.md and docs/results.md from a finished run's metrics."""
-    evaluation = read_json(stage_dir(run, EVALUATE, runs_root) / METRICS_FILE)
+    evaluation = Run(run, runs_root).metrics(EVALUATE)
     blocks = {"facts": run_facts(run, evaluation, runs_root, reports_root), "headline": markdown_headline(evaluation),
               "results": markdown_results(evaluation)}
     written = []
@@ -424,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
         for path in write_docs(args.run, args.runs_root, args.reports_root):
             print(f"wrote {path.relative_to(REPO_ROOT)}")
         return
-    print(markdown_results(read_json(stage_dir(args.run, EVALUATE, args.runs_root) / METRICS_FILE)))
+    print(markdown_results(Run(args.run, args.runs_root).metrics(EVALUATE)))
 
 
 if __name__ == "__main__":
