@@ -68,10 +68,10 @@ PENDING_MARKER_ENV = "CODEX_FORGE_PENDING_MARKER"  # set by the runner: it write
 PENDING_METRICS = "metrics.pending.json"  # what a stage writes under the runner, renamed to metrics.json by it
 
 
-def write_metrics(stage_dir: str | Path, metrics: dict) -> None:
+def write_metrics(folder: str | Path, metrics: dict) -> None:
     """A stage's last act: its metrics.json, the done-marker. Under the runner (which sets CODEX_FORGE_PENDING_MARKER)
     it is metrics.pending.json, renamed to metrics.json once the stage's reports are written."""
-    write_json(Path(stage_dir) / (PENDING_METRICS if os.environ.get(PENDING_MARKER_ENV) else METRICS_FILE), metrics)
+    write_json(Path(folder) / (PENDING_METRICS if os.environ.get(PENDING_MARKER_ENV) else METRICS_FILE), metrics)
 
 
 def read_json(path: str | Path) -> Any:

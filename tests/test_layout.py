@@ -109,3 +109,13 @@ def test_stages_and_their_metrics_file_are_named_by_paths_constants_only():
              if isinstance(node, ast.Constant) and isinstance(node.value, str)
              and (node.value in names or node.value.split("/")[0] in STAGES)]
     assert not found, "use lib.paths' constants (CORPUS … MAPS, METRICS_FILE) or Run:\n" + "\n".join(found)
+
+
+def test_a_runs_folders_are_found_through_run_only():
+    """Run(name, runs_root) is the catalogue of a run's folders (stage, metrics, model, index): nothing outside
+    paths.py joins a run's paths with stage_dir or run_dir."""
+    found = [f"{p.relative_to(REPO_ROOT)}:{node.lineno} {node.id}"
+             for folder in ("lib", "notebooks", "bench") for p in sorted((REPO_ROOT / folder).rglob("*.py"))
+             if p != LIB / "paths.py" for node in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+             if isinstance(node, ast.Name) and node.id in ("stage_dir", "run_dir")]
+    assert not found, "use lib.paths.Run:\n" + "\n".join(found)
