@@ -17,6 +17,7 @@ from lib.progress import bar, note, on_terminal
 ENCODER_BACKENDS = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8")
 ONNX_FILES = {"onnx-fp32": "model.onnx", "onnx-int8": "model-int8.onnx"}
 PROMPTS_FILE = "prompts.json"  # beside the exported tokenizer: the prefixes queries and documents get
+POOLING_MODES = ("mean", "cls")  # what the exported graph can pool with
 
 
 def with_prompt(texts: list[str], prompts: dict[str, str], role: str) -> list[str]:
@@ -182,3 +183,17 @@ def encode_in_shards(backend: str, model_dir: str | Path, export_dir: str | Path
             for pool in pools:
                 pool.shutdown(cancel_futures=True)
     return np.concatenate([np.load(path) for _, path in shards]) if shards else np.zeros((0, 0), np.float32)
+
+
+def model_pooling(model) -> str:
+    """The pooling of a transformer → pooling (→ normalise) SentenceTransformer, refused with the reason when the
+    export could not reproduce it (another mode, or prompts kept out of the pooling)."""
+    config = model[1].get_config_dict() if len(model) > 1 and hasattr(model[1], "get_config_dict") else {}
+    mode = config.get("pooling_mode", "mean")
+    if mode not in POOLING_MODES:
+        raise ValueError(f"this student pools with {mode!r}; the project exports and serves {' or '.join(POOLING_MODES)} "
+                         "pooling: re-pool it (sentence_transformers Pooling) or choose another base_model")
+    if not config.get("include_prompt", True):
+        raise ValueError("this student's pooling leaves its prompt out (include_prompt: false); the project serves "
+                         "prompts as text prefixes: choose a model whose pooling includes them")
+    return mode

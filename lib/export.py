@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from lib.cpu import has_vnni
-from lib.encoders import (PROMPTS_FILE, OnnxEncoder, TorchEncoder, encode_in_shards, load_encoder, model_prompts,
-                          native_backends)
+from lib.encoders import (PROMPTS_FILE, OnnxEncoder, TorchEncoder, encode_in_shards, load_encoder, model_pooling,
+                          model_prompts, native_backends)
 from lib.evaluate import dense_scores, evaluate_scores
 from lib.io import atomic_path, write_json
 from lib.maps import stratified_sample
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 FFN_OUTPUT = r"layer\.\d+/output/dense/"  # the feed-forward down-projections: int8 there costs the most quality
 
 
-POOLING_MODES = ("mean", "cls")  # what the exported graph can pool with
 
 
 class PooledEncoder(torch.nn.Module):
@@ -45,20 +44,6 @@ class PooledEncoder(torch.nn.Module):
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         return torch.nn.functional.normalize(pooled, dim=-1)
-
-
-def model_pooling(model) -> str:
-    """The pooling of a transformer → pooling (→ normalise) SentenceTransformer, refused with the reason when the
-    export could not reproduce it (another mode, or prompts kept out of the pooling)."""
-    config = model[1].get_config_dict() if len(model) > 1 and hasattr(model[1], "get_config_dict") else {}
-    mode = config.get("pooling_mode", "mean")
-    if mode not in POOLING_MODES:
-        raise ValueError(f"this student pools with {mode!r}; the project exports and serves {' or '.join(POOLING_MODES)} "
-                         "pooling: re-pool it (sentence_transformers Pooling) or choose another base_model")
-    if not config.get("include_prompt", True):
-        raise ValueError("this student's pooling leaves its prompt out (include_prompt: false); the project serves "
-                         "prompts as text prefixes: choose a model whose pooling includes them")
-    return mode
 
 
 def export_onnx(model_dir: str | Path, onnx_path: str | Path, opset: int = 17) -> None:

@@ -18,8 +18,7 @@ from lib import corpus
 from lib.batches import BATCH_SAMPLERS, batch_sampler, entity_lookup
 from lib.config import parameter_fields
 from lib.cpu import best_device
-from lib.encoders import model_prompts
-from lib.export import model_pooling
+from lib.encoders import model_pooling, model_prompts
 from lib.io import read_jsonl, write_json
 from lib.paths import CORPUS, DOMAIN_ADAPT, FINETUNE, PAIRS, TEACHER, Run, resolve_model_path
 from lib.teacher import stage_vectors
