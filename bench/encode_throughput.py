@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from lib import bench, corpus, cpu, export
 from lib.encoders import load_encoder, native_backends
 from lib.bench import mixed_vectors, percentiles_ms
+from lib.export_facts import ExportFacts
 from lib.paths import CORPUS, EXPORT, Run
 from lib.search import Retriever
 
@@ -58,7 +59,7 @@ def main() -> None:
     model_dir, export_dir, corpus_dir = run.model, run.stage(EXPORT), run.stage(CORPUS)
     if not run.metrics_path(EXPORT).exists():
         raise SystemExit(f"{run.metrics_path(EXPORT)} not found: run `make all` for run {args.run!r} first")
-    stage = run.metrics(EXPORT)
+    exported = ExportFacts.read(run.stage(EXPORT))
     items = corpus.load_items(corpus_dir)
     queries = [q["text"] for q in corpus.load_queries(corpus_dir)]
     sets = {"passages": [i["text"] for i in items][: args.texts], "queries": queries[: args.texts]}
@@ -85,11 +86,11 @@ def main() -> None:
         encode[name] = {"texts": len(texts), "mean_tokens": round(float(np.mean(lengths)), 1),
                         "fp32_bound_texts_per_second": round(bound, 1), "backends": rows}
 
-    default = stage["default_backend"]
+    default = exported.default_backend
     if default not in encoders:  # e.g. torch-bf16 chosen on an AVX-512 machine, timed here held to AVX2
-        passed = [b for b in encoders if stage["backends"].get(b, {}).get("passed")]
+        passed = [b for b in encoders if exported.passed(b)]
         default = max(passed, key=lambda b: encode["passages"]["backends"][b]["texts_per_second"])
-        print(f"{stage['default_backend']} (the index's default) does not run natively here: searching with {default}")
+        print(f"{exported.default_backend} (the index's default) does not run natively here: searching with {default}")
     short = [q for q, ids in zip(queries, torch_model.tokenizer(queries)["input_ids"]) if len(ids) <= 32]
     latency_queries = (short * (args.latency_queries // max(len(short), 1) + 1))[: args.latency_queries]
     encode_latency = {}
@@ -136,8 +137,8 @@ def main() -> None:
     summary = {
         "run": args.run, "repeats": args.repeats, "max_seq_length": args.max_seq_length,
         "cpu": peak,
-        "skipped_backends": stage.get("skipped_backends", {}), "parity_gate": {b: r["passed"] for b, r in stage["backends"].items()},
-        "default_backend": default, "index_default_backend": stage["default_backend"], "encode": encode, "latency_queries": {"distinct": len(short), "timed": len(latency_queries)},
+        "skipped_backends": exported.skipped_backends, "parity_gate": {b: r["passed"] for b, r in exported.backends.items()},
+        "default_backend": default, "index_default_backend": exported.default_backend, "encode": encode, "latency_queries": {"distinct": len(short), "timed": len(latency_queries)},
         "query_encode_latency_ms": encode_latency, "search": search,
     }
     print(json.dumps(summary, indent=1))

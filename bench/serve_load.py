@@ -24,6 +24,7 @@ import httpx
 
 from lib import bench, corpus
 from lib.bench import mixed_vectors, percentiles_ms
+from lib.export_facts import ExportFacts
 from lib.paths import CORPUS, EXPORT, METRICS_FILE, Run
 from lib.search import Retriever
 from lib.serve import serving_backend, single_threaded_blas, start_server
@@ -38,9 +39,9 @@ def big_index(run: str, runs_root: str | None, size: int, folder: Path, backend:
     if not (index_dir / "retriever.json").exists():
         raise SystemExit(f"{index_dir} not found: run `make all` for run {run!r} first")
     spec = read_json(index_dir / "retriever.json")["encoder"]
-    stage = stages.metrics(EXPORT)
+    exported = ExportFacts.read(stages.stage(EXPORT))
     if backend is None:
-        backend, note = serving_backend(spec["backend"], stage.get("backends", {}))
+        backend, note = serving_backend(spec["backend"], exported)
         print(note or f"backend {backend}: the index's default")
     small = Retriever.load(index_dir, backend=backend)
     items = [{**small.items[k % len(small.items)], "id": f"{small.items[k % len(small.items)]['id']}#{k}"} for k in range(size)]

@@ -1,6 +1,7 @@
 """Reading and writing artefacts: atomic writes, JSONL with errors that name file, line and field."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from lib.config import parameter_fields
 from lib.paths import METRICS_FILE
 
 
@@ -126,3 +128,23 @@ def save_npy(path: str | Path, array: np.ndarray) -> None:
     """Save a numpy array atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, array)
+
+
+class StageFacts:
+    """Base of a stage's typed facts (a frozen dataclass): written into its metrics.json by the notebook
+    (as_metrics) and read back by later code (read), so nothing else parses those keys."""
+
+    def as_metrics(self) -> dict:
+        """The facts as the stage's metrics.json holds them."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_metrics(cls, metrics: dict):
+        """The facts inside the stage's metrics (keys it lacks keep their defaults)."""
+        return cls(**parameter_fields(cls, metrics))
+
+    @classmethod
+    def read(cls, path: str | Path):
+        """The facts a finished stage wrote: its folder, or the metrics file itself."""
+        path = Path(path)
+        return cls.from_metrics(read_json(path / METRICS_FILE if path.is_dir() else path))

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lib.export_facts import ExportFacts
 from lib.io import atomic_dir, read_json, write_json, write_text
 from lib.paths import (CORPUS, EVALUATE, EXPORT, FINETUNE, METRICS_FILE, PAIRS, RELEASE_VERSION, RELEASES_DIR, TEACHER,
                        Run, release_folder, run_name)
@@ -229,7 +230,7 @@ def run_facts(run: Run) -> dict:
     """What a release says about the run it packages: teacher, training, search, corpus fingerprint."""
     teacher = TeacherFacts.read(run.stage(TEACHER))
     finetune = run.metrics(FINETUNE)
-    export = run.metrics(EXPORT)
+    exported = ExportFacts.read(run.stage(EXPORT))
     index = read_json(run.index / "retriever.json")
     corpus = run.stage(CORPUS)
     digest = hashlib.sha256()
@@ -243,7 +244,7 @@ def run_facts(run: Run) -> dict:
         "training": {k: finetune[k] for k in ("loss", "batch_sampler", "steps", "train_pairs", "blend_alpha", "distill")
                      if k in finetune},
         "search": {k: index.get(k) for k in ("mode", "fusion", "dense_weight", "rrf_k")}
-                  | {"backend": index.get("encoder", {}).get("backend", export.get("default_backend", "torch-fp32"))},
+                  | {"backend": index.get("encoder", {}).get("backend", exported.default_backend)},
         "corpus": {"items": int(index.get("items", 0)), "fingerprint": digest.hexdigest()[:16]},
         "feedback": run.metrics(PAIRS).get("feedback", {}),
     }
@@ -296,7 +297,7 @@ def release_locked(run: Run, domain: str, folder: Path, now: datetime | None) ->
         "version": version, "domain": domain, "run": run_name, "created": now.isoformat(timespec="seconds"),
         "git_commit": git_commit(), "model_sha256": fingerprint,
         **({"base_model": "all-MiniLM-L6-v2", "model_license": "apache-2.0", "data_license": "not stated"}
-           | read_json(export_dir / METRICS_FILE).get("model_card", {})),
+           | ExportFacts.read(export_dir).model_card),
         **facts, "split": evaluation.get("split", "test"), "queries": headline_queries(evaluation),
         "headline": headline(evaluation), "p_values_vs_base": evaluation.get("p_values_vs_base", {}),
         "packages": package_versions(),

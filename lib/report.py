@@ -15,6 +15,7 @@ from lib.ablation import summary_frame
 from lib.config import redact, secret_values
 from lib.domains.records import skipped_line
 from lib.evaluate import format_interval, hybrid_label
+from lib.export_facts import ExportFacts
 from lib.io import read_json, write_text
 from lib.paths import (CORPUS, DOMAIN_ADAPT, EVALUATE, EXPORT, FINETUNE, MAPS, PAIRS, REPORTS_DIR, REPO_ROOT, STAGES,
                        TEACHER, Run, shown_path)
@@ -137,14 +138,14 @@ def training_section(finetune_metrics: dict, run: str, here: dict) -> str:
     return out
 
 
-def search_section(export_metrics: dict, run: str, here: dict) -> str:
+def search_section(exported: ExportFacts, run: str, here: dict) -> str:
     """Stage 05's parity gate per backend, and `make bench`'s figures for this run when they exist."""
-    if not export_metrics.get("backends"):
+    if not exported.backends:
         return ""
     rows = {b: {k: v for k, v in r.items() if k != "failed"} | {"gate": "pass" if r["passed"] else r["failed"]}
-            for b, r in export_metrics["backends"].items()}
-    rows |= {b: {"gate": f"skipped: {why}"} for b, why in export_metrics.get("skipped_backends", {}).items()}
-    out = (f"<h2>Local search</h2><p>Default backend of the saved index: <b>{html.escape(export_metrics['default_backend'])}"
+            for b, r in exported.backends.items()}
+    rows |= {b: {"gate": f"skipped: {why}"} for b, why in exported.skipped_backends.items()}
+    out = (f"<h2>Local search</h2><p>Default backend of the saved index: <b>{html.escape(exported.default_backend)}"
            f"</b> (the fastest that passes the parity gate on {html.escape(machine_label(here))}). Search from a shell: "
            f"<code>python -m lib.search --run {html.escape(run)} \"a query\"</code>.</p>"
            + table(rows, ["min_cosine", "ndcg@10", "ndcg_delta", "items_per_second", "speed_vs_torch_fp32", "gate"]))
@@ -278,9 +279,10 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
         quality = {f"{measure} by {label}": values for measure in ("knn10_label_agreement", "silhouette")
                    for label, values in maps.get(measure, {}).items()}
         parts.append("<h3>Cluster quality</h3>" + table(quality, ["before", "after"]))
-    here = metrics.get(EXPORT, {}).get("machine") or machine()  # the machine this run's speed figures come from
+    exported = ExportFacts.from_metrics(metrics.get(EXPORT, {}))
+    here = exported.machine or machine()  # the machine this run's speed figures come from
     parts.append(training_section(metrics.get(FINETUNE, {}), run, here))
-    parts.append(search_section(metrics.get(EXPORT, {}), run, here))
+    parts.append(search_section(exported, run, here))
     parts.append(ablation_sections(run, metrics.get(DOMAIN_ADAPT, {}).get("domain_method"), runs_root, out_dir))
     links = lambda s: " · ".join(f"<a href='{name}'>{name}</a>" for name in (f"{s}.html", f"{s}.code.html")
                                  if (out_dir / name).exists()) or "—"
@@ -384,14 +386,14 @@ def markdown_headline(evaluation: dict) -> str:
 def run_facts(run: str, evaluation: dict, runs_root: str | None, reports_root: str | None) -> str:
     """One paragraph: which run, at which commit, on which machine, how many test queries, wall time per stage."""
     folders = Run(run, runs_root)
-    export_metrics = folders.metrics(EXPORT)
+    exported = ExportFacts.read(folders.stage(EXPORT))
     timings_file = Path(reports_root or REPORTS_DIR) / run / "timings.json"
     timings = read_json(timings_file) if timings_file.is_file() else {}
     stages = ", ".join(f"{STAGE_LABELS.get(s, s)} {timings[s]:.0f}" for s in STAGES if s in timings)
     total = f" (stages {sum(timings.get(s, 0) for s in STAGES) / 60:.1f} min: {stages} s)" if timings else ""
     steps = folders.metrics(FINETUNE).get("steps") if folders.metrics_path(FINETUNE).is_file() else None
     trained = f"; {steps} fine-tuning steps" if steps is not None else ""
-    return (f"Run `{run}` at commit {git_commit()}, {machine_label(export_metrics['machine'])}{total}{trained}; "
+    return (f"Run `{run}` at commit {git_commit()}, {machine_label(exported.machine)}{total}{trained}; "
             f"{headline_queries(evaluation)} held-out {evaluation['split']} queries.")
 
 

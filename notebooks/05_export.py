@@ -62,6 +62,7 @@ globals().update(lab_parameters(EXPORT))
 import shutil
 
 from lib import corpus, cpu, encoders, evaluate, export
+from lib.export_facts import ExportFacts
 from lib.provenance import machine
 from lib.io import write_json, write_metrics
 from lib.paths import CORPUS, Run
@@ -135,18 +136,21 @@ retriever.show_examples(example_queries)
 # %%
 self_hits = retriever.self_retrieval(items[:100])
 write_json(out_dir / "bench.json", {b: {"items_per_second": round(float(gate.loc[b, "items_per_second"]), 1)} for b in gate.index})
+exported = ExportFacts(  # what serving, releases, the report and the benchmarks read
+    backends=export.gate_summary(gate),
+    default_backend=default_backend,
+    skipped_backends=skipped,
+    machine=machine(),  # the speed figures above are this machine's (CPU model, ISA flags, cores, libraries)
+    model_card={"base_model": base_model, "model_license": model_license, "data_license": data_license},
+)
 metrics = {
-    "backends": export.gate_summary(gate),
-    "skipped_backends": skipped,
-    "default_backend": default_backend,
-    "machine": machine(),  # the speed figures above are this machine's (CPU model, ISA flags, cores, libraries)
+    **exported.as_metrics(),
     "gate": {"min_cosine": parity_min_cosine, "max_ndcg_delta": parity_max_ndcg_delta, "queries": len(queries)},
     "int8_fp32_matmuls": len(kept_fp32),
     "self_retrieval_at_1": self_hits,
     "search": {**retriever.settings(), "chosen_on": "dev" if search_mode == "auto" and headline_queries["dev"] else "parameter",
                "queries": {split: len(qs) for split, qs in headline_queries.items()},
                "settings": settings.round(4).to_dict(orient="records")},
-    "model_card": {"base_model": base_model, "model_license": model_license, "data_license": data_license},
 }
 write_metrics(out_dir, metrics)
 metrics

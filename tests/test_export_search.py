@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lib import cpu, encoders, export
+from lib.export_facts import ExportFacts
 from lib.paths import REPO_ROOT
 from lib.search import Bm25, Retriever, exact_top_k, fuse, min_max, rrf_scores
 
@@ -188,8 +189,9 @@ def test_the_default_search_is_the_best_on_dev(retriever, srd_slice):
 def test_the_server_keeps_the_indexs_backend_unless_this_cpu_cannot_run_it(monkeypatch):
     from lib import serve
 
-    gate = {"torch-fp32": {"passed": True, "items_per_second": 10}, "onnx-int8": {"passed": True, "items_per_second": 30},
-            "onnx-fp32": {"passed": True, "items_per_second": 20}}
+    gate = ExportFacts({"torch-fp32": {"passed": True, "items_per_second": 10},
+                        "onnx-int8": {"passed": True, "items_per_second": 30},
+                        "onnx-fp32": {"passed": True, "items_per_second": 20}}, "onnx-int8")
     assert serve.serving_backend("onnx-int8", gate) == ("onnx-int8", "")
     monkeypatch.setattr(encoders, "bf16_supported", lambda flags=None: False)
     backend, note = serve.serving_backend("torch-bf16", gate)
@@ -279,13 +281,13 @@ def test_a_pooling_the_export_cannot_reproduce_is_refused_with_the_reason(studen
     from sentence_transformers.sentence_transformer.modules import Pooling
 
     model = SentenceTransformer(str(student_path), device="cpu")
-    assert export.model_pooling(model) == "mean"
+    assert encoders.model_pooling(model) == "mean"
     max_pooled = SentenceTransformer(modules=[model[0], Pooling(384, "max")], device="cpu")
     with pytest.raises(ValueError, match="pools with 'max'; the project exports and serves mean or cls pooling"):
-        export.model_pooling(max_pooled)
+        encoders.model_pooling(max_pooled)
     without_prompt = SentenceTransformer(modules=[model[0], Pooling(384, "mean", include_prompt=False)], device="cpu")
     with pytest.raises(ValueError, match="include_prompt: false"):
-        export.model_pooling(without_prompt)
+        encoders.model_pooling(without_prompt)
     with pytest.raises(ValueError, match="unknown role 'passage'"):
         encoders.TorchEncoder(student_path).encode(["x"], role="passage")
 

@@ -2,6 +2,7 @@
 import json
 
 from lib import bench, provenance, report
+from lib.export_facts import ExportFacts
 from lib.io import write_json
 from lib.paths import PARAMS_DIR, stage_dir
 
@@ -45,12 +46,13 @@ def test_verdict_gives_intervals_and_the_p_value():
 def test_search_section_shows_the_gate_and_skipped_backends():
     row = lambda passed, why="": {"min_cosine": 0.95 if why else 1.0, "ndcg@10": 0.4, "ndcg_delta": 0.0,
                                   "items_per_second": 30.0, "speed_vs_torch_fp32": 1.0, "passed": passed, "failed": why}
-    section = report.search_section({"backends": {"torch-fp32": row(True), "onnx-int8": row(False, "min cosine 0.9500 < 0.99")},
-                                     "skipped_backends": {"torch-bf16": "CPU has no native bf16"},
-                                     "default_backend": "torch-fp32"}, "no-such-run", provenance.machine())
+    exported = ExportFacts.from_metrics({"backends": {"torch-fp32": row(True), "onnx-int8": row(False, "min cosine 0.9500 < 0.99")},
+                                         "skipped_backends": {"torch-bf16": "CPU has no native bf16"},
+                                         "default_backend": "torch-fp32", "int8_fp32_matmuls": 12})  # other keys: ignored
+    section = report.search_section(exported, "no-such-run", provenance.machine())
     assert "<b>torch-fp32</b>" in section and "min cosine 0.9500 &lt; 0.99" in section
     assert "skipped: CPU has no native bf16" in section and "Speed (make bench" not in section
-    assert report.search_section({}, "r", provenance.machine()) == ""
+    assert report.search_section(ExportFacts.from_metrics({}), "r", provenance.machine()) == ""  # stage 05 not run
 
 
 def test_index_says_which_blend_was_shipped_and_why(tmp_path):
@@ -121,9 +123,9 @@ def test_bench_tables_name_the_machine_they_came_from(tmp_path, monkeypatch):
     assert "Test CPU 9000 (AVX-512, BF16), 2 cores (bench/results/avx512-bf16/" in note
     assert "this run's machine differs: Test CPU 9000 (AVX-512, BF16), 2 cores held to AVX2" in note
     assert bench.for_run("encode_throughput", "another-run", avx2["machine"]) == ({}, "")
-    section = report.search_section({"backends": {}, "default_backend": "onnx-int8"} | {"backends": {"onnx-int8": {
+    section = report.search_section(ExportFacts({"onnx-int8": {
         "min_cosine": 0.99, "ndcg@10": 0.4, "ndcg_delta": 0.0, "items_per_second": 30.0, "speed_vs_torch_fp32": 2.0,
-        "passed": True, "failed": ""}}}, "r", avx2["machine"])
+        "passed": True, "failed": ""}}, "onnx-int8"), "r", avx2["machine"])
     assert "Speed (make bench)" in section and "this run&#x27;s machine differs" in section
     doc = bench.markdown_tables()
     assert "## Encoding and search · Test CPU 9000 (AVX-512, BF16), 2 cores" in doc and "| onnx-int8 | 20.0 | 2.0 |" in doc

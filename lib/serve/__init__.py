@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from lib.encoders import native_backends
+from lib.export_facts import ExportFacts
 from lib.feedback import FeedbackStore, model_version
 from lib.io import read_json, write_jsonl
 from lib.paths import METRICS_FILE, REPO_ROOT, Run, locate
@@ -26,19 +27,14 @@ from lib.serve.service import FEEDBACK_PER_MINUTE, REQUEST_SECONDS, Limits, Serv
 from lib.teacher.server import free_port, is_loopback_host
 
 
-def gate_passed(gate: dict, backend: str) -> bool:
-    """Whether stage 05's parity gate ({backend: {passed, ...}}) passed this backend."""
-    return bool(gate.get(backend, {}).get("passed"))
-
-
-def serving_backend(saved: str, gate: dict) -> tuple[str, str]:
+def serving_backend(saved: str, exported: ExportFacts) -> tuple[str, str]:
     """The backend to serve with on this machine: the index's, if this CPU runs it natively; else the fastest other
-    backend that passed stage 05's gate ({backend: {passed, items_per_second}}). Returns it and a note ("" if saved)."""
+    backend that passed stage 05's gate. Returns it and a note ("" if saved)."""
     native, why_not = native_backends()
     if saved in native or saved == "custom":
         return saved, ""
-    passed = [b for b in native if gate_passed(gate, b)] or ["onnx-fp32"]
-    chosen = max(passed, key=lambda b: gate.get(b, {}).get("items_per_second", 0))
+    passed = [b for b in native if exported.passed(b)] or ["onnx-fp32"]
+    chosen = max(passed, key=lambda b: exported.backends.get(b, {}).get("items_per_second", 0))
     return chosen, f"the index's backend {saved} does not run natively here ({why_not.get(saved, 'not available')}): serving with {chosen}"
 
 
@@ -63,13 +59,13 @@ def load_service(run: str, runs_root: str | None = None, index_dir: str | None =
         if not api_key:
             raise SystemExit(f"--api-key-env {api_key_env}: the environment variable {api_key_env} is empty or unset")
     spec = read_json(index / "retriever.json").get("encoder", {})
-    gate = read_json(gate_file).get("backends", {}) if gate_file.exists() else {}
     saved, backend_given = spec.get("backend", "custom"), backend is not None
+    exported = ExportFacts.read(gate_file) if gate_file.exists() else ExportFacts({}, saved)  # no gate: nothing passed
     if backend is None:
-        backend, note = serving_backend(saved, gate)
+        backend, note = serving_backend(saved, exported)
         if note:
             print(note, file=sys.stderr)
-    reuse = backend != saved and gate_passed(gate, backend) and gate_passed(gate, saved)
+    reuse = backend != saved and exported.passed(backend) and exported.passed(saved)
     if reuse:
         print(f"serving with {backend} over the index's {saved} vectors: both passed stage 05's parity gate, so the "
               "corpus is not embedded again", file=sys.stderr)
@@ -78,8 +74,8 @@ def load_service(run: str, runs_root: str | None = None, index_dir: str | None =
     version = model_version(index / spec.get("model_dir", "."))
     service = Service(retriever, run, version, FeedbackStore(folder / "feedback.sqlite"), aliases, api_key, limits)
     service.backend_chosen_by = chosen_by
-    if not backend_given and gate_passed(gate, backend):  # after start, the fastest gated backend for one query
-        others = [b for b in native_backends()[0] if b != backend and gate_passed(gate, b)]
+    if not backend_given and exported.passed(backend):  # after start, the fastest gated backend for one query
+        others = [b for b in native_backends()[0] if b != backend and exported.passed(b)]
         service.latency_candidates = {b: (index / spec.get("model_dir", "."), index / spec.get("export_dir", "."))
                                       for b in others}
     return service

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from lib.config import parameter_fields
-from lib.io import read_json
-from lib.paths import METRICS_FILE, teacher_cache_path
+from lib.io import StageFacts, read_json
+from lib.paths import teacher_cache_path
 from lib.teacher.budget import (PRICE_PER_MILLION, Budget, RateLimiter, cost_usd, price_per_million, token_batches,
                                 token_encoding)
 from lib.teacher.cache import TeacherCache, normalize, text_hash
@@ -145,7 +145,7 @@ def teacher_embeddings(passages: list[str], queries: list[str], settings: Teache
 
 
 @dataclass(frozen=True)
-class TeacherFacts:
+class TeacherFacts(StageFacts):
     """What stage 01 tells the stages and releases after it: which teacher it asked, where (without credentials), for
     which dimensions (0: the model's own) and at what price. Written into its metrics.json (as_metrics), read back
     with read(); nothing else parses those keys."""
@@ -155,20 +155,6 @@ class TeacherFacts:
     base_url: str = ""
     dimensions_requested: int = 0
     price_per_million_tokens: float = 0.0
-
-    def as_metrics(self) -> dict:
-        """The facts as stage 01's metrics.json holds them."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_metrics(cls, metrics: dict) -> TeacherFacts:
-        """The facts inside stage 01's metrics."""
-        return cls(**parameter_fields(cls, metrics))
-
-    @classmethod
-    def read(cls, teacher_dir: str | Path) -> TeacherFacts:
-        """The facts a finished stage 01 (its folder) wrote."""
-        return cls.from_metrics(read_json(Path(teacher_dir) / METRICS_FILE))
 
     def label(self) -> str:
         """backend/model, as reports and model cards name the teacher."""
