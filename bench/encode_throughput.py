@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from lib import bench, corpus, cpu, export
 from lib.encoders import load_encoder, native_backends
 from lib.bench import mixed_vectors, percentiles_ms
-from lib.export_facts import ExportFacts
+from lib.facts import ExportFacts
 from lib.paths import CORPUS, EXPORT, Run
 from lib.search import Retriever
 

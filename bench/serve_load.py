@@ -24,7 +24,7 @@ import httpx
 
 from lib import bench, corpus
 from lib.bench import mixed_vectors, percentiles_ms
-from lib.export_facts import ExportFacts
+from lib.facts import ExportFacts
 from lib.paths import CORPUS, EXPORT, METRICS_FILE, Run
 from lib.search import Retriever
 from lib.serve import serving_backend, single_threaded_blas, start_server

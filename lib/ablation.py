@@ -9,6 +9,7 @@ import pandas as pd
 import yaml
 
 from lib.evaluate import paired_randomisation
+from lib.facts import TrainingFacts
 from lib.paths import DOMAIN_ADAPT, EVALUATE, FINETUNE, PARAMS_DIR, REPO_ROOT, STAGES, Run
 
 SPEC_KEYS = {"stages", "overrides", "arms"}
@@ -58,21 +59,14 @@ def link_upstream(run: str, first_stage: str, runs_root: str | Path | None, arm_
             link.symlink_to(source, target_is_directory=True)
 
 
-def dev_ndcg(finetune_metrics: dict, when: str) -> float:
-    """Stage 04's dev NDCG@10 (all dev queries) before or after fine-tuning."""
-    scores = finetune_metrics[f"dev_{when}"]
-    if "sequential_score" in scores:  # NDCG@10 per query over every dev query
-        return scores["sequential_score"]
-    return scores[next(k for k in scores if k.endswith("ndcg@10"))]
-
-
 def results_table(run: str, arm_roots: dict[str, Path], n_permutations: int = 10000, seed: int = 42) -> dict:
     """Per arm: stage 03's facts, stage 04's dev NDCG@10, stage 06's test metrics of the domain-adapted and fine-tuned
     encoders with 95% intervals and paired tests (NDCG@10) against the first arm; the dev winner."""
     rows, per_query = {}, {}
     for arm, root in arm_roots.items():
         arm_run = Run(run, root)
-        adapt, tuned, evaluated = (arm_run.metrics(s) for s in (DOMAIN_ADAPT, FINETUNE, EVALUATE))
+        adapt, evaluated = arm_run.metrics(DOMAIN_ADAPT), arm_run.metrics(EVALUATE)
+        tuned = TrainingFacts.read(arm_run.stage(FINETUNE))
         frame = pd.read_csv(arm_run.stage(EVALUATE) / "per_query.csv")
         frame = frame[frame["category"].isin(evaluated["headline_categories"])]  # the independent test queries
         per_query[arm] = {s: g.set_index("qid")["ndcg@10"] for s, g in frame.groupby("system")}
@@ -83,7 +77,7 @@ def results_table(run: str, arm_roots: dict[str, Path], n_permutations: int = 10
         rows[arm] = {"domain_method": adapt.get("domain_method"), "adapt_steps": adapt.get("steps"),
                      "adapt_runtime_s": adapt.get("train_runtime_s"), "heldout": adapt.get("heldout"),
                      "embedding_cosine_to_base": adapt.get("embedding_cosine_to_base"),
-                     "dev_ndcg@10_adapted": dev_ndcg(tuned, "before"), "dev_ndcg@10_fine_tuned": dev_ndcg(tuned, "after"),
+                     "dev_ndcg@10_adapted": tuned.dev_ndcg("before"), "dev_ndcg@10_fine_tuned": tuned.dev_ndcg("after"),
                      "test": test, "test_queries": evaluated["queries"],
                      "beside_headline": {c: evaluated["by_category"][c]["fine-tuned"]["ndcg@10"]
                                          for c in evaluated.get("beside_headline", []) if c in evaluated["by_category"]}}

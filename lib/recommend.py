@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lib.facts import TrainingFacts
 from lib.paths import EVALUATE, FINETUNE
 
 MARGIN = 0.02  # an NDCG@10 difference smaller than this is not worth a recommendation
@@ -48,10 +49,10 @@ def bm25_beats_student(evaluation: dict) -> list[Recommendation]:
     return out
 
 
-def not_better_than_base(evaluation: dict, finetune: dict) -> list[Recommendation]:
+def not_better_than_base(evaluation: dict, finetune: TrainingFacts) -> list[Recommendation]:
     """The fine-tuned student not better than the base on dev, or not significantly on test → change the recipe."""
-    before = finetune.get("dev_before", {}).get("dev-all_cosine_ndcg@10")
-    after = finetune.get("dev_after", {}).get("dev-all_cosine_ndcg@10")
+    before = finetune.dev_before.get("dev-all_cosine_ndcg@10")
+    after = finetune.dev_after.get("dev-all_cosine_ndcg@10")
     p = evaluation.get("p_values_vs_base", {}).get("fine-tuned", {}).get("ndcg@10")
     test = evaluation.get("headline", {})
     advice = ("try another training recipe (`make ablation-finetune`: loss, batch sampler, negatives), a stronger "
@@ -88,11 +89,11 @@ def loss_still_falling(loss_curve: list[tuple[int, float]], drop: float = 0.05) 
                            f"{last_step} ({(last - first) / first:+.0%} over the last {last_step - first_step} steps)")]
 
 
-def in_batch_false_negatives(finetune: dict, share: float = 0.02) -> list[Recommendation]:
+def in_batch_false_negatives(finetune: TrainingFacts, share: float = 0.02) -> list[Recommendation]:
     """Many in-batch false negatives with the sampler used → the entity batch sampler."""
-    sampler = finetune.get("batch_sampler")
-    counts = finetune.get("in_batch_false_negatives", {})
-    pairs = finetune.get("train_pairs") or 0
+    sampler = finetune.batch_sampler
+    counts = finetune.in_batch_false_negatives
+    pairs = finetune.train_pairs or 0
     found = counts.get(sampler)
     if not pairs or found is None or found / pairs < share:
         return []
@@ -101,10 +102,10 @@ def in_batch_false_negatives(finetune: dict, share: float = 0.02) -> list[Recomm
                            f"{sampler} sampler (entity: {counts.get('entity', '?')})")]
 
 
-def dev_and_test_disagree(evaluation: dict, finetune: dict, gap: float = 0.1) -> list[Recommendation]:
+def dev_and_test_disagree(evaluation: dict, finetune: TrainingFacts, gap: float = 0.1) -> list[Recommendation]:
     """The gain on dev and the gain on test far apart, or of opposite sign → more evaluation queries."""
-    before = finetune.get("dev_before", {}).get("dev-all_cosine_ndcg@10")
-    after = finetune.get("dev_after", {}).get("dev-all_cosine_ndcg@10")
+    before = finetune.dev_before.get("dev-all_cosine_ndcg@10")
+    after = finetune.dev_after.get("dev-all_cosine_ndcg@10")
     rows = evaluation.get("headline", {})
     if None in (before, after, ndcg(rows, "fine-tuned"), ndcg(rows, "base")):
         return []
@@ -118,7 +119,7 @@ def dev_and_test_disagree(evaluation: dict, finetune: dict, gap: float = 0.1) ->
 
 def recommendations(metrics: dict[str, dict], loss_curve: list[tuple[int, float]]) -> list[Recommendation]:
     """Every rule's recommendations for a run, from its stages' metrics.json and the training loss (step, loss)."""
-    evaluation, finetune = metrics.get(EVALUATE, {}), metrics.get(FINETUNE, {})
+    evaluation, finetune = metrics.get(EVALUATE, {}), TrainingFacts.from_metrics(metrics.get(FINETUNE, {}))
     return (not_better_than_base(evaluation, finetune) + weak_teacher(evaluation) + bm25_beats_student(evaluation)
             + loss_still_falling(loss_curve) + in_batch_false_negatives(finetune)
             + dev_and_test_disagree(evaluation, finetune))

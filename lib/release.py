@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lib.export_facts import ExportFacts
+from lib.facts import ExportFacts, TrainingFacts
 from lib.io import atomic_dir, read_json, write_json, write_text
 from lib.paths import (CORPUS, EVALUATE, EXPORT, FINETUNE, METRICS_FILE, PAIRS, RELEASE_VERSION, RELEASES_DIR, TEACHER,
                        Run, release_folder, run_name)
@@ -229,7 +229,7 @@ it: `python -m lib.serve --index path/to/{manifest['version']}`.
 def run_facts(run: Run) -> dict:
     """What a release says about the run it packages: teacher, training, search, corpus fingerprint."""
     teacher = TeacherFacts.read(run.stage(TEACHER))
-    finetune = run.metrics(FINETUNE)
+    trained = TrainingFacts.read(run.stage(FINETUNE))
     exported = ExportFacts.read(run.stage(EXPORT))
     index = read_json(run.index / "retriever.json")
     corpus = run.stage(CORPUS)
@@ -240,9 +240,9 @@ def run_facts(run: Run) -> dict:
     return {
         "teacher": teacher.label(),
         "dimensions": int(index.get("dimension", 0)),
-        "max_seq_length": int(index.get("encoder", {}).get("max_seq_length", finetune.get("eval_max_seq_length", 256))),
-        "training": {k: finetune[k] for k in ("loss", "batch_sampler", "steps", "train_pairs", "blend_alpha", "distill")
-                     if k in finetune},
+        "max_seq_length": int(index.get("encoder", {}).get("max_seq_length", trained.eval_max_seq_length)),
+        "training": {k: getattr(trained, k) for k in ("loss", "batch_sampler", "steps", "train_pairs", "blend_alpha",
+                                                      "distill")},
         "search": {k: index.get(k) for k in ("mode", "fusion", "dense_weight", "rrf_k")}
                   | {"backend": index.get("encoder", {}).get("backend", exported.default_backend)},
         "corpus": {"items": int(index.get("items", 0)), "fingerprint": digest.hexdigest()[:16]},

@@ -15,7 +15,7 @@ from lib.ablation import summary_frame
 from lib.config import redact, secret_values
 from lib.domains.records import skipped_line
 from lib.evaluate import format_interval, hybrid_label
-from lib.export_facts import ExportFacts
+from lib.facts import ExportFacts, TrainingFacts
 from lib.io import read_json, write_text
 from lib.paths import (CORPUS, DOMAIN_ADAPT, EVALUATE, EXPORT, FINETUNE, MAPS, PAIRS, REPORTS_DIR, REPO_ROOT, STAGES,
                        TEACHER, Run, shown_path)
@@ -76,12 +76,12 @@ def data_hashes(corpus_dir: Path) -> dict[str, str]:
             for p in sorted(corpus_dir.glob("*.jsonl"))}
 
 
-def blend_line(finetune_metrics: dict) -> str:
+def blend_line(trained: TrainingFacts) -> str:
     """What stage 04 shipped: the weight-averaging α chosen on dev and the dev scores behind the choice."""
-    scores = finetune_metrics.get("dev_by_alpha")
+    scores = trained.dev_by_alpha
     if not scores:
         return ""
-    alpha = finetune_metrics["blend_alpha"]
+    alpha = trained.blend_alpha
     shipped = ("the start model itself (α = 0): training did not beat it on the dev queries" if alpha == 0 else
                "the trained weights as they are (α = 1)" if alpha == 1 else
                f"θ = {1 - alpha:g}·θ_start + {alpha:g}·θ_trained")
@@ -110,26 +110,26 @@ def cost_line(metrics: dict[str, dict], timings: dict[str, float]) -> str:
         parts.append(f"teacher {TeacherFacts.from_metrics(teacher).label()}: {misses} of {texts} "
                      f"texts embedded ({teacher.get('tokens', 0):,} tokens, ${teacher.get('cost_usd', 0):.4f}), "
                      "the rest from the cache")
-    if "steps" in metrics.get(FINETUNE, {}):
-        parts.append(f"{metrics[FINETUNE]['steps']} fine-tuning steps")
+    if (steps := TrainingFacts.from_metrics(metrics.get(FINETUNE, {})).steps) is not None:
+        parts.append(f"{steps} fine-tuning steps")
     return "; ".join(parts) + "." if parts else ""
 
 
-def training_section(finetune_metrics: dict, run: str, here: dict) -> str:
+def training_section(trained: TrainingFacts, run: str, here: dict) -> str:
     """Stage 04's run facts (steps, bf16, resume, in-batch false negatives per sampler) and `make bench`'s training
     speed for this run when it exists."""
-    if not finetune_metrics.get("in_batch_false_negatives"):
+    if not trained.in_batch_false_negatives:
         return ""
-    facts = {k: {"value": finetune_metrics.get(k)} for k in ("loss", "distill", "batch_sampler", "steps", "bf16",
-                                                            "resumed_from_step", "train_runtime_s", "max_train_minutes",
-                                                            "planned_steps_in_budget", "blend_alpha")}
-    if finetune_metrics.get("dev_by_alpha"):
+    facts = {k: {"value": getattr(trained, k)} for k in ("loss", "distill", "batch_sampler", "steps", "bf16",
+                                                        "resumed_from_step", "train_runtime_s", "max_train_minutes",
+                                                        "planned_steps_in_budget", "blend_alpha")}
+    if trained.dev_by_alpha:
         facts["dev NDCG@10 by α (weight averaging with the start model)"] = {"value": ", ".join(
-            f"α {a}: {v:.4f}" for a, v in finetune_metrics["dev_by_alpha"].items())}
+            f"α {a}: {v:.4f}" for a, v in trained.dev_by_alpha.items())}
     out = ("<h2>Training</h2>" + table(facts, ["value"])
            + "<h3>In-batch false negatives in one epoch, per batch sampler</h3><p>An anchor contrasted with its own "
              "entity under another text, an alias, a related item or another item its query fits.</p>"
-           + table({name: {"false negatives": n} for name, n in finetune_metrics["in_batch_false_negatives"].items()},
+           + table({name: {"false negatives": n} for name, n in trained.in_batch_false_negatives.items()},
                    ["false negatives"]))
     speed, note = bench.for_run("finetune_speed", run, here)
     if speed:
@@ -237,7 +237,7 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
                      f"<p>Held-out <b>{evaluation['split']}</b> queries (n={headline_queries(evaluation)}; ground truth "
                      "from the corpus's own fields and relations, not from the teacher). Green: better than the base "
                      "student; red: worse.</p>")
-        if blend := blend_line(metrics.get(FINETUNE, {})):
+        if blend := blend_line(TrainingFacts.from_metrics(metrics.get(FINETUNE, {}))):
             parts.append(f"<p>{html.escape(blend)}</p>")
         if counts := metrics.get(PAIRS, {}).get("feedback"):
             parts.append(f"<p id='feedback'><b>Search feedback:</b> {html.escape(feedback_line(counts))}</p>")
@@ -281,7 +281,7 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
         parts.append("<h3>Cluster quality</h3>" + table(quality, ["before", "after"]))
     exported = ExportFacts.from_metrics(metrics.get(EXPORT, {}))
     here = exported.machine or machine()  # the machine this run's speed figures come from
-    parts.append(training_section(metrics.get(FINETUNE, {}), run, here))
+    parts.append(training_section(TrainingFacts.from_metrics(metrics.get(FINETUNE, {})), run, here))
     parts.append(search_section(exported, run, here))
     parts.append(ablation_sections(run, metrics.get(DOMAIN_ADAPT, {}).get("domain_method"), runs_root, out_dir))
     links = lambda s: " · ".join(f"<a href='{name}'>{name}</a>" for name in (f"{s}.html", f"{s}.code.html")
@@ -391,7 +391,7 @@ def run_facts(run: str, evaluation: dict, runs_root: str | None, reports_root: s
     timings = read_json(timings_file) if timings_file.is_file() else {}
     stages = ", ".join(f"{STAGE_LABELS.get(s, s)} {timings[s]:.0f}" for s in STAGES if s in timings)
     total = f" (stages {sum(timings.get(s, 0) for s in STAGES) / 60:.1f} min: {stages} s)" if timings else ""
-    steps = folders.metrics(FINETUNE).get("steps") if folders.metrics_path(FINETUNE).is_file() else None
+    steps = TrainingFacts.read(folders.stage(FINETUNE)).steps if folders.metrics_path(FINETUNE).is_file() else None
     trained = f"; {steps} fine-tuning steps" if steps is not None else ""
     return (f"Run `{run}` at commit {git_commit()}, {machine_label(exported.machine)}{total}{trained}; "
             f"{headline_queries(evaluation)} held-out {evaluation['split']} queries.")

@@ -76,6 +76,7 @@ from sentence_transformers import SentenceTransformer
 from transformers import set_seed
 
 from lib import batches, finetune, training
+from lib.facts import TrainingFacts
 from lib.io import write_json, write_metrics
 from lib.paths import CORPUS, DOMAIN_ADAPT, PAIRS, TEACHER, Run, resolve_model_path, shown_path
 from lib.plots import line_plot
@@ -178,34 +179,37 @@ keys = sorted(k for k in after if k.endswith(("ndcg@10", "mrr@10", "recall@10"))
 pd.DataFrame({"before": {k: before[k] for k in keys}, "after": {k: after[k] for k in keys}})
 
 # %%
+trained = TrainingFacts(  # what releases, the report, its recommendations and the ablations read
+    start_model=shown_path(start_model, run.path),  # no home folder in a shared report
+    train_pairs=len(inputs.train),
+    steps=facts["global_step"],
+    loss=loss,
+    batch_sampler=batch_sampler,
+    distill=distill,
+    bf16=facts["bf16"],
+    resumed_from_step=facts["resumed_from_step"],
+    train_runtime_s=facts["train_runtime_s"],
+    max_train_minutes=max_train_minutes,
+    planned_steps_in_budget=facts["planned_steps_in_budget"],
+    eval_max_seq_length=eval_max_seq_length,
+    in_batch_false_negatives={name: c["false_negatives"] for name, c in sampler_counts.items()},
+    dev_before={k: round(before[k], 4) for k in keys},
+    dev_after={k: round(after[k], 4) for k in keys},
+    blend_alpha=blend["alpha"] if blend else 1.0,
+    dev_by_alpha=blend["dev_by_alpha"] if blend else {},
+)
 metrics = {
-    "start_model": shown_path(start_model, run.path),  # no home folder in a shared report
-    "train_pairs": len(inputs.train),
-    "steps": facts["global_step"],
-    "loss": loss,
-    "batch_sampler": batch_sampler,
-    "distill": distill,
+    **trained.as_metrics(),
     "teacher_scale": facts["teacher_scale"],
-    "in_batch_false_negatives": {name: c["false_negatives"] for name, c in sampler_counts.items()},
-    "bf16": facts["bf16"],
-    "resumed_from_step": facts["resumed_from_step"],
-    "train_runtime_s": facts["train_runtime_s"],
     "epoch_seconds": resources.get("epoch_seconds"),
     "cpu_percent_mean": resources.get("cpu_percent_mean"),
     "peak_rss_mib": resources.get("peak_rss_mib"),
     "gpu_peak_mib": resources.get("gpu_peak_mib"),
-    "max_train_minutes": max_train_minutes,
-    "planned_steps_in_budget": facts["planned_steps_in_budget"],
     "stopped_by_time_limit_at_step": facts["stopped_by_time_limit_at_step"],
     "train_loss_first": losses[0] if losses else None,
     "train_loss_last": losses[-1] if losses else None,
     "dev_loss_first": dev_losses[0] if dev_losses else None,  # the MNRL loss on the fixed sample of stage-02 dev rows
     "dev_loss_last": dev_losses[-1] if dev_losses else None,
-    "eval_max_seq_length": eval_max_seq_length,
-    "dev_before": {k: round(before[k], 4) for k in keys},
-    "dev_after": {k: round(after[k], 4) for k in keys},
-    "blend_alpha": blend["alpha"] if blend else 1.0,
-    "dev_by_alpha": blend["dev_by_alpha"] if blend else {},
 }
 write_metrics(out_dir, metrics)
 metrics

@@ -62,7 +62,7 @@ globals().update(lab_parameters(EXPORT))
 import shutil
 
 from lib import corpus, cpu, encoders, evaluate, export
-from lib.export_facts import ExportFacts
+from lib.facts import ExportFacts
 from lib.provenance import machine
 from lib.io import write_json, write_metrics
 from lib.paths import CORPUS, Run

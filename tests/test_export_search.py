@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lib import cpu, encoders, export
-from lib.export_facts import ExportFacts
+from lib.facts import ExportFacts
 from lib.paths import REPO_ROOT
 from lib.search import Bm25, Retriever, exact_top_k, fuse, min_max, rrf_scores
 

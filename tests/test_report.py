@@ -2,7 +2,7 @@
 import json
 
 from lib import bench, provenance, report
-from lib.export_facts import ExportFacts
+from lib.facts import ExportFacts, TrainingFacts
 from lib.io import write_json
 from lib.paths import PARAMS_DIR, stage_dir
 
@@ -63,7 +63,7 @@ def test_index_says_which_blend_was_shipped_and_why(tmp_path):
     page = report.write_index("r", {}, [PARAMS_DIR / "default.yaml"], runs, reports).read_text()
     assert "the start model itself (α = 0): training did not beat it on the dev queries" in page
     assert "0 → 0.410, 0.5 → 0.405, 1 → 0.390" in page
-    assert "0.5·θ_start + 0.5·θ_trained" in report.blend_line({"blend_alpha": 0.5, "dev_by_alpha": {"0.5": 0.4}})
+    assert "0.5·θ_start + 0.5·θ_trained" in report.blend_line(TrainingFacts(blend_alpha=0.5, dev_by_alpha={"0.5": 0.4}))
 
 
 def test_readme_tables_come_from_the_metrics():

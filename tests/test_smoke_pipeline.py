@@ -17,9 +17,9 @@ from conftest import json_numbers
 
 from lib import corpus, feedback, finetune, leakage, release, teacher
 from lib.domains import dnd
-from lib.export_facts import ExportFacts
+from lib.facts import ExportFacts, TrainingFacts
 from lib.io import read_jsonl, write_jsonl
-from lib.paths import EXPORT, REPO_ROOT, STAGES, TEACHER, stage_dir
+from lib.paths import EXPORT, FINETUNE, REPO_ROOT, STAGES, TEACHER, stage_dir
 from lib.teacher import TeacherFacts
 
 FAKE_KEY = "codexforge-fake-key-" + uuid.uuid4().hex  # made at run time; never a real key
@@ -88,7 +88,7 @@ def test_every_stage_writes_finite_metrics(smoke):
         assert path.exists(), f"{stage} wrote no metrics.json"
         metrics = json.loads(path.read_text())
         assert metrics and all(math.isfinite(x) for x in json_numbers(metrics)), stage
-    for stage, facts in ((TEACHER, TeacherFacts), (EXPORT, ExportFacts)):  # the typed facts later code reads: all there
+    for stage, facts in ((TEACHER, TeacherFacts), (FINETUNE, TrainingFacts), (EXPORT, ExportFacts)):  # all written
         metrics = json.loads((stage_dir(RUN, stage, smoke["runs"]) / "metrics.json").read_text())
         assert {f.name for f in dataclasses.fields(facts)} <= set(metrics), stage
         assert facts.read(stage_dir(RUN, stage, smoke["runs"])).as_metrics() == {f.name: metrics[f.name]

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from lib.encoders import native_backends
-from lib.export_facts import ExportFacts
+from lib.facts import ExportFacts
 from lib.feedback import FeedbackStore, model_version
 from lib.io import read_json, write_jsonl
 from lib.paths import METRICS_FILE, REPO_ROOT, Run, locate
