@@ -161,9 +161,9 @@ class Location:
 
 
 def locate(spec: str | Path, runs_root: str | Path | None = None) -> Location | None:
-    """A release (see release_folder; any …/current), a saved index (a folder with retriever.json), a model (a SentenceTransformer
-    folder, or a bundled model's name when no run has it), or a run (a folder under runs_root with stage 00); None
-    for none of these. The one place that tells them apart."""
+    """A release (see release_folder; any …/current), a saved index (a folder with retriever.json), a model (a
+    SentenceTransformer folder, or a bundled model's name when no run has it), or a run (a folder under runs_root with
+    stage 00); None for none of these. The one place that tells them apart."""
     release = release_folder(spec)
     if release is not None or Path(spec).name == "current":  # models/<domain>/current always means a release
         return Location("release", release or Path(spec))
