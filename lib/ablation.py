@@ -50,9 +50,10 @@ def code_fingerprint(stages: list[str], files: list[Path]) -> str:
 
 def link_upstream(run: str, first_stage: str, runs_root: str | Path | None, arm_root: Path) -> None:
     """Symlink the run's stages before `first_stage` into the arm, so every arm reads the same artefacts."""
+    main_run, arm_run = Run(run, runs_root), Run(run, arm_root)
     for stage in STAGES[:STAGES.index(first_stage)]:
-        source, link = Run(run, runs_root).stage(stage).resolve(), Run(run, arm_root).stage(stage)
-        if not Run(run, runs_root).metrics_path(stage).is_file():
+        source, link = main_run.stage(stage).resolve(), arm_run.stage(stage)
+        if not main_run.metrics_path(stage).is_file():
             raise FileNotFoundError(f"{source} is not finished: run the pipeline up to {stage} first (make stage-{stage[:2]})")
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.is_symlink():

@@ -221,6 +221,8 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
     out_dir = Path(reports_root or REPORTS_DIR) / run
     folders = Run(run, runs_root)
     metrics = {s: folders.metrics(s) for s in STAGES if folders.metrics_path(s).exists()}
+    trained, exported = (TrainingFacts.from_metrics(metrics.get(FINETUNE, {})),
+                         ExportFacts.from_metrics(metrics.get(EXPORT, {})))
     timings_path = out_dir / "timings.json"
     timings = read_json(timings_path) if timings_path.exists() else {}
     evaluation = metrics.get(EVALUATE, {})
@@ -237,7 +239,7 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
                      f"<p>Held-out <b>{evaluation['split']}</b> queries (n={headline_queries(evaluation)}; ground truth "
                      "from the corpus's own fields and relations, not from the teacher). Green: better than the base "
                      "student; red: worse.</p>")
-        if blend := blend_line(TrainingFacts.from_metrics(metrics.get(FINETUNE, {}))):
+        if blend := blend_line(trained):
             parts.append(f"<p>{html.escape(blend)}</p>")
         if counts := metrics.get(PAIRS, {}).get("feedback"):
             parts.append(f"<p id='feedback'><b>Search feedback:</b> {html.escape(feedback_line(counts))}</p>")
@@ -279,9 +281,8 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
         quality = {f"{measure} by {label}": values for measure in ("knn10_label_agreement", "silhouette")
                    for label, values in maps.get(measure, {}).items()}
         parts.append("<h3>Cluster quality</h3>" + table(quality, ["before", "after"]))
-    exported = ExportFacts.from_metrics(metrics.get(EXPORT, {}))
     here = exported.machine or machine()  # the machine this run's speed figures come from
-    parts.append(training_section(TrainingFacts.from_metrics(metrics.get(FINETUNE, {})), run, here))
+    parts.append(training_section(trained, run, here))
     parts.append(search_section(exported, run, here))
     parts.append(ablation_sections(run, metrics.get(DOMAIN_ADAPT, {}).get("domain_method"), runs_root, out_dir))
     links = lambda s: " · ".join(f"<a href='{name}'>{name}</a>" for name in (f"{s}.html", f"{s}.code.html")

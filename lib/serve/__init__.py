@@ -44,8 +44,8 @@ def load_service(run: str, runs_root: str | None = None, index_dir: str | None =
     """A Service over a run's saved index (05_export/index; or `index_dir`), feedback in <run>/feedback.sqlite; or over
     a release (`index_dir` = models/<domain>/<version> or …/current): its index, served as the model named by its
     version, feedback in models/<domain>/feedback.sqlite (shared by the domain's versions, each row naming its own)."""
-    folder = Run(run, runs_root).path
-    index = Path(index_dir) if index_dir else Run(run, runs_root).index
+    stages = Run(run, runs_root)
+    folder, index = stages.path, Path(index_dir) if index_dir else stages.index
     gate_file = index.parent / METRICS_FILE
     where = locate(index)
     if where is not None and (where.kind == "release" or where.release is not None):  # a release or its index
