@@ -9,7 +9,7 @@ import pandas as pd
 import yaml
 
 from lib.evaluate import paired_randomisation
-from lib.facts import TrainingFacts
+from lib.facts import DomainAdaptFacts, EvaluationFacts, TrainingFacts
 from lib.paths import DOMAIN_ADAPT, EVALUATE, FINETUNE, PARAMS_DIR, REPO_ROOT, STAGES, Run
 
 SPEC_KEYS = {"stages", "overrides", "arms"}
@@ -66,22 +66,22 @@ def results_table(run: str, arm_roots: dict[str, Path], n_permutations: int = 10
     rows, per_query = {}, {}
     for arm, root in arm_roots.items():
         arm_run = Run(run, root)
-        adapt, evaluated = arm_run.metrics(DOMAIN_ADAPT), arm_run.metrics(EVALUATE)
+        adapt, evaluated = DomainAdaptFacts.read(arm_run.stage(DOMAIN_ADAPT)), EvaluationFacts.read(arm_run.stage(EVALUATE))
         tuned = TrainingFacts.read(arm_run.stage(FINETUNE))
         frame = pd.read_csv(arm_run.stage(EVALUATE) / "per_query.csv")
-        frame = frame[frame["category"].isin(evaluated["headline_categories"])]  # the independent test queries
+        frame = frame[frame["category"].isin(evaluated.headline_categories)]  # the independent test queries
         per_query[arm] = {s: g.set_index("qid")["ndcg@10"] for s, g in frame.groupby("system")}
-        test = {s: {m: evaluated["headline"][s][m] for m in ("ndcg@10", "mrr@10", "precision@1", "recall@10")}
-                | {"ndcg@10_ci": evaluated["headline_ci"][s]["ndcg@10"][1:],
-                   "p_vs_base": evaluated["p_values_vs_base"].get(s, {}).get("ndcg@10")}
+        test = {s: {m: evaluated.headline[s][m] for m in ("ndcg@10", "mrr@10", "precision@1", "recall@10")}
+                | {"ndcg@10_ci": evaluated.headline_ci[s]["ndcg@10"][1:],
+                   "p_vs_base": evaluated.p_values_vs_base.get(s, {}).get("ndcg@10")}
                 for s in ("domain-adapted", "fine-tuned")}
-        rows[arm] = {"domain_method": adapt.get("domain_method"), "adapt_steps": adapt.get("steps"),
-                     "adapt_runtime_s": adapt.get("train_runtime_s"), "heldout": adapt.get("heldout"),
-                     "embedding_cosine_to_base": adapt.get("embedding_cosine_to_base"),
+        rows[arm] = {"domain_method": adapt.domain_method, "adapt_steps": adapt.steps,
+                     "adapt_runtime_s": adapt.train_runtime_s, "heldout": adapt.heldout,
+                     "embedding_cosine_to_base": adapt.embedding_cosine_to_base,
                      "dev_ndcg@10_adapted": tuned.dev_ndcg("before"), "dev_ndcg@10_fine_tuned": tuned.dev_ndcg("after"),
-                     "test": test, "test_queries": evaluated["queries"],
-                     "beside_headline": {c: evaluated["by_category"][c]["fine-tuned"]["ndcg@10"]
-                                         for c in evaluated.get("beside_headline", []) if c in evaluated["by_category"]}}
+                     "test": test, "test_queries": evaluated.queries,
+                     "beside_headline": {c: evaluated.by_category[c]["fine-tuned"]["ndcg@10"]
+                                         for c in evaluated.beside_headline if c in evaluated.by_category}}
     reference = next(iter(arm_roots))
     for arm, row in rows.items():
         for system in ("domain-adapted", "fine-tuned"):

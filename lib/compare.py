@@ -18,10 +18,11 @@ import pandas as pd
 
 from lib import evaluate
 from lib.encoders import TorchEncoder
+from lib.facts import EvaluationFacts, PairsFacts
 from lib.feedback import model_version, read_judgements, share_by_version
 from lib.io import read_json, read_jsonl, write_text
 from lib.leakage import normal_text
-from lib.paths import CORPUS, EVALUATE, METRICS_FILE, PAIRS, PARAMS_DIR, REPORTS_DIR, Run, locate
+from lib.paths import CORPUS, EVALUATE, PAIRS, PARAMS_DIR, REPORTS_DIR, Run, locate
 from lib.release import ReleaseError, resolve
 from lib.report import STYLE, table
 from lib.search import Bm25, fuse
@@ -47,7 +48,7 @@ class Side:
     search: dict
     created: str
     feedback: Path | None
-    evaluation: dict
+    evaluation: EvaluationFacts
     feedback_rows: int = 0  # training rows stage 02 made from search feedback
 
 
@@ -69,10 +70,10 @@ def load_side(spec: str, runs_root: str | Path | None = None) -> Side:
         manifest = read_json(release / "manifest.json")
         return Side(release.name, manifest["domain"], release / "model", release / "evaluation",
                     read_json(release / "index" / "retriever.json"), manifest["created"],
-                    release.parent / "feedback.sqlite", read_json(release / "evaluation" / METRICS_FILE),
+                    release.parent / "feedback.sqlite", EvaluationFacts.read(release / "evaluation"),
                     manifest.get("feedback", {}).get("rows", 0))
     if where is not None and where.kind == "model":
-        return Side(Path(spec).name, "", where.path, None, {"mode": "dense"}, "", None, {})
+        return Side(Path(spec).name, "", where.path, None, {"mode": "dense"}, "", None, EvaluationFacts())
     run = Run(spec, runs_root)
     needed = [run.model / "modules.json", run.metrics_path(EVALUATE)]
     if not all(p.exists() for p in needed):
@@ -80,12 +81,11 @@ def load_side(spec: str, runs_root: str | Path | None = None) -> Side:
                            f"({', '.join(str(p) for p in needed if not p.exists())} missing): `make all` or `make releases`")
     index = run.index / "retriever.json"
     finished = (run.metrics_path(EVALUATE)).stat().st_mtime
-    pairs_metrics = run.metrics_path(PAIRS)
-    feedback = read_json(pairs_metrics).get("feedback", {}) if pairs_metrics.exists() else {}
+    feedback = PairsFacts.read(run.metrics_path(PAIRS)).feedback if run.metrics_path(PAIRS).exists() else {}
     return Side(spec, run_domain(spec), run.model, run.stage(CORPUS),
                 read_json(index) if index.exists() else {"mode": "dense"},
                 datetime.fromtimestamp(finished, timezone.utc).isoformat(timespec="seconds"),
-                run.path / "feedback.sqlite", run.metrics(EVALUATE), feedback.get("rows", 0))
+                run.path / "feedback.sqlite", EvaluationFacts.read(run.stage(EVALUATE)), feedback.get("rows", 0))
 
 
 def shared_queries(newer: Side, older: Side) -> tuple[list[dict], list[str]]:
@@ -97,8 +97,8 @@ def shared_queries(newer: Side, older: Side) -> tuple[list[dict], list[str]]:
     if older.domain and newer.domain != older.domain:
         raise CompareError(f"{older.name} is a {older.domain!r} model and {newer.name} a {newer.domain!r} one: they share "
                            "no evaluation queries; compare models of one domain")
-    split = newer.evaluation.get("split", "test")
-    categories = set(newer.evaluation.get("headline_categories", []))
+    split = newer.evaluation.split
+    categories = set(newer.evaluation.headline_categories)
     queries = [q for q in read_jsonl(newer.corpus_dir / "queries.jsonl")
                if q.get("split") == split and (not categories or q["category"] in categories)]
     trained = {normal_text(q["text"]) for side in (newer, older) if side.corpus_dir
@@ -181,7 +181,7 @@ def compare(spec_a: str, spec_b: str, runs_root: str | Path | None = None, sampl
     scores = side_scores(a, "A", queries, items, bm25) | side_scores(b, "B", queries, items, bm25)
     per_query = pd.concat([evaluate.evaluate_scores(name, s, queries, items) for name, s in scores.items()], ignore_index=True)
     result = {"A": a.name, "B": b.name, "queries": len(queries), "corpus_of": newer.name, "notes": notes,
-              "split": newer.evaluation.get("split", "test"), "metrics": paired_table(per_query, "A", "B", METRICS, samples, seed),
+              "split": newer.evaluation.split, "metrics": paired_table(per_query, "A", "B", METRICS, samples, seed),
               "categories": category_table(per_query, "A", "B", samples, seed)}
     result["verdict"] = verdict(a.name, b.name, result["metrics"], result["categories"])
     if "A search" in scores and "B search" in scores:

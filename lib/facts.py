@@ -1,12 +1,112 @@
-"""The facts of stages 04 and 05 that later code reads, one dataclass each: written into the stage's metrics.json by
-its notebook (as_metrics), read back with read() or from_metrics(); nothing else parses those keys. Kept apart from
-lib/finetune.py and lib/export.py, which import torch: the server, releases and the report read these without it.
-(Stage 01's are teacher.TeacherFacts.)"""
+"""Each stage's metrics.json as a dataclass: the notebook writes it (as_metrics), later code reads it back with read()
+or from_metrics(); nothing else parses those keys. Kept apart from the stages' modules, some of which import torch:
+the server, releases and the report read these without it. (Stage 01's: teacher.TeacherFacts, teacher.TeacherUsage.)"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from lib.io import StageFacts
+
+
+@dataclass(frozen=True)
+class CorpusFacts(StageFacts):
+    """Stage 00's metrics: what the adapter read (items, relations, queries per category and split, background) and
+    what it skipped from DATA (the report shows it)."""
+
+    items: int = 0
+    items_by_type: dict = field(default_factory=dict)
+    relations: int = 0
+    queries: int = 0
+    queries_by_category: dict = field(default_factory=dict)
+    queries_by_split: dict = field(default_factory=dict)
+    background_chars: int = 0
+    skipped: dict = field(default_factory=dict)  # kind of unusable record → how many (records.skipped_line)
+
+
+@dataclass(frozen=True)
+class PairsFacts(StageFacts):
+    """Stage 02's metrics: the training rows by kind and how they were mined; the search feedback they include (the
+    report and a release's manifest show it)."""
+
+    rows: int = 0
+    train: int = 0
+    dev: int = 0
+    threshold_mode: str = ""
+    item_pairs_by_mode: dict = field(default_factory=dict)
+    train_by_kind: dict = field(default_factory=dict)
+    negatives_by_tier: dict = field(default_factory=dict)
+    excluded_items: int = 0
+    held_out_synthetic_queries: int = 0
+    corpus_training_queries: int = 0
+    teacher_query_scores: bool = False
+    feedback: dict = field(default_factory=dict)  # judgements read, rows made, refused (feedback.feedback_counts)
+    approximate_neighbours: dict = field(default_factory=dict)
+    leakage_dropped: dict = field(default_factory=dict)
+    generated_queries: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DomainAdaptFacts(StageFacts):
+    """Stage 03's metrics: the method, its chunks and steps, held-out loss before and after, and how far the
+    embeddings moved (the report and the domain ablation read them)."""
+
+    domain_method: str = "none"
+    whole_word_mask: bool | None = None
+    chunks_train: int = 0
+    chunks_heldout: int = 0
+    heldout: dict = field(default_factory=dict)  # "before", "after head warm-up", "after" → loss, perplexity, …
+    embedding_cosine_to_base: float = 1.0
+    steps: int = 0
+    resumed_from_step: int = 0
+    train_runtime_s: float = 0.0
+    bf16: bool = False
+
+
+@dataclass(frozen=True)
+class EvaluationFacts(StageFacts):
+    """Stage 06's metrics: every system's scores on the held-out split (headline, intervals, p-values, per category
+    and difficulty) and the checks behind them; the report, releases, comparisons and recommendations read them."""
+
+    split: str = "test"
+    queries: int = 0
+    queries_by_category: dict = field(default_factory=dict)
+    headline_categories: list = field(default_factory=list)  # the categories whose ground truth is independent
+    systems: list = field(default_factory=list)
+    hybrid: dict = field(default_factory=dict)  # the served search's settings and where they come from
+    metrics: list = field(default_factory=list)  # the headline's columns
+    headline: dict = field(default_factory=dict)  # system → metric → value
+    headline_ci: dict = field(default_factory=dict)  # system → metric → [value, low, high]
+    p_values_vs_base: dict = field(default_factory=dict)
+    by_category: dict = field(default_factory=dict)
+    by_difficulty: dict = field(default_factory=dict)
+    topic_coverage_by_difficulty: dict = field(default_factory=dict)
+    by_category_ci: dict = field(default_factory=dict)
+    p_values_by_category: dict = field(default_factory=dict)
+    p_values_by_category_holm: dict = field(default_factory=dict)
+    p_values_hybrid_vs_base_hybrid_by_category: dict = field(default_factory=dict)
+    beside_headline: list = field(default_factory=list)
+    topic_coverage: dict = field(default_factory=dict)
+    teacher_agreement: dict = field(default_factory=dict)
+    fine_tuned_wins: int = 0
+    fine_tuned_losses: int = 0
+    leakage_check: dict = field(default_factory=dict)
+    bootstrap_samples: int = 0
+    permutation_samples: int = 0
+    beir: dict = field(default_factory=dict)  # the run's own BEIR folder, scored beside the headline when given
+    ndcg_at_dimensions: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MapsFacts(StageFacts):
+    """Stage 07's metrics: cluster quality and separation before and after fine-tuning (the report's maps section)."""
+
+    items: int = 0
+    items_on_maps: int = 0  # a stratified sample when the corpus has more than map_max_items
+    knn10_label_agreement: dict = field(default_factory=dict)  # label → before/after
+    silhouette: dict = field(default_factory=dict)
+    related_pair_cosine: dict = field(default_factory=dict)
+    held_out_pairs: dict = field(default_factory=dict)
+    landmarks: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)

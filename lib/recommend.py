@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lib.facts import TrainingFacts
+from lib.facts import EvaluationFacts, TrainingFacts
 from lib.paths import EVALUATE, FINETUNE
 
 MARGIN = 0.02  # an NDCG@10 difference smaller than this is not worth a recommendation
@@ -26,13 +26,13 @@ def ndcg(rows: dict, system: str) -> float | None:
     return rows.get(system, {}).get("ndcg@10")
 
 
-def bm25_beats_student(evaluation: dict) -> list[Recommendation]:
+def bm25_beats_student(evaluation: EvaluationFacts) -> list[Recommendation]:
     """BM25 ahead of the fine-tuned student on a kind of query (of at least MIN_QUERIES) → the hybrid, or lexical
     training rows for that kind when the hybrid does not close the gap."""
     out = []
-    for category, rows in sorted(evaluation.get("by_category", {}).items()):
+    for category, rows in sorted(evaluation.by_category.items()):
         keyword, student, hybrid = ndcg(rows, "bm25"), ndcg(rows, "fine-tuned"), ndcg(rows, "hybrid")
-        n = evaluation.get("queries_by_category", {}).get(category, 0)
+        n = evaluation.queries_by_category.get(category, 0)
         if category.startswith("synthetic:") or keyword is None or student is None or keyword < student + MARGIN \
                 or n < MIN_QUERIES:
             continue
@@ -49,12 +49,12 @@ def bm25_beats_student(evaluation: dict) -> list[Recommendation]:
     return out
 
 
-def not_better_than_base(evaluation: dict, finetune: TrainingFacts) -> list[Recommendation]:
+def not_better_than_base(evaluation: EvaluationFacts, finetune: TrainingFacts) -> list[Recommendation]:
     """The fine-tuned student not better than the base on dev, or not significantly on test → change the recipe."""
     before = finetune.dev_before.get("dev-all_cosine_ndcg@10")
     after = finetune.dev_after.get("dev-all_cosine_ndcg@10")
-    p = evaluation.get("p_values_vs_base", {}).get("fine-tuned", {}).get("ndcg@10")
-    test = evaluation.get("headline", {})
+    p = evaluation.p_values_vs_base.get("fine-tuned", {}).get("ndcg@10")
+    test = evaluation.headline
     advice = ("try another training recipe (`make ablation-finetune`: loss, batch sampler, negatives), a stronger "
               "teacher, or more pairs before shipping this model")
     if before is not None and after is not None and after <= before:
@@ -65,9 +65,9 @@ def not_better_than_base(evaluation: dict, finetune: TrainingFacts) -> list[Reco
     return []
 
 
-def weak_teacher(evaluation: dict) -> list[Recommendation]:
+def weak_teacher(evaluation: EvaluationFacts) -> list[Recommendation]:
     """The teacher not better than the base student → the pairs it mines teach little: a stronger teacher."""
-    rows = evaluation.get("headline", {})
+    rows = evaluation.headline
     teacher, base = ndcg(rows, "teacher"), ndcg(rows, "base")
     if teacher is None or base is None or teacher > base + MARGIN:
         return []
@@ -102,11 +102,11 @@ def in_batch_false_negatives(finetune: TrainingFacts, share: float = 0.02) -> li
                            f"{sampler} sampler (entity: {counts.get('entity', '?')})")]
 
 
-def dev_and_test_disagree(evaluation: dict, finetune: TrainingFacts, gap: float = 0.1) -> list[Recommendation]:
+def dev_and_test_disagree(evaluation: EvaluationFacts, finetune: TrainingFacts, gap: float = 0.1) -> list[Recommendation]:
     """The gain on dev and the gain on test far apart, or of opposite sign → more evaluation queries."""
     before = finetune.dev_before.get("dev-all_cosine_ndcg@10")
     after = finetune.dev_after.get("dev-all_cosine_ndcg@10")
-    rows = evaluation.get("headline", {})
+    rows = evaluation.headline
     if None in (before, after, ndcg(rows, "fine-tuned"), ndcg(rows, "base")):
         return []
     dev_gain, test_gain = after - before, ndcg(rows, "fine-tuned") - ndcg(rows, "base")
@@ -119,7 +119,8 @@ def dev_and_test_disagree(evaluation: dict, finetune: TrainingFacts, gap: float 
 
 def recommendations(metrics: dict[str, dict], loss_curve: list[tuple[int, float]]) -> list[Recommendation]:
     """Every rule's recommendations for a run, from its stages' metrics.json and the training loss (step, loss)."""
-    evaluation, finetune = metrics.get(EVALUATE, {}), TrainingFacts.from_metrics(metrics.get(FINETUNE, {}))
+    evaluation = EvaluationFacts.from_metrics(metrics.get(EVALUATE, {}))
+    finetune = TrainingFacts.from_metrics(metrics.get(FINETUNE, {}))
     return (not_better_than_base(evaluation, finetune) + weak_teacher(evaluation) + bm25_beats_student(evaluation)
             + loss_still_falling(loss_curve) + in_batch_false_negatives(finetune)
             + dev_and_test_disagree(evaluation, finetune))

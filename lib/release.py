@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lib.facts import ExportFacts, TrainingFacts
+from lib.facts import EvaluationFacts, ExportFacts, PairsFacts, TrainingFacts
 from lib.io import atomic_dir, read_json, write_json, write_text
 from lib.paths import (CORPUS, EVALUATE, EXPORT, FINETUNE, METRICS_FILE, PAIRS, RELEASE_VERSION, RELEASES_DIR, TEACHER,
                        Run, release_folder, run_name)
@@ -150,15 +150,15 @@ def resolve(path: str | Path, verified: bool = True) -> Path:
     return path
 
 
-def headline_queries(evaluation: dict) -> int:
+def headline_queries(evaluation: EvaluationFacts) -> int:
     """How many queries the headline pools (stage 06's headline categories)."""
-    counts = evaluation.get("queries_by_category", {})
-    return sum(counts.get(c, 0) for c in evaluation.get("headline_categories", [])) or evaluation.get("queries", 0)
+    counts = evaluation.queries_by_category
+    return sum(counts.get(c, 0) for c in evaluation.headline_categories) or evaluation.queries
 
 
-def headline(evaluation: dict) -> dict:
+def headline(evaluation: EvaluationFacts) -> dict:
     """The headline systems' metrics with their 95 % intervals, as the card and `make releases` show them."""
-    ci = evaluation.get("headline_ci", {})
+    ci = evaluation.headline_ci
     return {system: {metric: ci[system][metric] for metric in ("ndcg@10", "mrr@10", "recall@10") if metric in ci[system]}
             for system in HEADLINE_SYSTEMS if system in ci}
 
@@ -246,7 +246,7 @@ def run_facts(run: Run) -> dict:
         "search": {k: index.get(k) for k in ("mode", "fusion", "dense_weight", "rrf_k")}
                   | {"backend": index.get("encoder", {}).get("backend", exported.default_backend)},
         "corpus": {"items": int(index.get("items", 0)), "fingerprint": digest.hexdigest()[:16]},
-        "feedback": run.metrics(PAIRS).get("feedback", {}),
+        "feedback": PairsFacts.read(run.stage(PAIRS)).feedback,
     }
 
 
@@ -289,7 +289,7 @@ def release_locked(run: Run, domain: str, folder: Path, now: datetime | None) ->
 
     now = now or datetime.now(timezone.utc)
     version = next_version([p.name for p in folder.glob("v*")], fingerprint, now.strftime("%Y%m%d"))
-    evaluation = run.metrics(EVALUATE)
+    evaluation = EvaluationFacts.read(run.stage(EVALUATE))
     facts = run_facts(run)
     export_dir = run.stage(EXPORT)
     backend = facts["search"]["backend"]
@@ -298,8 +298,8 @@ def release_locked(run: Run, domain: str, folder: Path, now: datetime | None) ->
         "git_commit": git_commit(), "model_sha256": fingerprint,
         **({"base_model": "all-MiniLM-L6-v2", "model_license": "apache-2.0", "data_license": "not stated"}
            | ExportFacts.read(export_dir).model_card),
-        **facts, "split": evaluation.get("split", "test"), "queries": headline_queries(evaluation),
-        "headline": headline(evaluation), "p_values_vs_base": evaluation.get("p_values_vs_base", {}),
+        **facts, "split": evaluation.split, "queries": headline_queries(evaluation),
+        "headline": headline(evaluation), "p_values_vs_base": evaluation.p_values_vs_base,
         "packages": package_versions(),
     }
     with atomic_dir(folder / version) as tmp:

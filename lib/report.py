@@ -15,13 +15,14 @@ from lib.ablation import summary_frame
 from lib.config import redact, secret_values
 from lib.domains.records import skipped_line
 from lib.evaluate import format_interval, hybrid_label
-from lib.facts import ExportFacts, TrainingFacts
+from lib.facts import (CorpusFacts, DomainAdaptFacts, EvaluationFacts, ExportFacts, MapsFacts, PairsFacts,
+                       TrainingFacts)
 from lib.io import read_json, write_text
 from lib.paths import (CORPUS, DOMAIN_ADAPT, EVALUATE, EXPORT, FINETUNE, MAPS, PAIRS, REPORTS_DIR, REPO_ROOT, STAGES,
                        TEACHER, Run, shown_path)
 from lib.provenance import fill_generated, git_commit, machine, machine_label, package_versions
 from lib.release import headline_queries
-from lib.teacher import TeacherFacts
+from lib.teacher import TeacherFacts, TeacherUsage
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
@@ -103,13 +104,10 @@ def feedback_line(counts: dict) -> str:
 def cost_line(metrics: dict[str, dict], timings: dict[str, float]) -> str:
     """What the run cost: wall time, teacher texts embedded (cache misses), tokens and dollars, training steps."""
     parts = [f"{sum(timings.values()) / 60:.1f} min of stages on this machine"] if timings else []
-    teacher = metrics.get(TEACHER, {})
-    if teacher:
-        misses = teacher.get("passages_cache_misses", 0) + teacher.get("queries_cache_misses", 0)
-        texts = teacher.get("passages_texts", 0) + teacher.get("queries_texts", 0)
-        parts.append(f"teacher {TeacherFacts.from_metrics(teacher).label()}: {misses} of {texts} "
-                     f"texts embedded ({teacher.get('tokens', 0):,} tokens, ${teacher.get('cost_usd', 0):.4f}), "
-                     "the rest from the cache")
+    if TEACHER in metrics:
+        used = TeacherUsage.from_metrics(metrics[TEACHER])
+        parts.append(f"teacher {TeacherFacts.from_metrics(metrics[TEACHER]).label()}: {used.misses()} of {used.texts()} "
+                     f"texts embedded ({used.tokens:,} tokens, ${used.cost_usd:.4f}), the rest from the cache")
     if (steps := TrainingFacts.from_metrics(metrics.get(FINETUNE, {})).steps) is not None:
         parts.append(f"{steps} fine-tuning steps")
     return "; ".join(parts) + "." if parts else ""
@@ -225,41 +223,39 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
                          ExportFacts.from_metrics(metrics.get(EXPORT, {})))
     timings_path = out_dir / "timings.json"
     timings = read_json(timings_path) if timings_path.exists() else {}
-    evaluation = metrics.get(EVALUATE, {})
+    evaluation = EvaluationFacts.from_metrics(metrics[EVALUATE]) if EVALUATE in metrics else None
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>codex-forge · {html.escape(run)}</title>"
              f"<style>{STYLE}</style></head><body><h1>codex-forge · {html.escape(run)}</h1>"]
-    if skipped := metrics.get(CORPUS, {}).get("skipped"):
+    if skipped := CorpusFacts.from_metrics(metrics.get(CORPUS, {})).skipped:
         parts.append(f"<p id='skipped'><b>Data:</b> {html.escape(skipped_line(skipped))} (counted by stage 00; the "
                      "rest of the run uses what remains).</p>")
     if evaluation:
-        columns = evaluation["metrics"]
-        ci = evaluation.get("headline_ci", {})
-        ordered = lambda rows: {s: rows[s] for s in evaluation.get("systems", rows) if s in rows}
-        parts.append(f"<h2>Did it work?</h2><p>{verdict(evaluation['headline'], ci=ci, p_values=evaluation.get('p_values_vs_base'))}</p>"
-                     f"<p>Held-out <b>{evaluation['split']}</b> queries (n={headline_queries(evaluation)}; ground truth "
+        columns, ci = evaluation.metrics, evaluation.headline_ci
+        ordered = lambda rows: {s: rows[s] for s in evaluation.systems or rows if s in rows}
+        parts.append(f"<h2>Did it work?</h2><p>{verdict(evaluation.headline, ci=ci, p_values=evaluation.p_values_vs_base)}</p>"
+                     f"<p>Held-out <b>{evaluation.split}</b> queries (n={headline_queries(evaluation)}; ground truth "
                      "from the corpus's own fields and relations, not from the teacher). Green: better than the base "
                      "student; red: worse.</p>")
         if blend := blend_line(trained):
             parts.append(f"<p>{html.escape(blend)}</p>")
-        if counts := metrics.get(PAIRS, {}).get("feedback"):
+        if counts := PairsFacts.from_metrics(metrics.get(PAIRS, {})).feedback:
             parts.append(f"<p id='feedback'><b>Search feedback:</b> {html.escape(feedback_line(counts))}</p>")
         if cost := cost_line(metrics, timings):
             parts.append(f"<p><b>Cost:</b> {html.escape(cost)}</p>")
         parts.append(embedded_png(folders.stage(EVALUATE) / "metric_bars.png"))
-        parts.append(table(ordered(evaluation["headline"]), columns, highlight_vs="base"))
+        parts.append(table(ordered(evaluation.headline), columns, highlight_vs="base"))
         if ci:
             parts.append("<h3>95% bootstrap intervals</h3>" + interval_table(
                 ordered(ci), [c for c in ("ndcg@10", "mrr@10", "precision@1", "recall@10") if c in columns]))
-        if p_values := evaluation.get("p_values_vs_base"):
+        if p_values := evaluation.p_values_vs_base:
             parts.append("<h3>Paired randomisation test vs the base student (p-values)</h3>"
                          + table(ordered(p_values), list(next(iter(p_values.values())))))
-        beside = set(evaluation.get("beside_headline", []))
-        holm = evaluation.get("p_values_by_category_holm", {})
-        by_category = {f"{c} (n={evaluation['queries_by_category'].get(c, '?')})"
+        beside, holm = set(evaluation.beside_headline), evaluation.p_values_by_category_holm
+        by_category = {f"{c} (n={evaluation.queries_by_category.get(c, '?')})"
                        + (", synthetic" if c.startswith("synthetic:") else ", beside the headline" if c in beside else ""):
                        {s: v["ndcg@10"] for s, v in rows.items()} | ({"p fine-tuned vs base (Holm)": holm[c]} if c in holm else {})
-                       for c, rows in evaluation["by_category"].items()}
-        systems = [s for s in evaluation.get("systems", []) if any(s in r for r in by_category.values())]
+                       for c, rows in evaluation.by_category.items()}
+        systems = [s for s in evaluation.systems if any(s in r for r in by_category.values())]
         parts.append("<h3>NDCG@10 per kind of query</h3><p>Synthetic queries and those marked beside the headline "
                      "are not in the headline; p: paired randomisation test of the fine-tuned student against the "
                      "base on that kind, Holm-corrected across kinds. Every metric per kind is in the evaluation "
@@ -267,24 +263,25 @@ def write_index(run: str, params: dict, param_files: list[Path], runs_root: str 
                                            highlight_vs=""))
         for key, title in (("by_difficulty", "NDCG@10 per difficulty"),
                            ("topic_coverage_by_difficulty", "Topic coverage (1–5) per difficulty")):
-            if per_difficulty := evaluation.get(key):
+            if per_difficulty := getattr(evaluation, key):
                 rows = {f"{d} (n={v['n']})": {s: v[s] for s in systems if s in v} for d, v in per_difficulty.items()}
                 parts.append(f"<h3>{title}</h3>" + table(rows, [s for s in systems if any(s in r for r in rows.values())],
                                                          highlight_vs=""))
         parts.append(next_steps_section(metrics, folders.stage(FINETUNE) / "log_history.json"))
     else:
         parts.append("<p><b>No evaluation yet</b>: stage 06 has not finished for this run.</p>")
-    maps = metrics.get(MAPS, {})
+    maps = MapsFacts.from_metrics(metrics.get(MAPS, {}))
     parts.append("<h2>Maps</h2><p>The fine-tuned map is aligned onto the base map (same axes).</p>"
                  + embedded_png(folders.stage(MAPS) / "umap_category.png"))
-    if maps.get("knn10_label_agreement"):
+    if maps.knn10_label_agreement:
         quality = {f"{measure} by {label}": values for measure in ("knn10_label_agreement", "silhouette")
-                   for label, values in maps.get(measure, {}).items()}
+                   for label, values in getattr(maps, measure).items()}
         parts.append("<h3>Cluster quality</h3>" + table(quality, ["before", "after"]))
     here = exported.machine or machine()  # the machine this run's speed figures come from
     parts.append(training_section(trained, run, here))
     parts.append(search_section(exported, run, here))
-    parts.append(ablation_sections(run, metrics.get(DOMAIN_ADAPT, {}).get("domain_method"), runs_root, out_dir))
+    parts.append(ablation_sections(run, DomainAdaptFacts.from_metrics(metrics[DOMAIN_ADAPT]).domain_method
+                                   if DOMAIN_ADAPT in metrics else None, runs_root, out_dir))
     links = lambda s: " · ".join(f"<a href='{name}'>{name}</a>" for name in (f"{s}.html", f"{s}.code.html")
                                  if (out_dir / name).exists()) or "—"
     parts.append("<h2>Stages</h2><p>Each stage's report: <code>NN_stage.html</code> (shared, code hidden) and "
@@ -325,17 +322,17 @@ SYSTEM_LABELS = {"bm25": "BM25 (bm25s, stemmed)", "base": "base all-MiniLM-L6-v2
                  "base-hybrid": "base + BM25 (the hybrid's fusion)"}
 
 
-def system_label(evaluation: dict, system: str) -> str:
+def system_label(evaluation: EvaluationFacts, system: str) -> str:
     """A system's name in the tables; the hybrid's says its fusion (runs before stage 05 chose one used RRF)."""
     if system == "hybrid":
-        return hybrid_label(evaluation.get("hybrid", {"fusion": "rrf"}))
+        return hybrid_label(evaluation.hybrid or {"fusion": "rrf"})
     return SYSTEM_LABELS.get(system, system)
 
 
-def table_systems(evaluation: dict) -> list[str]:
+def table_systems(evaluation: EvaluationFacts) -> list[str]:
     """The systems a result table shows: all but a domain-adapted row that is the base copied (domain_method none)."""
-    headline = evaluation["headline"]
-    return [s for s in evaluation["systems"] if not (s == "domain-adapted" and headline[s] == headline.get("base"))]
+    headline = evaluation.headline
+    return [s for s in evaluation.systems if not (s == "domain-adapted" and headline[s] == headline.get("base"))]
 
 
 def p_text(value: float | None) -> str:
@@ -343,31 +340,31 @@ def p_text(value: float | None) -> str:
     return "—" if value is None else f"{value:.2g}"
 
 
-def ndcg_with_interval(evaluation: dict, system: str) -> str:
+def ndcg_with_interval(evaluation: EvaluationFacts, system: str) -> str:
     """A system's headline NDCG@10 with its 95% interval."""
-    return format_interval([evaluation["headline"][system]["ndcg@10"], *evaluation["headline_ci"][system]["ndcg@10"][1:]])
+    return format_interval([evaluation.headline[system]["ndcg@10"], *evaluation.headline_ci[system]["ndcg@10"][1:]])
 
 
-def markdown_results(evaluation: dict) -> str:
+def markdown_results(evaluation: EvaluationFacts) -> str:
     """The README's result tables of one run: the headline per system (NDCG@10 with its 95% interval, MRR@10, P@1,
     Recall@10, p vs base) and NDCG@10 per kind of query with the fine-tuned-vs-base p-values (raw and Holm)."""
-    headline, p = evaluation["headline"], evaluation.get("p_values_vs_base", {})
+    headline, p = evaluation.headline, evaluation.p_values_vs_base
     lines = ["| system | NDCG@10 | MRR@10 | P@1 | Recall@10 | p vs base |", "|---|---|---|---|---|---|"]
     for s in table_systems(evaluation):
         lines.append(f"| {system_label(evaluation, s)} | {ndcg_with_interval(evaluation, s)} | "
                      f"{headline[s]['mrr@10']:.3f} | {headline[s]['precision@1']:.3f} | {headline[s]['recall@10']:.3f} | "
                      f"{p_text(p.get(s, {}).get('ndcg@10'))} |")
-    systems = [s for s in ("bm25", "base", "fine-tuned", "hybrid", "teacher") if s in evaluation["systems"]]
-    beside = set(evaluation.get("beside_headline", []))
+    systems = [s for s in ("bm25", "base", "fine-tuned", "hybrid", "teacher") if s in evaluation.systems]
+    beside = set(evaluation.beside_headline)
     lines += ["", "| kind of query (n) | " + " | ".join(systems) + " | p fine-tuned vs base | Holm |",
               "|---|" + "---|" * (len(systems) + 2)]
-    for c, rows in evaluation["by_category"].items():
+    for c, rows in evaluation.by_category.items():
         if c.startswith("synthetic:"):
             continue
-        label = f"{c}{' (beside the headline)' if c in beside else ''} ({evaluation['queries_by_category'].get(c, '?')})"
+        label = f"{c}{' (beside the headline)' if c in beside else ''} ({evaluation.queries_by_category.get(c, '?')})"
         cells = " | ".join(f"{rows[s]['ndcg@10']:.3f}" if s in rows else "—" for s in systems)
-        lines.append(f"| {label} | {cells} | {p_text(evaluation['p_values_by_category'].get(c))} | "
-                     f"{p_text(evaluation.get('p_values_by_category_holm', {}).get(c))} |")
+        lines.append(f"| {label} | {cells} | {p_text(evaluation.p_values_by_category.get(c))} | "
+                     f"{p_text(evaluation.p_values_by_category_holm.get(c))} |")
     return "\n".join(lines)
 
 
@@ -376,15 +373,15 @@ STAGE_LABELS = {CORPUS: "corpus", TEACHER: "teacher", PAIRS: "training data", DO
                 MAPS: "maps"}
 
 
-def markdown_headline(evaluation: dict) -> str:
+def markdown_headline(evaluation: EvaluationFacts) -> str:
     """The README's short result table: NDCG@10 with its 95% interval and p vs base, per system."""
-    p = evaluation.get("p_values_vs_base", {})
+    p = evaluation.p_values_vs_base
     return "\n".join(["| system | NDCG@10 [95% interval] | p vs base |", "|---|---|---|"] + [
         f"| {system_label(evaluation, s)} | {ndcg_with_interval(evaluation, s)} | {p_text(p.get(s, {}).get('ndcg@10'))} |"
         for s in table_systems(evaluation)])
 
 
-def run_facts(run: str, evaluation: dict, runs_root: str | None, reports_root: str | None) -> str:
+def run_facts(run: str, evaluation: EvaluationFacts, runs_root: str | None, reports_root: str | None) -> str:
     """One paragraph: which run, at which commit, on which machine, how many test queries, wall time per stage."""
     folders = Run(run, runs_root)
     exported = ExportFacts.read(folders.stage(EXPORT))
@@ -395,12 +392,12 @@ def run_facts(run: str, evaluation: dict, runs_root: str | None, reports_root: s
     steps = TrainingFacts.read(folders.stage(FINETUNE)).steps if folders.metrics_path(FINETUNE).is_file() else None
     trained = f"; {steps} fine-tuning steps" if steps is not None else ""
     return (f"Run `{run}` at commit {git_commit()}, {machine_label(exported.machine)}{total}{trained}; "
-            f"{headline_queries(evaluation)} held-out {evaluation['split']} queries.")
+            f"{headline_queries(evaluation)} held-out {evaluation.split} queries.")
 
 
 def write_docs(run: str, runs_root: str | None = None, reports_root: str | None = None) -> list[Path]:
     """Rewrite the generated blocks of README.md and docs/results.md from a finished run's metrics."""
-    evaluation = Run(run, runs_root).metrics(EVALUATE)
+    evaluation = EvaluationFacts.read(Run(run, runs_root).stage(EVALUATE))
     blocks = {"facts": run_facts(run, evaluation, runs_root, reports_root), "headline": markdown_headline(evaluation),
               "results": markdown_results(evaluation)}
     written = []
@@ -428,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
         for path in write_docs(args.run, args.runs_root, args.reports_root):
             print(f"wrote {path.relative_to(REPO_ROOT)}")
         return
-    print(markdown_results(Run(args.run, args.runs_root).metrics(EVALUATE)))
+    print(markdown_results(EvaluationFacts.read(Run(args.run, args.runs_root).stage(EVALUATE))))
 
 
 if __name__ == "__main__":

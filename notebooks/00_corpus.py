@@ -65,6 +65,7 @@ import pandas as pd
 
 from lib import corpus, domains
 from lib.domains.records import skipped_line
+from lib.facts import CorpusFacts
 from lib.io import write_metrics
 from lib.paths import Run
 
@@ -108,15 +109,15 @@ pd.DataFrame([{"category": q["category"], "split": q["split"], "query": q["text"
               for q in {q["category"]: q for q in reversed(queries)}.values()])
 
 # %%
-metrics = {
-    "items": len(items),
-    "items_by_type": dict(Counter(i["type"] for i in items)),
-    "relations": len(relations),
-    "queries": len(queries),
-    "queries_by_category": dict(Counter(q["category"] for q in queries)),
-    "queries_by_split": dict(Counter(q["split"] for q in queries)),
-    "background_chars": sum(len(t) for t in background.values()),
-    "skipped": {what: n for what, n in sorted(skipped.items()) if n},
-}
+metrics = CorpusFacts(
+    items=len(items),
+    items_by_type=dict(Counter(i["type"] for i in items)),
+    relations=len(relations),
+    queries=len(queries),
+    queries_by_category=dict(Counter(q["category"] for q in queries)),
+    queries_by_split=dict(Counter(q["split"] for q in queries)),
+    background_chars=sum(len(t) for t in background.values()),
+    skipped={what: n for what, n in sorted(skipped.items()) if n},
+).as_metrics()
 write_metrics(out_dir, metrics)
 metrics

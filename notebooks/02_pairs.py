@@ -98,6 +98,7 @@ import random
 import pandas as pd
 
 from lib import corpus, feedback, leakage, neighbours, pairs, querygen, teacher
+from lib.facts import PairsFacts
 from lib.io import write_json, write_jsonl, write_metrics
 from lib.paths import CORPUS, TEACHER, Run, generation_cache_path
 from lib.plots import histograms
@@ -245,9 +246,6 @@ stats = {"rows": len(rows), "train": len(train), "dev": len(dev), "dropped_witho
                                                                       / max(len(train), 1), 4),
                                          "max_share": max_feedback_share} if feedback_path else {})}
 write_json(out_dir / "stats.json", stats)
-metrics = {k: stats[k] for k in ("rows", "train", "dev", "threshold_mode", "item_pairs_by_mode", "train_by_kind",
-                                 "negatives_by_tier", "excluded_items", "held_out_synthetic_queries",
-                                 "corpus_training_queries", "teacher_query_scores", "feedback", "approximate_neighbours",
-                                 "leakage_dropped", "generated_queries")}
+metrics = PairsFacts.from_metrics(stats).as_metrics()
 write_metrics(out_dir, metrics)
 metrics

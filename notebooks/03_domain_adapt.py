@@ -69,6 +69,7 @@ import pandas as pd
 from transformers import AutoTokenizer, set_seed
 
 from lib import corpus, domain_adapt, training
+from lib.facts import DomainAdaptFacts
 from lib.io import write_metrics
 from lib.paths import CORPUS, Run, resolve_model_path
 from lib.plots import line_plot
@@ -143,17 +144,17 @@ drift = domain_adapt.embedding_drift(student_path, model_dir, eval_chunks)
 print(f"mean cosine(base, adapted) on {len(eval_chunks)} held-out chunks: {drift:.3f}")
 
 # %%
-metrics = {
-    "domain_method": domain_method,
-    "whole_word_mask": whole_word_mask if domain_method.startswith("mlm") else None,
-    "chunks_train": len(train_chunks),
-    "chunks_heldout": len(eval_chunks),
-    "heldout": measures,
-    "embedding_cosine_to_base": drift,
-    "steps": trained["global_step"],
-    "resumed_from_step": trained["resumed_from_step"],
-    "train_runtime_s": trained["train_runtime_s"],
-    "bf16": trained["bf16"],
-}
+metrics = DomainAdaptFacts(
+    domain_method=domain_method,
+    whole_word_mask=whole_word_mask if domain_method.startswith("mlm") else None,
+    chunks_train=len(train_chunks),
+    chunks_heldout=len(eval_chunks),
+    heldout=measures,
+    embedding_cosine_to_base=drift,
+    steps=trained["global_step"],
+    resumed_from_step=trained["resumed_from_step"],
+    train_runtime_s=trained["train_runtime_s"],
+    bf16=trained["bf16"],
+).as_metrics()
 write_metrics(out_dir, metrics)
 metrics

@@ -66,6 +66,7 @@ globals().update(lab_parameters(EVALUATE))
 import pandas as pd
 
 from lib import corpus, evaluate, leakage
+from lib.facts import EvaluationFacts
 from lib.io import atomic_path, read_jsonl, write_metrics
 from lib.paths import CORPUS, DOMAIN_ADAPT, EXPORT, PAIRS, TEACHER, Run, resolve_model_path
 from lib.plots import metric_bars
@@ -212,34 +213,34 @@ with atomic_path(out_dir / "per_query.csv") as tmp:
     per_query.to_csv(tmp, index=False)
 with atomic_path(out_dir / "summary.csv") as tmp:
     summary.to_csv(tmp)
-metrics = {
-    "split": eval_split,
-    "queries": len(queries),
-    "queries_by_category": per_query[per_query.system == "base"]["category"].value_counts().sort_index().to_dict(),
-    "headline_categories": independent,
-    "systems": systems,
-    "hybrid": hybrid,
-    "metrics": headline_metrics,
-    "headline": headline,
-    "headline_ci": {s: ci["all"][s] for s in systems},
-    "p_values_vs_base": p_values,
-    "by_category": by_category,
-    "by_difficulty": by_difficulty,
-    "topic_coverage_by_difficulty": topic_coverage_by_difficulty,
-    "by_category_ci": {cat: ci[cat] for cat in categories},
-    "p_values_by_category": p_by_category,
-    "p_values_by_category_holm": p_by_category_holm,
-    "p_values_hybrid_vs_base_hybrid_by_category": p_served_by_category,  # the served search against base + BM25
-    "beside_headline": sorted({q["category"] for q in queries} - set(independent)),
-    "topic_coverage": topic_coverage,
-    "teacher_agreement": teacher_agreement,
-    "fine_tuned_wins": int((changes["delta"] > 0).sum()),
-    "fine_tuned_losses": int((changes["delta"] < 0).sum()),
-    "leakage_check": leakage_check,
-    "bootstrap_samples": bootstrap_samples,
-    "permutation_samples": permutation_samples,
-    "beir": beir,
-    "ndcg_at_dimensions": ndcg_at_dimensions,
-}
+metrics = EvaluationFacts(
+    split=eval_split,
+    queries=len(queries),
+    queries_by_category=per_query[per_query.system == "base"]["category"].value_counts().sort_index().to_dict(),
+    headline_categories=independent,
+    systems=systems,
+    hybrid=hybrid,
+    metrics=headline_metrics,
+    headline=headline,
+    headline_ci={s: ci["all"][s] for s in systems},
+    p_values_vs_base=p_values,
+    by_category=by_category,
+    by_difficulty=by_difficulty,
+    topic_coverage_by_difficulty=topic_coverage_by_difficulty,
+    by_category_ci={cat: ci[cat] for cat in categories},
+    p_values_by_category=p_by_category,
+    p_values_by_category_holm=p_by_category_holm,
+    p_values_hybrid_vs_base_hybrid_by_category=p_served_by_category,  # the served search against base + BM25
+    beside_headline=sorted({q["category"] for q in queries} - set(independent)),
+    topic_coverage=topic_coverage,
+    teacher_agreement=teacher_agreement,
+    fine_tuned_wins=int((changes["delta"] > 0).sum()),
+    fine_tuned_losses=int((changes["delta"] < 0).sum()),
+    leakage_check=leakage_check,
+    bootstrap_samples=bootstrap_samples,
+    permutation_samples=permutation_samples,
+    beir=beir,
+    ndcg_at_dimensions=ndcg_at_dimensions,
+).as_metrics()
 write_metrics(out_dir, metrics)
 {s: metrics["headline_ci"][s]["ndcg@10"] for s in systems}

@@ -49,6 +49,7 @@ import pandas as pd
 
 from lib import corpus, maps
 from lib.encoders import TorchEncoder
+from lib.facts import MapsFacts
 from lib.io import atomic_path, read_jsonl, write_metrics
 from lib.paths import CORPUS, PAIRS, Run, resolve_model_path
 from lib.plots import before_after_maps, histograms
@@ -104,15 +105,15 @@ separation = {model: maps.pair_separation(pair_cosines[model], maps.triplet_accu
 pd.DataFrame(separation).T
 
 # %%
-metrics = {
-    "items": len(all_items),
-    "items_on_maps": len(items),  # a stratified sample when the corpus has more than map_max_items
-    "knn10_label_agreement": {name: {"before": q["kNN-10 agreement base"], "after": q["kNN-10 agreement fine-tuned"]}
-                              for name, q in quality.items()},
-    "silhouette": {name: {"before": q["silhouette base"], "after": q["silhouette fine-tuned"]} for name, q in quality.items()},
-    "related_pair_cosine": {"before": related["base"], "after": related["fine-tuned"]},
-    "held_out_pairs": {"rows": len(dev_rows), "before": separation["base"], "after": separation["fine-tuned"]},
-    "landmarks": list(landmarks.values()),
-}
+metrics = MapsFacts(
+    items=len(all_items),
+    items_on_maps=len(items),  # a stratified sample when the corpus has more than map_max_items
+    knn10_label_agreement={name: {"before": q["kNN-10 agreement base"], "after": q["kNN-10 agreement fine-tuned"]}
+                           for name, q in quality.items()},
+    silhouette={name: {"before": q["silhouette base"], "after": q["silhouette fine-tuned"]} for name, q in quality.items()},
+    related_pair_cosine={"before": related["base"], "after": related["fine-tuned"]},
+    held_out_pairs={"rows": len(dev_rows), "before": separation["base"], "after": separation["fine-tuned"]},
+    landmarks=list(landmarks.values()),
+).as_metrics()
 write_metrics(out_dir, metrics)
 metrics

@@ -2,6 +2,7 @@
 import re
 
 from lib import provenance, report
+from lib.facts import EvaluationFacts
 from lib.paths import REPO_ROOT
 
 PAGES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
@@ -44,6 +45,6 @@ def test_the_headline_table_is_written_from_the_metrics():
                   "headline": {"base": {"ndcg@10": 0.4242}, "fine-tuned": {"ndcg@10": 0.6001}},
                   "headline_ci": {"base": {"ndcg@10": [0.4242, 0.351, 0.499]}, "fine-tuned": {"ndcg@10": [0.6001, 0.521, 0.678]}},
                   "p_values_vs_base": {"fine-tuned": {"ndcg@10": 0.0001}}}
-    assert report.markdown_headline(evaluation).splitlines()[2:] == [
+    assert report.markdown_headline(EvaluationFacts.from_metrics(evaluation)).splitlines()[2:] == [
         "| base all-MiniLM-L6-v2 | 0.424 [0.351, 0.499] | — |",
         "| fine-tuned (shipped) | 0.600 [0.521, 0.678] | 0.0001 |"]

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from lib import compare, feedback, recommend, release
+from lib.facts import EvaluationFacts
 from lib.io import write_json, write_jsonl
 from lib.paths import Location, base_student_path, locate
 
@@ -205,7 +206,7 @@ def side(tmp_path, name: str, domain: str, queries: list[dict]) -> compare.Side:
     folder = tmp_path / name
     write_jsonl(folder / "queries.jsonl", queries)
     return compare.Side(name, domain, folder, folder, {"mode": "dense"}, "2026-12-02T00:00:00+00:00", folder / "fb.sqlite",
-                        {"split": "test", "headline_categories": ["alias"]})
+                        EvaluationFacts(split="test", headline_categories=["alias"]))
 
 
 def test_compare_uses_the_newer_sides_queries_that_neither_trained_on_and_refuses_otherwise(tmp_path):

@@ -2,7 +2,7 @@
 import json
 
 from lib import bench, provenance, report
-from lib.facts import ExportFacts, TrainingFacts
+from lib.facts import EvaluationFacts, ExportFacts, TrainingFacts
 from lib.io import write_json
 from lib.paths import PARAMS_DIR, stage_dir
 
@@ -76,7 +76,7 @@ def test_readme_tables_come_from_the_metrics():
                                   "synthetic:x": {"base": row(0.1)}},
                   "queries_by_category": {"a": 5, "u": 7}, "beside_headline": ["u"],
                   "p_values_by_category": {"a": 0.01, "u": 0.02}, "p_values_by_category_holm": {"a": 0.02, "u": 0.02}}
-    text = report.markdown_results(evaluation)
+    text = report.markdown_results(EvaluationFacts.from_metrics(evaluation))
     assert "| fine-tuned (shipped) | 0.600 [0.500, 0.700] | 0.600 | 0.600 | 0.600 | 0.0001 |" in text
     assert "domain-adapted" not in text and "synthetic:x" not in text  # a copy of the base; not a headline kind
     assert "| u (beside the headline) (7) | 0.300 | 0.900 | 0.02 | 0.02 |" in text

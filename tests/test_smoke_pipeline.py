@@ -17,10 +17,12 @@ from conftest import json_numbers
 
 from lib import corpus, feedback, finetune, leakage, release, teacher
 from lib.domains import dnd
-from lib.facts import ExportFacts, TrainingFacts
+from lib.facts import (CorpusFacts, DomainAdaptFacts, EvaluationFacts, ExportFacts, MapsFacts, PairsFacts,
+                       TrainingFacts)
 from lib.io import read_jsonl, write_jsonl
-from lib.paths import EXPORT, FINETUNE, REPO_ROOT, STAGES, TEACHER, stage_dir
-from lib.teacher import TeacherFacts
+from lib.paths import (CORPUS, DOMAIN_ADAPT, EVALUATE, EXPORT, FINETUNE, MAPS, PAIRS, REPO_ROOT, STAGES, TEACHER,
+                       stage_dir)
+from lib.teacher import TeacherFacts, TeacherUsage
 
 FAKE_KEY = "codexforge-fake-key-" + uuid.uuid4().hex  # made at run time; never a real key
 RUN = "dnd-smoke"
@@ -90,9 +92,14 @@ def test_every_stage_writes_finite_metrics(smoke):
         assert path.exists(), f"{stage} wrote no metrics.json"
         metrics = json.loads(path.read_text())
         assert metrics and all(math.isfinite(x) for x in json_numbers(metrics)), stage
-    for stage, facts in ((TEACHER, TeacherFacts), (FINETUNE, TrainingFacts), (EXPORT, ExportFacts)):  # all written
+    every_fact = ((CORPUS, CorpusFacts), (TEACHER, TeacherFacts), (TEACHER, TeacherUsage), (PAIRS, PairsFacts),
+                  (DOMAIN_ADAPT, DomainAdaptFacts), (FINETUNE, TrainingFacts), (EXPORT, ExportFacts),
+                  (EVALUATE, EvaluationFacts), (MAPS, MapsFacts))
+    for stage, facts in every_fact:  # each written whole, and read back as written
         metrics = json.loads((stage_dir(RUN, stage, smoke["runs"]) / "metrics.json").read_text())
         assert {f.name for f in dataclasses.fields(facts)} <= set(metrics), stage
+        if stage not in (TEACHER, FINETUNE, EXPORT):  # these stages' metrics are their facts and nothing more
+            assert {f.name for f in dataclasses.fields(facts)} == set(metrics), stage
         assert facts.read(stage_dir(RUN, stage, smoke["runs"])).as_metrics() == {f.name: metrics[f.name]
                                                                                  for f in dataclasses.fields(facts)}
 

