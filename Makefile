@@ -27,10 +27,14 @@ RUNDIR  := $(RUNS)/$(RUN)
 SUDO    := $(shell test "$$(id -u)" -eq 0 || echo sudo)
 REPORT  := $(REPORTS)/$(RUN)
 LIB     := $(shell find lib -name '*.py' 2>/dev/null)
-PARAMS  := params/default.yaml params/domains/$(DOMAIN).yaml $(filter-out params/default.yaml,$(wildcard params/$(PROFILE).yaml)) $(wildcard .env)
+# SET="name=value …": one-off parameters over the profile's, given to every stage as --set (no space inside a value:
+# blend_alphas=[0.5,1.0]); <run>/set.txt keeps the last SET, so the stages rerun when it changes.
+SET     ?=
+PARAMS  := params/default.yaml params/domains/$(DOMAIN).yaml $(filter-out params/default.yaml,$(wildcard params/$(PROFILE).yaml)) $(wildcard .env) \
+           $(if $(or $(SET),$(wildcard $(RUNDIR)/set.txt)),$(RUNDIR)/set.txt)
 # Every pipeline call: where runs and reports live, the user's DATA, a teacher cache elsewhere (CACHE=…), and search
 # judgements to train on (FEEDBACK=<feedback.sqlite or .jsonl>: stage 02 reruns when that file changes).
-DATA_ARG   := --runs-root "$(RUNS)" --reports-root "$(REPORTS)" $(if $(DATA),--data "$(DATA)") $(if $(CACHE),--set "cache_root=$(CACHE)") $(if $(FEEDBACK),--set "feedback_path=$(abspath $(FEEDBACK))")
+DATA_ARG   := --runs-root "$(RUNS)" --reports-root "$(REPORTS)" $(if $(DATA),--data "$(DATA)") $(if $(CACHE),--set "cache_root=$(CACHE)") $(if $(FEEDBACK),--set "feedback_path=$(abspath $(FEEDBACK))") $(foreach s,$(SET),--set '$(s)')
 STAGES  := 00_corpus 01_teacher 02_pairs 03_domain_adapt 04_finetune 05_export 06_evaluate 07_embedding_maps
 DONE     = $(RUNDIR)/$(1)/metrics.json
 # The pid of this `make`: its stages hold the run folder as one owner; a second `make` on the same run is refused.
@@ -117,6 +121,9 @@ $(call DONE,00_corpus): $(RUNDIR)/data.txt
 $(RUNDIR)/data.txt: FORCE
 	@mkdir -p $(@D) && { echo '$(abspath $(DATA))'; $(if $(DATA),find '$(DATA)' -type f -printf '%P %s %T@\n' | LC_ALL=C sort;) } > $@.tmp && \
 	  { cmp -s $@.tmp $@ && rm $@.tmp || mv $@.tmp $@; }
+
+$(RUNDIR)/set.txt: FORCE
+	@mkdir -p $(@D) && echo '$(SET)' > $@.tmp && { cmp -s $@.tmp $@ && rm $@.tmp || mv $@.tmp $@; }
 
 $(call DONE,01_teacher):        $(call DONE,00_corpus)
 $(call DONE,02_pairs):          $(call DONE,01_teacher) $(FEEDBACK)

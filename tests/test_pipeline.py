@@ -13,8 +13,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import make_set
 
 from lib import config, pipeline
+from lib.facts import DomainAdaptFacts
 from lib.paths import NOTEBOOKS_DIR, REPO_ROOT, STAGES, stage_dir
 
 
@@ -304,10 +306,12 @@ def test_a_notebook_run_in_jupyterlab_gets_the_parameters_make_gives_it(tmp_path
 @pytest.mark.slow
 def test_make_reruns_the_stages_after_a_notebook_run_in_jupyterlab(tmp_path):
     """A stage run in JupyterLab writes the done-marker make reads (its metrics.json): the next make reruns the stages
-    after it, and only those."""
+    after it, and only those. SET= gives every stage its parameters; the same SET again reruns nothing, another reruns
+    every stage."""
     runs = tmp_path / "runs"
-    make = lambda: subprocess.run(["make", "stage-03", "PROFILE=smoke", f"RUNS={runs}", f"REPORTS={tmp_path / 'reports'}",
-                                   f"CACHE={tmp_path / 'cache'}"], cwd=REPO_ROOT, capture_output=True, text=True)
+    make = lambda **more: subprocess.run(  # stage 03 copies the base: make's bookkeeping is under test
+        ["make", "stage-03", "PROFILE=smoke", make_set({"domain_method": "none", **more}), f"RUNS={runs}",
+         f"REPORTS={tmp_path / 'reports'}", f"CACHE={tmp_path / 'cache'}"], cwd=REPO_ROOT, capture_output=True, text=True)
     first = make()
     assert first.returncode == 0 and "stage 00_corpus" in first.stdout and "stage 03_domain_adapt" in first.stdout, \
         first.stdout[-2000:] + first.stderr[-2000:]
@@ -316,3 +320,6 @@ def test_make_reruns_the_stages_after_a_notebook_run_in_jupyterlab(tmp_path):
     again = make()
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "stage 03_domain_adapt" in again.stdout and "stage 00_corpus" not in again.stdout, again.stdout[-2000:]
+    changed = make(max_chunks=24)  # another SET: every stage it reaches reruns with it
+    assert changed.returncode == 0 and "stage 00_corpus" in changed.stdout and "stage 03_domain_adapt" in changed.stdout
+    assert DomainAdaptFacts.read(stage_dir("dnd-smoke", "03_domain_adapt", runs)).chunks_train < 24

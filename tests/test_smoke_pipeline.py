@@ -13,7 +13,7 @@ import uuid
 
 import pandas as pd
 import pytest
-from conftest import json_numbers
+from conftest import SHORTER_TRAINING, json_numbers
 
 from lib import corpus, feedback, finetune, leakage, release, teacher
 from lib.domains import dnd
@@ -64,8 +64,6 @@ def _feedback_file(corpus_dir, path) -> dict:
 
 
 SMALLER_SLICE = ["--set", "max_monsters=12", "--set", "max_spells=12", "--set", "max_chunks=24"]  # for a stage or two
-# stage 04 rerun where only its mechanics are checked (two steps, plain MNRL, no blend search): 40 s instead of 76
-SHORTER_TRAINING = {"max_steps": 2, "loss": "mnrl", "blend_alphas": []}
 on_the_smoke_worker = pytest.mark.xdist_group("smoke-run")  # make test: the tests of the smoke run, on one worker
 
 
