@@ -60,8 +60,8 @@ def run(tmp_path_factory, srd_slice, student_path):
 
 def _config(**overrides) -> finetune.FinetuneConfig:
     settings = dict(num_train_epochs=1, per_device_train_batch_size=8, learning_rate=5e-4, warmup_steps=0.0,
-                    max_seq_length=64, query_max_seq_length=16, seed=0, max_steps=12, eval_steps=6, save_steps=6,
-                    blend_alphas=())
+                    max_seq_length=64, query_max_seq_length=16, eval_max_seq_length=64, seed=0, max_steps=12,
+                    eval_steps=6, save_steps=6, blend_alphas=())
     return finetune.FinetuneConfig(**(settings | overrides))
 
 
@@ -180,7 +180,9 @@ def test_dev_evaluator_scores_candidate_subsets_and_weights_groups_by_queries(st
     dev = [q for q in queries if q["category"] == "attribute_unseen"][:6] + \
         [q for q in queries if q["category"] == "monster_spells"][:6]
     evaluator = finetune.ir_evaluator(dev, items, "dev")
-    results = evaluator(SentenceTransformer(str(student_path), device="cpu"))
+    model = SentenceTransformer(str(student_path), device="cpu")
+    model.max_seq_length = 64  # the groups and their weights are under test, not the scores
+    results = evaluator(model)
     groups = [e for e in evaluator.evaluators]
     sizes = [len(e.queries) for e in groups]
     weighted = sum(results[e.primary_metric] * n for e, n in zip(groups, sizes)) / sum(sizes)
@@ -243,9 +245,10 @@ def test_entity_sampler_removes_false_negatives_that_no_duplicates_keeps(run):
 
 
 def _cli(run, student_path, out, *extra):
+    """Stage 04's command line on the tiny run, as _config trains in-process (evaluating at 64 tokens, no blend)."""
     return [sys.executable, "-m", "lib.finetune", "--run-name", "tiny", "--runs-root", str(run), "--start-model",
             str(student_path), "--output-dir", str(out), "--per-device-train-batch-size", "8", "--max-seq-length", "64",
-            "--learning-rate", "5e-4", "--dev-loss-rows", "16", *extra]
+            "--eval-max-seq-length", "64", "--learning-rate", "5e-4", "--dev-loss-rows", "16", "--blend-alphas", *extra]
 
 
 @pytest.mark.slow
