@@ -63,7 +63,7 @@ def _feedback_file(corpus_dir, path) -> dict:
     return {"rows": rows, "copied_test_query": test["text"]}
 
 
-SMALLER_SLICE = ["--set", "max_monsters=12", "--set", "max_spells=12", "--set", "max_chunks=24"]  # for a stage or two
+SMALLER_SLICE = ["--set", "max_monsters=6", "--set", "max_spells=6", "--set", "max_chunks=24"]  # for a stage or two
 on_the_smoke_worker = pytest.mark.xdist_group("smoke-run")  # make test: the tests of the smoke run, on one worker
 
 
@@ -252,7 +252,7 @@ def test_search_feedback_becomes_training_rows_and_a_copy_of_a_test_query_is_ref
 @pytest.fixture(scope="module")
 def released(smoke, tmp_path_factory):
     """Two releases as a user makes them: the smoke run (v1), then the same run with stages 04–06 rerun under another
-    seed and a shorter training (v2); the two compared; then a rollback."""
+    seed, a shorter training and evaluation at 64 tokens (v2); the two compared; then a rollback."""
     root = tmp_path_factory.mktemp("releases")
     models, runs2 = root / "models", root / "runs"
     cli = lambda *args: subprocess.run([sys.executable, "-m", "lib.release", *map(str, args)], cwd=REPO_ROOT,
@@ -263,7 +263,7 @@ def released(smoke, tmp_path_factory):
     with open(root / "pipeline.log", "w") as log:
         for stage in ("04_finetune", "05_export", "06_evaluate"):
             _run(["stage", stage, "--profile", "smoke", "--runs-root", str(runs2), "--reports-root", str(root / "reports"),
-                  "--set", f"cache_root={smoke['cache']}", "--set", "seed=7",
+                  "--set", f"cache_root={smoke['cache']}", "--set", "seed=7", "--set", "eval_max_seq_length=64",
                   *[arg for key, value in SHORTER_TRAINING.items() for arg in ("--set", f"{key}={json.dumps(value)}")]],
                  log, dict(os.environ))
     steps["second"] = made(runs2)
@@ -532,7 +532,7 @@ def test_reports_render_in_a_real_browser(smoke, released, tmp_path):
 def test_an_ablation_reruns_its_stages_per_arm_on_the_same_pairs_and_reports_the_table(smoke, tmp_path):
     spec = tmp_path / "pretraining.yaml"
     spec.write_text("stages: [03_domain_adapt, 04_finetune, 06_evaluate]\n"
-                    f"overrides: {json.dumps({'include_onnx': False, **SHORTER_TRAINING})}\n"
+                    f"overrides: {json.dumps({'include_onnx': False, 'eval_max_seq_length': 64, **SHORTER_TRAINING})}\n"
                     "arms:\n  none: {domain_method: none}\n  tsdae: {domain_method: tsdae, tsdae_max_steps: 4}\n")
     args = ["ablation", str(spec), "--profile", "smoke", "--runs-root", str(smoke["runs"]),
             "--reports-root", str(smoke["reports"])]
