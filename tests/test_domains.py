@@ -505,7 +505,8 @@ SHORT = make_set(SHORTER_CHAIN)
                                     "markdown"])  # codex serves the teacher on port 11434, as test_teacher does
 def test_stages_00_to_06_run_every_adapter(domain, tmp_path):
     """Each adapter's data through stages 00–06 and the report, with SET= giving the stages a shorter chain (no domain
-    pre-training, two training steps: the D&D smoke run and make all of prompts, below, train as the profile says).
+    pre-training, two training steps: the D&D smoke run trains as the profile says; make all of prompts, below, runs
+    two MLM and two distilling steps).
     make all of prompts runs stage 07 too: it reads only stage 02's rows and the items, the same for every adapter."""
     shaped = {"beir": with_download_quirks, "codex": as_upstream_documents_it}  # data as users' files come
     data = copy_example(domain, tmp_path)
@@ -590,7 +591,8 @@ def test_make_all_of_prompts_with_a_cls_pooled_prompted_student_folder_gates_rel
 
     student = cls_student(tmp_path / "cls-student")
     env = {"MODEL_BACKEND": "huggingface", "BASE_MODEL": str(student)}  # the seed project's .env keys
-    short = make_set(SHORTER_TRAINING | {"loss": "mnrl+margin_mse"})  # MLM as the profile says, two distilling steps
+    short = make_set(SHORTER_TRAINING | {"loss": "mnrl+margin_mse", "head_warmup_steps": 2, "mlm_max_steps": 2})  # MLM
+    # and distilling, two steps each: the CLS-pooled, prompted student through them is under test, not their effect
     result = make("all", "DOMAIN=prompts", "PROFILE=smoke", "DATA=examples/prompts", short, root=tmp_path, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     check_adapter_run("prompts", tmp_path, STAGES)

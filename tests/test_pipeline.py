@@ -172,7 +172,7 @@ def test_a_teacher_failure_is_one_line_and_no_secret_reaches_an_artefact(tmp_pat
 
     key, password = "fake-echoed-key-0123456789", "pw-in-the-url-987654"
     runs, reports = tmp_path / "runs", tmp_path / "reports"
-    pipeline.run_stage("00_corpus", "dnd", "smoke", runs, reports)
+    pipeline.run_stage("00_corpus", "dnd", "smoke", runs, reports, {"max_monsters": 6, "max_spells": 6})  # 12 items
     fake = FaultyServer("401")
     url = fake.url.replace("http://", f"http://user:{password}@")
     env = os.environ | {"MY_GATEWAY_KEY": key}

@@ -53,6 +53,7 @@ def test_a_generator_that_is_not_there_is_one_line_naming_the_parameter(tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smoke-run")  # make test: on the worker whose smoke-run test starts the session's chat server
 def test_a_real_chat_server_writes_queries_once_and_the_cache_answers_the_rerun(chat, tmp_path):
     url, model = chat
     settings = GeneratorSettings(model, url, per_item=2, max_concurrency=2, temperature=0.0)  # greedy: the same replies every run
