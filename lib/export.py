@@ -17,7 +17,7 @@ from lib.evaluate import dense_scores, evaluate_scores
 from lib.io import atomic_path, write_json
 from lib.maps import stratified_sample
 from lib.progress import note
-from lib.search import fuse
+from lib.served import search_settings, settings_ndcg
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -185,14 +185,6 @@ def gate_summary(gate: "pd.DataFrame") -> dict[str, dict]:
                 "passed": not r["failed"], "failed": r["failed"]} for b, r in gate.iterrows()}
 
 
-def search_settings(dense_weights: list[float]) -> list[dict]:
-    """The search settings stage 05 compares, in the order a tie is broken: dense, hybrid by RRF, hybrid weighted by
-    each of `dense_weights`, BM25."""
-    return ([{"mode": "dense", "fusion": "rrf", "dense_weight": 0.5}, {"mode": "hybrid", "fusion": "rrf", "dense_weight": 0.5}]
-            + [{"mode": "hybrid", "fusion": "weighted", "dense_weight": float(w)} for w in dense_weights]
-            + [{"mode": "bm25", "fusion": "rrf", "dense_weight": 0.5}])
-
-
 def search_settings_table(retriever, splits: dict[str, list[dict]], items: list[dict], dense_weights: list[float]) -> "pd.DataFrame":
     """NDCG@10 of every search setting on each split's queries (e.g. dev to choose, test to report), scored as stage 06
     scores (each query's candidates): cosine and BM25 computed once per block of queries, then fused per setting."""
@@ -206,12 +198,9 @@ def search_settings_table(retriever, splits: dict[str, list[dict]], items: list[
             block = queries[start:start + step]
             texts = [q["text"] for q in block]
             dense = retriever.dense_scores(retriever.encoder.encode(texts, role="query"))  # as retrieve() embeds a query
-            keyword = retriever.bm25.scores(texts)
-            for n, setting in enumerate(settings):
-                scores = {"dense": dense, "bm25": keyword}.get(setting["mode"])
-                if scores is None:
-                    scores = fuse(dense, keyword, setting["fusion"], setting["dense_weight"], retriever.rrf_k)
-                ndcg[n, split] += list(evaluate_scores(split, scores, block, items)["ndcg@10"])
+            per_setting = settings_ndcg(dense, retriever.bm25.scores(texts), block, items, settings, retriever.rrf_k)
+            for n, values in enumerate(per_setting):
+                ndcg[n, split] += list(values)
     return pd.DataFrame([dict(setting) | {f"{split} ndcg@10": float(np.mean(ndcg[n, split]))
                                           for split in splits if splits[split]}
                          for n, setting in enumerate(settings)])

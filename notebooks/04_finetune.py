@@ -27,7 +27,10 @@
 # batches of corpus items alternate with the contrastive batches and pull the student (through a learned projection)
 # towards the teacher's cached item vectors (`EmbedDistillLoss`). Every dev score is at the same
 # `eval_max_seq_length`. Last, the trained weights are averaged with the start model's (WiSE-FT) at the α that scores
-# best on dev, α = 0 included: the shipped model is never worse on dev than the one training started from.
+# best on dev, α = 0 included: the shipped model is never worse on dev than the one training started from. With
+# `blend_on: served` (the default) an α is scored by what the index would serve with it: the best dev NDCG@10 of
+# dense, BM25 and every hybrid (stage 05's settings), so trained weights ship only when their served search beats the
+# start model's own best, BM25 fusion included.
 #
 # **Reads:** `02_pairs/train/`, `dev/`, `train.jsonl`, `dev.jsonl`, `03_domain_adapt/model/`, `00_corpus/` dev queries,
 # `01_teacher/items.npy` (with `distill`).
@@ -47,6 +50,8 @@ max_seq_length: int = 128  # tokens per passage (positive, negatives) while trai
 query_max_seq_length: int = 64  # tokens per anchor (each column is padded on its own)
 eval_max_seq_length: int = 256  # tokens per text in every dev evaluation (before, during, after), as in stage 06
 blend_alphas: list = [0.0, 0.25, 0.5, 0.75, 1.0]  # weight averaging with the start model, (1-α)·start + α·trained, α chosen on dev; [] ships α 1
+blend_on: str = "served"  # served: α by the dev NDCG@10 of the best search setting (dense, BM25, hybrids); dense: by cosine alone
+fusion_dense_weights: list = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]  # weighted hybrids compared (as in stage 05)
 max_train_minutes: float = 0.0  # training budget in minutes (0: none): the steps that fit after an 8-step probe, the schedule ending there
 eval_steps: int = 50  # dev loss and training loss logging interval
 ndcg_during_training: bool = False  # also score the dev queries at every evaluation (a full dev encode, 20-80 s on a CPU)
@@ -75,7 +80,7 @@ import pandas as pd
 from sentence_transformers import SentenceTransformer
 from transformers import set_seed
 
-from lib import batches, finetune, training
+from lib import batches, corpus, finetune, served, training
 from lib.facts import TrainingFacts
 from lib.io import write_json, write_metrics
 from lib.paths import CORPUS, DOMAIN_ADAPT, PAIRS, TEACHER, Run, resolve_model_path, shown_path
@@ -93,6 +98,10 @@ config = finetune.FinetuneConfig.from_params(
     model_name=f"codex-forge student ({run_name})")
 inputs = finetune.load_inputs(corpus_dir, pairs_dir, dev_loss_rows, seed,
                               run.stage(TEACHER) if distill else None)
+if blend_on not in ("served", "dense"):
+    raise ValueError(f"blend_on={blend_on!r}: expected 'served' or 'dense'")
+evaluator = inputs.evaluator if blend_on == "dense" else served.ServedEvaluator(
+    corpus.load_queries(corpus_dir, split="dev"), corpus.load_items(corpus_dir), fusion_dense_weights, inputs.evaluator)
 print(f"start from {shown_path(start_model, run.path)}; {len(inputs.train)} train rows {inputs.train.column_names}, {len(inputs.dev)} dev rows, "
       f"{inputs.dev_queries} dev queries; loss {loss}, batch sampler {batch_sampler}, "
       f"bf16 {training.use_bf16(bf16)}")
@@ -112,22 +121,26 @@ pd.DataFrame(sampler_counts).T
 # %%
 start = SentenceTransformer(str(start_model), device="cpu")
 start.max_seq_length = eval_max_seq_length  # the same length as every later dev evaluation
-before = inputs.evaluator(start)
+before = evaluator(start)
+if blend_on == "served":
+    print(f"served on dev by the start model: {served.setting_label(evaluator.chosen_setting(before))}, "
+          f"NDCG@10 {before[served.PRIMARY]:.4f} (dense {before['served_dense_ndcg@10']:.4f}, BM25 {before['served_bm25_ndcg@10']:.4f})")
 {k: round(v, 4) for k, v in before.items() if "ndcg@10" in k or "mrr@10" in k or k == "sequential_score"}
 
 # %% [markdown]
 # ## Train
 
 # %%
-model, history, facts = finetune.finetune(start_model, inputs.train, inputs.dev, inputs.evaluator, out_dir, config,
+model, history, facts = finetune.finetune(start_model, inputs.train, inputs.dev, evaluator, out_dir, config,
                                           inputs.lookup, teacher_items=inputs.teacher_items, start_metrics=before)
-after = facts["blend"]["dev_metrics"] if "blend" in facts else inputs.evaluator(model)
+after = facts["blend"]["dev_metrics"] if "blend" in facts else evaluator(model)
 write_json(out_dir / "log_history.json", history)
 {k: v for k, v in facts.items() if k != "blend"}
 
 # %% [markdown]
 # ## Weight averaging with the start model
-# θ = (1 − α)·θ_start + α·θ_trained, scored on the dev queries (NDCG@10 per query, all dev queries) from the largest α
+# θ = (1 − α)·θ_start + α·θ_trained, scored on the dev queries (NDCG@10 per query, all dev queries; with
+# `blend_on: served`, of the best search setting for those weights) from the largest α
 # down, stopping at the first α below the best so far; the shipped `model/` is the best α (the smaller on a tie).
 # α = 0 is the start model itself (its score is the "before" above): a training run that does not help on dev ships
 # the model it started from, and says so here.
@@ -176,6 +189,9 @@ if dev_steps:
 
 # %%
 keys = sorted(k for k in after if k.endswith(("ndcg@10", "mrr@10", "recall@10")) or k == "sequential_score")
+if blend_on == "served":
+    print(f"served on dev after: {served.setting_label(evaluator.chosen_setting(after))}, NDCG@10 {after[served.PRIMARY]:.4f} "
+          f"(the start model served {before[served.PRIMARY]:.4f})")
 pd.DataFrame({"before": {k: before[k] for k in keys}, "after": {k: after[k] for k in keys}})
 
 # %%
