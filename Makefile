@@ -33,15 +33,16 @@ SET     ?=
 PARAMS  := params/default.yaml params/domains/$(DOMAIN).yaml $(filter-out params/default.yaml,$(wildcard params/$(PROFILE).yaml)) $(wildcard .env) \
            $(if $(or $(SET),$(wildcard $(RUNDIR)/set.txt)),$(RUNDIR)/set.txt)
 # Every pipeline call: where runs and reports live, the user's DATA, a teacher cache elsewhere (CACHE=…), and search
-# judgements to train on (FEEDBACK=<feedback.sqlite or .jsonl>: stage 02 reruns when that file changes).
-DATA_ARG   := --runs-root "$(RUNS)" --reports-root "$(REPORTS)" $(if $(DATA),--data "$(DATA)") $(if $(CACHE),--set "cache_root=$(CACHE)") $(if $(FEEDBACK),--set "feedback_path=$(abspath $(FEEDBACK))") $(foreach s,$(SET),--set '$(s)')
+# judgements to train on (FEEDBACK=<feedback.sqlite or .jsonl>: stage 02 reruns when that file changes), and the
+# operator's own judged questions (JUDGED=<questions.jsonl>: trusted, used in full; docs/releases.md).
+DATA_ARG   := --runs-root "$(RUNS)" --reports-root "$(REPORTS)" $(if $(DATA),--data "$(DATA)") $(if $(CACHE),--set "cache_root=$(CACHE)") $(if $(FEEDBACK),--set "feedback_path=$(abspath $(FEEDBACK))") $(if $(JUDGED),--set "judged_questions_path=$(abspath $(JUDGED))") $(foreach s,$(SET),--set '$(s)')
 STAGES  := 00_corpus 01_teacher 02_pairs 03_domain_adapt 04_finetune 05_export 06_evaluate 07_embedding_maps
 DONE     = $(RUNDIR)/$(1)/metrics.json
 # The pid of this `make`: its stages hold the run folder as one owner; a second `make` on the same run is refused.
 export CODEX_FORGE_OWNER := $(shell echo $$PPID)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-ray setup-clients setup-generator setup-browser setup-mpnet all smoke report release releases rollback compare serve test test-fast docs lab bench bench-scale bench-avx2 clean clean-cache budget-reset ablation-domain ablation-finetune FORCE
+.PHONY: learning-curve help setup setup-ray setup-clients setup-generator setup-browser setup-mpnet all smoke report release releases rollback compare serve test test-fast docs lab bench bench-scale bench-avx2 clean clean-cache budget-reset ablation-domain ablation-finetune FORCE
 
 help: ## list the targets
 	@echo "codex-forge (DOMAIN=$(DOMAIN) PROFILE=$(PROFILE) → run $(RUN))"
@@ -126,7 +127,7 @@ $(RUNDIR)/set.txt: FORCE
 	@mkdir -p $(@D) && echo '$(SET)' > $@.tmp && { cmp -s $@.tmp $@ && rm $@.tmp || mv $@.tmp $@; }
 
 $(call DONE,01_teacher):        $(call DONE,00_corpus)
-$(call DONE,02_pairs):          $(call DONE,01_teacher) $(FEEDBACK)
+$(call DONE,02_pairs):          $(call DONE,01_teacher) $(FEEDBACK) $(JUDGED)
 $(call DONE,03_domain_adapt):   $(call DONE,00_corpus)
 $(call DONE,04_finetune):       $(call DONE,01_teacher) $(call DONE,02_pairs) $(call DONE,03_domain_adapt)
 $(call DONE,05_export):         $(call DONE,00_corpus) $(call DONE,04_finetune)
@@ -143,6 +144,9 @@ ablation-domain: $(call DONE,02_pairs) | $(STAMP) ## stages 03, 04 and 06 per do
 ablation-finetune: $(call DONE,01_teacher) | $(STAMP) ## stages 02, 03, 04 and 06 per training recipe (params/ablations/finetune.yaml; ARMS=a,b for some); table in the report (~15 min an arm)
 	$(PY) -m lib.pipeline ablation finetune --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG) $(if $(ARMS),--arms "$(ARMS)")
 	$(PY) -m lib.pipeline report --domain $(DOMAIN) --profile $(PROFILE) $(DATA_ARG)
+
+learning-curve: $(call DONE,00_corpus) | $(STAMP) ## what judged questions are worth: n dev questions judged as on the search page, the student trained on them, test NDCG@10 dense and served per n → bench/results/learning_curve/, docs/results.md (CATEGORY=question for the D&D player questions; ~5 min a point)
+	$(PY) -m lib.learning_curve --run $(RUN) --runs-root "$(RUNS)" $(if $(CATEGORY),--category "$(CATEGORY)") --name "$(or $(NAME),$(RUN)$(if $(CATEGORY),-$(CATEGORY)))"
 
 stage-%: ## run stage NN and what it needs, e.g. `make stage-04` (only if out of date)
 	@target=$$(ls -d notebooks/$*_*.py 2>/dev/null | head -1 | xargs -r basename | sed 's/\.py$$//'); \

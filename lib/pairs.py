@@ -199,7 +199,7 @@ def query_rows(queries: list[dict], ids: list[str], types: list[str], vectors: n
 
 def drop_kinds(rows: list[dict], kinds: list[str]) -> list[dict]:
     """The rows whose kind (item, query:name, query:field, …) is not in `kinds`; an unknown kind is an error."""
-    unknown = set(kinds) - {r["kind"] for r in rows} - {"item", "query:field", "query:feedback", "query:generated",
+    unknown = set(kinds) - {r["kind"] for r in rows} - {"item", "query:field", "query:feedback", "query:judged", "query:generated",
                                                          *(f"query:{k}" for k in QUERY_KINDS)}
     if unknown:
         raise ValueError(f"drop_row_kinds: unknown row kinds {sorted(unknown)}; this run's kinds are "
@@ -326,8 +326,10 @@ def add_negatives(
         # only a tier's first num_hard_negatives allowed candidates can be chosen (choose_by_tiers)
         tiers = {"hard": near[is_hard], "medium": sample[(easy_max < sample_scores) & (sample_scores < floor)],
                  "easy": sample[sample_scores <= easy_max]}
-        chosen = choose_by_tiers({tier: first_allowed(candidates, forbidden, excluded, num_hard_negatives)
-                                  for tier, candidates in tiers.items()}, num_hard_negatives)
+        given = row.pop("given_negatives", [])  # a judged question's Wrong items come first (given_negatives)
+        forbidden |= {c for c, _ in given}
+        chosen = given + choose_by_tiers({tier: first_allowed(candidates, forbidden, excluded, num_hard_negatives)
+                                          for tier, candidates in tiers.items()}, num_hard_negatives - len(given))
         if len(chosen) < num_hard_negatives:
             dropped += 1
             continue
@@ -388,9 +390,10 @@ def with_teacher_scores(rows: list[dict], query_vectors: dict[str, np.ndarray], 
 def given_negatives(rows: list[dict], guards: list[tuple[str, ...]], queries: list[dict], ids: list[str],
                     vectors: np.ndarray, num_hard_negatives: int,
                     exclude: set[str]) -> tuple[list[dict], list[dict], list[tuple[str, ...]]]:
-    """Rows whose query brought its own negatives ([id, tier] pairs, e.g. the codex miner's) take them, cycling
-    hard → medium → easy and skipping guarded or excluded items. Returns those rows (complete, as add_negatives
-    makes them) and the other rows with their guards, for add_negatives."""
+    """Rows whose query brought its own negatives ([id, tier] pairs, e.g. the codex miner's, a judged question's
+    Wrong items) take them, cycling hard → medium → easy and skipping guarded or excluded items. Returns those rows
+    (complete, as add_negatives makes them) and the other rows with their guards, for add_negatives; a row with some
+    given negatives but too few carries them (`given_negatives`) and add_negatives mines only the rest."""
     given = {q["qid"]: q.get("negatives", []) for q in queries if q.get("negatives")}
     index = {item_id: n for n, item_id in enumerate(ids)}
     done, rest, rest_guards = [], [], []
@@ -402,6 +405,8 @@ def given_negatives(rows: list[dict], guards: list[tuple[str, ...]], queries: li
                 candidates.setdefault(tier, []).append(index[item_id])
         chosen = choose_by_tiers(candidates, num_hard_negatives)
         if not given.get(row.get("qid")) or len(chosen) < num_hard_negatives:
+            if chosen:  # too few to fill the row: add_negatives keeps them first and mines the rest
+                row["given_negatives"] = chosen
             rest.append(row)
             rest_guards.append(guard)
             continue

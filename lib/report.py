@@ -92,7 +92,11 @@ def blend_line(trained: TrainingFacts) -> str:
 
 def feedback_line(counts: dict) -> str:
     """Stage 02's use of search feedback in one sentence."""
-    return (f"{counts.get('judgements', 0)} judgements on {counts.get('queries', 0)} queries → {counts.get('rows', 0)} "
+    trusted = counts.get("trusted") or {}
+    learned = (f"{trusted.get('training_queries', 0)} trusted judged questions (API key or judged-questions file, used in "
+               f"full) → {counts.get('judged_rows', 0)} training rows, from {', '.join(counts.get('from', [])) or 'the store'}; "
+               "anonymous feedback: " if trusted.get("judgements") else "")
+    return learned + (f"{counts.get('judgements', 0)} judgements on {counts.get('queries', 0)} queries → {counts.get('rows', 0)} "
             f"training rows ({counts.get('train_rows', 0)} in train); refused: {counts.get('refused_eval_copies', 0)} "
             f"queries copying an evaluation query, {counts.get('unknown_or_held_out_items', 0)} judgements of items not "
             f"in this corpus or kept out of training, {counts.get('without_positive', 0)} queries with no Good judgement."

@@ -29,10 +29,12 @@
 #    `teacher_query_scores`, the teacher embeds every training query (stage 01's backend, through its cache): a query
 #    row's negatives come from the query's own nearest items by the teacher, and every row keeps the teacher's
 #    scores of its positive and negatives (`label`, for `loss: mnrl+margin_mse` in stage 04).
-# 4. **Search feedback** (`feedback_path`: the server's `feedback.sqlite` or its JSONL export): a 👍 item is a
-#    positive of that query, a 👎 item its hard negative (given negatives fill a row when there are enough for
+# 4. **Judged questions** (`feedback_path`: the server's `feedback.sqlite` or its JSONL export; `judged_questions_path`:
+#    the operator's own JSONL): a 👍 item is a positive of that question, a 👎 item its hard negative (given negatives fill a row when there are enough for
 #    `num_hard_negatives`, else the row's negatives are mined). A judged query that repeats or near-duplicates an
-#    evaluation query is refused, as are items kept out of training.
+#    evaluation query is refused, as are items kept out of training (in a judged-questions file it stops the run,
+#    naming the line). Trusted judgements (a client holding the server's API key, the judged-questions file) are used
+#    in full; anonymous ones are capped at `max_feedback_share` of the training queries.
 # 5. **Split** by entity group (seeded) and a **leakage check**: a row whose text repeats or nearly repeats an
 #    evaluation query (a document that happens to read like a test question) is dropped and counted
 #    (`leakage_dropped`, per kind); then no item an evaluation query was built from, no evaluation query text and no
@@ -81,7 +83,8 @@ teacher_max_concurrency: int = 4  # requests in flight at once to the endpoint, 
 teacher_requests_per_minute: int = 0  # the endpoint's rate limit in requests (0: none)
 teacher_tokens_per_minute: int = 0  # the endpoint's rate limit in tokens (0: none)
 feedback_path: str = ""  # search judgements to train on: a feedback.sqlite from make serve or a JSONL export; empty: none
-max_feedback_share: float = 0.1  # at most this share of the training queries comes from feedback (a seeded sample beyond it); 1: no cap
+judged_questions_path: str = ""  # the operator's judged questions (JSONL: question, relevant {id: grade}, wrong [ids]): trusted, used in full
+max_feedback_share: float = 0.1  # at most this share of the training queries comes from anonymous feedback (a seeded sample beyond it); 1: no cap
 drop_row_kinds: list = []  # row kinds left out of training: item, query:name, query:keywords, query:sentence, query:tags, query:field, …
 seed: int = 42  # seeds sampling, templates and the split
 # %%
@@ -170,13 +173,19 @@ print(f"{len(supervised)} training queries from the corpus (beir train qrels, co
       "dropped as copies of an evaluation query or without a positive left")
 queries += supervised
 feedback_counts = {}
-if feedback_path:
-    judged, feedback_counts = feedback.training_queries(feedback.read_judgements(feedback_path), set(ids), exclude,
-                                                        eval_queries, near_duplicate_threshold, positives_per_query)
-    judged, feedback_counts["over_share_cap"] = feedback.within_share(judged, len(queries), max_feedback_share, seed)
-    feedback_counts["training_queries"] = len(judged)
-    queries += judged
-    print(f"search feedback {feedback_counts}")
+if feedback_path or judged_questions_path:
+    judgements = feedback.read_judgements(feedback_path) if feedback_path else []
+    if judged_questions_path:  # the operator's own: a question that is also an evaluation query stops the run
+        questions = feedback.read_judged_questions(judged_questions_path)
+        feedback.refuse_evaluation_copies(judged_questions_path, questions, eval_queries, near_duplicate_threshold)
+        judgements += questions
+    learned, feedback_counts = feedback.learned_queries(judgements, set(ids), exclude, eval_queries, len(queries),
+                                                        feedback.FeedbackSettings.from_params(globals()))
+    feedback_counts["from"] = [p.rsplit("/", 1)[-1] for p in (feedback_path, judged_questions_path) if p]
+    queries += learned
+    print(f"judged questions: {feedback_counts['trusted']['training_queries']} trusted (API key or judged-questions "
+          f"file, used in full), {feedback_counts['training_queries']} anonymous (at most {max_feedback_share:.0%} of "
+          f"the training queries); {feedback_counts}")
 rows = pairs.drop_kinds(item_pairs[threshold_mode] + pairs.query_rows(queries, ids, types, vectors), drop_row_kinds)
 pd.DataFrame([{"kind": q["kind"], "query": q["text"], "positives": ", ".join(names[i] for i in q["relevant"]),
                "items it fits": len(q["matches"])} for q in random.Random(seed).sample(queries, min(12, len(queries)))])
@@ -241,10 +250,12 @@ stats = {"rows": len(rows), "train": len(train), "dev": len(dev), "dropped_witho
          "teacher_query_scores": teacher_query_scores, "teacher_query_usage": teacher_usage,
          "generated_queries": generation | ({"model": query_generator_model} if generation else {}),
          "feedback": feedback_counts | ({"rows": sum(r["kind"] == "query:feedback" for r in rows),
+                                         "judged_rows": sum(r["kind"] == "query:judged" for r in rows),
+                                         "judged_train_rows": sum(r["kind"] == "query:judged" for r in train),
                                          "train_rows": sum(r["kind"] == "query:feedback" for r in train),
                                          "share_of_train_rows": round(sum(r["kind"] == "query:feedback" for r in train)
                                                                       / max(len(train), 1), 4),
-                                         "max_share": max_feedback_share} if feedback_path else {})}
+                                         "max_share": max_feedback_share} if feedback_counts else {})}
 write_json(out_dir / "stats.json", stats)
 metrics = PairsFacts.from_metrics(stats).as_metrics()
 write_metrics(out_dir, metrics)

@@ -579,4 +579,6 @@ def test_feedback_survives_a_restart_and_the_api_key_guards_every_route_but_heal
     stored = {r["query"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert stored["before the restart"]["comment"] == "right answer" and stored["before the restart"]["rank"] == 2
     assert stored["after the restart"]["judgement"] == -1
+    # a client holding the API key is trusted (its judgements train in full); one without it was not
+    assert stored["after the restart"]["trusted"] == 1 and stored["before the restart"]["trusted"] == 0
     assert key not in (tmp_path / "again.log").read_text()

@@ -132,8 +132,10 @@ class Guard:
         try:
             headers = dict(scope["headers"])
             refused = self.cross_site(scope["method"], headers)
-            if refused is None and self.expected and route not in OPEN_ROUTES and not self.authorised(headers):
+            trusted = bool(self.expected) and self.authorised(headers)  # its judgements train in full
+            if refused is None and self.expected and route not in OPEN_ROUTES and not trusted:
                 refused = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'")
+            scope.setdefault("state", {})["trusted"] = trusted
             if refused is not None:
                 await JSONResponse(refused.body(), status_code=refused.status)(scope, receive, send_and_note)
             else:
@@ -253,7 +255,8 @@ def create_app(service: Service):
 
     @app.post("/v1/feedback")
     async def feedback(request: Request):
-        return JSONResponse(service.add_feedback(await json_body(request), request.client.host if request.client else ""))
+        return JSONResponse(service.add_feedback(await json_body(request), request.client.host if request.client else "",
+                                                 trusted=getattr(request.state, "trusted", False)))
 
     return app
 KNOWN_ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/index", "/v1/embeddings", "/v1/search", "/v1/rerank",

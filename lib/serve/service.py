@@ -347,9 +347,10 @@ class Service:
             self.feedback_times = {k: ts for k, ts in self.feedback_times.items() if ts and now - ts[-1] < 60}
         return over
 
-    def add_feedback(self, payload: dict, client: str = "") -> dict:
+    def add_feedback(self, payload: dict, client: str = "", trusted: bool = False) -> dict:
         """Store one judgement of a shown result (429 past `feedback_per_minute` from one client, or past
-        FEEDBACK_PER_PAIR judgements of one query and item in a minute from anyone)."""
+        FEEDBACK_PER_PAIR judgements of one query and item in a minute from anyone). `trusted`: the client sent the
+        server's API key; its judgements are marked so and train in full (stage 02)."""
         query, item_id, judgement = payload.get("query"), payload.get("item_id"), payload.get("judgement")
         if not isinstance(query, str) or blank(query):
             raise ApiError(400, "field 'query' must be the non-empty query the result was shown for", "query")
@@ -375,7 +376,8 @@ class Service:
                            "minute: the latest judgement is the one that counts", code="rate_limit_exceeded")
         row = {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run": self.run,
                "model_version": self.version, "query": query, "item_id": item_id, "item_type": item["type"],
-               "judgement": judgement, "rank": rank, "mode": mode or self.retriever.mode, "comment": comment}
+               "judgement": judgement, "rank": rank, "mode": mode or self.retriever.mode, "comment": comment,
+               "trusted": int(trusted)}
         import sqlite3
 
         try:
