@@ -175,7 +175,8 @@ def learning_curve(run: Run, settings: CurveSettings, base_model: Path) -> dict:
 def curve_table(result: dict) -> str:
     """One results file as a markdown table under a line saying what was measured."""
     base, q = result["base"], result["questions"]
-    head = (f"**{result['name']}** (run `{result['run']}`, {result['category']} questions: {q['pool']} judged pool, "
+    kind = "every kind of query" if result["category"] == "all" else f"`{result['category']}` queries"
+    head = (f"**{result['name']}** (run `{result['run']}`, {kind}: {q['pool']} judged pool, "
             f"{q['choice']} to choose, {q['test']} test) at commit {result['commit']}, {result['machine']}; "
             f"{result['settings']['max_steps']} steps of {result['settings']['per_device_train_batch_size']} per point. "
             f"Base student: dense {fmt(base['test_dense'])}, served ({base['setting']}) {fmt(base['test_served'])}.\n\n"

