@@ -419,6 +419,9 @@ def main(argv: list[str] | None = None) -> None:
         write_json(out_dir / "log_history.json", history)
         write_json(out_dir / "train_facts.json", facts)
         print(json.dumps(facts), flush=True)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every process ends together, after the main one has saved
+        torch.distributed.destroy_process_group()  # no gloo thread left behind to abort the process at exit
 
 
 if __name__ == "__main__":

@@ -86,7 +86,8 @@ def blend_line(trained: TrainingFacts) -> str:
     shipped = ("the start model itself (α = 0): training did not beat it on the dev queries" if alpha == 0 else
                "the trained weights as they are (α = 1)" if alpha == 1 else
                f"θ = {1 - alpha:g}·θ_start + {alpha:g}·θ_trained")
-    return (f"Shipped fine-tuned model: {shipped}; dev NDCG@10 by α: "
+    served = " as served (the best of dense, BM25 and the hybrids)" if "served_ndcg@10" in trained.dev_after else ""
+    return (f"Shipped fine-tuned model: {shipped}; dev NDCG@10{served} by α: "
             + ", ".join(f"{float(a):g} → {v:.3f}" for a, v in scores.items()) + ".")
 
 
