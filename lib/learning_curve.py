@@ -87,9 +87,11 @@ def judged_rows(judged: list[dict], texts: dict[str, str], fallback: dict[str, l
     return rows
 
 
-def test_ndcg(model, test: list[dict], items: list[dict], keyword: np.ndarray, setting: dict) -> dict[str, np.ndarray]:
-    """Per-question NDCG@10 of the test questions: cosine alone and as served with `setting`."""
-    dense = encode_texts(model, [q["text"] for q in test], "query") @ encode_texts(model, [i["text"] for i in items], "document").T
+def test_ndcg(model, item_vectors: np.ndarray, test: list[dict], items: list[dict], keyword: np.ndarray,
+              setting: dict) -> dict[str, np.ndarray]:
+    """Per-question NDCG@10 of the test questions: cosine alone and as served with `setting` (the model's vectors of
+    `items` given)."""
+    dense = encode_texts(model, [q["text"] for q in test], "query") @ item_vectors.T
     dense_ndcg, served_ndcg = settings_ndcg(dense, keyword, test, items, [{"mode": "dense", "fusion": "rrf", "dense_weight": 0.5},
                                                                           setting])
     return {"dense": dense_ndcg, "served": served_ndcg}
@@ -139,8 +141,9 @@ def learning_curve(run: Run, settings: CurveSettings, base_model: Path) -> dict:
     base_setting = evaluator.chosen_setting(base_choice)
     item_texts = [i["text"] for i in items]
     test_keyword = bm25_scores([q["text"] for q in test], item_texts)
-    base_test = test_ndcg(base, test, items, test_keyword, base_setting)
-    pool_dense = encode_texts(base, [q["text"] for q in pool], "query") @ encode_texts(base, item_texts, "document").T
+    base_items = encode_texts(base, item_texts, "document")  # once, for the test questions and the judged pool
+    base_test = test_ndcg(base, base_items, test, items, test_keyword, base_setting)
+    pool_dense = encode_texts(base, [q["text"] for q in pool], "query") @ base_items.T
     pool_scores = setting_scores(pool_dense, bm25_scores([q["text"] for q in pool], item_texts), base_setting)
     ranked = served_ranking(pool_scores, pool, items, 2 * settings.judged_depth)
     print(f"{len(pool)} judged-pool, {len(choice)} choice and {len(test)} test questions; the base student serves "
@@ -158,7 +161,8 @@ def learning_curve(run: Run, settings: CurveSettings, base_model: Path) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             model, blend = train_point(base_model, rows, evaluator, settings, Path(tmp))
         setting = evaluator.chosen_setting(blend["dev_metrics"])
-        point = point_result(n, test_ndcg(model, test, items, test_keyword, setting), base_test, settings)
+        scored = test_ndcg(model, encode_texts(model, item_texts, "document"), test, items, test_keyword, setting)
+        point = point_result(n, scored, base_test, settings)
         points.append(point | {"judged_questions": counts["training_queries"], "judgements": len(judgements), "rows": len(rows),
                                "alpha": blend["alpha"], "setting": setting_label(setting),
                                "choice_served": round(blend["dev_metrics"]["served_ndcg@10"], 4)})
